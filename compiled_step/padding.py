@@ -59,7 +59,7 @@ def count_tail_padding(labels: torch.Tensor, ignore_label: int = -100) -> int:
             [-100, -100, 2, 3, 4],      # 0 tail -100s
             [5, 6, -100, -100, -100],   # 3 tail -100s
         ])
-        count_tail_padding(labels)  # 5, although 7 entries are -100
+        count_tail_padding(labels)  # 5, although 8 entries are -100
 
     Args:
         labels: integer tensor of shape ``(batch, seq_len)``.

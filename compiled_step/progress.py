@@ -79,7 +79,7 @@ class StepProgress:
             stop.set()
             thread.join()
             bar.set_description_str(self._desc, refresh=False)
-            self.write(f"{label}: first step took {time.perf_counter() - start:.1f}s")
+            self.write(f"{label}: done in {time.perf_counter() - start:.1f}s")
 
     def update(self, **metrics: float) -> None:
         """Advance by one step and show `metrics` (floats, formatted compactly)."""

@@ -1,0 +1,118 @@
+"""SGD (``torch.optim.SGD``), matching torch's single-tensor numerics.
+
+torch's reference math per param::
+
+    g = -g if maximize else g
+    g = g + wd * p
+    if momentum != 0:
+        buf = g.clone() on the first step, else buf * momentum + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    p = p + (-lr) * g
+
+``momentum != 0`` changes the graph (it adds the momentum buffer); nesterov and the first-step
+rule are selected per tensor with ``torch.where`` so they do not.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from compiled_step.rules.common import host_float, reject_common_options
+
+NAME = "sgd"
+
+COLUMNS = ("neg_lr", "wd", "momentum", "one_minus_dampening", "nesterov", "first")
+_NEG_LR, _WD, _MOMENTUM, _ONE_MINUS_DAMPENING, _NESTEROV, _FIRST = range(len(COLUMNS))
+
+
+class Variant(NamedTuple):
+    """Structural options: each distinct value compiles its own Phase B graph."""
+
+    momentum: bool
+
+
+def validate_group(group: dict, kind: str) -> None:
+    reject_common_options(group, kind)
+    for key in ("lr", "momentum", "dampening", "weight_decay"):
+        host_float(group[key], name=key)
+
+
+def variant(group: dict) -> Variant:
+    return Variant(momentum=host_float(group["momentum"], name="momentum") != 0.0)
+
+
+def is_decoupled(optimizer, group) -> bool:  # SGD's weight decay is always L2
+    return False
+
+
+def state_tensors(p: torch.Tensor, state: dict, var: Variant, step_device: torch.device):
+    """``(momentum_buffer,)`` or ``()``, plus ``None`` (SGD keeps no step count).
+
+    torch creates the momentum buffer as a clone of the first step's grad. The compiled update
+    needs a tensor to write into, so FusedStep creates it as zeros and marks the tensor as being
+    on its first step; the ``first`` column then makes the update store ``g`` exactly as torch does.
+    """
+    if not var.momentum:
+        return (), None
+    if state.get("momentum_buffer") is None:
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["_compiled_step_first"] = True
+    return (state["momentum_buffer"],), None
+
+
+def pop_first_flags(states: list[dict]) -> list[float]:
+    """1.0 for tensors whose momentum buffer FusedStep just created (torch's first step), else 0.0."""
+    return [1.0 if s.pop("_compiled_step_first", False) else 0.0 for s in states]
+
+
+def scalar_table(optimizer, group: dict, first: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scalars ``[n, len(COLUMNS)]`` float32; ``first`` is float ``[n]`` (1 = first step)."""
+    lr = host_float(group["lr"], name="lr")
+    wd = host_float(group["weight_decay"], name="weight_decay")
+    momentum = host_float(group["momentum"], name="momentum")
+    dampening = host_float(group["dampening"], name="dampening")
+    nesterov = 1.0 if group["nesterov"] else 0.0
+    n = first.shape[0]
+    table = torch.empty((n, len(COLUMNS)), dtype=torch.float64, device=first.device)
+    table[:, :_FIRST] = torch.tensor([-lr, wd, momentum, 1.0 - dampening, nesterov], dtype=torch.float64).to(
+        first.device, non_blocking=True
+    )
+    table[:, _FIRST] = first
+    return table.to(torch.float32)
+
+
+def update(
+    params: list[torch.Tensor],  # B x [n_i] param shards, flattened, fp32 or bf16; mutated
+    grads: list[torch.Tensor],  # B x [n_i] grads, unscaled and unclipped; read only
+    momentum_buffers: list[torch.Tensor] | None,  # B x [n_i] momentum buffers (param dtype), or None; mutated
+    table: torch.Tensor,  # [B, len(COLUMNS)] float32 per-tensor scalars
+    grad_coef: torch.Tensor,  # [] float32: scale * clip coefficient * (-1 if maximize)
+    finite: torch.Tensor,  # [] bool: total norm is finite; False keeps everything bit-identical
+) -> None:
+    for j in range(len(params)):
+        p = params[j]
+        p32 = p.float()
+        g = grads[j].float() * grad_coef + table[j, _WD] * p32
+        if momentum_buffers is not None:
+            buf = momentum_buffers[j]
+            buf32 = buf.float()
+            buf_new = torch.where(
+                table[j, _FIRST] != 0,
+                g,
+                buf32 * table[j, _MOMENTUM] + table[j, _ONE_MINUS_DAMPENING] * g,
+            )
+            g = torch.where(table[j, _NESTEROV] != 0, g + table[j, _MOMENTUM] * buf_new, buf_new)
+            buf.copy_(torch.where(finite, buf_new, buf32))
+        p_new = p32 + table[j, _NEG_LR] * g
+        p.copy_(torch.where(finite, p_new, p32))
+
+
+def state_lists(var: Variant, per_param_state: list[tuple[torch.Tensor, ...]]) -> tuple:
+    return ([s[0] for s in per_param_state] if var.momentum else None,)
+
+
+def per_tensor_vector(states: list[dict], steps: list, device: torch.device) -> torch.Tensor:
+    """The per-tensor input of ``scalar_table``: 1.0 where this is the tensor's first momentum step."""
+    return torch.tensor(pop_first_flags(states), dtype=torch.float32).to(device, non_blocking=True)
