@@ -1,0 +1,205 @@
+"""Tests for compiled_step.lifecycle.offload.
+
+Round-trip checks compare raw bytes (``view(torch.uint8)``), so NaN payloads and -0.0
+count: the reference is the module's own state captured before the move, and the
+tolerance is zero because a device move is a copy, not arithmetic.
+
+On a CPU-only machine real moves are CPU -> CPU; the accelerator path is exercised with a
+recording stand-in for ``move_to_device`` (the "fake device" checks) and, where CUDA
+exists, with a real CUDA round trip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compiled_step.lifecycle import offload
+from compiled_step.lifecycle.offload import ScopedModuleOffloading, move_to_device, release_device_cache
+
+
+class _WithBuffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.norm = nn.BatchNorm1d(3)  # running_mean/var/num_batches_tracked buffers
+        self.register_buffer("scratch", torch.tensor([float("nan"), -0.0, 1.5, float("inf")]), persistent=False)
+        self.bf16_weight = nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lin(x))
+
+
+def _snapshot_bytes(model: nn.Module) -> dict[str, bytes]:
+    state = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        state[name] = t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        if getattr(t, "grad", None) is not None:
+            state[name + ".grad"] = t.grad.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return state
+
+
+def _devices(model: nn.Module) -> set[str]:
+    return {str(t.device) for t in list(model.parameters()) + list(model.buffers())}
+
+
+def _model_with_grads() -> nn.Module:
+    torch.manual_seed(0)
+    model = _WithBuffers()
+    model(torch.randn(6, 4)).sum().backward()  # also advances BatchNorm's running stats
+    model.bf16_weight.grad = torch.randn(5, dtype=torch.bfloat16)
+    return model
+
+
+def test_cpu_round_trip_is_bit_exact_for_params_buffers_and_grads():
+    model = _model_with_grads()
+    before = _snapshot_bytes(model)
+    buffer_ids = {name: id(b) for name, b in model.named_buffers()}
+    with ScopedModuleOffloading(model, enabled=True, device="cpu") as scope:
+        assert scope.model is model
+        assert _devices(model) == {"cpu"}
+        assert _snapshot_bytes(model) == before
+    assert _snapshot_bytes(model) == before
+    # Buffers are moved by rebinding .data, so the buffer objects themselves survive.
+    assert {name: id(b) for name, b in model.named_buffers()} == buffer_ids
+
+
+class _MoveRecorder:
+    """Stand-in for move_to_device that records targets instead of moving (fake device)."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_on = fail_on
+
+    def __call__(self, model: nn.Module, device) -> None:
+        self.calls.append(str(torch.device(device)))
+        if self.fail_on is not None and str(torch.device(device)) == self.fail_on:
+            raise RuntimeError(f"simulated failure moving to {device}")
+
+
+def test_enabled_moves_to_accelerator_on_enter_and_back_on_exit(monkeypatch):
+    recorder = _MoveRecorder()
+    monkeypatch.setattr(offload, "move_to_device", recorder)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    model = nn.Linear(2, 2)
+    with ScopedModuleOffloading(model, enabled=True):  # seed signature: device from the accelerator
+        assert recorder.calls == ["cuda"]
+    assert recorder.calls == ["cuda", "cpu"]
+
+
+def test_disabled_is_a_no_op(monkeypatch):
+    recorder = _MoveRecorder()
+    monkeypatch.setattr(offload, "move_to_device", recorder)
+    model = _model_with_grads()
+    before = _snapshot_bytes(model)
+    with ScopedModuleOffloading(model):  # enabled defaults to False, as in the seed
+        pass
+    with pytest.raises(KeyError):
+        with ScopedModuleOffloading(model, enabled=False):
+            raise KeyError("body error")
+    assert recorder.calls == []
+    assert _snapshot_bytes(model) == before
+
+
+def test_body_exception_propagates_and_module_is_moved_back(monkeypatch):
+    recorder = _MoveRecorder()
+    monkeypatch.setattr(offload, "move_to_device", recorder)
+    model = nn.Linear(2, 2)
+    marker = ValueError("from the body")
+    with pytest.raises(ValueError) as info:
+        with ScopedModuleOffloading(model, enabled=True, device="cuda:1"):
+            raise marker
+    assert info.value is marker
+    assert recorder.calls == ["cuda:1", "cpu"]
+
+
+def test_body_exception_with_real_cpu_move_keeps_values():
+    model = _model_with_grads()
+    before = _snapshot_bytes(model)
+    with pytest.raises(ZeroDivisionError):
+        with ScopedModuleOffloading(model, enabled=True, device="cpu"):
+            1 / 0
+    assert _devices(model) == {"cpu"}
+    assert _snapshot_bytes(model) == before
+
+
+def test_failed_enter_moves_back_before_reraising(monkeypatch):
+    recorder = _MoveRecorder(fail_on="cuda:0")
+    monkeypatch.setattr(offload, "move_to_device", recorder)
+    body_ran = False
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        with ScopedModuleOffloading(nn.Linear(2, 2), enabled=True, device="cuda:0"):
+            body_ran = True
+    assert not body_ran
+    assert recorder.calls == ["cuda:0", "cpu"]
+
+
+def test_enabled_without_accelerator_raises_before_moving(monkeypatch):
+    recorder = _MoveRecorder()
+    monkeypatch.setattr(offload, "move_to_device", recorder)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    with pytest.raises(RuntimeError, match="needs an accelerator"):
+        ScopedModuleOffloading(nn.Linear(2, 2), enabled=True)
+    assert recorder.calls == []
+
+
+def test_bad_arguments_raise_before_any_move():
+    model = _model_with_grads()
+    before = _snapshot_bytes(model)
+    with pytest.raises(TypeError, match="nn.Module"):
+        ScopedModuleOffloading(object(), enabled=True, device="cpu")
+    with pytest.raises(TypeError, match="enabled"):
+        ScopedModuleOffloading(model, enabled=1, device="cpu")
+    with pytest.raises(ValueError, match="meta"):
+        ScopedModuleOffloading(model, enabled=True, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        move_to_device(model, "meta")
+    with pytest.raises(TypeError, match="device"):
+        move_to_device(model, 1.5)
+    with pytest.raises(TypeError, match="nn.Module"):
+        move_to_device(torch.zeros(3), "cpu")
+    assert _snapshot_bytes(model) == before
+    assert _devices(model) == {"cpu"}
+
+
+class _CacheSpy:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+def test_release_device_cache_empties_only_available_accelerators(monkeypatch):
+    spy = _CacheSpy()
+    monkeypatch.setattr(torch.cuda, "empty_cache", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    release_device_cache(["cpu", "meta"])
+    assert spy.calls == 0  # CPU and meta have no caching allocator
+    release_device_cache(["cuda", "cuda", "cpu"])
+    assert spy.calls == 1  # once per device type, not per tensor
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    release_device_cache(["cuda"])
+    assert spy.calls == 1  # an unavailable backend is not touched
+    release_device_cache(["no_such_backend"])  # unknown types are skipped, not an error
+
+
+def test_cpu_only_move_does_not_touch_cuda_cache(monkeypatch):
+    # The seed calls torch.cuda.empty_cache unconditionally; a CPU-only move here must not.
+    spy = _CacheSpy()
+    monkeypatch.setattr(torch.cuda, "empty_cache", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    move_to_device(nn.Linear(2, 2), torch.device("cpu"))
+    assert spy.calls == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a real accelerator round trip")
+def test_cuda_round_trip_is_bit_exact():
+    model = _model_with_grads()
+    before = _snapshot_bytes(model)
+    with ScopedModuleOffloading(model, enabled=True, device="cuda"):
+        assert _devices(model) == {"cuda:0"}
+        assert _snapshot_bytes(model) == before
+    assert _devices(model) == {"cpu"}
+    assert _snapshot_bytes(model) == before
