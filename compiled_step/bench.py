@@ -400,6 +400,7 @@ class RowSpec:
     dtype: torch.dtype
     layout: L.Layout
     methods: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
 
 def run_row(
@@ -426,7 +427,7 @@ def run_row(
         key=spec.key, optimizer=spec.optimizer, dtype=str(spec.dtype).replace("torch.", ""),
         layout=layout.name, n_params=layout.n_params, n_tensors=layout.n_tensors,
         param_bytes=layout.n_params * itemsize, bytes_per_param=bpp, bandwidth_gbps=math.nan,
-        floor_s=math.nan, grad_norm=grad_norm,
+        floor_s=math.nan, grad_norm=grad_norm, notes=list(spec.notes),
     )
     log(f"[{spec.key}] {layout.describe()}, {spec.dtype}, grad norm {grad_norm:.1f}; "
         f"methods {', '.join(spec.methods)}")
@@ -593,3 +594,526 @@ def measure_compile_times(sizes, args, log) -> list[CompileResult]:
 
 def _fmt_s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}s"
+
+
+# --------------------------------------------------------------------------------------------------
+# Goals, computed from the measurements
+
+
+@dataclass
+class Goal:
+    name: str
+    target: str
+    measured: str
+    status: str  # "met", "gap" or "not measured"
+
+
+def _status(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "gap")
+
+
+def evaluate_goals(rows: list[RowResult], compile_results: list[CompileResult], device: torch.device,
+                   fused_name: str, headline_min_params: int) -> list[Goal]:
+    g = GOALS["cuda" if device.type == "cuda" else "cpu"]
+    goals = []
+    head = next((r for r in rows if r.key == "adamw"), None)
+    fused = head.method(fused_name) if head else None
+
+    goals.append(Goal(
+        f"headline layout is >= {headline_min_params / 1e6:.0f} M params (AdamW fp32)",
+        f">= {headline_min_params / 1e6:.0f} M",
+        "-" if head is None else f"{head.n_params / 1e6:.1f} M in {head.n_tensors} tensors",
+        _status(None if head is None else head.n_params >= headline_min_params)))
+    goals.append(Goal(
+        "FusedStep fraction of the bandwidth roofline (headline)", f">= {g['roofline']:.2f}",
+        "-" if fused is None else f"{fused.roofline_fraction:.2f}",
+        _status(None if fused is None else fused.roofline_fraction >= g["roofline"])))
+    goals.append(Goal(
+        "FusedStep speedup over anchor B (headline, t_B / t)", f">= {g['speedup_b']:.2f}x",
+        "-" if fused is None or math.isnan(fused.speedup_vs_b) else f"{fused.speedup_vs_b:.2f}x",
+        _status(None if fused is None or math.isnan(fused.speedup_vs_b) else fused.speedup_vs_b >= g["speedup_b"])))
+
+    compiled = [c for c in compile_results if c.compiled]
+    for kind, key in (("cold", "cold_s"), ("warm", "warm_s")):
+        if not compiled:
+            goals.append(Goal(f"{kind} compile time, every tensor count", f"<= {g[key]:.0f} s", "-",
+                              "not measured"))
+            continue
+        parts, ok = [], True
+        for c in compiled:
+            v = getattr(c, key)
+            parts.append(f"{c.n_tensors}: " + (f"{v:.1f} s" if v is not None else (c.error or "failed")))
+            ok = ok and v is not None and v <= g[key]
+        ns = {c.n_tensors for c in compiled}
+        # The goal is "whether the model has 16 or 1024 tensors": both ends must have been measured.
+        span_ok = {16, 1024} <= ns
+        goals.append(Goal(f"{kind} compile time, every tensor count", f"<= {g[key]:.0f} s",
+                          "; ".join(parts) + ("" if span_ok else " (16 and 1024 not both measured)"),
+                          _status(ok and span_ok)))
+
+    small = next((r for r in rows if r.key == "small"), None)
+    sf = small.method(fused_name) if small else None
+    if sf is None:
+        goals.append(Goal("per-step overhead, many small tensors", f"<= {g['overhead_ms']:.0f} ms", "-",
+                          "not measured"))
+    else:
+        overhead_ms = (sf.median_s - small.floor_s) * 1e3
+        goals.append(Goal(
+            f"per-step overhead, {small.n_tensors} small tensors (step time - roofline floor)",
+            f"<= {g['overhead_ms']:.0f} ms",
+            f"{overhead_ms:.2f} ms (step {sf.median_s * 1e3:.2f} ms, floor {small.floor_s * 1e3:.2f} ms)",
+            _status(overhead_ms <= g["overhead_ms"])))
+
+    if fused is None or fused.peak_extra_bytes is None:
+        goals.append(Goal("no param-sized temporaries: peak extra memory during the step",
+                          f"< {g['peak_frac']:.0%} of param bytes", "-", "not measured"))
+    else:
+        frac = fused.peak_extra_bytes / head.param_bytes
+        goals.append(Goal(
+            "no param-sized temporaries: peak extra memory during the step (headline)",
+            f"< {g['peak_frac']:.0%} of param bytes ({head.param_bytes * g['peak_frac'] / 2**20:.2f} MiB)",
+            f"{fused.peak_extra_bytes / 2**20:.3f} MiB = {frac:.2%} of param bytes", _status(frac < g["peak_frac"])))
+    goals.append(Goal("Inductor bytes accessed per param (fp32 AdamW)", "<= 32 B",
+                      "pinned by the expecttest regression test, not by this bench", "not measured"))
+    return goals
+
+
+# --------------------------------------------------------------------------------------------------
+# Output: markdown, CSV, JSON, PNG
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.3f}" if x < 0.1 else f"{x * 1e3:.1f}"
+
+
+def _mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.2f}"
+
+
+def markdown_tables(rows: list[RowResult], compile_results: list[CompileResult], goals: list[Goal],
+                    machine: dict) -> str:
+    out = []
+    out.append("| goal | target | measured | status |\n|---|---|---|---|")
+    out += [f"| {g.name} | {g.target} | {g.measured} | **{g.status}** |" for g in goals]
+    out.append("")
+    for r in rows:
+        out.append(
+            f"**{r.key}**: {r.optimizer} {r.dtype}, {r.layout}, {r.n_params / 1e6:.2f} M params in "
+            f"{r.n_tensors} tensors. Floor {r.bytes_per_param} B/param x {r.n_params / 1e6:.2f} M at "
+            f"{r.bandwidth_gbps:.1f} GB/s = {_ms(r.floor_s)} ms. {len(r.methods[0].times_s)} rounds.\n")
+        out.append("| method | median ms | IQR ms | speedup vs B (t_B/t) | fraction of roofline | "
+                   "peak extra MiB | max abs diff vs B |\n|---|---:|---:|---:|---:|---:|---:|")
+        for m in r.methods:
+            out.append(
+                f"| {m.method} | {_ms(m.median_s)} | {_ms(m.iqr_s)} | {m.speedup_vs_b:.2f}x | "
+                f"{m.roofline_fraction:.2f} | {_mib(m.peak_extra_bytes)} | {m.max_abs_diff_vs_b:.1e} |")
+        out += [f"\n_{n}_" for n in r.notes]
+        out.append("")
+    if compile_results:
+        out.append("Compile time of the first `fused.step()` (fresh subprocess; cold: empty Inductor cache "
+                   "dir; warm: the same dir again). AdamW fp32, tensors of varied sizes around 4096.\n")
+        out.append("| tensors | cold s | warm s | graphs (cold) | graphs (warm) | graphs at 2nd step | "
+                   "steady step ms | note |\n|---:|---:|---:|---:|---:|---:|---:|---|")
+        for c in compile_results:
+            note = c.error or ("" if c.compiled else "compile=False: plumbing only, not a compile time")
+            out.append(
+                f"| {c.n_tensors} | {_fmt_num(c.cold_s)} | {_fmt_num(c.warm_s)} | {_fmt_num(c.graphs_cold)} | "
+                f"{_fmt_num(c.graphs_warm)} | {_fmt_num(c.second_step_graphs)} | {_fmt_num(c.steady_ms)} | {note} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _fmt_num(x) -> str:
+    if x is None:
+        return "-"
+    return str(x) if isinstance(x, int) else f"{x:.2f}"
+
+
+RESULT_FIELDS = [
+    "device", "row", "optimizer", "dtype", "layout", "n_params", "n_tensors", "method", "median_ms", "iqr_ms",
+    "min_ms", "rounds", "speedup_vs_b", "bytes_per_param", "bandwidth_gbps", "floor_ms", "roofline_fraction",
+    "peak_extra_bytes", "max_abs_diff_vs_b", "graphs_compiled", "graphs_during_timing",
+]
+
+
+def result_records(rows: list[RowResult], device: torch.device) -> list[dict]:
+    recs = []
+    for r in rows:
+        for m in r.methods:
+            recs.append(dict(
+                device=str(device), row=r.key, optimizer=r.optimizer, dtype=r.dtype, layout=r.layout,
+                n_params=r.n_params, n_tensors=r.n_tensors, method=m.method, median_ms=m.median_s * 1e3,
+                iqr_ms=m.iqr_s * 1e3, min_ms=min(m.times_s) * 1e3, rounds=len(m.times_s),
+                speedup_vs_b=m.speedup_vs_b, bytes_per_param=r.bytes_per_param,
+                bandwidth_gbps=r.bandwidth_gbps, floor_ms=r.floor_s * 1e3,
+                roofline_fraction=m.roofline_fraction, peak_extra_bytes=m.peak_extra_bytes,
+                max_abs_diff_vs_b=m.max_abs_diff_vs_b, graphs_compiled=m.graphs_compiled,
+                graphs_during_timing=m.graphs_during_timing,
+            ))
+    return recs
+
+
+def write_csv(path: Path, records: list[dict], fields: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for rec in records:
+            w.writerow({k: ("" if rec.get(k) is None else rec[k]) for k in fields})
+
+
+COMPILE_FIELDS = ["n_tensors", "compiled", "cold_s", "warm_s", "graphs_cold", "graphs_warm",
+                  "second_step_graphs", "steady_ms", "error"]
+
+
+def write_png(path: Path, rows: list[RowResult], compile_results: list[CompileResult], device_name: str) -> None:
+    import matplotlib  # noqa: PLC0415 -- lazy: only the bench needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    has_compile = any(c.cold_s is not None for c in compile_results)
+    fig, axes = plt.subplots(1, 3 if has_compile else 2, figsize=(16 if has_compile else 11, 4.5))
+    methods = list(dict.fromkeys(m.method for r in rows for m in r.methods))
+    width = 0.8 / max(1, len(methods))
+    for ax, attr, title in ((axes[0], "roofline_fraction", "fraction of bandwidth roofline (higher is better)"),
+                            (axes[1], "speedup_vs_b", "speedup vs anchor B, t_B / t (higher is better)")):
+        for j, name in enumerate(methods):
+            xs, ys = [], []
+            for i, r in enumerate(rows):
+                m = r.method(name)
+                if m is not None:
+                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    ys.append(getattr(m, attr))
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks(range(len(rows)), [r.key for r in rows])
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    if has_compile:
+        ax = axes[2]
+        ok = [c for c in compile_results if c.cold_s is not None]
+        ax.plot([c.n_tensors for c in ok], [c.cold_s for c in ok], "o-", label="cold")
+        okw = [c for c in ok if c.warm_s is not None]
+        ax.plot([c.n_tensors for c in okw], [c.warm_s for c in okw], "s-", label="warm")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("parameter tensors")
+        ax.set_ylabel("first fused.step() s")
+        ax.set_title("FusedStep compile time", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"compiled_step bench on {device_name}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def benchmarks_md(command: str, machine: dict, tables: str, goals: list[Goal], started: str,
+                  duration_s: float) -> str:
+    gaps = [g for g in goals if g.status == "gap"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by the bench command below; do not edit by hand, rerun it. Numbers come from one process, "
+        "with the methods interleaved round by round and the median reported; this machine is shared and "
+        "noisy, so compare ratios measured side by side rather than absolute times across runs.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "## Machine",
+        "",
+        f"- device: `{machine['device']}` ({machine['device_name']})",
+        f"- CPU: {machine['cpu_model']}, {machine['cpu_cores']} cores available, "
+        f"torch intra-op threads {machine['torch_threads']}",
+        f"- torch {machine['torch']}, Python {machine['python']}, {machine['platform']}",
+        f"- run started {started}, took {duration_s / 60:.1f} min",
+        "",
+        "## Results",
+        "",
+        tables,
+        "## Gaps",
+        "",
+    ]
+    if gaps:
+        lines += [f"- **{g.name}**: measured {g.measured}, target {g.target}." for g in gaps]
+    else:
+        lines.append("- none among the goals measured here.")
+    lines += ["", "## Method", "", _method_text(), ""]
+    return "\n".join(lines)
+
+
+def _method_text() -> str:
+    doc = __doc__ or ""
+    body = doc.split("\n\n", 1)[1] if "\n\n" in doc else doc
+    return body.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+# Sizes per mode. CPU full: the >= 10 M-param goal layout. CUDA full: the >= 100 M-param goal layout.
+_SIZES = {
+    "quick": dict(d_model=64, n_layers=2, vocab=512, seq_len=64, small_tensors=64, small_numel=64,
+                  triad_mib=8, rounds=3, warmup=2),
+    "cpu": dict(d_model=512, n_layers=4, vocab=8192, seq_len=1024, small_tensors=1024, small_numel=256,
+                triad_mib=128, rounds=20, warmup=3),
+    "cuda": dict(d_model=1024, n_layers=8, vocab=32768, seq_len=1024, small_tensors=1024, small_numel=256,
+                 triad_mib=1024, rounds=30, warmup=3),
+}
+_HEADLINE_MIN_PARAMS = {"cpu": 10_000_000, "cuda": 100_000_000}
+
+
+def _csv_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise BenchError(f"{what} is empty")
+    if len(set(items)) != len(items):
+        raise BenchError(f"{what} has duplicates: {text!r}")
+    return items
+
+
+def _positive(text: str, what: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise BenchError(f"{what} must be an integer, got {text!r}") from None
+    if v <= 0:
+        raise BenchError(f"{what} must be > 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m compiled_step bench",
+        description="Benchmark FusedStep against clip_grad_norm_ + torch.optim anchors, with a bandwidth "
+        "roofline, compile times and peak memory. Results go to --out as bench.md, results.csv, "
+        "compile_times.csv, results.json and bench.png.",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--out", default="bench_out", help="output directory (default bench_out/)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny layouts, few rounds, no compile-time subprocesses (for tests)")
+    p.add_argument("--rows", default="adamw,sgd,adamw-bf16,small",
+                   help=f"comma list of rows out of {','.join(ROW_KINDS)} (default all)")
+    p.add_argument("--methods", default=None,
+                   help="comma list out of A,B,C,D,fused (default all; B is required: ratios are to B)")
+    p.add_argument("--bucket-size", default=None,
+                   help="FusedStep bucket_size; a comma list benches one fused method per size "
+                   "(default: FusedStep's own default)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="FusedStep(compile=False) and no anchor C: a fast smoke run of the plumbing")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 20 CPU, 30 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per method before timing")
+    p.add_argument("--d-model", type=int, default=None, help="GPT layout width")
+    p.add_argument("--n-layers", type=int, default=None, help="GPT layout depth")
+    p.add_argument("--vocab", type=int, default=None, help="GPT layout vocabulary")
+    p.add_argument("--seq-len", type=int, default=None, help="GPT layout position-embedding rows")
+    p.add_argument("--small-tensors", type=int, default=None, help="tensor count of the many-small layout")
+    p.add_argument("--small-numel", type=int, default=None, help="average tensor size of the many-small layout")
+    p.add_argument("--small-with-c", action="store_true",
+                   help="also run anchor C on the many-small layout (its compile is linear in the tensor "
+                   "count: minutes for 1024 tensors)")
+    p.add_argument("--triad-mib", type=int, default=None, help="size of each triad array in MiB")
+    p.add_argument("--compile-sizes", default=None,
+                   help="comma list of tensor counts for compile time (default 16,64,256,1024; none with --quick)")
+    p.add_argument("--skip-compile-time", action="store_true", help="skip the compile-time subprocesses")
+    p.add_argument("--compile-timeout", type=float, default=600.0,
+                   help="seconds allowed for one compile-time subprocess (default 600)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--profile", action="store_true",
+                   help="write a torch.profiler op table for the fused method and B of each row to --out")
+    p.add_argument("--write-benchmarks-md", nargs="?", const="BENCHMARKS.md", default=None, metavar="PATH",
+                   help="also regenerate BENCHMARKS.md (or PATH) from this run")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Validate options and fill mode-dependent defaults, raising BenchError with a clear message."""
+    try:
+        args.device_obj = torch.device(args.device)
+    except RuntimeError as exc:
+        raise BenchError(f"--device {args.device!r} is not a torch device ({exc})") from None
+    if args.device_obj.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if args.device_obj.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {args.device!r}: only cpu and cuda are supported")
+    mode = "quick" if args.quick else args.device_obj.type
+    for key, value in _SIZES[mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+        elif getattr(args, key) <= 0:
+            raise BenchError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    args.headline_min_params = _HEADLINE_MIN_PARAMS[args.device_obj.type]
+
+    args.row_keys = _csv_list(args.rows, "--rows")
+    bad = [r for r in args.row_keys if r not in ROW_KINDS]
+    if bad:
+        raise BenchError(f"--rows: unknown {bad}; choose from {','.join(ROW_KINDS)}")
+
+    explicit_methods = args.methods is not None
+    methods = _csv_list(args.methods, "--methods") if explicit_methods else [*ANCHORS, "fused"]
+    bad = [m for m in methods if m not in (*ANCHORS, "fused")]
+    if bad:
+        raise BenchError(f"--methods: unknown {bad}; choose from A,B,C,D,fused")
+    if "B" not in methods:
+        raise BenchError("--methods must include B: every ratio in the table is to anchor B")
+    args.notes = []
+    if args.no_compile and "C" in methods:
+        if explicit_methods:
+            raise BenchError("--no-compile excludes anchor C (it is a torch.compile'd step); drop C from --methods")
+        methods.remove("C")
+        args.notes.append("Anchor C was skipped: --no-compile.")
+
+    if args.bucket_size is None:
+        buckets: list[int | None] = [None]
+    else:
+        buckets = [_positive(b, "--bucket-size") for b in _csv_list(args.bucket_size, "--bucket-size")]
+    args.fused_bucket_sizes = buckets
+    args.bucket_of: dict[str, int | None] = {}
+    expanded = []
+    for m in methods:
+        if m != "fused":
+            expanded.append(m)
+            continue
+        for b in buckets:
+            name = "fused" if len(buckets) == 1 else f"fused[b={b}]"
+            args.bucket_of[name] = b
+            expanded.append(name)
+    args.method_names = expanded
+    fused_names = [m for m in expanded if m.startswith("fused")]
+    # Goals are judged on the first fused method (the first --bucket-size).
+    args.fused_name = fused_names[0] if fused_names else "fused"
+    if fused_names:
+        _load_fused_step()  # fail now with a clear message, not after minutes of anchors
+
+    if args.skip_compile_time or "fused" not in methods:
+        args.compile_sizes_list = []
+    elif args.compile_sizes is not None:
+        args.compile_sizes_list = [_positive(s, "--compile-sizes") for s in _csv_list(args.compile_sizes,
+                                                                                         "--compile-sizes")]
+    else:
+        args.compile_sizes_list = [] if args.quick else list(DEFAULT_COMPILE_SIZES)
+    if args.compile_timeout <= 0:
+        raise BenchError(f"--compile-timeout must be > 0, got {args.compile_timeout}")
+    for name in ("rounds", "warmup"):
+        if getattr(args, name) <= 0:
+            raise BenchError(f"--{name} must be > 0")
+
+
+def _row_specs(args) -> list[RowSpec]:
+    gpt = L.gpt_layout(args.d_model, args.n_layers, args.vocab, args.seq_len)
+    small = L.many_small_layout(args.small_tensors, args.small_numel)
+    specs = []
+    for key in args.row_keys:
+        opt, dtype, family = ROW_KINDS[key]
+        methods = list(args.method_names)
+        notes = []
+        if family == "small" and "C" in methods and not args.small_with_c:
+            methods.remove("C")
+            notes.append("Anchor C skipped on this layout: its compile time grows linearly with the "
+                         "tensor count (pass --small-with-c to include it).")
+        specs.append(RowSpec(key, opt, dtype, gpt if family == "gpt" else small, tuple(methods), tuple(notes)))
+    return specs
+
+
+def _profile_methods(row_spec: RowSpec, args, log) -> None:
+    """Op-level profile of B and the fused method(s) on this row, to show where the step spends time."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    device = args.device_obj
+    ref_grads = L.make_grads(row_spec.layout, dtype=row_spec.dtype, device=device, seed=1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name in [m for m in row_spec.methods if m == "B" or m.startswith("fused")]:
+        m = build_method(name, optimizer=row_spec.optimizer, layout=row_spec.layout, dtype=row_spec.dtype,
+                         device=device, ref_grads=ref_grads, compile_fused=not args.no_compile,
+                         bucket_size=args.bucket_of.get(name))
+        for _ in range(args.warmup):
+            _restore(m, ref_grads)
+            m.step()
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                _restore(m, ref_grads)
+                _sync(device)
+                m.step()
+                _sync(device)
+        path = Path(args.out) / f"profile_{row_spec.key}_{name.replace('[', '_').replace('=', '').rstrip(']')}.txt"
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        path.write_text(prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
+        log(f"  profile of {name} -> {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _resolve(args)
+        return _run(args, argv)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args, argv: list[str]) -> int:
+    started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t_start = time.perf_counter()
+    device = args.device_obj
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    machine = machine_info(device)
+    log(f"bench on {machine['device']} ({machine['device_name']}), torch {machine['torch']}, "
+        f"{machine['torch_threads']} threads")
+    triad = Triad(args.triad_mib * (1 << 20) // 4, device)
+    flusher = CacheFlusher(device, machine["last_level_cache_bytes"])
+    rows = []
+    for spec in _row_specs(args):
+        # Anchor C's compiled fn has one code object for every row; Dynamo caches per code object with
+        # guards on the optimizer, so each row would add a recompile towards the limit of 8. The previous
+        # rows' objects are dead by now, so their compiled code can go.
+        torch._dynamo.reset()
+        row = run_row(spec, device=device, triad=triad, flusher=flusher, rounds=args.rounds,
+                      warmup=args.warmup, compile_fused=not args.no_compile, bucket_sizes=args.bucket_of,
+                      measure_memory=not args.no_memory, log=log)
+        rows.append(row)
+        if args.profile:
+            _profile_methods(spec, args, log)
+
+    compile_results = measure_compile_times(args.compile_sizes_list, args, log) if args.compile_sizes_list else []
+    goals = evaluate_goals(rows, compile_results, device, args.fused_name, args.headline_min_params)
+    tables = markdown_tables(rows, compile_results, goals, machine)
+    if args.notes:
+        tables += "\n" + "\n".join(f"_{n}_" for n in args.notes) + "\n"
+    duration = time.perf_counter() - t_start
+
+    (out / "bench.md").write_text(tables + "\n")
+    write_csv(out / "results.csv", result_records(rows, device), RESULT_FIELDS)
+    write_csv(out / "compile_times.csv", [c.__dict__ for c in compile_results], COMPILE_FIELDS)
+    (out / "results.json").write_text(json.dumps({
+        "command": _command(argv), "machine": machine, "started": started, "duration_s": duration,
+        "rows": [{**{k: v for k, v in r.__dict__.items() if k != "methods"},
+                  "methods": [{**m.__dict__, "median_s": m.median_s, "roofline_fraction": m.roofline_fraction}
+                              for m in r.methods]} for r in rows],
+        "compile": [c.__dict__ for c in compile_results],
+        "goals": [g.__dict__ for g in goals],
+    }, indent=1, default=str))
+    write_png(out / "bench.png", rows, compile_results, machine["device_name"])
+    if args.write_benchmarks_md:
+        Path(args.write_benchmarks_md).write_text(
+            benchmarks_md(_command(argv), machine, tables, goals, started, duration))
+        log(f"wrote {args.write_benchmarks_md}")
+    log("\n" + tables)
+    log(f"wrote {out}/bench.md, results.csv, compile_times.csv, results.json, bench.png "
+        f"in {duration:.0f}s")
+    return 0
+
+
+def _command(argv: list[str]) -> str:
+    return "python -m compiled_step bench" + ("" if not argv else " " + shlex.join(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
