@@ -188,17 +188,22 @@ def _make_fused_step(optimizer: torch.optim.Optimizer, cfg: DemoConfig, *, model
                      mesh: Any | None) -> Any:
     # Imported here, not at module level: `python -m compiled_step demo --help` and the model
     # tests must not depend on the core being importable.
+    import inspect
+
     from compiled_step import FusedStep
 
     kwargs: dict[str, Any] = {
-        # No clipping is max_norm = inf, exactly what the reference's clip_grad_norm_ gets: the
-        # coefficient min(1, inf / norm) is 1 and the norm is still computed and returned.
-        "max_grad_norm": cfg.max_grad_norm if cfg.clipping else math.inf,
+        # None disables clipping; the reference gets max_norm=inf, whose coefficient
+        # min(1, inf / norm) is exactly 1. Both still compute and return the norm.
+        "max_grad_norm": cfg.max_grad_norm if cfg.clipping else None,
         "norm_type": cfg.norm_type,
         "compile": cfg.compile,
     }
     if mesh is not None:
-        kwargs.update(model_parts=[model], device_mesh=mesh)
+        # FSDP params are DTensors that carry their own mesh, so FusedStep can plan from the
+        # params alone; model_parts/device_mesh are passed where its signature takes them.
+        accepted = inspect.signature(FusedStep).parameters
+        kwargs.update({k: v for k, v in (("model_parts", [model]), ("device_mesh", mesh)) if k in accepted})
     return FusedStep(optimizer, **kwargs)
 
 
