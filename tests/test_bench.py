@@ -1,0 +1,243 @@
+"""Tests for the benchmark: layouts, the quick run's outputs and their internal consistency, goal logic.
+
+No timing assertions: the machine is shared and noisy. What is checked is that every number the bench
+reports is positive, finite where it must be, and derived from the others as documented (fraction of
+roofline = floor / median, speedup = t_B / t, floor = params x B/param / bandwidth), and that goals are
+computed from the numbers rather than written down.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from compiled_step import bench
+from compiled_step import layouts as L
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def test_gpt_layout_default_is_headline_size():
+    layout = L.gpt_layout()
+    # The performance goals are stated for a >= 10 M-parameter GPT-like layout.
+    assert layout.n_params >= 10_000_000
+    assert layout.n_tensors == 2 + 12 * 4 + 2
+    expected = 8192 * 512 + 1024 * 512 + 4 * (12 * 512 * 512 + 13 * 512) + 2 * 512
+    assert layout.n_params == expected
+
+
+def test_many_small_and_n_tensor_layouts():
+    small = L.many_small_layout(1024, 256)
+    assert small.n_tensors == 1024
+    assert 100 <= small.n_params / small.n_tensors <= 1000  # "a few hundred elements"
+    for n in (16, 64, 256, 1024):
+        layout = L.n_tensor_layout(n)
+        assert layout.n_tensors == n
+        assert len({s.numel for s in layout.specs}) > 1  # varied sizes: dynamic shapes are exercised
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_layout_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="positive int"):
+        L.gpt_layout(d_model=bad)
+    with pytest.raises(ValueError, match="positive int"):
+        L.many_small_layout(n_tensors=bad)
+
+
+def test_params_grads_and_groups():
+    layout = L.gpt_layout(d_model=16, n_layers=1, vocab=32, seq_len=8)
+    params = L.make_params(layout, dtype=torch.bfloat16)
+    grads = L.make_grads(layout, dtype=torch.bfloat16)
+    assert all(p.is_leaf and p.requires_grad and p.dtype == torch.bfloat16 for p in params)
+    assert [p.shape for p in params] == [g.shape for g in grads]
+    assert all(torch.isfinite(g.float()).all() for g in grads)
+    groups = L.param_groups(layout, params)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in groups) == layout.n_tensors
+    # Same seed, same values: every method of a row starts from identical params.
+    assert all(torch.equal(a, b) for a, b in zip(params, L.make_params(layout, dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match="specs"):
+        L.param_groups(layout, params[:-1])
+
+
+def test_floor_bytes_per_param():
+    # DESIGN.md: fp32 AdamW reads p, g, m, v and writes p, m, v (28 B) plus one read of g for the norm.
+    assert bench.floor_bytes_per_param("adamw", torch.float32) == 32
+    assert bench.floor_bytes_per_param("sgd", torch.float32) == 24
+    assert bench.floor_bytes_per_param("adamw", torch.bfloat16) == 16
+
+
+def test_peak_extra_bytes_sees_temporaries():
+    x = torch.zeros(1 << 20)
+
+    def in_place():
+        x.add_(1.0)
+
+    def with_temp():
+        y = x * 2.0  # a 4 MiB temporary
+        x.copy_(y)
+
+    assert bench.peak_extra_bytes(with_temp, torch.device("cpu")) >= x.numel() * 4
+    assert bench.peak_extra_bytes(in_place, torch.device("cpu")) < x.numel() * 4 // 100
+
+
+# --------------------------------------------------------------------------------------- the quick run
+
+
+def _fused_available() -> bool:
+    try:
+        from compiled_step import FusedStep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "BENCHMARKS.md"
+    methods = "A,B,D,fused" if _fused_available() else "A,B,D"
+    # compile=False keeps this fast: the plumbing, outputs and arithmetic are what is under test.
+    argv = ["--quick", "--no-compile", "--methods", methods, "--out", str(out), "--write-benchmarks-md", str(md)]
+    rc = bench.main(argv)
+    return rc, out, md, methods.split(",")
+
+
+def test_quick_run_writes_all_outputs(quick_run):
+    rc, out, md, _ = quick_run
+    assert rc == 0
+    for name in ("bench.md", "results.csv", "compile_times.csv", "results.json", "bench.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "python -m compiled_step bench --quick" in text
+    assert torch.__version__ in text and "## Machine" in text
+    assert "| goal | target | measured | status |" in text
+
+
+def test_quick_run_numbers_are_consistent(quick_run):
+    _, out, _, methods = quick_run
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["row"] for r in rows} == set(bench.ROW_KINDS)
+    for row_key in bench.ROW_KINDS:
+        recs = {r["method"]: r for r in rows if r["row"] == row_key}
+        assert set(recs) == set(methods)
+        b = float(recs["B"]["median_ms"])
+        for m, r in recs.items():
+            median, floor = float(r["median_ms"]), float(r["floor_ms"])
+            assert median > 0 and floor > 0 and float(r["bandwidth_gbps"]) > 0
+            assert float(r["roofline_fraction"]) == pytest.approx(floor / median, rel=1e-9)
+            assert float(r["speedup_vs_b"]) == pytest.approx(b / median, rel=1e-9)
+            bpp = int(r["bytes_per_param"])
+            assert floor == pytest.approx(int(r["n_params"]) * bpp / (float(r["bandwidth_gbps"]) * 1e9) * 1e3)
+            assert int(r["peak_extra_bytes"]) >= 0
+            assert int(r["graphs_during_timing"]) == 0
+            # Same init, grads and step count: every method stays on B's trajectory.
+            tol = 5e-2 if r["dtype"] == "bfloat16" else 1e-4
+            assert float(r["max_abs_diff_vs_b"]) <= tol, (row_key, m)
+        assert float(recs["B"]["speedup_vs_b"]) == 1.0
+
+
+def test_quick_run_goals_match_numbers(quick_run):
+    _, out, md, methods = quick_run
+    data = json.loads((out / "results.json").read_text())
+    goals = {g["name"]: g for g in data["goals"]}
+    size_goal = next(g for n, g in goals.items() if n.startswith("headline layout"))
+    assert size_goal["status"] == "gap"  # --quick layouts are tiny, and the bench must say so
+    if "fused" in methods:
+        head = next(r for r in data["rows"] if r["key"] == "adamw")
+        fused = next(m for m in head["methods"] if m["method"] == "fused")
+        roof = goals["FusedStep fraction of the bandwidth roofline (headline)"]
+        assert roof["status"] == ("met" if fused["roofline_fraction"] >= 0.9 else "gap")
+    # Compile times are not measured by --quick.
+    assert all(g["status"] == "not measured" for n, g in goals.items() if "compile time" in n)
+    for g in goals.values():
+        assert f"**{g['status']}**" in md.read_text()
+
+
+# ------------------------------------------------------------------------------------------ goal logic
+
+
+def _row(key, times_by_method, n_params=20_000_000, floor_s=0.05, n_tensors=52, peak=None):
+    row = bench.RowResult(key=key, optimizer="adamw", dtype="float32", layout="x", n_params=n_params,
+                          n_tensors=n_tensors, param_bytes=4 * n_params, bytes_per_param=32,
+                          bandwidth_gbps=10.0, floor_s=floor_s, grad_norm=10.0)
+    for name, t in times_by_method.items():
+        row.methods.append(bench.MethodResult(row=key, method=name, times_s=[t], floor_s=floor_s,
+                                              graphs_compiled=0, peak_extra_bytes=peak))
+    b = row.method("B").median_s
+    for m in row.methods:
+        m.speedup_vs_b = b / m.median_s
+    return row
+
+
+def test_goals_are_computed_from_numbers():
+    cpu = torch.device("cpu")
+    compiles = [bench.CompileResult(n, cold_s=10.0, warm_s=2.0) for n in (16, 64, 256, 1024)]
+    good = [_row("adamw", {"B": 0.1, "fused": 0.052}, peak=1000),
+            _row("small", {"B": 0.01, "fused": 0.0015}, n_params=262_144, floor_s=0.0008, n_tensors=1024)]
+    status = {g.name.split(" (")[0].split(",")[0]: g.status
+              for g in bench.evaluate_goals(good, compiles, cpu, "fused", 10_000_000)}
+    assert list(status.values()).count("gap") == 0, status
+
+    slow = [_row("adamw", {"B": 0.1, "fused": 0.09}, peak=50_000_000)]
+    bad_compiles = [bench.CompileResult(16, cold_s=8.0, warm_s=2.0),
+                    bench.CompileResult(1024, cold_s=None, warm_s=None, error="timed out after 600s")]
+    goals = {g.name: g for g in bench.evaluate_goals(slow, bad_compiles, cpu, "fused", 10_000_000)}
+    assert goals["FusedStep fraction of the bandwidth roofline (headline)"].status == "gap"
+    assert goals["FusedStep speedup over anchor B (headline, t_B / t)"].status == "gap"
+    assert goals["cold compile time, every tensor count"].status == "gap"
+    assert "timed out" in goals["cold compile time, every tensor count"].measured
+    peak = next(g for n, g in goals.items() if n.startswith("no param-sized"))
+    assert peak.status == "gap"
+    overhead = next(g for n, g in goals.items() if n.startswith("per-step overhead"))
+    assert overhead.status == "not measured"
+
+
+# ------------------------------------------------------------------------------------------ bad options
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "A,C"], "must include B"),
+        (["--methods", "A,B,E"], "unknown"),
+        (["--rows", "adamw,lion"], "unknown"),
+        (["--bucket-size", "0"], "> 0"),
+        (["--bucket-size", "x"], "integer"),
+        (["--rounds", "0"], "> 0"),
+        (["--d-model", "-4"], "> 0"),
+        (["--compile-sizes", "16,16"], "duplicates"),
+        (["--no-compile", "--methods", "A,B,C"], "excludes anchor C"),
+        (["--device", "nonsense"], "not a torch device"),
+    ],
+)
+def test_bad_options_fail_clearly(argv, message, capsys, tmp_path):
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_without_cuda_is_an_error(capsys, tmp_path):
+    assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "cuda" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- compile-time plumbing
+
+
+@pytest.mark.skipif(not _fused_available(), reason="needs compiled_step.FusedStep")
+def test_compile_time_subprocess_plumbing(tmp_path):
+    # compile=False in the child: this checks the fresh-subprocess/cache-dir plumbing, not compile speed.
+    argv = ["--quick", "--no-compile", "--rows", "small", "--methods", "B,fused", "--compile-sizes", "4",
+            "--no-memory", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (rec,) = list(csv.DictReader((tmp_path / "compile_times.csv").open()))
+    assert rec["n_tensors"] == "4" and rec["compiled"] == "False" and rec["error"] == ""
+    assert float(rec["cold_s"]) > 0 and float(rec["warm_s"]) > 0
+    assert not math.isnan(float(rec["steady_ms"]))
