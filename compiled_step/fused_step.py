@@ -172,21 +172,25 @@ class FusedStep:
     def _buckets(self, n: int) -> list[range]:
         return planning.chunk(n, self.config.bucket_size)
 
-    def _pad(self, tensors: list, filler) -> list:
-        missing = self.config.bucket_size - len(tensors)
-        return tensors if missing == 0 else list(tensors) + [filler] * missing
+    def _pad(self, items: list, fillers: list) -> list:
+        missing = self.config.bucket_size - len(items)
+        return items if missing == 0 else list(items) + list(fillers[:missing])
 
-    def _dummy(self, like_p: torch.Tensor, like_g: torch.Tensor, n_state: int):
+    def _dummies_for(self, like_p: torch.Tensor, like_g: torch.Tensor, n_state: int):
         """One-element scratch tensors that pad the last bucket to ``bucket_size``, so every call
-        has the same list length and hits the same graph. Their grad is zero (adds nothing to the
-        norm); whatever the update writes into them is never read."""
+        has the same list length and hits the same graph. Their grads are zero (they add nothing to
+        the norm); whatever the update writes into them is never read. Each slot gets its own
+        tensors: Dynamo guards on which inputs alias, so reusing one tensor would recompile."""
         key = (like_p.device, like_p.dtype, like_g.dtype, n_state)
-        dummy = self._dummies.get(key)
-        if dummy is None:
-            make = lambda dtype: torch.zeros(1, dtype=dtype, device=like_p.device)  # noqa: E731
-            dummy = (make(like_p.dtype), make(like_g.dtype), tuple(make(like_p.dtype) for _ in range(n_state)))
-            self._dummies[key] = dummy
-        return dummy
+        dummies = self._dummies.get(key)
+        if dummies is None:
+            def make(dtype):
+                return [torch.zeros(1, dtype=dtype, device=like_p.device) for _ in range(self.config.bucket_size)]
+
+            states = list(zip(*[make(like_p.dtype) for _ in range(n_state)])) or [()] * self.config.bucket_size
+            dummies = (make(like_p.dtype), make(like_g.dtype), states)
+            self._dummies[key] = dummies
+        return dummies
 
     # ------------------------------------------------------------------ phases
 
@@ -205,8 +209,7 @@ class FusedStep:
             bucket_partials = []
             for bucket in self._buckets(len(w.flat_grads)):
                 grads = [w.flat_grads[i] for i in bucket]
-                dummy_g = self._dummy(grads[0], grads[0], 0)[1]
-                grads = self._pad(grads, dummy_g)
+                grads = self._pad(grads, self._dummies_for(grads[0], grads[0], 0)[1])
                 signature = ("norm", kind.kind, grads[0].dtype, grads[0].device.type)
                 with compiler.first_call(signature, f"Phase A norm graph ({kind.kind}, {grads[0].dtype})"):
                     bucket_partials.append(fn(grads, *extra).to(device))
@@ -231,12 +234,17 @@ class FusedStep:
             var = rule.variant(pg)
             local_device = w.group.key.device
             states, state_tensors, steps = [], [], []
-            for p in w.params:
-                st = optimizer.state[p]
-                tensors, step = rule.state_tensors(p, st, var, local_device)
-                states.append(st)
-                state_tensors.append(tuple(planning.local_tensor(t) for t in tensors))
-                steps.append(step)
+            if rule.needs_state(var):
+                for p in w.params:
+                    st = optimizer.state[p]
+                    tensors, step = rule.state_tensors(p, st, var, local_device)
+                    states.append(st)
+                    state_tensors.append(tuple(planning.local_tensor(t) for t in tensors))
+                    steps.append(step)
+            else:  # e.g. SGD without momentum: torch keeps no state, and neither do we
+                states = [{}] * len(w.params)
+                state_tensors = [()] * len(w.params)
+                steps = [None] * len(w.params)
             vector = rule.per_tensor_vector(states, steps, local_device)
             table = rule.scalar_table(optimizer, pg, vector[w.nonempty] if len(w.nonempty) != len(w.params) else vector)
             sign = -1.0 if pg.get("maximize", False) else 1.0
@@ -259,7 +267,7 @@ class FusedStep:
                 params = [w.flat_params[i] for i in bucket]
                 grads = [w.flat_grads[i] for i in bucket]
                 bucket_states = [flat_states[i] for i in bucket]
-                dummy_p, dummy_g, dummy_s = self._dummy(params[0], grads[0], n_state)
+                dummy_p, dummy_g, dummy_s = self._dummies_for(params[0], grads[0], n_state)
                 params, grads = self._pad(params, dummy_p), self._pad(grads, dummy_g)
                 bucket_states = self._pad(bucket_states, dummy_s)
                 state_args = rule.state_lists(var, bucket_states)

@@ -51,6 +51,10 @@ def variant(group: dict) -> Variant:
     return Variant(amsgrad=bool(group["amsgrad"]))
 
 
+def needs_state(var: Variant) -> bool:
+    return True
+
+
 def is_decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
 

@@ -43,6 +43,11 @@ def variant(group: dict) -> Variant:
     return Variant(momentum=host_float(group["momentum"], name="momentum") != 0.0)
 
 
+def needs_state(var: Variant) -> bool:
+    """torch keeps SGD state only for the momentum buffer."""
+    return var.momentum
+
+
 def is_decoupled(optimizer, group) -> bool:  # SGD's weight decay is always L2
     return False
 
