@@ -320,6 +320,7 @@ class GradAccumulation:
         self._entered = False
         self._active = False
         self._iterated = False
+        self._handed_out = 0
         self._completed = 0
         self._tokens: int | torch.Tensor = 0
 
@@ -376,9 +377,10 @@ class GradAccumulation:
             return False
         if self._completed != self._num_microbatches:
             raise RuntimeError(
-                f"gradient accumulation ended after {self._completed} of {self._num_microbatches} "
-                "microbatches: the final backward with gradient sync never ran, so the gradients are "
-                "not reduced. Run every microbatch, or use a smaller num_microbatches."
+                f"gradient accumulation ended early: {self._handed_out} of {self._num_microbatches} "
+                f"microbatches handed out, {self._completed} completed. The final backward with "
+                "gradient sync did not run to completion, so the gradients are not reduced. Run every "
+                "microbatch, or use a smaller num_microbatches."
             )
         return False
 
@@ -403,6 +405,7 @@ class GradAccumulation:
             self._check_active("the microbatch loop")
             if index == k - 1 and not self._pp_enabled:
                 _set_sync_flags(self._modules, enabled=True)
+            self._handed_out += 1
             yield Microbatch(index, k)
             # Reached only when the loop body finished and the loop asked for more.
             self._completed += 1

@@ -1,0 +1,1 @@
+"""Multi-process tests on gloo (CPU). See harness.py for the runner."""
