@@ -294,6 +294,7 @@ class FusedStep:
             ``error_if_nonfinite=True``. When the norm is NaN/inf the update is skipped with
             params, state and step counters left bit-identical, and ``skipped_steps`` counts it.
         """
+        _run_optimizer_hooks(self.optimizer, "pre")
         with kernels.compile_settings():
             plan = self._current_plan()
             kind = type(self.optimizer).__name__
@@ -312,6 +313,10 @@ class FusedStep:
             self._phase_b(work, result, scale)
             self.last_step_finite = result.finite
             self.skipped_steps += (~result.finite).to(torch.int64)
+        # LR schedulers wrap optimizer.step to record that it ran and warn otherwise; FusedStep is
+        # that step, so record it the same way (torch.optim.lr_scheduler's ``_opt_called``).
+        self.optimizer._opt_called = True
+        _run_optimizer_hooks(self.optimizer, "post")
         return result.total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -320,6 +325,20 @@ class FusedStep:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _run_optimizer_hooks(optimizer: torch.optim.Optimizer, when: str) -> None:
+    """Run the step hooks that ``optimizer.step()`` would run (``register_step_pre_hook`` /
+    ``register_step_post_hook``, global and per instance), with empty args since FusedStep's step
+    takes none of the optimizer's. A pre-hook's replacement args are therefore ignored."""
+    from torch.optim import optimizer as optim_module
+
+    if when == "pre":
+        hooks = [*optim_module._global_optimizer_pre_hooks.values(), *optimizer._optimizer_step_pre_hooks.values()]
+    else:
+        hooks = [*optimizer._optimizer_step_post_hooks.values(), *optim_module._global_optimizer_post_hooks.values()]
+    for hook in hooks:
+        hook(optimizer, (), {})
 
 
 def _as_scale(grad_scale, device: torch.device) -> torch.Tensor | None:
@@ -337,12 +356,16 @@ def _as_scale(grad_scale, device: torch.device) -> torch.Tensor | None:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view over all elements of a dense tensor, in memory order."""
+    """A 1-D alias of all elements of a dense tensor, in memory order.
+
+    ``detach()`` makes the alias a non-view without ``requires_grad``: Dynamo guards on the
+    ``_base`` of view inputs (its sizes and strides) and on ``requires_grad``, so passing
+    ``p.view(-1)`` would recompile for every distinct param shape and layout."""
     if t.is_contiguous():
-        return t.view(-1)
+        return t.view(-1).detach()
     if _is_dense_positive(t):
         # e.g. channels_last or transposed weights: dense in memory, just permuted.
-        return t.as_strided((t.numel(),), (1,), t.storage_offset())
+        return t.as_strided((t.numel(),), (1,), t.storage_offset()).detach()
     raise ValueError(
         f"FusedStep needs params and optimizer state stored densely (no gaps or overlaps); got a tensor "
         f"of shape {tuple(t.shape)} and stride {t.stride()}"
