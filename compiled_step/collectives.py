@@ -1,6 +1,10 @@
 """Reductions of partial norms across ranks. The only module that calls ``torch.distributed``.
 
-Single-process plans have nothing to reduce; the partials of all groups are combined locally.
+Partials of all sharding groups that reduce over the same process group are stacked and reduced in
+one collective (SUM, or MAX for the inf norm), then the groups are combined locally and the result
+is reduced over the pipeline axis. Order of process groups comes from the plan, identical on every
+rank that shares them. For ``norm_type`` other than 1, 2 and inf, each process group takes two
+collectives (MAX of the per-rank maxima, then SUM of the rescaled sums) so that nothing overflows.
 """
 
 from __future__ import annotations
@@ -11,9 +15,71 @@ from compiled_step import norms
 from compiled_step.kernels import NormKind
 
 
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _all_reduce(t: torch.Tensor, op, reduction) -> torch.Tensor:
+    """All-reduce ``t`` over ``reduction.process_group`` on the mesh's device type; result on ``t``'s device."""
+    dist = _dist()
+    on_mesh_device = t.device.type == reduction.device_type
+    comm = t.contiguous() if on_mesh_device else t.to(reduction.device_type)
+    dist.all_reduce(comm, op=op, group=reduction.process_group)
+    return comm if on_mesh_device else comm.to(t.device)
+
+
+def _reduce_stacked(kind: NormKind, stacked: torch.Tensor, reduction) -> torch.Tensor:
+    """Reduce ``[k, w]`` partials of ``k`` sharding groups over one process group."""
+    op = _dist().ReduceOp
+    if kind.kind == "sum":
+        return _all_reduce(stacked, op.SUM, reduction)
+    if kind.kind == "max":
+        return _all_reduce(stacked, op.MAX, reduction)
+    local_max, local_sum = stacked[:, 0], stacked[:, 1]
+    global_max = _all_reduce(local_max.clone(), op.MAX, reduction)
+    safe_max = torch.where(global_max > 0, global_max, torch.ones_like(global_max))
+    weight = torch.where(local_max > 0, (local_max / safe_max).pow(kind.p), torch.zeros_like(local_max))
+    global_sum = _all_reduce(local_sum * weight, op.SUM, reduction)
+    return torch.stack([global_max, global_sum], dim=1)
+
+
 def reduce_partials(kind: NormKind, partials: list[torch.Tensor], plan) -> torch.Tensor:
-    """Combine the per-group partials (already scaled) into the global ``[w]`` partial."""
+    """The global ``[w]`` partial from the per-group partials (already scaled), on the norm device."""
     device = plan.norm_device
-    if not partials:
-        return torch.zeros(kind.partial_width, dtype=torch.float64, device=device)
-    return norms.combine(kind, torch.stack([p.to(device) for p in partials]))
+    partials = list(partials)
+    for reduction in plan.reductions:
+        stacked = torch.stack([partials[i] for i in reduction.members])
+        reduced = _reduce_stacked(kind, stacked, reduction)
+        for row, member in enumerate(reduction.members):
+            partials[member] = reduced[row]
+    if partials:
+        combined = norms.combine(kind, torch.stack([p.to(device) for p in partials]))
+    else:
+        combined = torch.zeros(kind.partial_width, dtype=torch.float64, device=device)
+    if plan.pp is not None:
+        combined = _reduce_stacked(kind, combined[None], plan.pp)[0]
+    return combined
+
+
+def match_grad_placement(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The grad in its param's placements.
+
+    A Replicate param can legitimately receive a Partial grad (e.g. replicated LoRA-A inside a
+    column-parallel projection), and a sharded param's grad can arrive Partial too. Its rank-local
+    values are summands, not the grad: norms and updates computed from them would differ across
+    ranks. Redistributing once (an all-reduce or reduce-scatter, as DTensor decides) gives every rank
+    the real grad in the param's layout, as torch.optim's DTensor path would on ``param.add_(grad)``.
+    """
+    if g.placements == p.placements:
+        return g
+    return g.redistribute(device_mesh=p.device_mesh, placements=p.placements)
+
+
+def process_group_of(mesh, axis_name: str) -> tuple:
+    """``(process_group, device_type)`` of one named axis of a DeviceMesh."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if axis_name not in names:
+        raise ValueError(f"axis {axis_name!r} is not a dimension of the device mesh (its dims are {names})")
+    return mesh[axis_name].get_group(), mesh.device_type

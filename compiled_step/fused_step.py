@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
-from compiled_step import collectives, kernels, norms, planning
+from compiled_step import collectives, experts, gradnorm, kernels, norms, planning
 from compiled_step.rules import rule_for
 
 
@@ -49,14 +47,23 @@ class FusedStepConfig:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
 
 
-class GroupWork(NamedTuple):
-    """One sharding group's tensors for this step (only params that have a grad)."""
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """Where the params live across ranks; runtime objects (modules, meshes) go in as they are."""
 
-    group: planning.ShardingGroup
-    params: list[torch.Tensor]  # params with a grad (DTensor or plain), in plan order
-    flat_params: list[torch.Tensor]  # local shards, 1-D, non-empty ones only
-    flat_grads: list[torch.Tensor]  # matching local grads, 1-D
-    nonempty: list[int]  # indices into ``params`` of the tensors in flat_params
+    model_parts: tuple = ()  # modules whose params the optimizer holds: names and expert markers
+    device_mesh: object = None  # DeviceMesh holding the pipeline axis
+    pp_axis_name: str | None = None  # PP is on when given: the norm is reduced over it, PP scaling applies
+    moe_mesh: object = None  # DeviceMesh of the MoE params (EP scaling uses its "ep_shard" dim)
+    ep_axis_name: str | None = None  # EP axis of moe_mesh: expert DTensors are recognised by it
+    expert_tp_replication_factor: int = 1  # expert grads are also divided by this (seed semantics)
+
+    def __post_init__(self):
+        experts.check_replication_factor(self.expert_tp_replication_factor)
+        if self.pp_axis_name is not None and self.device_mesh is None:
+            raise ValueError("pp_axis_name needs device_mesh (the mesh that has the pipeline axis)")
+        if self.ep_axis_name is not None and self.moe_mesh is None:
+            raise ValueError("ep_axis_name needs moe_mesh (the mesh that has the expert-parallel axis)")
 
 
 class FusedStep:
@@ -76,6 +83,10 @@ class FusedStep:
         backend: ``torch.compile`` backend.
         bucket_size: tensors per compiled call; the compiled graphs do not depend on the model size.
         verbose: print compile progress to stderr.
+        model_parts, device_mesh, pp_axis_name, moe_mesh, ep_axis_name, expert_tp_replication_factor:
+            the seed's distributed arguments (see ``DistributedConfig`` and the README). Params may
+            be DTensors (FSDP2, TP, HSDP, EP); each sharding group's partial norm is reduced over
+            the mesh dims where it is not Replicate, plus EP for experts, then over PP.
     """
 
     def __init__(
@@ -89,8 +100,26 @@ class FusedStep:
         backend="inductor",
         bucket_size: int = 16,
         verbose: bool = False,
+        model_parts=None,
+        device_mesh=None,
+        pp_axis_name: str | None = None,
+        moe_mesh=None,
+        ep_axis_name: str | None = None,
+        expert_tp_replication_factor: int = 1,
     ):
         self.rule = rule_for(optimizer)
+        if isinstance(model_parts, torch.nn.Module):
+            model_parts = [model_parts]
+        self.distributed = DistributedConfig(
+            model_parts=tuple(model_parts or ()),
+            device_mesh=device_mesh,
+            pp_axis_name=pp_axis_name,
+            moe_mesh=moe_mesh,
+            ep_axis_name=ep_axis_name,
+            expert_tp_replication_factor=expert_tp_replication_factor,
+        )
+        self._pp_group = collectives.process_group_of(device_mesh, pp_axis_name) if pp_axis_name else None
+        self._ep_group = collectives.process_group_of(moe_mesh, ep_axis_name) if ep_axis_name else None
         self.config = FusedStepConfig(
             max_grad_norm=max_grad_norm,
             norm_type=norm_type,
@@ -101,12 +130,10 @@ class FusedStep:
             verbose=verbose,
         )
         self.optimizer = optimizer
-        self._kind = kernels.NormKind.of(float(norm_type))
         self._validate_param_groups()
         self._compiler = kernels.Compiler(backend, enabled=compile, verbose=verbose)
+        self._norm = gradnorm.GradNorm(kernels.NormKind.of(float(norm_type)), bucket_size, self._compiler)
         self._plan: planning.Plan | None = None
-        self._dummies: dict[tuple, tuple] = {}
-        self._norm_order: torch.Tensor | None = None
         self.skipped_steps: torch.Tensor | None = None  # int64 0-d: steps skipped for a non-finite norm
         self.last_step_finite: torch.Tensor | None = None  # bool 0-d: was the last step applied?
 
@@ -124,110 +151,53 @@ class FusedStep:
                 if not p.is_floating_point():
                     raise TypeError(f"FusedStep needs floating-point params, got {p.dtype}")
 
-    @staticmethod
-    def _check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
-        if g.is_sparse:
-            raise TypeError(f"{where}: sparse grads are not supported; FusedStep needs dense grads")
-        if g.shape != p.shape:
-            raise ValueError(f"{where}: grad shape {tuple(g.shape)} differs from param shape {tuple(p.shape)}")
-        if g.device != p.device:
-            raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
-        if g.is_complex() or not g.is_floating_point():
-            raise TypeError(f"{where}: grads must be real floating point, got {g.dtype}")
+    _check_grad = staticmethod(gradnorm.check_grad)
 
-    # ------------------------------------------------------------------ plan and per-step work
+    # ------------------------------------------------------------------ plan
 
     def _current_plan(self) -> planning.Plan:
-        signature = planning.params_signature(self.optimizer)
+        param_lists = [group["params"] for group in self.optimizer.param_groups]
+        signature = planning.params_signature(param_lists)
         if self._plan is None or self._plan.signature != signature:
             self._validate_param_groups()  # params may have been added since construction
-            self._plan = planning.build_plan(self.optimizer)
+            dist = self.distributed
+            self._plan = planning.build_plan(
+                param_lists,
+                names=experts.param_names(dist.model_parts),
+                expert_ids=experts.expert_param_ids(dist.model_parts, dist.ep_axis_name),
+                ep=self._ep_group,
+                ep_axis_name=dist.ep_axis_name,
+                pp=self._pp_group,
+            )
             device = self._plan.norm_device
             if self.skipped_steps is None or self.skipped_steps.device != device:
                 self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
                 self.last_step_finite = torch.ones((), dtype=torch.bool, device=device)
-            self._norm_order = torch.tensor(self._kind.p, dtype=torch.float64, device=device)
         return self._plan
 
-    def _collect(self, plan: planning.Plan) -> list[GroupWork]:
-        """Gather and validate this step's grads. Changes nothing."""
-        work = []
-        for group in plan.groups:
-            params, flat_params, flat_grads, nonempty = [], [], [], []
-            for i, p in enumerate(group.params):
-                g = p.grad
-                if g is None:
-                    continue
-                self._check_grad(p, g, group.names[i] if i < len(group.names) else "param")
-                local_p, local_g = planning.local_tensor(p), planning.local_tensor(g)
-                if local_p.numel() > 0:
-                    nonempty.append(len(params))
-                    flat_p = _flat(local_p)
-                    flat_params.append(flat_p)
-                    flat_grads.append(_flat_like(local_g, local_p))
-                params.append(p)
-            work.append(GroupWork(group, params, flat_params, flat_grads, nonempty))
-        return work
+    def _scales(self, plan, grad_scale, num_label_tokens, dp_group_size):
+        """Per-group float64 scales: grad_scale x PP token divisor, and for experts / the EP ratio."""
+        device = plan.norm_device
+        dist = self.distributed
+        base = _as_scale(grad_scale, device)
+        divisor = experts.pp_divisor(self._pp_group is not None, num_label_tokens, dp_group_size)
+        if divisor is not None:
+            inverse = 1.0 / _as_tensor(divisor, device)
+            base = inverse if base is None else base * inverse
+        ratio = experts.ep_ratio(dist.moe_mesh, dp_group_size, dist.expert_tp_replication_factor)
+        expert = base
+        if ratio is not None:
+            inverse_ratio = torch.tensor(1.0 / ratio, dtype=torch.float64).to(device, non_blocking=True)
+            expert = inverse_ratio if base is None else base * inverse_ratio
+        return gradnorm.group_scales(plan, base, expert)
 
-    def _buckets(self, n: int) -> list[range]:
-        return planning.chunk(n, self.config.bucket_size)
-
-    def _pad(self, items: list, fillers: list) -> list:
-        missing = self.config.bucket_size - len(items)
-        return items if missing == 0 else list(items) + list(fillers[:missing])
-
-    def _dummies_for(self, like_p: torch.Tensor, like_g: torch.Tensor, n_state: int):
-        """One-element scratch tensors that pad the last bucket to ``bucket_size``, so every call
-        has the same list length and hits the same graph. Their grads are zero (they add nothing to
-        the norm); whatever the update writes into them is never read. Each slot gets its own
-        tensors: Dynamo guards on which inputs alias, so reusing one tensor would recompile."""
-        key = (like_p.device, like_p.dtype, like_g.dtype, n_state)
-        dummies = self._dummies.get(key)
-        if dummies is None:
-            def make(dtype):
-                return [torch.zeros(1, dtype=dtype, device=like_p.device) for _ in range(self.config.bucket_size)]
-
-            states = list(zip(*[make(like_p.dtype) for _ in range(n_state)])) or [()] * self.config.bucket_size
-            dummies = (make(like_p.dtype), make(like_g.dtype), states)
-            self._dummies[key] = dummies
-        return dummies
-
-    # ------------------------------------------------------------------ phases
-
-    def _phase_a(self, work: list[GroupWork], scale: torch.Tensor | None) -> list[torch.Tensor]:
-        """Partial norms per sharding group, float64 ``[w]`` on the norm device, scale applied."""
-        kind, compiler = self._kind, self._compiler
-        if kind.kind == "sum":
-            fn, extra = compiler.get(kernels.partial_norm_sum), (kind.p,)
-        elif kind.kind == "max":
-            fn, extra = compiler.get(kernels.partial_norm_max), ()
-        else:
-            fn, extra = compiler.get(kernels.partial_norm_scaled), (self._norm_order,)
-        device = self._plan.norm_device
-        partials = []
-        for w in work:
-            bucket_partials = []
-            for bucket in self._buckets(len(w.flat_grads)):
-                grads = [w.flat_grads[i] for i in bucket]
-                grads = self._pad(grads, self._dummies_for(grads[0], grads[0], 0)[1])
-                signature = ("norm", kind.kind, grads[0].dtype, grads[0].device.type)
-                with compiler.first_call(signature, f"Phase A norm graph ({kind.kind}, {grads[0].dtype})"):
-                    bucket_partials.append(fn(grads, *extra).to(device))
-            if bucket_partials:
-                partial = norms.combine(kind, torch.stack(bucket_partials))
-            else:
-                partial = torch.zeros(kind.partial_width, dtype=torch.float64, device=device)
-            partials.append(norms.apply_scale(kind, partial, scale))
-        return partials
-
-    def _phase_b(self, work: list[GroupWork], result: norms.NormResult, scale: torch.Tensor | None) -> None:
+    def _phase_b(self, work: list[gradnorm.GroupWork], result: norms.NormResult, scales: list) -> None:
         rule, compiler, optimizer = self.rule, self._compiler, self.optimizer
         update = compiler.get(rule.update)
-        base_coef = result.clip_coef if scale is None else result.clip_coef * scale
         finite_by_device: dict[torch.device, torch.Tensor] = {}
         pending = []
         # First build every table and state (can still raise on a bad hyperparameter), then mutate.
-        for w in work:
+        for w, scale in zip(work, scales):
             if not w.params:
                 continue
             pg = optimizer.param_groups[w.group.key.param_group]
@@ -248,14 +218,15 @@ class FusedStep:
             vector = rule.per_tensor_vector(states, steps, local_device)
             table = rule.scalar_table(optimizer, pg, vector[w.nonempty] if len(w.nonempty) != len(w.params) else vector)
             sign = -1.0 if pg.get("maximize", False) else 1.0
-            grad_coef = (base_coef * sign).to(device=local_device, dtype=torch.float32, non_blocking=True)
+            coef = result.clip_coef if scale is None else result.clip_coef * scale
+            grad_coef = (coef * sign).to(device=local_device, dtype=torch.float32, non_blocking=True)
             if local_device not in finite_by_device:
                 finite_by_device[local_device] = result.finite.to(local_device, non_blocking=True)
             pending.append((w, var, state_tensors, steps, table, grad_coef))
 
         for w, var, state_tensors, steps, table, grad_coef in pending:
             finite = finite_by_device[w.group.key.device]
-            flat_states = [tuple(_flat(t) for t in state_tensors[i]) for i in w.nonempty]
+            flat_states = [tuple(gradnorm.flat(t) for t in state_tensors[i]) for i in w.nonempty]
             n_state = len(flat_states[0]) if flat_states else 0
             bucket_size = self.config.bucket_size
             n_rows = len(w.flat_params)
@@ -263,13 +234,13 @@ class FusedStep:
             if padded_rows != n_rows:
                 table = torch.nn.functional.pad(table, (0, 0, 0, padded_rows - n_rows))
             tables = table.view(-1, bucket_size, table.shape[1]) if n_rows else table
-            for b, bucket in enumerate(self._buckets(n_rows)):
+            for b, bucket in enumerate(self._norm.buckets(n_rows)):
                 params = [w.flat_params[i] for i in bucket]
                 grads = [w.flat_grads[i] for i in bucket]
                 bucket_states = [flat_states[i] for i in bucket]
-                dummy_p, dummy_g, dummy_s = self._dummies_for(params[0], grads[0], n_state)
-                params, grads = self._pad(params, dummy_p), self._pad(grads, dummy_g)
-                bucket_states = self._pad(bucket_states, dummy_s)
+                dummy_p, dummy_g, dummy_s = self._norm.dummies_for(params[0], grads[0], n_state)
+                params, grads = self._norm.pad(params, dummy_p), self._norm.pad(grads, dummy_g)
+                bucket_states = self._norm.pad(bucket_states, dummy_s)
                 state_args = rule.state_lists(var, bucket_states)
                 signature = ("update", rule.NAME, var, params[0].dtype, grads[0].dtype, params[0].device.type)
                 with compiler.first_call(signature, f"Phase B update graph ({rule.NAME}, {var}, {params[0].dtype})"):
@@ -281,12 +252,22 @@ class FusedStep:
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def step(self, *, grad_scale: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Norm, clip and update in one pass over memory; returns the pre-clip total norm.
+    def step(
+        self,
+        *,
+        grad_scale: float | torch.Tensor | None = None,
+        num_label_tokens: int | torch.Tensor | None = None,
+        dp_group_size: int | None = None,
+    ) -> torch.Tensor:
+        """Scale, norm, clip and update in one pass over memory; returns the pre-clip total norm.
 
         Args:
             grad_scale: multiply every grad by this factor before the norm and the update (a
                 number or a 0-d tensor; folded into the compiled math, no extra pass).
+            num_label_tokens, dp_group_size: the seed's PP/EP scaling. With PP on (``pp_axis_name``)
+                grads are divided by ``num_label_tokens / dp_group_size``; with ``moe_mesh`` given,
+                expert grads are further divided by ``(dp_group_size / ep_shard_size) *
+                expert_tp_replication_factor``. ``num_label_tokens`` may be a 0-d device tensor.
 
         Returns:
             The total norm of the (scaled) grads before clipping: a float64 0-d tensor on the
@@ -294,23 +275,21 @@ class FusedStep:
             ``error_if_nonfinite=True``. When the norm is NaN/inf the update is skipped with
             params, state and step counters left bit-identical, and ``skipped_steps`` counts it.
         """
+        kind = type(self.optimizer).__name__
+        for group in self.optimizer.param_groups:
+            self.rule.validate_group(group, kind)
         _run_optimizer_hooks(self.optimizer, "pre")
         with kernels.compile_settings():
             plan = self._current_plan()
-            kind = type(self.optimizer).__name__
-            for group in self.optimizer.param_groups:
-                self.rule.validate_group(group, kind)
-            scale = _as_scale(grad_scale, plan.norm_device)
-            work = self._collect(plan)
-            partials = self._phase_a(work, scale)
-            total_partial = collectives.reduce_partials(self._kind, partials, plan)
-            result = norms.finish(self._kind, total_partial, self.config.max_grad_norm)
+            scales = self._scales(plan, grad_scale, num_label_tokens, dp_group_size)
+            work = self._norm.collect(plan)
+            result = self._norm.total(plan, work, scales, self.config.max_grad_norm)
             if self.config.error_if_nonfinite and not bool(result.finite):
                 raise RuntimeError(
                     f"The total norm of order {self.config.norm_type} of the gradients is non-finite "
                     f"({float(result.total)}); nothing was updated. Pass error_if_nonfinite=False to skip such steps."
                 )
-            self._phase_b(work, result, scale)
+            self._phase_b(work, result, scales)
             self.last_step_finite = result.finite
             self.skipped_steps += (~result.finite).to(torch.int64)
         # LR schedulers wrap optimizer.step to record that it ran and warn otherwise; FusedStep is
@@ -341,6 +320,12 @@ def _run_optimizer_hooks(optimizer: torch.optim.Optimizer, when: str) -> None:
         hook(optimizer, (), {})
 
 
+def _as_tensor(value, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64, non_blocking=True)
+    return torch.tensor(float(value), dtype=torch.float64).to(device, non_blocking=True)
+
+
 def _as_scale(grad_scale, device: torch.device) -> torch.Tensor | None:
     if grad_scale is None:
         return None
@@ -353,48 +338,3 @@ def _as_scale(grad_scale, device: torch.device) -> torch.Tensor | None:
     if not math.isfinite(grad_scale):
         raise ValueError(f"grad_scale must be finite, got {grad_scale}")
     return torch.tensor(float(grad_scale), dtype=torch.float64).to(device, non_blocking=True)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D alias of all elements of a dense tensor, in memory order.
-
-    ``detach()`` makes the alias a non-view without ``requires_grad``: Dynamo guards on the
-    ``_base`` of view inputs (its sizes and strides) and on ``requires_grad``, so passing
-    ``p.view(-1)`` would recompile for every distinct param shape and layout."""
-    if t.is_contiguous():
-        return t.view(-1).detach()
-    if _is_dense_positive(t):
-        # e.g. channels_last or transposed weights: dense in memory, just permuted.
-        return t.as_strided((t.numel(),), (1,), t.storage_offset()).detach()
-    raise ValueError(
-        f"FusedStep needs params and optimizer state stored densely (no gaps or overlaps); got a tensor "
-        f"of shape {tuple(t.shape)} and stride {t.stride()}"
-    )
-
-
-def _is_dense_positive(t: torch.Tensor) -> bool:
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-_warned_stride_copy = False
-
-
-def _flat_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The grad flattened in the param's memory order, so element i of both belongs together."""
-    if g.stride() == p.stride() or g.numel() <= 1:
-        return _flat(g)
-    global _warned_stride_copy
-    if not _warned_stride_copy:
-        warnings.warn(
-            f"a grad's strides {g.stride()} differ from its param's {p.stride()}; FusedStep copies such grads "
-            "into the param's layout each step (an extra read and write).",
-            stacklevel=4,
-        )
-        _warned_stride_copy = True
-    return _flat(torch.empty_like(p).copy_(g))

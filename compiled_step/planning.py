@@ -45,15 +45,32 @@ class ShardingGroup:
 
 
 @dataclass
+class Reduction:
+    """One process group over which some sharding groups' partial norms are reduced.
+
+    ``members`` are indices into ``Plan.groups``; their partials are stacked and reduced in one
+    collective. ``device_type`` is the mesh's: partials travel there for the collective (NCCL cannot
+    reduce CPU tensors, e.g. under FSDP2's CPUOffloadPolicy) and come back.
+    """
+
+    process_group: object
+    device_type: str
+    label: str
+    members: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Plan:
     signature: tuple
     groups: list[ShardingGroup]
     norm_device: torch.device
+    reductions: list[Reduction] = field(default_factory=list)  # mesh dims and EP, one entry per process group
+    pp: Reduction | None = None  # applied last, to the combined partial of all groups
 
 
-def params_signature(optimizer: torch.optim.Optimizer) -> tuple:
+def params_signature(param_lists) -> tuple:
     """Identity of the params and their grouping; cheap enough to check every step."""
-    return tuple(tuple(map(id, group["params"])) for group in optimizer.param_groups)
+    return tuple(tuple(map(id, params)) for params in param_lists)
 
 
 def mesh_key_of(p: torch.Tensor) -> tuple:
@@ -62,21 +79,62 @@ def mesh_key_of(p: torch.Tensor) -> tuple:
     return (id(p.device_mesh), tuple(p.device_mesh.mesh_dim_names or ()), tuple(p.device_mesh.shape), p.placements)
 
 
-def build_plan(optimizer: torch.optim.Optimizer, param_names: dict[int, str] | None = None,
-               expert_ids: frozenset[int] = frozenset()) -> Plan:
+def build_plan(
+    param_lists: list[list[torch.Tensor]],
+    *,
+    names: dict[int, str] | None = None,
+    expert_ids: frozenset[int] = frozenset(),
+    ep: tuple | None = None,
+    ep_axis_name: str | None = None,
+    pp: tuple | None = None,
+) -> Plan:
+    """Group *all* params (not only those with grads) so every rank issues the same collectives.
+
+    Args:
+        param_lists: one list of params per optimizer param group.
+        names: fully qualified names by ``id(param)``, for error messages.
+        expert_ids: ``id()`` of expert params (see ``experts.expert_param_ids``).
+        ep: ``(process_group, device_type)`` of the EP axis; expert params whose mesh lacks the EP
+            axis (plain tensors, or DTensors sharded on a dp-only mesh) are reduced over it, since
+            different EP ranks hold different experts.
+        ep_axis_name: the EP axis name, to tell which DTensor experts already reduce over EP.
+        pp: ``(process_group, device_type)`` of the pipeline axis, reduced over last.
+    """
+    names = names or {}
     groups: dict[GroupKey, ShardingGroup] = {}
-    for index, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
+    for index, params in enumerate(param_lists):
+        for p in params:
             local = local_tensor(p)
             key = GroupKey(index, local.device, p.dtype, mesh_key_of(p), id(p) in expert_ids)
             sharding_group = groups.setdefault(key, ShardingGroup(key))
             sharding_group.params.append(p)
-            sharding_group.names.append((param_names or {}).get(id(p), f"param_groups[{index}]"))
+            sharding_group.names.append(names.get(id(p), f"param_groups[{index}] param {len(sharding_group.params) - 1}"))
     ordered = list(groups.values())
-    devices = [g.key.device for g in ordered]
-    accelerators = [d for d in devices if d.type != "cpu"]
+    accelerators = [g.key.device for g in ordered if g.key.device.type != "cpu"]
     norm_device = accelerators[0] if accelerators else torch.device("cpu")
-    return Plan(params_signature(optimizer), ordered, norm_device)
+
+    # Distinct process groups in order of first appearance. Ranks that share a process group hold
+    # the same params (same pipeline stage), hence the same plan and the same collective order.
+    reductions: dict[int, Reduction] = {}
+
+    def add(process_group, device_type, label, member):
+        reduction = reductions.setdefault(id(process_group), Reduction(process_group, device_type, label))
+        reduction.members.append(member)
+
+    for member, group in enumerate(ordered):
+        p = group.params[0]
+        mesh_names = ()
+        if _is_dtensor(p):
+            mesh = p.device_mesh
+            mesh_names = tuple(mesh.mesh_dim_names or ())
+            for dim, placement in enumerate(p.placements):
+                if not placement.is_replicate():
+                    label = mesh_names[dim] if mesh_names else f"mesh dim {dim}"
+                    add(mesh.get_group(mesh_dim=dim), mesh.device_type, label, member)
+        if group.key.is_expert and ep is not None and (ep_axis_name is None or ep_axis_name not in mesh_names):
+            add(ep[0], ep[1], "ep", member)
+    pp_reduction = Reduction(pp[0], pp[1], "pp") if pp is not None else None
+    return Plan(params_signature(param_lists), ordered, norm_device, list(reductions.values()), pp_reduction)
 
 
 def chunk(n: int, size: int) -> list[range]:
