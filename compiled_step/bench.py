@@ -38,6 +38,7 @@ every grad, a norm per param group, clip, ``optimizer.step()`` (foreach).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -145,6 +146,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "last_level_cache_bytes": _last_level_cache_bytes(device),
     }
     return info
@@ -826,7 +828,11 @@ def benchmarks_md(command: str, machine: dict, tables: str, goals: list[Goal], s
         f"- CPU: {machine['cpu_model']}, {machine['cpu_cores']} cores available, "
         f"torch intra-op threads {machine['torch_threads']}",
         f"- torch {machine['torch']}, Python {machine['python']}, {machine['platform']}",
-        f"- run started {started}, took {duration_s / 60:.1f} min",
+        f"- run started {started}, took {duration_s / 60:.1f} min; 1-minute load average "
+        f"{_fmt_load(machine.get('load_average_at_start'))} at the start and "
+        f"{_fmt_load(machine.get('load_average_at_end'))} at the end (anything well above 0 means other "
+        "processes shared the cores while this ran)",
+        f"- Inductor cache: {machine.get('inductor_cache', 'default')}",
         "",
         "## Results",
         "",
@@ -840,6 +846,10 @@ def benchmarks_md(command: str, machine: dict, tables: str, goals: list[Goal], s
         lines.append("- none among the goals measured here.")
     lines += ["", "## Method", "", _method_text(), ""]
     return "\n".join(lines)
+
+
+def _fmt_load(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _method_text() -> str:
@@ -919,6 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-compile-time", action="store_true", help="skip the compile-time subprocesses")
     p.add_argument("--compile-timeout", type=float, default=600.0,
                    help="seconds allowed for one compile-time subprocess (default 600)")
+    p.add_argument("--inductor-cache", choices=("fresh", "default"), default="fresh",
+                   help="fresh (default): each row compiles into its own empty Inductor cache, so kernels "
+                   "are generated for that row's sizes; default: use the process's usual cache directory")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--profile", action="store_true",
                    help="write a torch.profiler op table for the fused method and B of each row to --out")
@@ -1054,6 +1067,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+@contextlib.contextmanager
+def _row_inductor_cache(fresh: bool):
+    """A fresh, private Inductor cache for one row, so its kernels are compiled for its own sizes.
+
+    Why: with dynamic shapes, Inductor's C++ backend decides whether a loop gets an OpenMP parallel
+    region from the size *hints* of the first compile, and the FX graph cache key does not include
+    those hints. A graph first compiled on tiny tensors (a test run, the many-small row) is then served
+    from the cache, single-threaded, to a 20 M-param model. A fresh cache per row measures what a user
+    of that model gets on a clean machine, whatever ran before. ``fresh_cache`` also clears Inductor's
+    in-process caches that remember the old directory.
+    """
+    if not fresh:
+        yield
+        return
+    from torch._inductor.utils import clear_caches, fresh_cache  # noqa: PLC0415 -- private, torch pinned
+
+    try:
+        with fresh_cache():
+            yield
+    finally:
+        clear_caches()  # forget paths inside the directory fresh_cache just deleted
+
+
 def _run(args, argv: list[str]) -> int:
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.perf_counter()
@@ -1066,7 +1102,7 @@ def _run(args, argv: list[str]) -> int:
 
     machine = machine_info(device)
     log(f"bench on {machine['device']} ({machine['device_name']}), torch {machine['torch']}, "
-        f"{machine['torch_threads']} threads")
+        f"{machine['torch_threads']} threads, 1-min load average {_fmt_load(machine['load_average_at_start'])}")
     triad = Triad(args.triad_mib * (1 << 20) // 4, device)
     flusher = CacheFlusher(device, machine["last_level_cache_bytes"])
     rows = []
@@ -1075,14 +1111,18 @@ def _run(args, argv: list[str]) -> int:
         # guards on the optimizer, so each row would add a recompile towards the limit of 8. The previous
         # rows' objects are dead by now, so their compiled code can go.
         torch._dynamo.reset()
-        row = run_row(spec, device=device, triad=triad, flusher=flusher, rounds=args.rounds,
-                      warmup=args.warmup, compile_fused=not args.no_compile, bucket_sizes=args.bucket_of,
-                      measure_memory=not args.no_memory, log=log)
+        with _row_inductor_cache(args.inductor_cache == "fresh"):
+            row = run_row(spec, device=device, triad=triad, flusher=flusher, rounds=args.rounds,
+                          warmup=args.warmup, compile_fused=not args.no_compile, bucket_sizes=args.bucket_of,
+                          measure_memory=not args.no_memory, log=log)
+            if args.profile:
+                _profile_methods(spec, args, log)
         rows.append(row)
-        if args.profile:
-            _profile_methods(spec, args, log)
 
     compile_results = measure_compile_times(args.compile_sizes_list, args, log) if args.compile_sizes_list else []
+    machine["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    machine["inductor_cache"] = ("a fresh empty cache directory per row" if args.inductor_cache == "fresh"
+                                 else "the process's default cache directory")
     goals = evaluate_goals(rows, compile_results, device, args.fused_name, args.headline_min_params)
     tables = markdown_tables(rows, compile_results, goals, machine)
     if args.notes:
