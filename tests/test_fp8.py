@@ -213,7 +213,8 @@ EDGE_AMAX = [0.0, 1e-30, 1e-12, 3e-12, 1e-8, 0.5, 1.0, 3.14159, 448.0, 1e4, 6e4,
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_scales_match_scalar_reference_exactly(float8_dtype, weight_dtype):
     gen = torch.Generator().manual_seed(7)
-    random = (torch.rand(64, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-14, 6, (64,), generator=gen)).tolist()
+    exponents = torch.randint(-14, 6, (64,), generator=gen)
+    random = (torch.rand(64, generator=gen, dtype=torch.float64) * 10.0**exponents).tolist()
     values = [_round_to(v, weight_dtype) for v in EDGE_AMAX + random]  # amax are weight-dtype values
     amax = torch.tensor(values, dtype=weight_dtype)
     scales = fp8_scales_from_amax(amax, float8_dtype=float8_dtype)

@@ -217,7 +217,11 @@ def feed_first_microbatch_flag(
         flag = _DEFAULT_FLAG
     if not isinstance(flag, FirstMicrobatchFlag):
         raise TypeError(f"flag must be a FirstMicrobatchFlag, got {type(flag).__name__}")
-    targets = [(m, pos) for m in _iter_unique_modules(model_parts) if (pos := _first_microbatch_position(m)) is not None]
+    targets = [
+        (module, position)
+        for module in _iter_unique_modules(model_parts)
+        if (position := _first_microbatch_position(module)) is not None
+    ]
     if not targets:
         raise ValueError(f"no module in model_parts has a forward that takes {_KWARG!r}")
 
@@ -398,7 +402,9 @@ def store_fp8_scales_for_fsdp(targets: Sequence[Float8FSDPWeight], scales: torch
     if not isinstance(scales, torch.Tensor):
         raise TypeError(f"scales must be a torch.Tensor, got {type(scales).__name__}")
     if scales.dim() != 1 or scales.numel() != len(targets):
-        raise ValueError(f"scales must be 1-D with {len(targets)} entries (one per target), got shape {tuple(scales.shape)}")
+        raise ValueError(
+            f"scales must be 1-D with {len(targets)} entries (one per target), got shape {tuple(scales.shape)}"
+        )
     if scales.dtype != torch.float32:
         raise TypeError(f"scales must be float32 (torchao's scale dtype), got {scales.dtype}")
     for target in targets:
@@ -424,7 +430,9 @@ def precompute_fp8_scales_for_fsdp(model_parts: nn.Module | Iterable[nn.Module])
         return None
     float8_dtypes = {t.float8_dtype for t in targets}
     if len(float8_dtypes) != 1:
-        raise ValueError(f"float8 weights use several target dtypes {sorted(map(str, float8_dtypes))}; torchao supports one")
+        raise ValueError(
+            f"float8 weights use several target dtypes {sorted(map(str, float8_dtypes))}; torchao supports one"
+        )
     amax = fp8_weight_amax([t.weight for t in targets])
     scales = fp8_scales_from_amax(amax, float8_dtype=next(iter(float8_dtypes)), weight_dtype=amax.dtype)
     store_fp8_scales_for_fsdp(targets, scales)

@@ -13,7 +13,7 @@ API::
     results[rank]   # the value rank ``rank`` returned
 
 ``run_distributed(fn, world_size=2, *, args=(), kwargs=None, timeout=120.0,
-backend="gloo", num_threads=1)``:
+backend="gloo", num_threads=1, startup_timeout=120.0)``:
 
 * Starts ``world_size`` fresh interpreters (``spawn``), each initialising the default
   process group with ``backend`` from a ``FileStore`` in a private temporary directory
@@ -26,9 +26,12 @@ backend="gloo", num_threads=1)``:
 * If any rank raises, raises :class:`DistributedRunError` carrying every failed rank's
   formatted traceback (``.tracebacks``: rank -> text); its message shows them all, so the
   pytest failure shows where each rank failed. The other ranks are terminated.
-* If the run takes longer than ``timeout`` seconds (a hang in a collective, usually), every
-  rank still alive dumps its Python stacks (``faulthandler``) and is killed, and
-  :class:`DistributedTimeoutError` is raised with those stacks.
+* ``timeout`` bounds ``fn`` itself, counted from the moment every rank has joined the
+  process group; start-up (spawn, importing torch, rendezvous) has its own
+  ``startup_timeout``, so a loaded machine does not eat into ``fn``'s time. Past either,
+  every rank still alive dumps its Python stacks (``faulthandler``, when ``fn`` had started)
+  and is killed, and :class:`DistributedTimeoutError` is raised with those stacks. The
+  process group's own collective timeout is ``timeout`` too.
 * ``num_threads`` sets ``torch.set_num_threads`` in each rank, so ranks do not
   oversubscribe a small machine.
 
@@ -52,11 +55,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 __all__ = ["DistributedRunError", "DistributedTimeoutError", "run_distributed"]
 
 # Seconds between the faulthandler stack dump and the parent's kill, for the dump to land.
-_DUMP_GRACE_S = 3.0
+_DUMP_GRACE_S = 2.0
 
 
 class DistributedRunError(AssertionError):
@@ -76,6 +80,7 @@ def _paths(workdir: str, rank: int) -> dict[str, str]:
         "result": os.path.join(workdir, f"rank{rank}.result.pt"),
         "error": os.path.join(workdir, f"rank{rank}.error.txt"),
         "stacks": os.path.join(workdir, f"rank{rank}.stacks.txt"),
+        "started": os.path.join(workdir, f"rank{rank}.started"),
     }
 
 
@@ -92,16 +97,20 @@ def _child(
 ) -> None:
     paths = _paths(workdir, rank)
     with open(paths["stacks"], "w") as stacks_file:
-        # If this rank is still running when the parent gives up, dump every thread's stack
-        # into a file the parent reads: the only way to see where a collective hung.
-        # Dump early enough to land before the parent's kill even if this rank started late.
-        faulthandler.dump_traceback_later(max(1.0, timeout - 2 * _DUMP_GRACE_S), exit=False, file=stacks_file)
         try:
             torch.set_num_threads(num_threads)
             store = dist.FileStore(os.path.join(workdir, "store"), world_size)
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
             )
+            # All ranks have met: the clock for ``timeout`` starts now (the parent starts its
+            # own when every rank has written this marker). If this rank is still running
+            # when the parent gives up, faulthandler dumps every thread's stack into a file the
+            # parent reads -- the only way to see where a collective hung. It fires a grace
+            # period before the parent's kill so the dump lands.
+            faulthandler.dump_traceback_later(max(0.5, timeout - _DUMP_GRACE_S), exit=False, file=stacks_file)
+            with open(paths["started"], "w") as marker:
+                marker.write("started")
             try:
                 result = fn(rank, world_size, *args, **kwargs)
             finally:
@@ -142,6 +151,17 @@ def _format(reports: Mapping[int, str]) -> str:
     return "\n".join(f"----- rank {rank} -----\n{text}" for rank, text in sorted(reports.items()))
 
 
+def _kill_and_raise(context: Any, workdir: str, world_size: int, what: str) -> None:
+    alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+    for process in context.processes:
+        process.join(5)
+    reports = _collect_reports(workdir, world_size, include_stacks=True)
+    raise DistributedTimeoutError(f"{what}; ranks still running: {alive}\n" + _format(reports), reports)
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -151,12 +171,13 @@ def run_distributed(
     timeout: float = 120.0,
     backend: str = "gloo",
     num_threads: int = 1,
+    startup_timeout: float = 120.0,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; see module doc."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
+    if timeout <= 0 or startup_timeout <= 0:
+        raise ValueError(f"timeouts must be positive, got timeout={timeout}, startup_timeout={startup_timeout}")
     try:
         pickle.dumps(fn)
     except Exception as exc:
@@ -174,23 +195,26 @@ def run_distributed(
             join=False,
             start_method="spawn",
         )
-        deadline = time.monotonic() + timeout + _DUMP_GRACE_S
         try:
-            while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
-                if time.monotonic() >= deadline:
-                    alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-                    for process in context.processes:
-                        if process.is_alive():
-                            process.kill()
-                    for process in context.processes:
-                        process.join(5)
-                    reports = _collect_reports(workdir, world_size, include_stacks=True)
-                    raise DistributedTimeoutError(
-                        f"{fn.__name__} on {world_size} ranks ran past {timeout}s; ranks still running: {alive}\n"
-                        + _format(reports),
-                        reports,
-                    )
-        except mp.ProcessException as exc:
+            # Phase 1: start-up (spawn, import torch, rendezvous), which a loaded machine can
+            # make slow; bounded separately so that ``timeout`` is the time ``fn`` gets.
+            startup_deadline = time.monotonic() + startup_timeout
+            finished = False
+            while not all(os.path.exists(_paths(workdir, r)["started"]) for r in range(world_size)):
+                if context.join(timeout=0.2):
+                    finished = True
+                    break
+                if time.monotonic() >= startup_deadline:
+                    what = f"{fn.__name__} did not start within {startup_timeout}s"
+                    _kill_and_raise(context, workdir, world_size, what)
+            # Phase 2: running ``fn``.
+            deadline = time.monotonic() + timeout + _DUMP_GRACE_S
+            while not finished:
+                finished = context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                if not finished and time.monotonic() >= deadline:
+                    what = f"{fn.__name__} on {world_size} ranks ran past {timeout}s"
+                    _kill_and_raise(context, workdir, world_size, what)
+        except ProcessException as exc:
             # join() raises on the first failed rank and terminates the rest; our own files
             # have every failed rank's traceback, not only the first.
             for process in context.processes:
@@ -204,3 +228,24 @@ def run_distributed(
         return [torch.load(_paths(workdir, rank)["result"], weights_only=False) for rank in range(world_size)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Workers for the harness's own tests (tests/distributed/test_fsdp_accumulation.py). They
+# live here because this module is cheap to import in a child (torch only).
+
+
+def _selftest_rank_one_raises(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("rank one exploded on purpose")
+    dist.barrier()  # rank 0 waits on a peer that died; the harness must not hang here
+    return rank
+
+
+def _selftest_rank_zero_hangs(rank: int, world_size: int) -> int:
+    if rank == 0:
+        _selftest_sleep_forever()
+    return rank
+
+
+def _selftest_sleep_forever() -> None:
+    time.sleep(3600)

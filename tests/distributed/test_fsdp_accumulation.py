@@ -535,3 +535,32 @@ def test_driver_exception_propagates_unchanged_and_resets_fp8_flag():
     assert info.value is marker
     assert flag.value is None
     assert acc.completed_microbatches == 1
+
+
+# ----------------------------------------------------------------------------------------
+# The harness itself: a failing rank and a hung rank must surface in the pytest failure
+# ----------------------------------------------------------------------------------------
+
+
+# The workers live in harness.py: children importing this module would also import
+# compiled_step and torch.distributed.tensor, seconds of start-up per process.
+
+
+def test_harness_reports_the_failing_rank_traceback():
+    from .harness import DistributedRunError, _selftest_rank_one_raises
+
+    with pytest.raises(DistributedRunError) as info:
+        run_distributed(_selftest_rank_one_raises, world_size=2, timeout=60)
+    assert 1 in info.value.tracebacks
+    assert "rank one exploded on purpose" in info.value.tracebacks[1]
+    assert "_selftest_rank_one_raises" in str(info.value)  # the traceback is in the pytest message
+
+
+def test_harness_times_out_with_stacks_of_the_hung_rank():
+    from .harness import DistributedTimeoutError, _selftest_rank_zero_hangs
+
+    with pytest.raises(DistributedTimeoutError) as info:
+        run_distributed(_selftest_rank_zero_hangs, world_size=2, timeout=2)
+    message = str(info.value)
+    assert "ranks still running: [0]" in message
+    assert "_selftest_sleep_forever" in message  # faulthandler's stack dump of the hung rank
