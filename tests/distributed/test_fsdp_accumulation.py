@@ -24,7 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from compiled_step.lifecycle.fp8 import FirstMicrobatchFlag, default_first_microbatch_flag
+from compiled_step.lifecycle.fp8 import (
+    FirstMicrobatchFlag,
+    default_first_microbatch_flag,
+    prepare_after_first_microbatch,
+)
 from compiled_step.lifecycle.fsdp import (
     GradAccumulation,
     Microbatch,
@@ -36,7 +40,7 @@ from compiled_step.lifecycle.fsdp import (
 
 from .harness import run_distributed
 
-WORLD_SIZE = 2
+WORLD_SIZE = 2  # all scenarios; the parity scenario also runs on 4 ranks
 K = 3  # microbatches per step
 MB = 4  # samples per microbatch per rank
 STEPS = 2
@@ -66,9 +70,9 @@ def _shard(model: nn.Module, mesh) -> nn.Module:
 
 
 def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's data for one step: (WORLD_SIZE * K * MB) samples, some labels ignored."""
+    """Every rank's data for one step: (world size * K * MB) samples, some labels ignored."""
     gen = torch.Generator().manual_seed(100 + step)
-    n = WORLD_SIZE * K * MB
+    n = dist.get_world_size() * K * MB
     x = torch.randn(n, IN, generator=gen, dtype=torch.float64)
     y = torch.randint(0, CLASSES, (n,), generator=gen)
     # Uneven label counts per rank and per microbatch, so the token normalisation matters.
@@ -94,7 +98,7 @@ def _normalise_grads(model: nn.Module, local_tokens: int | torch.Tensor) -> None
     """Turn FSDP's rank-averaged sum-loss grads into the grad of (global loss sum / global tokens)."""
     tokens = torch.as_tensor(local_tokens, dtype=torch.float64).clone()
     dist.all_reduce(tokens)
-    factor = WORLD_SIZE / tokens.item()  # FSDP divides by world size; undo it, divide by tokens
+    factor = dist.get_world_size() / tokens.item()  # FSDP divides by world size; undo it, divide by tokens
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(factor)
@@ -240,8 +244,6 @@ def _scenario_seed_functions(rank, mesh, reference):
                 out["fp8_flag_values"].append(flag.value)
                 _loss_sum(model, xs[i], ys[i]).backward()
                 if i == 0:
-                    from compiled_step.lifecycle.fp8 import prepare_after_first_microbatch
-
                     prepare_after_first_microbatch()
                 tokens += int((ys[i] != -100).sum())
                 counts = counter.take()
@@ -370,6 +372,16 @@ def results() -> list[dict]:
     return run_distributed(_worker, world_size=WORLD_SIZE, timeout=180)
 
 
+def _parity_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = _shard(_make_model(), mesh)
+    # CLASSES=5 rows over 4 ranks: the last layer's shards are 2, 2, 1 and 0 rows.
+    local_rows = model[4].weight.to_local().shape[0]
+    return {"parity": _scenario_driver_parity(rank, mesh, _reference_params()), "last_layer_rows": local_rows}
+
+
 def _scenario(results, name):
     per_rank = [r[name] for r in results]
     for rank, res in enumerate(per_rank):
@@ -388,6 +400,15 @@ def test_driver_accumulation_matches_global_batch_step(results):
         assert res["tokens_is_tensor"], "tensor token counts must stay tensors (no host sync)"
         # Control: before any step the params are far from the reference's first step.
         assert res["control"][1] > 0 and res["control"][0] > 1e-3, res["control"]
+
+
+def test_driver_accumulation_matches_on_four_ranks_with_an_empty_shard():
+    results = run_distributed(_parity_worker, world_size=4, timeout=180)
+    assert [r["last_layer_rows"] for r in results] == [2, 2, 1, 0]
+    for rank, r in enumerate(results):
+        res = r["parity"]
+        assert all(bad == 0 for _, bad in res["param_err"]), (rank, res["param_err"], RTOL, ATOL)
+        assert res["rs_per_microbatch"] == ([0] * (K - 1) + [N_GROUPS]) * STEPS, (rank, res["rs_per_microbatch"])
 
 
 def test_no_reduce_scatter_before_last_microbatch(results):
