@@ -34,6 +34,9 @@ Two ways to drive them:
 
 With ``pp_enabled=True`` none of this touches FSDP: a pipeline schedule runs the backward
 and drives the same switches itself, as in the seed.
+
+Not reproduced from the seed: its global ``IS_OPTIM_STEP`` flag (set False/True by the two
+functions), which only its own pipeline-parallel backward patch reads.
 """
 
 from __future__ import annotations
