@@ -87,12 +87,16 @@ class TinyGPT(nn.Module):
     def __init__(self, cfg: ModelConfig, *, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
-        # A ModuleList (not Sequential) so FSDP can shard each block as its own unit.
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = nn.LayerNorm(cfg.d_model, bias=False)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # The layers' constructors run their own default init from the global RNG, which
+        # reset_parameters then overwrites; fork_rng keeps that throwaway init from moving the
+        # caller's RNG state, so building a model has no effect on anything else.
+        with torch.random.fork_rng(devices=[]):
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+            # A ModuleList (not Sequential) so FSDP can shard each block as its own unit.
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.norm_f = nn.LayerNorm(cfg.d_model, bias=False)
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters(seed)
         if cfg.tie_embeddings:
             # Tie after init: the head then shares the embedding's initial values, and
