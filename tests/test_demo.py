@@ -325,3 +325,28 @@ def test_demo_fsdp_single_process(tmp_path, capsys):
     assert not dist.is_initialized()  # the demo tears down the group it created
     assert rc == 0, printed
     _check_outputs(out, 4)
+
+
+def test_demo_fsdp_two_ranks_under_torchrun(tmp_path):
+    """The documented multi-process command: torchrun --nproc_per_node 2 -m compiled_step demo --fsdp 2.
+
+    Real processes on gloo; each rank draws its own batches, rank 0 reports and writes.
+    """
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import compiled_step
+
+    repo_root = Path(compiled_step.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "compiled_step", "demo", "--fsdp", "2", "--model", "tiny", "--steps", "3", "--no-compile",
+           "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("summary:") == 1  # rank 0 only
+    assert "FSDP x2" in proc.stdout and "AGREE" in proc.stdout
+    _, summary = _check_outputs(out, 3)
+    assert summary["world_size"] == 2
