@@ -1,6 +1,6 @@
 """``python -m compiled_step bench``: FusedStep against the anchors, the bandwidth roofline, compile time.
 
-What is measured, and how (this docstring is also the method section of ``BENCHMARKS.md``):
+What is measured, and how:
 
 * **Step time.** Every method gets its own copy of the same initial params and the same optimizer
   hyperparameters. Reference grads are generated once per row (seeded N(0, 1), so finite, and their
@@ -26,8 +26,12 @@ What is measured, and how (this docstring is also the method section of ``BENCHM
   few hundred elements), minus that layout's roofline floor.
 * **Peak memory.** One extra step per method, after timing. On CPU every c10 allocator event is recorded
   with ``torch.profiler(profile_memory=True)`` and the peak of the running sum of allocations minus
-  frees is the step's peak extra memory (RSS is too coarse and noisy for this). On CUDA it is
+  frees is the step's peak extra memory (RSS is too coarse and noisy for this). The profiler does not
+  see frees of blocks allocated before it started, so this is an upper bound. On CUDA it is
   ``max_memory_allocated()`` minus ``memory_allocated()`` before the step.
+* **Inductor cache.** By default each row compiles into its own fresh, empty Inductor cache: with
+  dynamic shapes the C++ backend picks serial or OpenMP-parallel loops from the size hints of the
+  first compile, and a cached graph compiled earlier for tiny tensors would run serially here.
 
 Anchors: (A) ``clip_grad_norm_(foreach=True)`` + ``optimizer(foreach=True)``; (B) the same clip +
 ``optimizer(fused=True)``; (C) eager ``clip_grad_norm_`` + a ``torch.compile``d ``optimizer.step()``
@@ -703,11 +707,11 @@ def markdown_tables(rows: list[RowResult], compile_results: list[CompileResult],
             f"**{r.key}**: {r.optimizer} {r.dtype}, {r.layout}, {r.n_params / 1e6:.2f} M params in "
             f"{r.n_tensors} tensors. Floor {r.bytes_per_param} B/param x {r.n_params / 1e6:.2f} M at "
             f"{r.bandwidth_gbps:.1f} GB/s = {_ms(r.floor_s)} ms. {len(r.methods[0].times_s)} rounds.\n")
-        out.append("| method | median ms | IQR ms | speedup vs B (t_B/t) | fraction of roofline | "
-                   "peak extra MiB | max abs diff vs B |\n|---|---:|---:|---:|---:|---:|---:|")
+        out.append("| method | median ms | IQR ms | min ms | speedup vs B (t_B/t) | fraction of roofline | "
+                   "peak extra MiB | max abs diff vs B |\n|---|---:|---:|---:|---:|---:|---:|---:|")
         for m in r.methods:
             out.append(
-                f"| {m.method} | {_ms(m.median_s)} | {_ms(m.iqr_s)} | {m.speedup_vs_b:.2f}x | "
+                f"| {m.method} | {_ms(m.median_s)} | {_ms(m.iqr_s)} | {_ms(min(m.times_s))} | {m.speedup_vs_b:.2f}x | "
                 f"{m.roofline_fraction:.2f} | {_mib(m.peak_extra_bytes)} | {m.max_abs_diff_vs_b:.1e} |")
         out += [f"\n_{n}_" for n in r.notes]
         out.append("")
@@ -853,6 +857,7 @@ def _fmt_load(x) -> str:
 
 
 def _method_text() -> str:
+    # The module docstring is BENCHMARKS.md's method section, so the two cannot drift apart.
     doc = __doc__ or ""
     body = doc.split("\n\n", 1)[1] if "\n\n" in doc else doc
     return body.strip()
@@ -933,6 +938,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh (default): each row compiles into its own empty Inductor cache, so kernels "
                    "are generated for that row's sizes; default: use the process's usual cache directory")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before starting, wait up to SECONDS for the 1-minute load average to drop below "
+                   "0.7 (other processes on the cores make every timing meaningless); default 0: no wait")
     p.add_argument("--profile", action="store_true",
                    help="write a torch.profiler op table for the fused method and B of each row to --out")
     p.add_argument("--write-benchmarks-md", nargs="?", const="BENCHMARKS.md", default=None, metavar="PATH",
@@ -1006,6 +1014,8 @@ def _resolve(args: argparse.Namespace) -> None:
                                                                                          "--compile-sizes")]
     else:
         args.compile_sizes_list = [] if args.quick else list(DEFAULT_COMPILE_SIZES)
+    if args.wait_idle < 0:
+        raise BenchError(f"--wait-idle must be >= 0, got {args.wait_idle}")
     if args.compile_timeout <= 0:
         raise BenchError(f"--compile-timeout must be > 0, got {args.compile_timeout}")
     for name in ("rounds", "warmup"):
@@ -1090,6 +1100,19 @@ def _row_inductor_cache(fresh: bool):
         clear_caches()  # forget paths inside the directory fresh_cache just deleted
 
 
+def _wait_idle(max_s: float, log: Callable[[str], None], threshold: float = 0.7) -> None:
+    if not hasattr(os, "getloadavg"):
+        return
+    deadline = time.monotonic() + max_s
+    load = os.getloadavg()[0]
+    while load >= threshold and time.monotonic() < deadline:
+        log(f"waiting for the machine to go idle: 1-min load average {load:.2f} >= {threshold}")
+        time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+        load = os.getloadavg()[0]
+    if load >= threshold:
+        log(f"still busy after {max_s:.0f}s (load {load:.2f}); measuring anyway, the load is recorded")
+
+
 def _run(args, argv: list[str]) -> int:
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.perf_counter()
@@ -1100,6 +1123,8 @@ def _run(args, argv: list[str]) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    if args.wait_idle > 0:
+        _wait_idle(args.wait_idle, log)
     machine = machine_info(device)
     log(f"bench on {machine['device']} ({machine['device_name']}), torch {machine['torch']}, "
         f"{machine['torch_threads']} threads, 1-min load average {_fmt_load(machine['load_average_at_start'])}")

@@ -215,6 +215,7 @@ def test_goals_are_computed_from_numbers():
         (["--compile-sizes", "16,16"], "duplicates"),
         (["--no-compile", "--methods", "A,B,C"], "excludes anchor C"),
         (["--device", "nonsense"], "not a torch device"),
+        (["--wait-idle", "-1"], ">= 0"),
     ],
 )
 def test_bad_options_fail_clearly(argv, message, capsys, tmp_path):
