@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compiled_step import collectives, experts, gradnorm, kernels, norms, planning
+from compiled_step import arena, collectives, experts, gradnorm, kernels, norms, planning
 from compiled_step.rules import rule_for
 
 
@@ -26,6 +26,7 @@ class FusedStepConfig:
     compile: bool = True  # False runs the same functions eagerly
     backend: object = "inductor"  # torch.compile backend (a counting backend in tests)
     bucket_size: int = 16  # tensors per compiled call
+    pack_threshold: int = 16384  # local shards of at most this many elements are packed into one buffer
     verbose: bool = False  # print compile progress to stderr (it is always logged at INFO)
 
     def __post_init__(self):
@@ -42,6 +43,8 @@ class FusedStepConfig:
             raise ValueError(f"norm_type must be > 0 (1, 2, inf or any finite p > 0), got {nt}")
         if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or self.bucket_size < 1:
             raise ValueError(f"bucket_size must be an int >= 1, got {self.bucket_size!r}")
+        if isinstance(self.pack_threshold, bool) or not isinstance(self.pack_threshold, int) or self.pack_threshold < 0:
+            raise ValueError(f"pack_threshold must be an int >= 0, got {self.pack_threshold!r}")
         for name in ("error_if_nonfinite", "compile", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -82,6 +85,8 @@ class FusedStep:
         compile: ``False`` runs the same math eagerly (debugging, second reference).
         backend: ``torch.compile`` backend.
         bucket_size: tensors per compiled call; the compiled graphs do not depend on the model size.
+        pack_threshold: params whose local shard has at most this many elements are packed end to
+            end and updated in one compiled call (their state lives in flat arenas, as views).
         verbose: print compile progress to stderr.
         model_parts, device_mesh, pp_axis_name, moe_mesh, ep_axis_name, expert_tp_replication_factor:
             the seed's distributed arguments (see ``DistributedConfig`` and the README). Params may
@@ -99,6 +104,7 @@ class FusedStep:
         compile: bool = True,
         backend="inductor",
         bucket_size: int = 16,
+        pack_threshold: int = 16384,
         verbose: bool = False,
         model_parts=None,
         device_mesh=None,
@@ -127,6 +133,7 @@ class FusedStep:
             compile=compile,
             backend=backend,
             bucket_size=bucket_size,
+            pack_threshold=pack_threshold,
             verbose=verbose,
         )
         self.optimizer = optimizer
@@ -134,6 +141,7 @@ class FusedStep:
         self._compiler = kernels.Compiler(backend, enabled=compile, verbose=verbose)
         self._norm = gradnorm.GradNorm(kernels.NormKind.of(float(norm_type)), bucket_size, self._compiler)
         self._plan: planning.Plan | None = None
+        self._packed_states: dict[int, arena.PackedState] = {}
         self.skipped_steps: torch.Tensor | None = None  # int64 0-d: steps skipped for a non-finite norm
         self.last_step_finite: torch.Tensor | None = None  # bool 0-d: was the last step applied?
 
@@ -168,7 +176,9 @@ class FusedStep:
                 ep=self._ep_group,
                 ep_axis_name=dist.ep_axis_name,
                 pp=self._pp_group,
+                pack_threshold=self.config.pack_threshold,
             )
+            self._packed_states = {}
             device = self._plan.norm_device
             if self.skipped_steps is None or self.skipped_steps.device != device:
                 self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -197,12 +207,20 @@ class FusedStep:
         finite_by_device: dict[torch.device, torch.Tensor] = {}
         pending = []
         # First build every table and state (can still raise on a bad hyperparameter), then mutate.
-        for w, scale in zip(work, scales):
-            if not w.params:
-                continue
+        packed_pending = []
+        for index, (w, scale) in enumerate(zip(work, scales)):
             pg = optimizer.param_groups[w.group.key.param_group]
             var = rule.variant(pg)
             local_device = w.group.key.device
+            coef = result.clip_coef if scale is None else result.clip_coef * scale
+            sign = -1.0 if pg.get("maximize", False) else 1.0
+            grad_coef = (coef * sign).to(device=local_device, dtype=torch.float32, non_blocking=True)
+            if local_device not in finite_by_device:
+                finite_by_device[local_device] = result.finite.to(local_device, non_blocking=True)
+            if w.packed_grad is not None:
+                packed_pending.append(self._prepare_packed(index, w, pg, var, grad_coef))
+            if not w.params:
+                continue
             states, state_tensors, steps = [], [], []
             if rule.needs_state(var):
                 for p in w.params:
@@ -217,11 +235,6 @@ class FusedStep:
                 steps = [None] * len(w.params)
             vector = rule.per_tensor_vector(states, steps, local_device)
             table = rule.scalar_table(optimizer, pg, vector[w.nonempty] if len(w.nonempty) != len(w.params) else vector)
-            sign = -1.0 if pg.get("maximize", False) else 1.0
-            coef = result.clip_coef if scale is None else result.clip_coef * scale
-            grad_coef = (coef * sign).to(device=local_device, dtype=torch.float32, non_blocking=True)
-            if local_device not in finite_by_device:
-                finite_by_device[local_device] = result.finite.to(local_device, non_blocking=True)
             pending.append((w, var, state_tensors, steps, table, grad_coef))
 
         for w, var, state_tensors, steps, table, grad_coef in pending:
@@ -248,6 +261,39 @@ class FusedStep:
             real_steps = [s for s in steps if s is not None]
             if real_steps:
                 torch._foreach_add_(real_steps, finite.to(torch.float32))
+        for packed in packed_pending:
+            self._run_packed(*packed, finite_by_device[packed[0].group.key.device])
+
+    def _prepare_packed(self, index, w, pg, var, grad_coef):
+        """State adoption and the scalar table for a group's small params (may still raise)."""
+        rule = self.rule
+        packed = self._packed_states.get(index)
+        keys = rule.state_keys(var)
+        if packed is None or packed.keys != keys:
+            small_params = [w.group.params[i] for i in w.group.small]
+            packed = arena.PackedState(small_params, w.small_local, keys, rule.USES_STEP,
+                                       w.group.key.device, w.small_local[0].dtype)
+            self._packed_states[index] = packed
+        active = [g is not None for g in w.small_grads]
+        small_params = [w.group.params[i] for i in w.group.small]
+        first = packed.adopt(small_params, self.optimizer.state, active) if keys or rule.USES_STEP else [0.0] * len(active)
+        device = w.group.key.device
+        vector = packed.steps if rule.USES_STEP else torch.tensor(first, dtype=torch.float32).to(device, non_blocking=True)
+        table = rule.scalar_table(self.optimizer, pg, vector)
+        active_t = torch.tensor(active, dtype=torch.bool).to(device, non_blocking=True)
+        return w, var, packed, table, active_t, grad_coef
+
+    def _run_packed(self, w, var, packed, table, active, grad_coef, finite) -> None:
+        rule, compiler = self.rule, self._compiler
+        flat_params = gradnorm._flatten(w.small_local)
+        state_args = rule.packed_state_args(var, packed.arenas)
+        update_packed = compiler.get(rule.update_packed)
+        signature = ("update_packed", rule.NAME, var, flat_params.dtype, w.packed_grad.dtype, flat_params.device.type)
+        with compiler.first_call(signature, f"packed update graph ({rule.NAME}, {var}, {flat_params.dtype})"):
+            update_packed(flat_params, w.packed_grad, *state_args, packed.segment, table, active, grad_coef, finite)
+        gradnorm.unflatten_into(flat_params, w.small_local)
+        if packed.steps is not None:
+            packed.steps.add_((finite & active).to(torch.float32))
 
     # ------------------------------------------------------------------ public API
 

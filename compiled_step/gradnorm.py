@@ -14,13 +14,21 @@ from compiled_step import collectives, kernels, norms, planning
 
 
 class GroupWork(NamedTuple):
-    """One sharding group's tensors for this step (only params that have a grad)."""
+    """One sharding group's tensors for this step.
+
+    Large tensors go through fixed-length buckets, one list slot each (only those with a grad).
+    Small tensors are packed end to end into one flat grad (zeros where a param has no grad), so a
+    model with a thousand biases and norms makes one compiled call for them, not a thousand slots.
+    """
 
     group: planning.ShardingGroup
-    params: list[torch.Tensor]  # params with a grad (DTensor or plain), in plan order
-    flat_params: list[torch.Tensor]  # local shards as detached 1-D aliases, non-empty ones only
+    params: list[torch.Tensor]  # large params with a grad (DTensor or plain), in plan order
+    flat_params: list[torch.Tensor]  # their local shards as detached 1-D aliases, non-empty ones only
     flat_grads: list[torch.Tensor]  # matching local grads, in the param's memory order
     nonempty: list[int]  # indices into ``params`` of the tensors in flat_params
+    small_local: list[torch.Tensor]  # local shards of every small param of the group, plan order
+    small_grads: list[torch.Tensor | None]  # their local grads (None: no grad this step)
+    packed_grad: torch.Tensor | None  # the small grads packed end to end; None if none has a grad
 
 
 def check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
@@ -55,22 +63,37 @@ class GradNorm:
         work = []
         for group in plan.groups:
             params, flat_params, flat_grads, nonempty = [], [], [], []
-            for p in group.params:
-                g = p.grad
+            for i in group.large:
+                p = group.params[i]
+                g = self._grad(p)
                 if g is None:
                     continue
-                if planning._is_dtensor(g):
-                    g = collectives.match_grad_placement(p, g)
-                    if g is not p.grad:
-                        p.grad = g
                 local_p, local_g = planning.local_tensor(p), planning.local_tensor(g)
                 if local_p.numel() > 0:
                     nonempty.append(len(params))
                     flat_params.append(flat(local_p))
                     flat_grads.append(flat_like(local_g, local_p))
                 params.append(p)
-            work.append(GroupWork(group, params, flat_params, flat_grads, nonempty))
+            small_local, small_grads = [], []
+            for i in group.small:
+                p = group.params[i]
+                g = self._grad(p)
+                small_local.append(planning.local_tensor(p))
+                small_grads.append(None if g is None else planning.local_tensor(g))
+            packed = None
+            if any(g is not None for g in small_grads):
+                packed = _flatten([g if g is not None else torch.zeros_like(p) for p, g in zip(small_local, small_grads)])
+            work.append(GroupWork(group, params, flat_params, flat_grads, nonempty, small_local, small_grads, packed))
         return work
+
+    @staticmethod
+    def _grad(p: torch.Tensor) -> torch.Tensor | None:
+        g = p.grad
+        if g is not None and planning._is_dtensor(g):
+            g = collectives.match_grad_placement(p, g)
+            if g is not p.grad:
+                p.grad = g
+        return g
 
     # ------------------------------------------------------------------ buckets
 
@@ -112,8 +135,10 @@ class GradNorm:
         out = []
         for w, scale in zip(work, scales):
             bucket_partials = []
-            for bucket in self.buckets(len(w.flat_grads)):
-                grads = [w.flat_grads[i] for i in bucket]
+            # The packed small grads ride in the same bucket graph as one more (long) tensor.
+            slots = w.flat_grads + ([w.packed_grad] if w.packed_grad is not None and w.packed_grad.numel() else [])
+            for bucket in self.buckets(len(slots)):
+                grads = [slots[i] for i in bucket]
                 grads = self.pad(grads, self.dummies_for(grads[0], grads[0], 0)[1])
                 args = extra if extra is not None else (self._order_on(grads[0].device),)
                 signature = ("norm", kind.kind, grads[0].dtype, grads[0].device.type)
@@ -143,6 +168,17 @@ def group_scales(plan: planning.Plan, base: torch.Tensor | None, expert: torch.T
 
 
 # ---------------------------------------------------------------------- flattening
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors end to end in their logical order (one C++ call, no per-tensor Python)."""
+    return torch._utils._flatten_dense_tensors(tensors)
+
+
+def unflatten_into(flat_buffer: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy ``flat_buffer`` back into ``tensors`` (the inverse of ``_flatten``)."""
+    torch._foreach_copy_(tensors, torch._utils._unflatten_dense_tensors(flat_buffer, tensors))
+
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from compiled_step import collectives, experts, gradnorm, kernels, planning
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN  # noqa: F401  (re-exported seed name)
 
 _ENGINES: dict[tuple, gradnorm.GradNorm] = {}
+# Grads of at most this many elements are packed into one buffer for the norm (FusedStep's default).
+PACK_THRESHOLD = 16384
 
 
 def _engine(norm_type: float, compile: bool) -> gradnorm.GradNorm:
@@ -62,7 +64,7 @@ def _clip_in_place(
     engine = _engine(norm_type, compile)
     with kernels.compile_settings():
         plan = planning.build_plan(param_lists, names=names, expert_ids=expert_ids, ep=ep,
-                                   ep_axis_name=ep_axis_name, pp=pp)
+                                   ep_axis_name=ep_axis_name, pp=pp, pack_threshold=PACK_THRESHOLD)
         device = plan.norm_device
         base = _scale_tensor(base_scale, device)
         expert = _scale_tensor(expert_scale, device)
@@ -81,10 +83,13 @@ def _clip_in_place(
             factors = [result.clip_coef if s is None else result.clip_coef * s for s in scales]
             total = result.total
         for w, factor in zip(work, factors):
-            if factor is None or not w.params:
+            if factor is None:
                 continue
             local_grads = [planning.local_tensor(p.grad) for p in w.params]
+            local_grads += [g for g in w.small_grads if g is not None]
             factor = factor.to(device=w.group.key.device, dtype=torch.float32, non_blocking=True)
+            if not local_grads:
+                continue
             if foreach is False:
                 for g in local_grads:
                     g.mul_(factor)

@@ -42,6 +42,10 @@ class ShardingGroup:
     key: GroupKey
     params: list[torch.Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    # Indices into ``params`` of the tensors whose local shard is small enough to be packed: they are
+    # processed end to end in one flat buffer (one compiled call) instead of one bucket slot each.
+    small: list[int] = field(default_factory=list)
+    large: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -87,6 +91,7 @@ def build_plan(
     ep: tuple | None = None,
     ep_axis_name: str | None = None,
     pp: tuple | None = None,
+    pack_threshold: int = 0,
 ) -> Plan:
     """Group *all* params (not only those with grads) so every rank issues the same collectives.
 
@@ -99,6 +104,7 @@ def build_plan(
             different EP ranks hold different experts.
         ep_axis_name: the EP axis name, to tell which DTensor experts already reduce over EP.
         pp: ``(process_group, device_type)`` of the pipeline axis, reduced over last.
+        pack_threshold: local shards with at most this many elements are packed (0: none).
     """
     names = names or {}
     groups: dict[GroupKey, ShardingGroup] = {}
@@ -110,6 +116,9 @@ def build_plan(
             sharding_group.params.append(p)
             sharding_group.names.append(names.get(id(p), f"param_groups[{index}] param {len(sharding_group.params) - 1}"))
     ordered = list(groups.values())
+    for group in ordered:
+        for i, p in enumerate(group.params):
+            (group.small if local_tensor(p).numel() <= pack_threshold else group.large).append(i)
     accelerators = [g.key.device for g in ordered if g.key.device.type != "cpu"]
     norm_device = accelerators[0] if accelerators else torch.device("cpu")
 

@@ -11,6 +11,9 @@ import torch
 # Small buckets compile faster (compile time is linear in the bucket length); the layouts below
 # have more tensors than this so that several buckets and a padded tail bucket are exercised.
 BUCKET = 4
+# Tensors of at most this many elements take the packed path (one flat buffer, state in arenas), the
+# rest the bucket path, so every test below exercises both with one layout.
+PACK = 20
 
 # Shapes of a small model: matrices, a 0-d scalar, a one-element bias, a transposed
 # (non-contiguous but dense) weight, and tensors of equal size (duck-shaping would specialise them).

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from compiled_step import FusedStep
-from conftest import BUCKET, make_grads, make_params, set_grads
+from conftest import BUCKET, PACK, make_grads, make_params, set_grads
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
 BF16_TOL = dict(rtol=2**-5, atol=2e-3)
@@ -56,7 +56,7 @@ def param_groups(params, case):
 def run(case, dtype, *, steps=20, max_norm=1.0, norm_type=2.0, compile=True, fused=True, grad_scale=None):
     params = make_params(dtype)
     opt = param_groups(params, case)
-    stepper = FusedStep(opt, max_grad_norm=max_norm, norm_type=norm_type, compile=compile, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=max_norm, norm_type=norm_type, compile=compile, bucket_size=BUCKET, pack_threshold=PACK)
     norms = []
     for step in range(steps):
         grads = make_grads(params, step)
@@ -148,7 +148,7 @@ def test_eager_mode_matches_compiled(case):
 def test_grads_are_never_written():
     params = make_params()
     opt = torch.optim.AdamW(params, lr=1e-2)
-    stepper = FusedStep(opt, max_grad_norm=0.1, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=0.1, bucket_size=BUCKET, pack_threshold=PACK)
     grads = make_grads(params, 0)
     set_grads(params, grads)
     stepper.step(grad_scale=0.5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compiled_step import FusedStep
-from conftest import BUCKET, make_grads, make_params, set_grads
+from conftest import BUCKET, PACK, make_grads, make_params, set_grads
 
 
 def snapshot(params, opt):
@@ -36,7 +36,7 @@ def assert_bit_identical(before, params, opt):
 def test_nonfinite_norm_skips_step_bit_identically(bad, dtype):
     params = make_params(dtype)
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(2):
         set_grads(params, make_grads(params, step))
         stepper.step()
@@ -59,7 +59,7 @@ def test_skip_matches_reference_that_never_saw_the_bad_batch():
     ours, ref = make_params(), make_params()
     opt = torch.optim.SGD(ours, lr=1e-2, momentum=0.9)
     opt_ref = torch.optim.SGD(ref, lr=1e-2, momentum=0.9)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(6):
         grads = make_grads(ours, step)
         if step in (0, 3):  # a bad first step (momentum buffers not yet created) and a later one
@@ -80,7 +80,7 @@ def test_skip_matches_reference_that_never_saw_the_bad_batch():
 def test_error_if_nonfinite_raises_and_changes_nothing():
     params = make_params()
     opt = torch.optim.AdamW(params, lr=1e-2)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, error_if_nonfinite=True)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK, error_if_nonfinite=True)
     set_grads(params, make_grads(params, 0))
     stepper.step()
     grads = make_grads(params, 1)
@@ -95,7 +95,7 @@ def test_error_if_nonfinite_raises_and_changes_nothing():
 def test_fresh_optimizer_with_nonfinite_first_step_creates_no_state():
     params = make_params()
     opt = torch.optim.AdamW(params, lr=1e-2)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, error_if_nonfinite=True)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK, error_if_nonfinite=True)
     grads = make_grads(params, 0)
     grads[0].view(-1)[0] = math.nan
     set_grads(params, grads)
@@ -109,7 +109,7 @@ def test_huge_gradients_give_a_finite_norm_and_a_clipped_step(norm_type):
     # 6e31**2 = 3.6e63 overflows fp32; NeMo scales by the max, FusedStep accumulates in fp64.
     params = [torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(37))]
     opt = torch.optim.SGD(params, lr=1.0)
-    stepper = FusedStep(opt, max_grad_norm=1.0, norm_type=norm_type, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, norm_type=norm_type, bucket_size=BUCKET, pack_threshold=PACK)
     grads = [torch.full((1000,), 6e31), torch.full((37,), -6e31)]
     set_grads(params, grads)
     total = stepper.step()
@@ -127,7 +127,7 @@ def test_large_p_norm_neither_overflows_nor_underflows(magnitude):
     # p = 12: |g|^p leaves the fp64 range for 1e30 (1e360) and 1e-30 (1e-360); the scaled norm does not.
     params = [torch.nn.Parameter(torch.zeros(64)) for _ in range(5)]
     opt = torch.optim.SGD(params, lr=0.0)
-    stepper = FusedStep(opt, norm_type=12.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, norm_type=12.0, bucket_size=BUCKET, pack_threshold=PACK)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.rand(64, generator=gen) * magnitude for _ in params]
     set_grads(params, grads)
@@ -187,7 +187,7 @@ def test_complex_params_raise():
 
 def test_tensor_lr_on_cpu_is_read_and_device_tensor_is_refused():
     params = make_params()
-    stepper = FusedStep(_opt(params), bucket_size=BUCKET)
+    stepper = FusedStep(_opt(params), bucket_size=BUCKET, pack_threshold=PACK)
     stepper.optimizer.param_groups[0]["lr"] = torch.tensor(1e-3)
     set_grads(params, make_grads(params, 0))
     stepper.step()  # a CPU tensor lr is read on the host like torch.optim does
@@ -201,7 +201,7 @@ def test_tensor_lr_on_cpu_is_read_and_device_tensor_is_refused():
 def _stepper_after_one_step():
     params = make_params()
     opt = _opt(params)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     set_grads(params, make_grads(params, 0))
     stepper.step()
     return params, opt, stepper

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from compiled_step import FusedStep
-from conftest import BUCKET, make_grads, make_params, set_grads
+from conftest import BUCKET, PACK, make_grads, make_params, set_grads
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -33,7 +33,7 @@ def assert_params_close(a, b, tol=TOL):
 def test_state_dict_round_trip_continues_the_same_trajectory(cls, kwargs):
     params = make_params()
     opt = cls(params, **kwargs)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(4):
         set_grads(params, make_grads(params, step))
         stepper.step()
@@ -49,7 +49,7 @@ def test_state_dict_round_trip_continues_the_same_trajectory(cls, kwargs):
     resumed = [torch.nn.Parameter(t.clone()) for t in saved_params]
     opt2 = cls(resumed, **kwargs)
     opt2.load_state_dict(saved_state)
-    stepper2 = FusedStep(opt2, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper2 = FusedStep(opt2, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(4, 8):
         set_grads(resumed, make_grads(resumed, step))
         stepper2.step()
@@ -68,7 +68,7 @@ def test_switching_between_optimizer_step_and_fused_step(cls, kwargs):
     opt_ref = cls(ref, **kwargs)
     ours = make_params()
     opt = cls(ours, **kwargs)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     # fused for 0-4, torch for 5-9 (including a fresh state_dict round trip), fused again for 10-14
     for step in range(15):
         grads = make_grads(ref, step)
@@ -91,7 +91,7 @@ def test_params_added_later_are_picked_up():
     extra_ours = torch.nn.Parameter(extra_ref.detach().clone())
     opt_ref = torch.optim.AdamW(ref, lr=1e-2)
     opt = torch.optim.AdamW(ours, lr=1e-2)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(8):
         if step == 3:
             opt_ref.add_param_group({"params": [extra_ref], "lr": 3e-2, "weight_decay": 0.2})
@@ -117,7 +117,7 @@ def test_params_without_grad_are_left_alone_like_torch():
     ref, ours = make_params(), make_params()
     opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
     opt = torch.optim.AdamW(ours, lr=1e-2, weight_decay=0.1)
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(6):
         grads = make_grads(ref, step)
         for p_ref, p_ours, g in zip(ref, ours, grads):
@@ -159,7 +159,7 @@ def test_schedule_over_50_steps_causes_zero_recompiles_and_matches(name):
     opt_ref, opt = cls(ref, **kwargs), cls(ours, **kwargs)
     sched_ref, sched = make_scheduler(opt_ref), make_scheduler(opt)
     counter = CompileCounterWithBackend("inductor")
-    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, backend=counter)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK, backend=counter)
     seen_hparams = set()
     for step in range(50):
         grads = make_grads(ref, step)
@@ -173,7 +173,7 @@ def test_schedule_over_50_steps_causes_zero_recompiles_and_matches(name):
         seen_hparams.add((group["lr"], group.get("betas"), group.get("momentum")))
         if step == 0:
             frames_after_first_step = counter.frame_count
-    assert frames_after_first_step == 2  # Phase A norm graph + Phase B update graph
+    assert frames_after_first_step == 3  # Phase A norm graph + Phase B bucket and packed update graphs
     assert counter.frame_count == frames_after_first_step, "a hyperparameter change recompiled"
     assert len(seen_hparams) >= 45  # the schedule really changed the hyperparameters every step
     assert_params_close(ours, ref)
@@ -184,16 +184,45 @@ def test_compiled_frame_count_does_not_grow_with_the_number_of_tensors():
     counts = {}
     for n_tensors in (16, 1024):
         gen = torch.Generator().manual_seed(n_tensors)
-        # Varied sizes, including 1-element tensors and tensors of equal size.
+        # Varied sizes: small ones (including 1-element and equal sizes) take the packed path, every
+        # fourth tensor is large and takes the bucket path (default pack_threshold = 16384).
         sizes = [int(s) for s in torch.randint(1, 300, (n_tensors,), generator=gen)]
         sizes[::7] = [1] * len(sizes[::7])
+        sizes[::4] = [20000 + s for s in sizes[::4]]
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
         opt = torch.optim.AdamW(params, lr=1e-3)
-        stepper = FusedStep(opt, max_grad_norm=1.0, backend=counter)  # default bucket size
+        stepper = FusedStep(opt, max_grad_norm=1.0, backend=counter)  # default bucket size and packing
         for step in range(2):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
             stepper.step()
         counts[n_tensors] = counter.frame_count
-    assert counts[16] == 2
+    assert counts[16] == 3  # Phase A norm, Phase B bucket update, Phase B packed update
     assert counts[1024] == counts[16], counts
+
+
+def test_packed_state_is_views_into_arenas_and_survives_reassignment():
+    """Small params' state lives in flat arenas as views; anything else put in the state is adopted."""
+    ours, ref = make_params(), make_params()
+    opt = torch.optim.AdamW(ours, lr=1e-2, amsgrad=True)
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, amsgrad=True)
+    stepper = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
+    small = [p for p in ours if p.numel() <= PACK]
+    for step in range(6):
+        grads = make_grads(ref, step)
+        set_grads(ref, grads)
+        set_grads(ours, grads)
+        eager_step(ref, opt_ref)
+        stepper.step()
+        if step == 2:
+            # A user replacing state tensors (as a checkpoint loader might): values must be kept.
+            for p in small:
+                opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].clone()
+                opt.state[p]["step"] = opt.state[p]["step"].clone()
+    bases = {opt.state[p]["exp_avg"]._base is not None for p in small}
+    assert bases == {True}  # views into the arena again
+    assert len({opt.state[p]["exp_avg"].untyped_storage().data_ptr() for p in small}) == 1  # one arena
+    assert_params_close(ours, ref)
+    for k, st in opt_ref.state_dict()["state"].items():
+        for name, value in st.items():
+            torch.testing.assert_close(opt.state_dict()["state"][k][name], value, **TOL)

@@ -25,6 +25,7 @@ import torch
 
 from compiled_step.rules.common import host_float, reject_common_options
 
+USES_STEP = True  # the scalar table is computed from per-param step counts
 NAME = "adam"
 
 # Columns of the per-tensor scalar table, in order.
@@ -114,6 +115,26 @@ def scalar_table(optimizer, group: dict, steps: torch.Tensor) -> torch.Tensor:
     return table.to(torch.float32)
 
 
+def _math(p32, g_raw, m32, v32, vm32, grad_coef, col):
+    """One Adam/AdamW update in fp32. ``col(k)`` gives column k of the scalar table, either a 0-d
+    value (one tensor per row) or a per-element vector (packed tensors); the math is the same."""
+    g = g_raw.float() * grad_coef + col(_L2) * p32
+    p_decayed = p32 * col(_DECAY)
+    m_new = torch.lerp(m32, g, col(_ONE_MINUS_BETA1))
+    v_new = v32 * col(_BETA2) + col(_ONE_MINUS_BETA2) * g * g
+    vm_new = torch.maximum(vm32, v_new) if vm32 is not None else None
+    v_used = vm_new if vm_new is not None else v_new
+    denom = v_used.sqrt() / col(_BC2_SQRT) + col(_EPS)
+    p_new = p_decayed + col(_NEG_STEP_SIZE) * m_new / denom
+    return p_new, m_new, v_new, vm_new
+
+
+def _store(keep, pairs) -> None:
+    """Write ``new`` into each tensor where ``keep``, else its old value (bit-identical on a skip)."""
+    for dst, new, old32 in pairs:
+        dst.copy_(torch.where(keep, new, old32))
+
+
 def update(
     params: list[torch.Tensor],  # B x [n_i] param shards, flattened, fp32 or bf16; mutated
     grads: list[torch.Tensor],  # B x [n_i] grads, unscaled and unclipped; read only
@@ -126,23 +147,44 @@ def update(
 ) -> None:
     for j in range(len(params)):
         p, m, v = params[j], exp_avgs[j], exp_avg_sqs[j]
+        vm = max_exp_avg_sqs[j] if max_exp_avg_sqs is not None else None
         p32, m32, v32 = p.float(), m.float(), v.float()
-        g = grads[j].float() * grad_coef + table[j, _L2] * p32
-        p_decayed = p32 * table[j, _DECAY]
-        m_new = torch.lerp(m32, g, table[j, _ONE_MINUS_BETA1])
-        v_new = v32 * table[j, _BETA2] + table[j, _ONE_MINUS_BETA2] * g * g
-        if max_exp_avg_sqs is not None:
-            vm = max_exp_avg_sqs[j]
-            vm_new = torch.maximum(vm.float(), v_new)
-            vm.copy_(torch.where(finite, vm_new, vm.float()))
-            v_used = vm_new
-        else:
-            v_used = v_new
-        denom = v_used.sqrt() / table[j, _BC2_SQRT] + table[j, _EPS]
-        p_new = p_decayed + table[j, _NEG_STEP_SIZE] * m_new / denom
-        p.copy_(torch.where(finite, p_new, p32))
-        m.copy_(torch.where(finite, m_new, m32))
-        v.copy_(torch.where(finite, v_new, v32))
+        vm32 = vm.float() if vm is not None else None
+        p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, grad_coef, lambda k: table[j, k])
+        _store(finite, [(p, p_new, p32), (m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else []))
+
+
+def update_packed(
+    param: torch.Tensor,  # [n] small params packed end to end (param dtype); mutated
+    grad: torch.Tensor,  # [n] their grads packed the same way (zeros where a param has no grad)
+    exp_avg: torch.Tensor,  # [n] first-moment arena (state tensors are views into it); mutated
+    exp_avg_sq: torch.Tensor,  # [n] second-moment arena; mutated
+    max_exp_avg_sq: torch.Tensor | None,  # [n] amsgrad arena, or None; mutated
+    segment: torch.Tensor,  # [n] int32: which packed tensor (row of ``table``) each element belongs to
+    table: torch.Tensor,  # [S, len(COLUMNS)] float32 per-tensor scalars
+    active: torch.Tensor,  # [S] bool: the tensor has a grad this step (torch skips it otherwise)
+    grad_coef: torch.Tensor,  # [] float32
+    finite: torch.Tensor,  # [] bool
+) -> None:
+    p32, m32, v32 = param.float(), exp_avg.float(), exp_avg_sq.float()
+    vm32 = max_exp_avg_sq.float() if max_exp_avg_sq is not None else None
+    rows = table[segment]  # [n, K]: per-element view of the per-tensor scalars
+    p_new, m_new, v_new, vm_new = _math(p32, grad, m32, v32, vm32, grad_coef, lambda k: rows[:, k])
+    keep = finite & active[segment]
+    pairs = [(param, p_new, p32), (exp_avg, m_new, m32), (exp_avg_sq, v_new, v32)]
+    _store(keep, pairs + ([(max_exp_avg_sq, vm_new, vm32)] if max_exp_avg_sq is not None else []))
+
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def state_keys(var: Variant) -> tuple[str, ...]:
+    return STATE_KEYS if var.amsgrad else STATE_KEYS[:2]
+
+
+def packed_state_args(var: Variant, arenas: dict) -> tuple:
+    """``update_packed``'s state arguments: the arenas, with None for an absent amsgrad maximum."""
+    return (arenas["exp_avg"], arenas["exp_avg_sq"], arenas["max_exp_avg_sq"] if var.amsgrad else None)
 
 
 def state_lists(var: Variant, per_param_state: list[tuple[torch.Tensor, ...]]) -> tuple:

@@ -21,6 +21,7 @@ import torch
 
 from compiled_step.rules.common import host_float, reject_common_options
 
+USES_STEP = False  # the scalar table is computed from per-param step counts
 NAME = "sgd"
 
 COLUMNS = ("neg_lr", "wd", "momentum", "one_minus_dampening", "nesterov", "first")
@@ -88,6 +89,16 @@ def scalar_table(optimizer, group: dict, first: torch.Tensor) -> torch.Tensor:
     return table.to(torch.float32)
 
 
+def _math(p32, g_raw, buf32, grad_coef, col):
+    """One SGD update in fp32; ``col(k)`` is a 0-d value or a per-element vector (packed)."""
+    g = g_raw.float() * grad_coef + col(_WD) * p32
+    buf_new = None
+    if buf32 is not None:
+        buf_new = torch.where(col(_FIRST) != 0, g, buf32 * col(_MOMENTUM) + col(_ONE_MINUS_DAMPENING) * g)
+        g = torch.where(col(_NESTEROV) != 0, g + col(_MOMENTUM) * buf_new, buf_new)
+    return p32 + col(_NEG_LR) * g, buf_new
+
+
 def update(
     params: list[torch.Tensor],  # B x [n_i] param shards, flattened, fp32 or bf16; mutated
     grads: list[torch.Tensor],  # B x [n_i] grads, unscaled and unclipped; read only
@@ -98,20 +109,42 @@ def update(
 ) -> None:
     for j in range(len(params)):
         p = params[j]
+        buf = momentum_buffers[j] if momentum_buffers is not None else None
         p32 = p.float()
-        g = grads[j].float() * grad_coef + table[j, _WD] * p32
-        if momentum_buffers is not None:
-            buf = momentum_buffers[j]
-            buf32 = buf.float()
-            buf_new = torch.where(
-                table[j, _FIRST] != 0,
-                g,
-                buf32 * table[j, _MOMENTUM] + table[j, _ONE_MINUS_DAMPENING] * g,
-            )
-            g = torch.where(table[j, _NESTEROV] != 0, g + table[j, _MOMENTUM] * buf_new, buf_new)
+        buf32 = buf.float() if buf is not None else None
+        p_new, buf_new = _math(p32, grads[j], buf32, grad_coef, lambda k: table[j, k])
+        if buf is not None:
             buf.copy_(torch.where(finite, buf_new, buf32))
-        p_new = p32 + table[j, _NEG_LR] * g
         p.copy_(torch.where(finite, p_new, p32))
+
+
+def update_packed(
+    param: torch.Tensor,  # [n] small params packed end to end (param dtype); mutated
+    grad: torch.Tensor,  # [n] their grads packed the same way (zeros where a param has no grad)
+    momentum_buffer: torch.Tensor | None,  # [n] momentum arena (state tensors are views into it); mutated
+    segment: torch.Tensor,  # [n] int32: row of ``table`` for each element
+    table: torch.Tensor,  # [S, len(COLUMNS)] float32 per-tensor scalars
+    active: torch.Tensor,  # [S] bool: the tensor has a grad this step
+    grad_coef: torch.Tensor,  # [] float32
+    finite: torch.Tensor,  # [] bool
+) -> None:
+    p32 = param.float()
+    buf32 = momentum_buffer.float() if momentum_buffer is not None else None
+    rows = table[segment]
+    p_new, buf_new = _math(p32, grad, buf32, grad_coef, lambda k: rows[:, k])
+    keep = finite & active[segment]
+    if momentum_buffer is not None:
+        momentum_buffer.copy_(torch.where(keep, buf_new, buf32))
+    param.copy_(torch.where(keep, p_new, p32))
+
+
+def state_keys(var: Variant) -> tuple[str, ...]:
+    return ("momentum_buffer",) if var.momentum else ()
+
+
+def packed_state_args(var: Variant, arenas: dict) -> tuple:
+    """``update_packed``'s state arguments: the momentum arena, or None without momentum."""
+    return (arenas["momentum_buffer"] if var.momentum else None,)
 
 
 def state_lists(var: Variant, per_param_state: list[tuple[torch.Tensor, ...]]) -> tuple:
