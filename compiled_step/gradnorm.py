@@ -177,7 +177,8 @@ def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def unflatten_into(flat_buffer: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     """Copy ``flat_buffer`` back into ``tensors`` (the inverse of ``_flatten``)."""
-    torch._foreach_copy_(tensors, torch._utils._unflatten_dense_tensors(flat_buffer, tensors))
+    with torch.no_grad():  # params are leaves that require grad
+            torch._foreach_copy_(tensors, torch._utils._unflatten_dense_tensors(flat_buffer, tensors))
 
 
 
