@@ -63,6 +63,33 @@ def reduce_partials(kind: NormKind, partials: list[torch.Tensor], plan) -> torch
     return combined
 
 
+def reduce_amax(amax_by_group: dict[int, torch.Tensor], plan) -> dict[int, torch.Tensor]:
+    """MAX-reduce per-weight amax vectors over the mesh dims their weights are sharded on.
+
+    ``amax_by_group`` maps a sharding-group index to its FP8 weights' local amax (float32 ``[k]``).
+    All groups that share a process group are concatenated into one MAX all-reduce. EP is skipped:
+    different EP ranks hold different experts, whose amax must not be mixed.
+    """
+    op = _dist().ReduceOp.MAX
+    out = dict(amax_by_group)
+    for reduction in plan.reductions:
+        members = [m for m in reduction.members if m in out] if reduction.over_shards else []
+        if not members:
+            continue
+        sizes = [out[m].numel() for m in members]
+        reduced = _all_reduce(torch.cat([out[m] for m in members]), op, reduction)
+        for m, part in zip(members, reduced.split(sizes)):
+            out[m] = part
+    return out
+
+
+def all_reduce_max_over_mesh_dim(t: torch.Tensor, mesh, mesh_dim: int) -> torch.Tensor:
+    """In-place MAX all-reduce of ``t`` over one mesh dim (the eager FP8 amax reference uses it)."""
+    dist = _dist()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
+    return t
+
+
 def match_grad_placement(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The grad in its param's placements.
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from compiled_step import arena, collectives, experts, gradnorm, kernels, norms, planning
+from compiled_step.lifecycle import fp8 as fp8_lifecycle
+from compiled_step.lifecycle.fsdp import GradAccumulation
 from compiled_step.rules import rule_for
 
 
@@ -112,6 +114,10 @@ class FusedStep:
         moe_mesh=None,
         ep_axis_name: str | None = None,
         expert_tp_replication_factor: int = 1,
+        fp8_weights=None,
+        fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+        first_microbatch_flag: fp8_lifecycle.FirstMicrobatchFlag | None = None,
+        offload_optimizer_state: bool = False,
     ):
         self.rule = rule_for(optimizer)
         if isinstance(model_parts, torch.nn.Module):
@@ -142,6 +148,22 @@ class FusedStep:
         self._norm = gradnorm.GradNorm(kernels.NormKind.of(float(norm_type)), bucket_size, self._compiler)
         self._plan: planning.Plan | None = None
         self._packed_states: dict[int, arena.PackedState] = {}
+        # FP8: torchao float8 FSDP weights found in model_parts (their scales are stored where
+        # torchao's all-gather reads them), or an explicit list of params (scales only exposed).
+        self._fp8_targets = fp8_lifecycle.find_float8_fsdp_weights(self.distributed.model_parts)
+        if fp8_weights is None:
+            fp8_weights = [t.weight for t in self._fp8_targets]
+        self._fp8_weights = list(fp8_weights)
+        fp8_lifecycle._check_float8_dtype(fp8_dtype)
+        self._fp8_dtype = fp8_dtype
+        self.fp8_scales: torch.Tensor | None = None  # float32 [n_fp8]: scales after the last step
+        self.fp8_amax: torch.Tensor | None = None  # float32 [n_fp8]: max |w| of each FP8 weight after it
+        # TransformerEngine's is_first_microbatch (the seed's global by default): reset after step().
+        self.first_microbatch = first_microbatch_flag or fp8_lifecycle.default_first_microbatch_flag()
+        if not isinstance(offload_optimizer_state, bool):
+            raise TypeError("offload_optimizer_state must be a bool")
+        self.offload_optimizer_state = offload_optimizer_state
+        self._accumulation: GradAccumulation | None = None
         self.skipped_steps: torch.Tensor | None = None  # int64 0-d: steps skipped for a non-finite norm
         self.last_step_finite: torch.Tensor | None = None  # bool 0-d: was the last step applied?
 
@@ -177,6 +199,7 @@ class FusedStep:
                 ep_axis_name=dist.ep_axis_name,
                 pp=self._pp_group,
                 pack_threshold=self.config.pack_threshold,
+                fp8_ids=frozenset(map(id, self._fp8_weights)),
             )
             self._packed_states = {}
             device = self._plan.norm_device
@@ -237,8 +260,10 @@ class FusedStep:
             table = rule.scalar_table(optimizer, pg, vector[w.nonempty] if len(w.nonempty) != len(w.params) else vector)
             pending.append((w, var, state_tensors, steps, table, grad_coef))
 
+        amax_by_param: dict[int, torch.Tensor] = {}
         for w, var, state_tensors, steps, table, grad_coef in pending:
             finite = finite_by_device[w.group.key.device]
+            want_amax = w.group.key.fp8
             flat_states = [tuple(gradnorm.flat(t) for t in state_tensors[i]) for i in w.nonempty]
             n_state = len(flat_states[0]) if flat_states else 0
             bucket_size = self.config.bucket_size
@@ -255,14 +280,53 @@ class FusedStep:
                 params, grads = self._norm.pad(params, dummy_p), self._norm.pad(grads, dummy_g)
                 bucket_states = self._norm.pad(bucket_states, dummy_s)
                 state_args = rule.state_lists(var, bucket_states)
-                signature = ("update", rule.NAME, var, params[0].dtype, grads[0].dtype, params[0].device.type)
+                signature = ("update", rule.NAME, var, want_amax, params[0].dtype, grads[0].dtype, params[0].device.type)
                 with compiler.first_call(signature, f"Phase B update graph ({rule.NAME}, {var}, {params[0].dtype})"):
-                    update(params, grads, *state_args, tables[b], grad_coef, finite)
+                    amax = update(params, grads, *state_args, tables[b], grad_coef, finite, compute_amax=want_amax)
+                if want_amax:
+                    for slot, i in enumerate(bucket):
+                        amax_by_param[id(w.params[w.nonempty[i]])] = amax[slot]
             real_steps = [s for s in steps if s is not None]
             if real_steps:
                 torch._foreach_add_(real_steps, finite.to(torch.float32))
         for packed in packed_pending:
             self._run_packed(*packed, finite_by_device[packed[0].group.key.device])
+        if self._fp8_weights:
+            self._update_fp8_scales(amax_by_param)
+
+    def _update_fp8_scales(self, amax_by_param: dict[int, torch.Tensor]) -> None:
+        """Scales from the amax the update computed: one MAX all-reduce per process group, then
+        torchao's formula, stored where torchao's FSDP float8 all-gather reads them."""
+        plan = self._plan
+        amax_by_group: dict[int, torch.Tensor] = {}
+        order: list[tuple[int, int]] = []  # (group index, position) of each FP8 weight, plan order
+        for index, group in enumerate(plan.groups):
+            if not group.key.fp8:
+                continue
+            values = []
+            for p in group.params:
+                amax = amax_by_param.get(id(p))
+                if amax is None:  # not updated this step (no grad, or an empty local shard): read it
+                    local = planning.local_tensor(p).detach()
+                    amax = local.abs().amax().float() if local.numel() else local.new_zeros((), dtype=torch.float32)
+                values.append(amax.to(plan.norm_device))
+                order.append((index, len(values) - 1))
+            amax_by_group[index] = torch.stack(values)
+        reduced = collectives.reduce_amax(amax_by_group, plan)
+        by_id = {}
+        for index, group in enumerate(plan.groups):
+            if group.key.fp8:
+                for p, value in zip(group.params, reduced[index]):
+                    by_id[id(p)] = (value, p.dtype)
+        amax = torch.stack([by_id[id(w)][0] for w in self._fp8_weights])
+        weight_dtypes = {by_id[id(w)][1] for w in self._fp8_weights}
+        weight_dtype = weight_dtypes.pop() if len(weight_dtypes) == 1 else None
+        self.fp8_amax = amax
+        self.fp8_scales = fp8_lifecycle.fp8_scales_from_amax(amax, float8_dtype=self._fp8_dtype, weight_dtype=weight_dtype)
+        if self._fp8_targets:
+            position = {id(w): i for i, w in enumerate(self._fp8_weights)}
+            targets = [t for t in self._fp8_targets if id(t.weight) in position]
+            fp8_lifecycle.store_fp8_scales_for_fsdp(targets, self.fp8_scales[[position[id(t.weight)] for t in targets]])
 
     def _prepare_packed(self, index, w, pg, var, grad_coef):
         """State adoption and the scalar table for a group's small params (may still raise)."""
@@ -324,7 +388,12 @@ class FusedStep:
         kind = type(self.optimizer).__name__
         for group in self.optimizer.param_groups:
             self.rule.validate_group(group, kind)
+        if num_label_tokens is None and self._accumulation is not None:
+            num_label_tokens = self._accumulation.num_label_tokens  # counted by accumulate()
+        self._accumulation = None
         _run_optimizer_hooks(self.optimizer, "pre")
+        if self.offload_optimizer_state:
+            self._move_state(to_params=True)
         with kernels.compile_settings():
             plan = self._current_plan()
             scales = self._scales(plan, grad_scale, num_label_tokens, dp_group_size)
@@ -341,8 +410,50 @@ class FusedStep:
         # LR schedulers wrap optimizer.step to record that it ran and warn otherwise; FusedStep is
         # that step, so record it the same way (torch.optim.lr_scheduler's ``_opt_called``).
         self.optimizer._opt_called = True
+        if self.offload_optimizer_state:
+            self._move_state(to_params=False)
+        # Weights changed: FP8 weights TransformerEngine cached on the first microbatch are stale.
+        self.first_microbatch.reset()
         _run_optimizer_hooks(self.optimizer, "post")
         return result.total
+
+    def accumulate(self, num_microbatches: int) -> GradAccumulation:
+        """Context manager for one step's gradient accumulation over ``num_microbatches``.
+
+        Drives every FSDP2 module in ``model_parts``: no reduce-scatter and no reshard after
+        backward until the last microbatch, the right flags before the last backward, everything
+        restored afterwards (also when an exception escapes). Drives the first-microbatch flag
+        (True, then False; ``step()`` resets it to None). Tokens added with ``acc.add_tokens(n)``
+        (ints or 0-d tensors, no sync) become ``step()``'s ``num_label_tokens`` unless it is given::
+
+            with fused.accumulate(4) as acc:
+                for mb in acc.split(batch):
+                    loss_fn(model(mb)).backward()
+                    acc.add_tokens((mb["labels"] != -100).sum())
+            fused.step(dp_group_size=dp)
+        """
+        self._accumulation = GradAccumulation(
+            list(self.distributed.model_parts), num_microbatches,
+            pp_enabled=self._pp_group is not None, fp8_flag=self.first_microbatch,
+        )
+        return self._accumulation
+
+    def _move_state(self, to_params: bool) -> None:
+        """Keep optimizer state off the accelerator between steps (``offload_optimizer_state``).
+
+        Before the update every state tensor moves to its param's device, after it back to the
+        CPU. With params on the CPU (a CPU-only machine, or FSDP2's CPUOffloadPolicy) nothing moves.
+        Packed arenas live only during the step in this mode: adoption copies the state in. The copy
+        back to the CPU is blocking (a sync, the one exception to sync-free steps): state read on
+        the host right after ``step()`` must be complete.
+        """
+        for p, state in self.optimizer.state.items():
+            device = planning.local_tensor(p).device if to_params else torch.device("cpu")
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and planning.local_tensor(value).device != device:
+                    state[key] = value.to(device, non_blocking=to_params)
+        if not to_params:
+            self._packed_states = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Same as ``optimizer.zero_grad(set_to_none)``."""

@@ -13,9 +13,16 @@ import torch
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None and _is_dtensor(t) else t
+    """The local shard of a DTensor as a plain tensor, or the tensor itself.
+
+    torchao's float8 FSDP weights are DTensors over a ``WeightWithDynamicFloat8CastTensor``
+    wrapper (and so are their optimizer states, made with ``zeros_like``); the compiled math wants
+    the plain tensor inside, which shares its storage.
+    """
+    local = t._local_tensor if _is_dtensor(t) else t
+    if type(local).__name__ == "WeightWithDynamicFloat8CastTensor":
+        local = local._tensor
+    return local
 
 
 def _is_dtensor(t) -> bool:
@@ -35,6 +42,7 @@ class GroupKey:
     dtype: torch.dtype
     mesh_key: tuple = ()  # (mesh identity, placements) for DTensors; () for plain tensors
     is_expert: bool = False
+    fp8: bool = False  # FP8 weights: the update also returns the new weights' amax (never packed)
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Reduction:
     device_type: str
     label: str
     members: list[int] = field(default_factory=list)
+    over_shards: bool = True  # a mesh dim the params are sharded over (False for EP: different experts)
 
 
 @dataclass
@@ -83,6 +92,11 @@ def mesh_key_of(p: torch.Tensor) -> tuple:
     return (id(p.device_mesh), tuple(p.device_mesh.mesh_dim_names or ()), tuple(p.device_mesh.shape), p.placements)
 
 
+def _on_ep_mesh(p: torch.Tensor, ep_axis_name: str | None) -> bool:
+    """A DTensor whose device mesh has the EP axis: an expert param (recognition by mesh axis)."""
+    return bool(ep_axis_name) and _is_dtensor(p) and ep_axis_name in (p.device_mesh.mesh_dim_names or ())
+
+
 def build_plan(
     param_lists: list[list[torch.Tensor]],
     *,
@@ -92,33 +106,39 @@ def build_plan(
     ep_axis_name: str | None = None,
     pp: tuple | None = None,
     pack_threshold: int = 0,
+    fp8_ids: frozenset[int] = frozenset(),
 ) -> Plan:
     """Group *all* params (not only those with grads) so every rank issues the same collectives.
 
     Args:
         param_lists: one list of params per optimizer param group.
         names: fully qualified names by ``id(param)``, for error messages.
-        expert_ids: ``id()`` of expert params (see ``experts.expert_param_ids``).
+        expert_ids: ``id()`` of expert params (see ``experts.expert_param_ids``). DTensors whose
+            mesh has ``ep_axis_name`` are experts too, whether or not they are in ``expert_ids``
+            (``FusedStep`` without ``model_parts`` knows no names, but still sees the mesh).
         ep: ``(process_group, device_type)`` of the EP axis; expert params whose mesh lacks the EP
             axis (plain tensors, or DTensors sharded on a dp-only mesh) are reduced over it, since
             different EP ranks hold different experts.
         ep_axis_name: the EP axis name, to tell which DTensor experts already reduce over EP.
         pp: ``(process_group, device_type)`` of the pipeline axis, reduced over last.
         pack_threshold: local shards with at most this many elements are packed (0: none).
+        fp8_ids: ``id()`` of FP8 weights, whose amax the update computes.
     """
     names = names or {}
     groups: dict[GroupKey, ShardingGroup] = {}
     for index, params in enumerate(param_lists):
         for p in params:
             local = local_tensor(p)
-            key = GroupKey(index, local.device, p.dtype, mesh_key_of(p), id(p) in expert_ids)
+            is_expert = id(p) in expert_ids or _on_ep_mesh(p, ep_axis_name)
+            key = GroupKey(index, local.device, p.dtype, mesh_key_of(p), is_expert)
             sharding_group = groups.setdefault(key, ShardingGroup(key))
             sharding_group.params.append(p)
             sharding_group.names.append(names.get(id(p), f"param_groups[{index}] param {len(sharding_group.params) - 1}"))
     ordered = list(groups.values())
     for group in ordered:
         for i, p in enumerate(group.params):
-            (group.small if local_tensor(p).numel() <= pack_threshold else group.large).append(i)
+            packable = local_tensor(p).numel() <= pack_threshold and not group.key.fp8
+            (group.small if packable else group.large).append(i)
     accelerators = [g.key.device for g in ordered if g.key.device.type != "cpu"]
     norm_device = accelerators[0] if accelerators else torch.device("cpu")
 
@@ -126,8 +146,10 @@ def build_plan(
     # the same params (same pipeline stage), hence the same plan and the same collective order.
     reductions: dict[int, Reduction] = {}
 
-    def add(process_group, device_type, label, member):
-        reduction = reductions.setdefault(id(process_group), Reduction(process_group, device_type, label))
+    def add(process_group, device_type, label, member, over_shards=True):
+        reduction = reductions.setdefault(
+            id(process_group), Reduction(process_group, device_type, label, over_shards=over_shards)
+        )
         reduction.members.append(member)
 
     for member, group in enumerate(ordered):
@@ -141,7 +163,7 @@ def build_plan(
                     label = mesh_names[dim] if mesh_names else f"mesh dim {dim}"
                     add(mesh.get_group(mesh_dim=dim), mesh.device_type, label, member)
         if group.key.is_expert and ep is not None and (ep_axis_name is None or ep_axis_name not in mesh_names):
-            add(ep[0], ep[1], "ep", member)
+            add(ep[0], ep[1], "ep", member, over_shards=False)
     pp_reduction = Reduction(pp[0], pp[1], "pp") if pp is not None else None
     return Plan(params_signature(param_lists), ordered, norm_device, list(reductions.values()), pp_reduction)
 

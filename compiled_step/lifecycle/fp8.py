@@ -48,10 +48,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
+
+from compiled_step import collectives
 
 __all__ = [
     "FP8_SCALE_EPS",
@@ -343,7 +344,7 @@ def fp8_weight_amax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack([local[i] for i in indices]).to(wire_dtype)
         for mesh_dim, placement in enumerate(placements):
             if not placement.is_replicate():
-                dist.all_reduce(stacked, op=dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
+                collectives.all_reduce_max_over_mesh_dim(stacked, mesh, mesh_dim)
         for slot, i in enumerate(indices):
             local[i] = stacked[slot].to(dtype)
     device = local[0].device

@@ -144,14 +144,21 @@ def update(
     table: torch.Tensor,  # [B, len(COLUMNS)] float32 per-tensor scalars
     grad_coef: torch.Tensor,  # [] float32: scale * clip coefficient * (-1 if maximize)
     finite: torch.Tensor,  # [] bool: total norm is finite; False keeps everything bit-identical
-) -> None:
+    compute_amax: bool = False,  # graph constant: also return max|p| of the stored params (FP8 scales)
+) -> torch.Tensor | None:  # [B] float32 amax per param when compute_amax, else None
+    amaxes = []
     for j in range(len(params)):
         p, m, v = params[j], exp_avgs[j], exp_avg_sqs[j]
         vm = max_exp_avg_sqs[j] if max_exp_avg_sqs is not None else None
         p32, m32, v32 = p.float(), m.float(), v.float()
         vm32 = vm.float() if vm is not None else None
         p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, grad_coef, lambda k: table[j, k])
-        _store(finite, [(p, p_new, p32), (m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else []))
+        _store(finite, [(m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else []))
+        p_stored = torch.where(finite, p_new, p32).to(p.dtype)
+        p.copy_(p_stored)
+        if compute_amax:  # a reduction over the values being stored: same loop, no extra read
+            amaxes.append(p_stored.abs().amax().float())
+    return torch.stack(amaxes) if compute_amax else None
 
 
 def update_packed(

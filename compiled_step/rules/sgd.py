@@ -106,7 +106,9 @@ def update(
     table: torch.Tensor,  # [B, len(COLUMNS)] float32 per-tensor scalars
     grad_coef: torch.Tensor,  # [] float32: scale * clip coefficient * (-1 if maximize)
     finite: torch.Tensor,  # [] bool: total norm is finite; False keeps everything bit-identical
-) -> None:
+    compute_amax: bool = False,  # graph constant: also return max|p| of the stored params (FP8 scales)
+) -> torch.Tensor | None:  # [B] float32 amax per param when compute_amax, else None
+    amaxes = []
     for j in range(len(params)):
         p = params[j]
         buf = momentum_buffers[j] if momentum_buffers is not None else None
@@ -115,7 +117,11 @@ def update(
         p_new, buf_new = _math(p32, grads[j], buf32, grad_coef, lambda k: table[j, k])
         if buf is not None:
             buf.copy_(torch.where(finite, buf_new, buf32))
-        p.copy_(torch.where(finite, p_new, p32))
+        p_stored = torch.where(finite, p_new, p32).to(p.dtype)
+        p.copy_(p_stored)
+        if compute_amax:
+            amaxes.append(p_stored.abs().amax().float())
+    return torch.stack(amaxes) if compute_amax else None
 
 
 def update_packed(
