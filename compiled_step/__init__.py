@@ -6,7 +6,23 @@ Automodel ``components.training.utils``) are available under the same names.
 
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN, mark_experts
 from compiled_step.fused_step import DistributedConfig, FusedStep, FusedStepConfig
+from compiled_step.lifecycle import (
+    FirstMicrobatchFlag,
+    GradAccumulation,
+    ScopedModuleOffloading,
+    accumulate,
+    feed_first_microbatch_flag,
+    find_float8_fsdp_weights,
+    fp8_scales_from_amax,
+    move_to_device,
+    precompute_fp8_scales_for_fsdp,
+    prepare_after_first_microbatch,
+    prepare_for_final_backward,
+    prepare_for_grad_accumulation,
+    store_fp8_scales_for_fsdp,
+)
 from compiled_step.nemo_compat import _clip_grad_norm_impl, clip_grad_norm, scale_grads_and_clip_grad_norm
+from compiled_step.padding import count_tail_padding, count_tail_padding_tensor
 
 __all__ = [
     "FusedStep",
@@ -17,4 +33,21 @@ __all__ = [
     "_clip_grad_norm_impl",
     "scale_grads_and_clip_grad_norm",
     "_TE_EXPERT_PARAM_PATTERN",
+    # the seed's lifecycle helpers
+    "prepare_for_grad_accumulation",
+    "prepare_for_final_backward",
+    "prepare_after_first_microbatch",
+    "ScopedModuleOffloading",
+    "move_to_device",
+    "count_tail_padding",
+    # beyond the seed
+    "count_tail_padding_tensor",
+    "GradAccumulation",
+    "accumulate",
+    "FirstMicrobatchFlag",
+    "feed_first_microbatch_flag",
+    "fp8_scales_from_amax",
+    "find_float8_fsdp_weights",
+    "store_fp8_scales_for_fsdp",
+    "precompute_fp8_scales_for_fsdp",
 ]
