@@ -136,6 +136,21 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _source_revision() -> str:
+    """The git commit of the compiled_step being measured, and whether its files had local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "not a git checkout"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "compiled_step"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    return head.stdout.strip() + (" with uncommitted changes in compiled_step/" if dirty else "")
+
+
 def machine_info(device: torch.device) -> dict:
     try:
         cores = len(os.sched_getaffinity(0))
@@ -151,6 +166,7 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "source": _source_revision(),
         "last_level_cache_bytes": _last_level_cache_bytes(device),
     }
     return info
@@ -837,6 +853,7 @@ def benchmarks_md(command: str, machine: dict, tables: str, goals: list[Goal], s
         f"{_fmt_load(machine.get('load_average_at_end'))} at the end (anything well above 0 means other "
         "processes shared the cores while this ran)",
         f"- Inductor cache: {machine.get('inductor_cache', 'default')}",
+        f"- compiled_step source: {machine.get('source', 'unknown')}",
         "",
         "## Results",
         "",
