@@ -130,7 +130,7 @@ def build_plan(
         for p in params:
             local = local_tensor(p)
             is_expert = id(p) in expert_ids or _on_ep_mesh(p, ep_axis_name)
-            key = GroupKey(index, local.device, p.dtype, mesh_key_of(p), is_expert)
+            key = GroupKey(index, local.device, p.dtype, mesh_key_of(p), is_expert, fp8=id(p) in fp8_ids)
             sharding_group = groups.setdefault(key, ShardingGroup(key))
             sharding_group.params.append(p)
             sharding_group.names.append(names.get(id(p), f"param_groups[{index}] param {len(sharding_group.params) - 1}"))
