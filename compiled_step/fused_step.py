@@ -349,13 +349,14 @@ class FusedStep:
 
     def _run_packed(self, w, var, packed, table, active, grad_coef, finite) -> None:
         rule, compiler = self.rule, self._compiler
-        flat_params = gradnorm._flatten(w.small_local)
+        flat_params = packed.param_buffer
+        torch._foreach_copy_(packed.param_views, w.small_local)
         state_args = rule.packed_state_args(var, packed.arenas)
         update_packed = compiler.get(rule.update_packed)
         signature = ("update_packed", rule.NAME, var, flat_params.dtype, w.packed_grad.dtype, flat_params.device.type)
         with compiler.first_call(signature, f"packed update graph ({rule.NAME}, {var}, {flat_params.dtype})"):
             update_packed(flat_params, w.packed_grad, *state_args, packed.segment, table, active, grad_coef, finite)
-        gradnorm.unflatten_into(flat_params, w.small_local)
+        torch._foreach_copy_(w.small_local, packed.param_views)
         if packed.steps is not None:
             packed.steps.add_((finite & active).to(torch.float32))
 

@@ -50,6 +50,7 @@ class GradNorm:
         self.bucket_size = bucket_size
         self.compiler = compiler
         self._dummies: dict[tuple, tuple] = {}
+        self._grad_packs: dict[tuple, tuple] = {}  # (id(group), grad dtype) -> (group, buffer, views)
         self._norm_order: dict[torch.device, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ collect
@@ -80,11 +81,33 @@ class GradNorm:
                 g = self._grad(p)
                 small_local.append(planning.local_tensor(p))
                 small_grads.append(None if g is None else planning.local_tensor(g))
-            packed = None
-            if any(g is not None for g in small_grads):
-                packed = _flatten([g if g is not None else torch.zeros_like(p) for p, g in zip(small_local, small_grads)])
+            packed = self._pack_grads(group, small_local, small_grads)
             work.append(GroupWork(group, params, flat_params, flat_grads, nonempty, small_local, small_grads, packed))
         return work
+
+    def _pack_grads(self, group, small_local, small_grads) -> torch.Tensor | None:
+        """The small grads copied end to end into a persistent buffer (zeros where a param has no
+        grad); None when none has a grad. One foreach copy per step, no per-step views."""
+        active = [g for g in small_grads if g is not None]
+        if not active:
+            return None
+        key = (id(group), active[0].dtype)
+        entry = self._grad_packs.get(key)
+        if entry is None or entry[0] is not group:
+            total = sum(t.numel() for t in small_local)
+            buffer = torch.empty(total, dtype=active[0].dtype, device=active[0].device)
+            views, offset = [], 0
+            for t in small_local:
+                views.append(buffer[offset: offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            entry = self._grad_packs[key] = (group, buffer, views)
+        _, buffer, views = entry
+        if len(active) == len(small_grads):
+            torch._foreach_copy_(views, small_grads)
+        else:
+            torch._foreach_copy_([v for v, g in zip(views, small_grads) if g is not None], active)
+            torch._foreach_zero_([v for v, g in zip(views, small_grads) if g is None])
+        return buffer
 
     @staticmethod
     def _grad(p: torch.Tensor) -> torch.Tensor | None:
