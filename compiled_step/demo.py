@@ -557,11 +557,12 @@ def plot_metrics(result: DemoResult, path: Path) -> Path:
     return path
 
 
-def dump_graphs(out_dir: Path, fused: Any, log: Callable[[str], None] = print) -> bool:
+def dump_graphs(out_dir: Path, fused: Any, log: Callable[[str], None] = print) -> list | None:
     """Write the run's compiled graphs with compiled_step.graphs.dump_run_graphs, if it exists.
 
-    Returns whether graphs were written. A missing graphs module or function is reported in a
-    printed line (never skipped silently); an error inside dump_run_graphs propagates.
+    Returns what dump_run_graphs returns (the paths it wrote), or None when it is not available.
+    A missing graphs module or function is reported in a printed line (never skipped silently);
+    an error inside dump_run_graphs propagates.
     """
     import importlib
 
@@ -574,13 +575,13 @@ def dump_graphs(out_dir: Path, fused: Any, log: Callable[[str], None] = print) -
         if e.name != "compiled_step.graphs":
             raise  # graphs.py exists but one of its own imports is missing: that is a real error
         log("graphs: NOT written: compiled_step.graphs is not in this checkout yet (graphs.py has not landed)")
-        return False
+        return None
     dump = getattr(graphs, "dump_run_graphs", None)
     if dump is None:
         log("graphs: NOT written: compiled_step.graphs has no dump_run_graphs(out_dir, fused) yet")
-        return False
-    dump(out_dir, fused)
-    return True
+        return None
+    written = dump(out_dir, fused)
+    return list(written) if written is not None else []
 
 
 # --- Command line -------------------------------------------------------------------------------------
@@ -654,6 +655,11 @@ def main(argv: list[str]) -> int:
     csv_path, json_path = write_metrics(result, out_dir)
     png_path = plot_metrics(result, out_dir / "curves.png")
     print(f"output: {out_dir}/ ({csv_path.name}, {json_path.name}, {png_path.name})")
-    if dump_graphs(out_dir, result.fused_step):
-        print(f"graphs: written under {out_dir}/")
+    print("graphs: writing the run's graphs (dump_run_graphs re-captures them on synthetic tensors)...",
+          flush=True)
+    written = dump_graphs(out_dir, result.fused_step)
+    if written is not None:
+        names = ", ".join(sorted(str(Path(p).relative_to(out_dir)) if Path(p).is_relative_to(out_dir) else str(p)
+                                 for p in written))
+        print(f"graphs: {len(written)} file(s) in {out_dir}/: {names}")
     return 0 if result.agree else 1

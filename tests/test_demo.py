@@ -219,7 +219,7 @@ def test_dump_graphs_reports_missing_module(monkeypatch):
     # None in sys.modules makes the import fail with ModuleNotFoundError, as if graphs.py were absent.
     monkeypatch.setitem(sys.modules, "compiled_step.graphs", None)
     lines = []
-    assert demo.dump_graphs("unused", object(), log=lines.append) is False
+    assert demo.dump_graphs("unused", object(), log=lines.append) is None
     assert len(lines) == 1 and "NOT written" in lines[0] and "graphs.py" in lines[0]
 
 
@@ -227,12 +227,16 @@ def test_dump_graphs_reports_missing_function_and_calls_it(monkeypatch, tmp_path
     fake = types.ModuleType("compiled_step.graphs")
     monkeypatch.setitem(sys.modules, "compiled_step.graphs", fake)
     lines = []
-    assert demo.dump_graphs(tmp_path, object(), log=lines.append) is False
+    assert demo.dump_graphs(tmp_path, object(), log=lines.append) is None
     assert "no dump_run_graphs" in lines[0]
     calls = []
-    fake.dump_run_graphs = lambda out_dir, fused: calls.append((out_dir, fused))
+    def fake_dump(out_dir, fused):
+        calls.append((out_dir, fused))
+        return [out_dir / "graphs" / "a.txt"]
+
+    fake.dump_run_graphs = fake_dump
     sentinel = object()
-    assert demo.dump_graphs(tmp_path, sentinel, log=lines.append) is True
+    assert demo.dump_graphs(tmp_path, sentinel, log=lines.append) == [tmp_path / "graphs" / "a.txt"]
     assert calls == [(tmp_path, sentinel)]
 
 
@@ -260,6 +264,22 @@ def _check_outputs(out_dir, steps):
     return rows, summary
 
 
+def _check_graphs(out_dir, printed):
+    """Graphs are written when compiled_step.graphs.dump_run_graphs exists, else a line says so."""
+    import importlib
+
+    try:
+        available = hasattr(importlib.import_module("compiled_step.graphs"), "dump_run_graphs")
+    except ModuleNotFoundError:
+        available = False
+    if available:
+        files = [p for p in (out_dir / "graphs").rglob("*") if p.is_file()]
+        assert files and all(p.stat().st_size > 0 for p in files)
+        assert f"graphs: {len(files)} file(s)" in printed
+    else:
+        assert "graphs: NOT written" in printed
+
+
 def test_demo_end_to_end_no_compile(tmp_path, capsys):
     out = tmp_path / "run"
     rc = demo.main(["--model", "tiny", "--steps", "6", "--no-compile", "--no-progress", "--out", str(out)])
@@ -267,7 +287,7 @@ def test_demo_end_to_end_no_compile(tmp_path, capsys):
     assert rc == 0, printed
     rows, summary = _check_outputs(out, 6)
     assert "AGREE" in printed and f"output: {out}/" in printed
-    assert "graphs:" in printed  # written or an explicit NOT-written line, never silent
+    _check_graphs(out, printed)
     assert summary["config"]["compile"] is False
 
 
@@ -287,6 +307,7 @@ def test_demo_end_to_end_compiled(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     _, summary = _check_outputs(out, 3)
+    _check_graphs(out, printed)
     assert summary["config"]["compile"] is True
     assert summary["summary"]["median_opt_ratio_eager_over_fused"] > 0
 
