@@ -444,17 +444,20 @@ class FusedStep:
 
         Before the update every state tensor moves to its param's device, after it back to the
         CPU. With params on the CPU (a CPU-only machine, or FSDP2's CPUOffloadPolicy) nothing moves.
-        Packed arenas live only during the step in this mode: adoption copies the state in. The copy
-        back to the CPU is blocking (a sync, the one exception to sync-free steps): state read on
-        the host right after ``step()`` must be complete.
+        Packed arenas live only during the step when state moved off them: adoption copies the state
+        back in. When nothing moved (CPU params) the arenas are kept, so the CPU path costs what it
+        costs without offload. The copy back to the CPU is blocking (a sync, the one exception to
+        sync-free steps): state read on the host right after ``step()`` must be complete.
         """
+        moved = False
         for p, state in self.optimizer.state.items():
             device = planning.local_tensor(p).device if to_params else torch.device("cpu")
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and planning.local_tensor(value).device != device:
                     state[key] = value.to(device, non_blocking=to_params)
-        if not to_params:
-            self._packed_states = {}
+                    moved = True
+        if moved and not to_params:
+            self._packed_states = {}  # the state entries are no longer views into the arenas
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Same as ``optimizer.zero_grad(set_to_none)``."""
