@@ -340,6 +340,23 @@ def test_offload_optimizer_state_on_cpu_is_bit_identical():
     assert bool(torch.isinf(on[2][2])) and int(on[4].skipped_steps) == 1  # the skip really happened
 
 
+def test_offload_on_cpu_keeps_the_packed_state_between_steps():
+    """On a CPU-only machine nothing moves, so the CPU path must cost what it costs without offload:
+    the packed params' state stays the same arena views from step to step instead of being
+    re-adopted into fresh arenas every step (which made a step ~8x slower with 400 small params)."""
+    params = make_params()
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    fused = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK, offload_optimizer_state=True)
+    small = [p for p in params if p.numel() <= PACK]
+    seen = []
+    for t in range(3):
+        set_grads(params, make_grads(params, t))
+        fused.step()
+        seen.append([(opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in small])
+    for before, after in zip(seen[1:], seen[2:]):
+        assert all(a is b for pair_a, pair_b in zip(before, after) for a, b in zip(pair_a, pair_b))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: optimizer state kept on the CPU between steps")
 def test_offload_optimizer_state_cuda_lives_on_cpu_between_steps_and_matches():
     off = _offload_run(False, "cuda")
