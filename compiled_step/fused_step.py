@@ -225,81 +225,87 @@ class FusedStep:
         return gradnorm.group_scales(plan, base, expert)
 
     def _phase_b(self, work: list[gradnorm.GroupWork], result: norms.NormResult, scales: list) -> None:
-        rule, compiler, optimizer = self.rule, self._compiler, self.optimizer
-        update = compiler.get(rule.update)
+        """Update every group: first build all state and scalar tables (this can still raise, on a
+        bad hyperparameter, before anything changed), then run the compiled updates."""
+        optimizer = self.optimizer
         finite_by_device: dict[torch.device, torch.Tensor] = {}
-        pending = []
-        # First build every table and state (can still raise on a bad hyperparameter), then mutate.
-        packed_pending = []
+        large, packed = [], []
         for index, (w, scale) in enumerate(zip(work, scales)):
             pg = optimizer.param_groups[w.group.key.param_group]
-            var = rule.variant(pg)
-            local_device = w.group.key.device
+            var = self.rule.variant(pg)
+            device = w.group.key.device
             coef = result.clip_coef if scale is None else result.clip_coef * scale
-            sign = -1.0 if pg.get("maximize", False) else 1.0
-            grad_coef = (coef * sign).to(device=local_device, dtype=torch.float32, non_blocking=True)
-            if local_device not in finite_by_device:
-                finite_by_device[local_device] = result.finite.to(local_device, non_blocking=True)
+            sign = -1.0 if pg.get("maximize", False) else 1.0  # maximize: ascend, i.e. negate the grad
+            grad_coef = (coef * sign).to(device=device, dtype=torch.float32, non_blocking=True)
+            if device not in finite_by_device:
+                finite_by_device[device] = result.finite.to(device, non_blocking=True)
             if w.packed_grad is not None:
-                packed_pending.append(self._prepare_packed(index, w, pg, var, grad_coef))
-            if not w.params:
-                continue
-            states, state_tensors, steps = [], [], []
-            if rule.needs_state(var):
-                for p in w.params:
-                    st = optimizer.state[p]
-                    tensors, step = rule.state_tensors(p, st, var, local_device)
-                    states.append(st)
-                    state_tensors.append(tuple(planning.local_tensor(t) for t in tensors))
-                    steps.append(step)
-            else:  # e.g. SGD without momentum: torch keeps no state, and neither do we
-                states = [{}] * len(w.params)
-                state_tensors = [()] * len(w.params)
-                steps = [None] * len(w.params)
-            vector = rule.per_tensor_vector(states, steps, local_device)
-            table = rule.scalar_table(optimizer, pg, vector[w.nonempty] if len(w.nonempty) != len(w.params) else vector)
-            pending.append((w, var, state_tensors, steps, table, grad_coef))
+                packed.append(self._prepare_packed(index, w, pg, var, grad_coef))
+            if w.params:
+                large.append(self._prepare_large(w, pg, var, grad_coef))
 
         amax_by_param: dict[int, torch.Tensor] = {}
-        for w, var, state_tensors, steps, table, grad_coef in pending:
-            finite = finite_by_device[w.group.key.device]
-            want_amax = w.group.key.fp8
-            flat_states = [tuple(gradnorm.flat(t) for t in state_tensors[i]) for i in w.nonempty]
-            n_state = len(flat_states[0]) if flat_states else 0
-            bucket_size = self.config.bucket_size
-            n_rows = len(w.flat_params)
-            padded_rows = -(-n_rows // bucket_size) * bucket_size
-            if padded_rows != n_rows:
-                table = torch.nn.functional.pad(table, (0, 0, 0, padded_rows - n_rows))
-            tables = table.view(-1, bucket_size, table.shape[1]) if n_rows else table
-            for b, bucket in enumerate(self._norm.buckets(n_rows)):
-                params = [w.flat_params[i] for i in bucket]
-                grads = [w.flat_grads[i] for i in bucket]
-                bucket_states = [flat_states[i] for i in bucket]
-                dummy_p, dummy_g, dummy_s = self._norm.dummies_for(params[0], grads[0], n_state)
-                params, grads = self._norm.pad(params, dummy_p), self._norm.pad(grads, dummy_g)
-                bucket_states = self._norm.pad(bucket_states, dummy_s)
-                state_args = rule.state_lists(var, bucket_states)
-                signature = ("update", rule.NAME, var, want_amax, params[0].dtype, grads[0].dtype, params[0].device.type)
-                with compiler.first_call(signature, f"Phase B update graph ({rule.NAME}, {var}, {params[0].dtype})"):
-                    amax = update(params, grads, *state_args, tables[b], grad_coef, finite, compute_amax=want_amax)
-                if want_amax:
-                    for slot, i in enumerate(bucket):
-                        amax_by_param[id(w.params[w.nonempty[i]])] = amax[slot]
-            real_steps = [s for s in steps if s is not None]
-            if real_steps:
-                torch._foreach_add_(real_steps, finite.to(torch.float32))
-        for packed in packed_pending:
-            self._run_packed(*packed, finite_by_device[packed[0].group.key.device])
+        for prepared in large:
+            self._run_large(*prepared, finite_by_device[prepared[0].group.key.device], amax_by_param)
+        for prepared in packed:
+            self._run_packed(*prepared, finite_by_device[prepared[0].group.key.device])
         if self._fp8_weights:
             self._update_fp8_scales(amax_by_param)
+
+    def _prepare_large(self, w, pg, var, grad_coef):
+        """State (created lazily in torch's format) and the scalar table for a group's large params."""
+        rule, device = self.rule, w.group.key.device
+        states, state_tensors, steps = [], [], []
+        if rule.needs_state(var):
+            for p in w.params:
+                st = self.optimizer.state[p]
+                tensors, step = rule.state_tensors(p, st, var, device)
+                states.append(st)
+                state_tensors.append(tuple(planning.local_tensor(t) for t in tensors))
+                steps.append(step)
+        else:  # e.g. SGD without momentum: torch keeps no state, and neither do we
+            states = [{}] * len(w.params)
+            state_tensors = [()] * len(w.params)
+            steps = [None] * len(w.params)
+        vector = rule.per_tensor_vector(states, steps, device)
+        table = rule.scalar_table(self.optimizer, pg, vector[w.nonempty] if len(w.nonempty) != len(w.params) else vector)
+        return w, var, state_tensors, steps, table, grad_coef
+
+    def _run_large(self, w, var, state_tensors, steps, table, grad_coef, finite, amax_by_param) -> None:
+        """The bucket update over a group's large params, ``bucket_size`` tensors per call."""
+        rule, compiler, norm = self.rule, self._compiler, self._norm
+        update = compiler.get(rule.update)
+        want_amax = w.group.key.fp8
+        flat_states = [tuple(gradnorm.flat(t) for t in state_tensors[i]) for i in w.nonempty]
+        n_state = len(flat_states[0]) if flat_states else 0
+        bucket_size = self.config.bucket_size
+        n_rows = len(w.flat_params)
+        padded_rows = -(-n_rows // bucket_size) * bucket_size
+        if padded_rows != n_rows:  # padding slots get zero scalars; what they compute is discarded
+            table = torch.nn.functional.pad(table, (0, 0, 0, padded_rows - n_rows))
+        tables = table.view(-1, bucket_size, table.shape[1]) if n_rows else table
+        for b, bucket in enumerate(norm.buckets(n_rows)):
+            params = [w.flat_params[i] for i in bucket]
+            grads = [w.flat_grads[i] for i in bucket]
+            bucket_states = [flat_states[i] for i in bucket]
+            dummy_p, dummy_g, dummy_s = norm.dummies_for(params[0], grads[0], n_state)
+            params, grads = norm.pad(params, dummy_p), norm.pad(grads, dummy_g)
+            state_args = rule.state_lists(var, norm.pad(bucket_states, dummy_s))
+            signature = ("update", rule.NAME, var, want_amax, params[0].dtype, grads[0].dtype, params[0].device.type)
+            with compiler.first_call(signature, f"Phase B update graph ({rule.NAME}, {var}, {params[0].dtype})"):
+                amax = update(params, grads, *state_args, tables[b], grad_coef, finite, compute_amax=want_amax)
+            if want_amax:
+                for slot, i in enumerate(bucket):
+                    amax_by_param[id(w.params[w.nonempty[i]])] = amax[slot]
+        real_steps = [s for s in steps if s is not None]
+        if real_steps:
+            torch._foreach_add_(real_steps, finite.to(torch.float32))
 
     def _update_fp8_scales(self, amax_by_param: dict[int, torch.Tensor]) -> None:
         """Scales from the amax the update computed: one MAX all-reduce per process group, then
         torchao's formula, stored where torchao's FSDP float8 all-gather reads them."""
         plan = self._plan
         amax_by_group: dict[int, torch.Tensor] = {}
-        order: list[tuple[int, int]] = []  # (group index, position) of each FP8 weight, plan order
         for index, group in enumerate(plan.groups):
             if not group.key.fp8:
                 continue
@@ -310,7 +316,6 @@ class FusedStep:
                     local = planning.local_tensor(p).detach()
                     amax = local.abs().amax().float() if local.numel() else local.new_zeros((), dtype=torch.float32)
                 values.append(amax.to(plan.norm_device))
-                order.append((index, len(values) - 1))
             amax_by_group[index] = torch.stack(values)
         reduced = collectives.reduce_amax(amax_by_group, plan)
         by_id = {}
