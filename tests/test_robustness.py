@@ -247,3 +247,60 @@ def test_grad_device_mismatch_raises_before_any_change_cuda():
     with pytest.raises(ValueError, match="grad is on cpu but the param is on cuda"):
         stepper.step()
     assert_bit_identical(before, keep, opt)
+
+
+# ------------------------------------------------------------------------------- host syncs
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records every call that reads a tensor's value on the host (a device sync on an accelerator)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls,kwargs", [(torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+                                        (torch.optim.SGD, dict(lr=1e-2, momentum=0.9))])
+def test_step_reads_no_tensor_value_on_the_host(cls, kwargs):
+    # The orchestration (plan, norm stage, tables, state, counters) is the same with compile=False;
+    # a mode cannot see inside compiled graphs, which cannot sync anyway.
+    params = make_params()
+    opt = cls(params, **kwargs)
+    stepper = FusedStep(opt, max_grad_norm=1.0, compile=False, bucket_size=BUCKET, pack_threshold=PACK)
+    for step in range(3):
+        grads = make_grads(params, step)
+        if step == 1:
+            grads[0].view(-1)[0] = math.nan  # the skip path, too
+        set_grads(params, grads)
+        with _HostReads() as reads:
+            stepper.step(grad_scale=torch.tensor(0.5))
+        assert reads.calls == [], f"step {step} read tensor values on the host: {reads.calls}"
+    # The mode does see such reads (a check that can fail):
+    with _HostReads() as reads:
+        stepper.skipped_steps.item()
+    assert reads.calls == ["item"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for torch.cuda.set_sync_debug_mode")
+def test_step_does_not_sync_the_cuda_device():
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
+    stepper = FusedStep(torch.optim.AdamW(params, lr=1e-2), max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
+    for step in range(3):
+        set_grads(params, [g.cuda() for g in make_grads(params, step)])
+        if step == 0:
+            stepper.step()  # compiles (compilation itself may sync)
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            stepper.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
