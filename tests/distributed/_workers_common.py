@@ -16,16 +16,15 @@ clipping by that norm. Nothing from ``compiled_step`` is used by the reference.
 
 Spawning costs ~2 s per process (importing torch), so all scenarios of both test modules that use
 a world size run in ONE spawn (``results(world_size)``, cached per pytest session) and the tests
-assert on the returned records. A scenario that raises is recorded as a traceback on every rank
-(the builders raise symmetrically), so one failure does not hide the others.
+assert on the returned records. A scenario that raises ends the spawn at once (a rank that went on
+would leave the others hanging in a collective); every test of that world size then fails with the
+tracebacks, which name the scenario. The outcome, good or bad, is cached: one spawn per session.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -350,29 +349,39 @@ def worker(rank: int, world_size: int) -> dict:
     api = _functional_api()
     for sc in _scenarios(world_size):
         start = time.perf_counter()
+        # Fail fast: a rank that raised and went on to the next scenario would leave the others
+        # waiting in a collective until the timeout; raising ends the spawn at once and the harness
+        # reports every rank's traceback, named by scenario.
         try:
             out[sc.name] = _run_fused(rank, world_size, sc)
-        except Exception:
-            out[sc.name] = {"error": traceback.format_exc()}
-        if api is None:
-            continue
-        for fn_name in sc.functional:
-            try:
-                out[f"{sc.name}/{fn_name}"] = _run_functional(rank, world_size, sc, fn_name)
-            except Exception:
-                out[f"{sc.name}/{fn_name}"] = {"error": traceback.format_exc()}
+            if api is not None:
+                for fn_name in sc.functional:
+                    out[f"{sc.name}/{fn_name}"] = _run_functional(rank, world_size, sc, fn_name)
+        except Exception as exc:
+            raise RuntimeError(f"scenario {sc.name} raised on rank {rank}") from exc
         timing[sc.name] = time.perf_counter() - start
     out["__functional_api__"] = api is not None
     timing["total"] = time.perf_counter() - start_all
     return out
 
 
-@functools.cache
+_RESULTS: dict[int, list[dict] | BaseException] = {}
+
+
 def results(world_size: int) -> list[dict]:
-    """One spawn per world size per pytest session, shared by the norm and scaling tests."""
+    """One spawn per world size per pytest session, shared by the norm and scaling tests. A failed
+    spawn is cached too (re-raised to every later caller) so it is not re-run by every test."""
     from .harness import run_distributed
 
-    return run_distributed(worker, world_size=world_size, timeout=240)
+    if world_size not in _RESULTS:
+        try:
+            _RESULTS[world_size] = run_distributed(worker, world_size=world_size, timeout=240)
+        except Exception as exc:
+            _RESULTS[world_size] = exc
+    outcome = _RESULTS[world_size]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def scenario(name: str) -> Scenario:
