@@ -6,6 +6,7 @@ This module orchestrates; it holds no per-element math. The compiled math is in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -154,6 +155,11 @@ class FusedStep:
         if fp8_weights is None:
             fp8_weights = [t.weight for t in self._fp8_targets]
         self._fp8_weights = list(fp8_weights)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        stray = [i for i, w in enumerate(self._fp8_weights) if id(w) not in held]
+        if stray:
+            raise ValueError(f"fp8_weights[{stray[0]}] is not a param of the optimizer; FP8 scales are computed "
+                             "from the weights the step updates")
         fp8_lifecycle._check_float8_dtype(fp8_dtype)
         self._fp8_dtype = fp8_dtype
         self.fp8_scales: torch.Tensor | None = None  # float32 [n_fp8]: scales after the last step
@@ -423,7 +429,7 @@ class FusedStep:
         _run_optimizer_hooks(self.optimizer, "post")
         return result.total
 
-    def accumulate(self, num_microbatches: int) -> GradAccumulation:
+    def accumulate(self, num_microbatches: int):
         """Context manager for one step's gradient accumulation over ``num_microbatches``.
 
         Drives every FSDP2 module in ``model_parts``: no reduce-scatter and no reshard after
@@ -438,11 +444,19 @@ class FusedStep:
                     acc.add_tokens((mb["labels"] != -100).sum())
             fused.step(dp_group_size=dp)
         """
-        self._accumulation = GradAccumulation(
+        accumulation = GradAccumulation(
             list(self.distributed.model_parts), num_microbatches,
             pp_enabled=self._pp_group is not None, fp8_flag=self.first_microbatch,
         )
-        return self._accumulation
+        return self._accumulate(accumulation)
+
+    @contextlib.contextmanager
+    def _accumulate(self, accumulation: GradAccumulation):
+        self._accumulation = None
+        with accumulation:
+            yield accumulation
+        # Reached only when the block ended normally: a failed step's tokens never reach step().
+        self._accumulation = accumulation
 
     def _move_state(self, to_params: bool) -> None:
         """Keep optimizer state off the accelerator between steps (``offload_optimizer_state``).

@@ -124,11 +124,6 @@ def test_fp8_weights_are_never_packed_and_form_their_own_group():
             assert not ids & fp8_ids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an fp8_weights entry the optimizer does not hold is only noticed after the update "
-    "(KeyError in _update_fp8_scales, params and state already changed); it should be a ValueError up front",
-)
 def test_fp8_weight_not_held_by_the_optimizer_is_refused_before_anything_changes():
     params = make_params()
     stray = nn.Parameter(torch.randn(5, 5))
