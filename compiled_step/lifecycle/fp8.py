@@ -44,6 +44,7 @@ torchao is optional: without it no ``Float8Linear`` can exist, so
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -373,6 +374,10 @@ def find_float8_fsdp_weights(model_parts: nn.Module | Iterable[nn.Module]) -> li
     ``fully_shard`` applied). Returns ``[]`` when torchao is not installed, since no such
     module can exist then.
     """
+    # A Float8Linear can only exist if the user imported torchao: don't import it ourselves (slow,
+    # and on CPU-only machines it prints load errors for its CUDA kernels).
+    if "torchao.float8.float8_linear" not in sys.modules:
+        return []
     try:
         from torchao.float8.float8_linear import Float8Linear
         from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
