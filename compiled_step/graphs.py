@@ -23,9 +23,10 @@ How the capture works (the torch 2.13 APIs used are private, hence the pinned ve
   call that raises (Dynamo restarts an analysis, e.g. when it specialises a float input) records
   nothing.
 * The FusedStep's ``kernels.Compiler`` is wrapped so that every call of a compiled function is an
-  event, and ``collectives._all_reduce`` / ``norms.apply_scale`` / ``norms.finish`` are observed the
-  same way (and still run). Graphs are shared across configurations by (function, argument
-  dtypes): Dynamo reuses its cache entry for the same backend, so AdamW fp32 plain, FSDP2, TP and
+  event, and ``collectives._all_reduce``, ``norms.apply_scale``, ``norms.finish`` and
+  ``lifecycle.fp8.fp8_scales_from_amax`` are observed the same way (and still run). Graphs are
+  shared across configurations by (function, argument dtypes and structure, keyword arguments):
+  Dynamo reuses its cache entry for the same backend, so AdamW fp32 plain, unclipped, FSDP2, TP and
   EP compile their graphs once.
 * Distributed configurations run in a one-process gloo world (``HashStore``, rank 0 of 1) with
   real ``DeviceMesh``es of size 1 and real DTensor params, so the plan, its reductions and their
@@ -42,7 +43,9 @@ reference bucket) / (4 x 32768), the number comparable to the 32 B/param floor o
 DESIGN.md. The packed update's bytes per element is reported per graph.
 
 Output is deterministic: no addresses, timestamps, hashes, cache paths or line numbers; running the
-command twice gives identical files. ``tests/test_graphs.py`` regenerates every file and compares
+command twice gives identical files. Nothing in the files depends on the CPU: they came out
+identical with 1 and 2 threads and with Inductor's vector width forced to AVX2 (``cpp.simdlen=256``)
+and to scalar code (``cpp.simdlen=1``); Inductor's generated C++ does depend on it and is left out. ``tests/test_graphs.py`` regenerates every file and compares
 (``EXPECTTEST_ACCEPT=1`` rewrites them), so any change to a graph shows up as a reviewed diff.
 
 ``dump_run_graphs(out_dir, fused)`` writes the same kind of file for an existing FusedStep (the
@@ -55,12 +58,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import difflib
 import functools
 import inspect
 import logging
-import math
 import os
 import re
 import sys
@@ -72,7 +73,7 @@ from typing import Any
 
 import torch
 
-from compiled_step import collectives, kernels, norms
+from compiled_step import collectives, kernels, norms, planning
 
 __all__ = [
     "GOLDEN_TORCH_VERSION",
@@ -103,7 +104,7 @@ N_LARGE = REFERENCE_BUCKET_SIZE  # exactly one full bucket per sharding group
 SMALL_SHAPES = ((256,), (256,), (128,))  # packed: biases and norm weights
 GRAD_SCALE = 3.0  # grads ~ N(0, 9): the total norm is ~1e3, so clipping at 1.0 is active
 
-# The Python file under repo root that marks a source checkout (for the default output folder).
+# The checkout this package lives in (for the default output folder and for stripping paths).
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,10 +153,9 @@ def _shapes(n_large: int = N_LARGE, small: Sequence[tuple[int, ...]] = SMALL_SHA
     return [LARGE_SHAPE] * n_large + list(small)
 
 
-def plain_layout(dtype: torch.dtype, device: str = "cpu", n_large: int = N_LARGE,
-                 small: Sequence[tuple[int, ...]] = SMALL_SHAPES, large_shape=LARGE_SHAPE) -> Setup:
+def plain_layout(dtype: torch.dtype, device: str = "cpu", shapes: Sequence[tuple[int, ...]] | None = None) -> Setup:
     """Plain tensors on one device: no reductions (``plan.reductions`` is empty)."""
-    shapes = [large_shape] * n_large + list(small)
+    shapes = list(shapes) if shapes is not None else _shapes()
     params = [torch.nn.Parameter(t.to(device)) for t in _values(shapes, dtype, seed=0)]
     return Setup(params, lambda step: [g.to(device) for g in _values(shapes, dtype, 1000 + step, GRAD_SCALE)])
 
@@ -193,6 +193,16 @@ def tp_replicate_shard_layout(dtype: torch.dtype) -> Setup:
         "params: DTensors with placements (Replicate(), Shard(dim=0)) on a 2-D DeviceMesh ('dp_replicate', 'tp') "
         "of shape (1, 1); the norm is reduced over 'tp' only (a Replicate dim holds copies, not parts)",
     ])
+
+
+def fp8_amax_layout(dtype: torch.dtype) -> Setup:
+    """FSDP2 ``Shard(0)`` params whose 4 large weights are FP8 weights (``fp8_weights=``): their update
+    also returns max|w| of the stored values, MAX-reduced over the shards for the FP8 scales."""
+    setup = fsdp2_shard0_layout(dtype)
+    setup.fused_kwargs = dict(fp8_weights=setup.params[:N_LARGE])
+    setup.notes.append("fp8_weights: the 4 bucketed params (FP8 weights are never packed; they form their own "
+                       "sharding group), fp8_dtype=torch.float8_e4m3fn")
+    return setup
 
 
 class _Experts(torch.nn.Module):
@@ -266,9 +276,8 @@ REFERENCES: tuple[Reference, ...] = (
               layout=tp_replicate_shard_layout, distributed=True),
     Reference("ep_experts", "AdamW, fp32, an expert sharding group with EP scaling (and PP)", torch.optim.AdamW,
               _ADAMW, layout=ep_experts_layout, distributed=True),
-    # FP8 amax variant: FusedStep does not compute FP8 amax/scales inside the update yet (lifecycle/fp8.py
-    # has the pure ``fp8_scales_from_amax``; wiring it into Phase B is in progress). Add its Reference here
-    # when FusedStep takes the option, then regenerate.
+    Reference("fp8_amax", "AdamW, fp32, FSDP2 Shard(0), FP8 weights: amax of the new weights inside the update",
+              torch.optim.AdamW, _ADAMW, layout=fp8_amax_layout, distributed=True),
 )
 
 
@@ -517,7 +526,8 @@ class CaptureSession:
     def call(self, fn, compiled, *args, **kwargs):
         key = (fn, _arg_key(args), _arg_key(sorted(kwargs.items())))
         before = len(self.backend.graphs)
-        self.backend.current_function = _function_name(fn)
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()) if v is not None and v is not False)
+        self.backend.current_function = _function_name(fn) + (f"({shown})" if shown else "")
         result = compiled(*args, **kwargs)
         new = list(range(before, len(self.backend.graphs)))
         if new:
@@ -547,17 +557,28 @@ class CaptureSession:
     @contextlib.contextmanager
     def observing(self) -> Iterator[list[Event]]:
         """Record graph calls, eager scaling, collectives and the norm finish of one step, in order."""
+        from compiled_step.lifecycle import fp8 as fp8_lifecycle
+
         events: list[Event] = []
         real_all_reduce, real_scale, real_finish = collectives._all_reduce, norms.apply_scale, norms.finish
+        real_fp8_scales = fp8_lifecycle.fp8_scales_from_amax
 
         def all_reduce(t, op, reduction):
             op_name = getattr(op, "name", None) or str(op).rsplit(".", 1)[-1]
-            members = f"stacked partials of groups {list(reduction.members)}" if reduction.members else (
-                "the combined partial of all groups")
+            if any(e.kind == "finish" for e in events):  # after the norm: the FP8 weights' amax
+                carries = "amax of the FP8 weights"
+            elif reduction.members:
+                carries = f"partial norms of groups {list(reduction.members)}, stacked"
+            else:
+                carries = "the combined partial norm of all groups"
             shape = ", ".join(str(s) for s in t.shape)
             events.append(Event("all_reduce", f"all_reduce({op_name}) over {reduction.label!r}: "
-                                              f"{_abbr(t.dtype)}[{shape}] ({members})"))
+                                              f"{_abbr(t.dtype)}[{shape}] ({carries})"))
             return real_all_reduce(t, op, reduction)
+
+        def fp8_scales(*args, **kwargs):
+            events.append(Event("fp8", "FP8 scales from the amax (torchao's formula; no sync)"))
+            return real_fp8_scales(*args, **kwargs)
 
         def apply_scale(kind, partial, scale):
             if scale is not None:
@@ -572,10 +593,12 @@ class CaptureSession:
 
         self.events = events
         collectives._all_reduce, norms.apply_scale, norms.finish = all_reduce, apply_scale, finish
+        fp8_lifecycle.fp8_scales_from_amax = fp8_scales
         try:
             yield events
         finally:
             collectives._all_reduce, norms.apply_scale, norms.finish = real_all_reduce, real_scale, real_finish
+            fp8_lifecycle.fp8_scales_from_amax = real_fp8_scales
             self.events = None
 
 
@@ -583,7 +606,12 @@ _SESSION: CaptureSession | None = None
 
 
 def session() -> CaptureSession:
-    """The process-wide capture session (compiled graphs are shared by every capture)."""
+    """The process-wide session of the reference configurations, whose graphs they share.
+
+    Only captures at the reference sizes may use it: a graph's byte counts are those of the call
+    that compiled it, and a later capture with the same functions and dtypes reuses it. A run dump
+    (``dump_run_graphs``) therefore gets a session of its own.
+    """
     global _SESSION
     if _SESSION is None:
         _SESSION = CaptureSession()
@@ -625,11 +653,11 @@ class Capture:
     graph_breaks: list[str]
     recompiles_step2: int | None  # None: step 2 did not run (a graph break stopped the capture)
     reference_elements: int  # elements of the reference bucket (bytes-per-parameter divisor)
+    bucket_line: str = ""  # what each sharding group holds (the sizes graphs are compiled at)
+    generated_by: list[str] = field(default_factory=list)  # header lines after the first
 
 
 def _group_lines(plan) -> list[str]:
-    from compiled_step import planning
-
     lines = []
     for i, group in enumerate(plan.groups):
         key = group.key
@@ -642,7 +670,7 @@ def _group_lines(plan) -> list[str]:
         small = getattr(group, "small", ())
         lines.append(
             f"group {i}: param_groups[{key.param_group}], {key.device.type}, {str(key.dtype).replace('torch.', '')}, "
-            f"{mesh}, expert={key.is_expert}; {len(group.params)} params ({len(large)} bucketed, {len(small)} packed), "
+            f"{mesh}, expert={key.is_expert}{', FP8 weights' if getattr(key, 'fp8', False) else ''}; {len(group.params)} params ({len(large)} bucketed, {len(small)} packed), "
             f"{sum(sizes):,} local elements"
         )
     lines.append("plan.reductions (one collective each, in this order): " + (
@@ -656,8 +684,16 @@ def _break_reason(error: BaseException) -> str:
     return _normalize_text(f"{type(error).__name__}: {first}")
 
 
+_GENERATED_BY = [
+    f"# Generated by `python -m compiled_step graphs` (compiled_step/graphs.py) with torch {GOLDEN_TORCH_VERSION} "
+    "on CPU. Do not edit:",
+    "# regenerate with `python -m compiled_step graphs` or `EXPECTTEST_ACCEPT=1 python -m pytest tests/test_graphs.py`.",
+]
+
+
 def capture(ref: Reference, sess: CaptureSession | None = None, *, bucket_size: int = REFERENCE_BUCKET_SIZE,
-            setup: Setup | None = None, extra_header: Sequence[str] = ()) -> Capture:
+            setup: Setup | None = None, extra_header: Sequence[str] = (),
+            generated_by: Sequence[str] | None = None) -> Capture:
     """Run two FusedStep steps of ``ref`` with the recording backend and collect what to render."""
     from compiled_step import FusedStep
 
@@ -709,10 +745,21 @@ def capture(ref: Reference, sess: CaptureSession | None = None, *, bucket_size: 
         f"FusedStep(max_grad_norm={ref.max_grad_norm!r}, norm_type={ref.norm_type!r}, bucket_size={bucket_size}, "
         f"pack_threshold={getattr(fused.config, 'pack_threshold', 0)}, backend=<recording backend, then inductor>)",
         *setup.notes,
+        *(["world: one process, gloo, rank 0 of 1 (in-memory store): the meshes have size 1, but the DTensors, "
+            "the plan and its reductions are real and every collective below is a real all_reduce"]
+          if ref.distributed else []),
         *extra_header,
     ]
-    large = [p for p in setup.params if p.numel() > getattr(fused.config, "pack_threshold", 0)]
-    reference_elements = sum(p.numel() for p in large[:bucket_size])
+    threshold = getattr(fused.config, "pack_threshold", 0)
+    large = [p.numel() for p in setup.params if p.numel() > threshold]
+    small = [p.numel() for p in setup.params if p.numel() <= threshold]
+    reference_elements = sum(large[:bucket_size])
+    bucket_line = (
+        f"bucket: {len(large)} bucketed params of {', '.join(f'{n}' for n in sorted(set(large))) or '-'} elements"
+        f"{' (one full bucket)' if len(large) == bucket_size else ''} + {len(small)} packed params of "
+        f"{', '.join(str(n) for n in small) or '-'} elements per sharding group; every graph is compiled at its "
+        "first call, so byte counts are for those sizes"
+    )
     return Capture(
         name=ref.name,
         header=header,
@@ -722,6 +769,9 @@ def capture(ref: Reference, sess: CaptureSession | None = None, *, bucket_size: 
         graph_breaks=breaks,
         recompiles_step2=recompiles,
         reference_elements=reference_elements,
+        bucket_line=bucket_line,
+        generated_by=list(generated_by) if generated_by is not None else [
+            line.replace(GOLDEN_TORCH_VERSION, torch.__version__.split("+")[0], 1) for line in _GENERATED_BY],
     )
 
 
@@ -800,7 +850,7 @@ def _per_element(num: int, den: int) -> str:
 def _bytes_per_parameter(cap: Capture) -> float | None:
     """(Phase A graph + Phase B bucket-update graph bytes) / reference bucket elements."""
     phase_a = [g for g in cap.graphs if _phase(g.function) == "Phase A"]
-    bucket_b = [g for g in cap.graphs if _phase(g.function) == "Phase B" and not g.function.endswith("_packed")]
+    bucket_b = [g for g in cap.graphs if _phase(g.function) == "Phase B" and "_packed" not in g.function]
     if not (phase_a and bucket_b and cap.reference_elements):
         return None
     if phase_a[0].elements != cap.reference_elements or bucket_b[0].elements != cap.reference_elements:
@@ -869,15 +919,10 @@ def render(cap: Capture, *, keep_source: bool = False) -> str:
     """The text of one graph file."""
     out = [
         f"{HEADER_MARK}: {cap.name}",
-        "# Generated by `python -m compiled_step graphs` (compiled_step/graphs.py) with torch "
-        f"{torch.__version__.split('+')[0]} on CPU. Do not edit:",
-        "# regenerate with `python -m compiled_step graphs` or `EXPECTTEST_ACCEPT=1 python -m pytest tests/test_graphs.py`.",
+        *cap.generated_by,
         "#",
         *[f"# {line}" for line in cap.header],
-        f"# reference bucket: {N_LARGE} bucketed params of {LARGE_SHAPE[0]} x {LARGE_SHAPE[1]} = "
-        f"{math.prod(LARGE_SHAPE)} elements (one full bucket) + {len(SMALL_SHAPES)} packed params of "
-        f"{', '.join(str(math.prod(s)) for s in SMALL_SHAPES)} elements per sharding group; every graph is "
-        "compiled at its first call, so byte counts are for those sizes",
+        f"# {cap.bucket_line}",
         "",
         "== Summary ==",
     ]
@@ -1027,34 +1072,42 @@ def dump_run_graphs(out_dir, fused) -> list[Path]:
         return [path]
 
     optimizer = fused.optimizer
-    accepted = set(inspect.signature(type(optimizer)).parameters) - {"params"}
-    threshold = getattr(cfg, "pack_threshold", 0)
-    paths = []
-    seen = set()
+    accepted = set(inspect.signature(type(optimizer)).parameters) - {"params", "foreach", "fused"}
+    # One capture per distinct graph selection: update variant (amsgrad, momentum), dtype, device.
+    selections: dict[tuple, dict] = {}
     for group in plan.groups:
         pg = optimizer.param_groups[group.key.param_group]
-        hyper = tuple((k, v) for k, v in sorted(pg.items()) if k in accepted and k not in ("foreach", "fused"))
-        n_large = min(len(getattr(group, "large", group.params)), cfg.bucket_size)
-        n_small = min(len(getattr(group, "small", ())), len(SMALL_SHAPES))
-        signature = (hyper, group.key.dtype, group.key.device.type, n_large > 0, n_small > 0)
-        if signature in seen:
-            continue
-        seen.add(signature)
-        dtype_name = str(group.key.dtype).replace("torch.", "")
-        name = f"run-{type(optimizer).__name__.lower()}-{dtype_name}-group{group.key.param_group}"
+        key = (fused.rule.variant(pg), group.key.dtype, str(group.key.device))
+        sel = selections.setdefault(key, {"pg": pg, "param_groups": [], "group": group})
+        sel["param_groups"].append(group.key.param_group)
+    paths = []
+    run_session = CaptureSession()  # never the reference session: these graphs compile at the run's sizes
+    for (variant, dtype, device), sel in selections.items():
+        hyper = tuple((k, v) for k, v in sorted(sel["pg"].items()) if k in accepted)
+        dtype_name = str(dtype).replace("torch.", "")
+        flags = [name for name, on in zip(getattr(variant, "_fields", ()), variant) if on is True]
+        name = "-".join(["run", type(optimizer).__name__.lower(), dtype_name, *flags])
         ref = Reference(name, f"this run's {type(optimizer).__name__} graphs ({dtype_name})", type(optimizer), hyper,
-                        dtype=group.key.dtype, max_grad_norm=cfg.max_grad_norm, norm_type=cfg.norm_type)
-        numel = max(math.prod(LARGE_SHAPE), 2 * threshold)
-        setup = plain_layout(group.key.dtype, str(group.key.device), n_large=n_large, small=SMALL_SHAPES[:n_small],
-                             large_shape=(numel,))
-        cap = capture(ref, session(), bucket_size=cfg.bucket_size, setup=setup, extra_header=[
-            "synthetic tensors standing for the run's sharding groups below; the run's collectives are those of "
-            "its plan (this capture runs on one process and issues none)",
+                        dtype=dtype, max_grad_norm=cfg.max_grad_norm, norm_type=cfg.norm_type)
+        # The sizes of the run's first such group (its first bucket and all its packed params): the
+        # graphs are compiled at their first call, so these are the sizes the run compiled them at.
+        group = sel["group"]
+        numel = [planning.local_tensor(p).numel() for p in group.params]
+        large = [numel[i] for i in getattr(group, "large", range(len(numel)))][: cfg.bucket_size]
+        small = [numel[i] for i in getattr(group, "small", ())]
+        setup = plain_layout(dtype, device, [(n,) for n in large + small])
+        cap = capture(ref, run_session, bucket_size=cfg.bucket_size, setup=setup, extra_header=[
+            f"synthetic 1-D tensors of the sizes of the run's first sharding group with these graphs (its first bucket "
+            f"and its packed params), in param groups {sorted(set(sel['param_groups']))} (hyperparameters of "
+            f"param group {sel['param_groups'][0]}); the run's collectives are those of its plan, below (this "
+            "capture runs in one process and issues none)",
+        ], generated_by=[
+            "# Written by compiled_step.graphs.dump_run_graphs(out_dir, fused) for one run (not a golden: source "
+            "lines are kept as comments).",
         ])
         cap.plan_lines = ["(the run's plan)", *plan_lines]
-        text = render(cap, keep_source=True)
         path = out / f"{name}.txt"
-        path.write_text(text)
+        path.write_text(render(cap, keep_source=True))
         paths.append(path)
         for i, g in enumerate(cap.graphs):
             code_path = out / f"{name}.graph{i + 1}.output_code.py"

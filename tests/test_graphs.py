@@ -1,0 +1,231 @@
+"""Graph regression tests: the committed graphs/ goldens, inline pins, and the main error messages.
+
+* ``test_reference_graphs_match_goldens`` regenerates every reference configuration and compares it
+  with ``graphs/``; on a difference it shows a unified diff. ``EXPECTTEST_ACCEPT=1`` (expecttest's
+  own switch) rewrites the files instead, exactly as it rewrites the inline expectations below.
+* The goldens are tied to torch ``graphs.GOLDEN_TORCH_VERSION``: under another version the
+  graph tests skip with that reason (Dynamo/Inductor lower differently), never fail falsely. The
+  error-message pins are our own text and run on any version.
+* The perturbation tests change the step on purpose (one more kernel; a graph break) and show that
+  the comparison reports it, without writing anything.
+
+Cost: every configuration is captured once per test session (``captured()``); configurations that
+use the same graphs (AdamW fp32 plain, unclipped, FSDP2, TP, EP) share one compile. Cold, that is
+about ten graphs of a 4-tensor bucket (the suite's bucket size), a few seconds each.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import unittest
+from pathlib import Path
+
+import expecttest
+import pytest
+import torch
+
+from compiled_step import FusedStep, graphs
+from compiled_step.rules import sgd
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "graphs"
+APPLIES, SKIP_REASON = graphs.goldens_apply()
+needs_goldens = pytest.mark.skipif(not APPLIES, reason=SKIP_REASON)
+
+
+@functools.cache
+def captured() -> dict[str, graphs.Capture]:
+    """Every reference configuration, captured once per session."""
+    return graphs.capture_references()
+
+
+@functools.cache
+def rendered() -> dict[str, str]:
+    return {f"{name}.txt": graphs.render(cap) for name, cap in captured().items()}
+
+
+def _golden_snapshot() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(GOLDEN_DIR.iterdir())} if GOLDEN_DIR.is_dir() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The goldens
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_goldens
+def test_reference_graphs_match_goldens():
+    files = rendered()
+    if os.getenv("EXPECTTEST_ACCEPT"):  # read at call time, like expecttest's assertExpectedInline
+        graphs.write(files, GOLDEN_DIR)
+        return
+    mismatches = graphs.compare(files, GOLDEN_DIR)
+    assert not mismatches, (
+        f"the compiled graphs differ from {GOLDEN_DIR} in {[m.file for m in mismatches]}. If the change is "
+        "intended, review the diff and accept it with EXPECTTEST_ACCEPT=1 python -m pytest tests/test_graphs.py "
+        "(or python -m compiled_step graphs):\n\n" + "\n".join(str(m) for m in mismatches)
+    )
+
+
+@needs_goldens
+def test_every_reference_is_one_graph_per_function_without_breaks_or_recompiles():
+    for name, cap in captured().items():
+        assert cap.graph_breaks == [], name
+        assert cap.recompiles_step2 == 0, name  # an LR change and a second step compile nothing
+        functions = [g.function for g in cap.graphs]
+        assert len(functions) == len(set(functions)), (name, functions)  # no function compiled twice
+        assert all(g.kernels > 0 and g.bytes_accessed > 0 for g in cap.graphs), name
+
+
+@needs_goldens
+def test_distributed_references_name_their_reductions():
+    # The one-rank world still has the real plan: each group's reductions are named in its file.
+    schedule = {name: "\n".join(graphs._schedule_lines(cap)) for name, cap in captured().items()}
+    assert "all_reduce(SUM) over 'dp_shard'" in schedule["fsdp2_shard0"]
+    assert "all_reduce(SUM) over 'tp'" in schedule["tp_replicate_shard"]
+    assert "'dp_replicate'" not in schedule["tp_replicate_shard"]  # Replicate dims are not reduced over
+    ep = schedule["ep_experts"]
+    assert ep.index("over 'ep'") < ep.index("over 'pp'") < ep.index("Phase B")  # PP last, then the update
+    assert "scale" in ep
+    assert "all_reduce" not in schedule["adamw_fp32"]  # plain tensors on one device: no collective
+
+
+@needs_goldens
+def test_cli_writes_the_goldens(tmp_path, capsys):
+    # `python -m compiled_step graphs --out DIR` gives the committed files (graphs are cached by now).
+    captured()
+    assert graphs.main(["--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    written = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert written == rendered()
+    if not os.getenv("EXPECTTEST_ACCEPT"):
+        assert graphs.main(["--check", "--out", str(GOLDEN_DIR)]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbations: the comparison must catch a changed step (and write nothing)
+# ---------------------------------------------------------------------------------------------
+
+
+def _perturbed(monkeypatch, make_wrapper) -> list[graphs.Mismatch]:
+    original = sgd.update
+    monkeypatch.setattr(sgd, "update", functools.wraps(original)(make_wrapper(original)))
+    before = _golden_snapshot()
+    files = graphs.render_references(["sgd_nesterov"])
+    mismatches = graphs.compare(files, GOLDEN_DIR, complete=False)
+    assert _golden_snapshot() == before  # nothing was written, whatever EXPECTTEST_ACCEPT says
+    return mismatches
+
+
+@needs_goldens
+def test_an_extra_kernel_is_reported(monkeypatch):
+    def make(original):
+        def update(*args, **kwargs):
+            original(*args, **kwargs)
+            # A reduction over the [B, K] scalar table: another iteration space, so one more kernel.
+            # (A reduction over a grad would not do: Inductor fuses it into the update's loop.)
+            return inspect.signature(original).bind(*args, **kwargs).arguments["table"].abs().sum()
+
+        return update
+
+    mismatches = _perturbed(monkeypatch, make)
+    assert [(m.file, m.kind) for m in mismatches] == [("sgd_nesterov.txt", "changed")]
+    diff = mismatches[0].diff
+    changed = [line for line in diff.splitlines() if line.startswith(("-", "+"))]
+    assert any(line.startswith("+kernels (Inductor's generated_kernel_count)") for line in changed), diff
+    assert any(line.startswith("+outputs: f32[]") for line in changed), diff
+    assert any("torch.ops.aten.sum" in line for line in changed if line.startswith("+")), diff
+
+
+@needs_goldens
+def test_a_graph_break_is_reported(monkeypatch):
+    def make(original):
+        def update(*args, **kwargs):
+            torch._dynamo.graph_break()
+            return original(*args, **kwargs)
+
+        return update
+
+    mismatches = _perturbed(monkeypatch, make)
+    assert [(m.file, m.kind) for m in mismatches] == [("sgd_nesterov.txt", "changed")]
+    added = [line for line in mismatches[0].diff.splitlines() if line.startswith("+")]
+    assert "+graph breaks: 1" in added, mismatches[0].diff
+    assert any("graph_break" in line for line in added), mismatches[0].diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Inline pins (EXPECTTEST_ACCEPT=1 rewrites the strings in this file)
+# ---------------------------------------------------------------------------------------------
+
+
+@unittest.skipIf(not APPLIES, SKIP_REASON)
+class TestGraphNumbers(expecttest.TestCase):
+    def test_reference_adamw_fp32(self):
+        # 3 graphs: Phase A norm (also takes the packed grads as one more slot), Phase B bucket
+        # update, packed update. 32 B/param is the fp32 AdamW floor (read p, g, m, v; write p, m, v;
+        # read g once more for the norm).
+        self.assertExpectedInline(graphs.summary_numbers(captured()["adamw_fp32"]), """graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01""")
+
+    def test_all_references(self):
+        table = "\n".join(f"{name}: {graphs.summary_numbers(cap)}" for name, cap in captured().items())
+        self.assertExpectedInline(table, """\
+adamw_fp32: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
+adamw_bf16: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=16.01
+adam_amsgrad: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=40.01
+sgd_nesterov: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=24.00
+adamw_fp32_unclipped: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
+fsdp2_shard0: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
+tp_replicate_shard: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
+ep_experts: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
+fp8_amax: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 8, 1] bytes_per_param=32.01""")
+
+
+def _params(n=2):
+    return [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(n)]
+
+
+def _message(fn) -> str:
+    try:
+        fn()
+    except (TypeError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+    raise AssertionError("no error raised")
+
+
+class TestErrorMessages(expecttest.TestCase):
+    """The text users see for the main mistakes (our messages: no torch-version skip)."""
+
+    def test_unsupported_optimizer(self):
+        self.assertExpectedInline(_message(lambda: FusedStep(torch.optim.RMSprop(_params(), lr=1e-2))), """TypeError: FusedStep supports torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD (exact types); got torch.optim.rmsprop.RMSprop. A subclass may change step(), which FusedStep replaces.""")
+
+    def test_max_grad_norm_zero(self):
+        opt = torch.optim.AdamW(_params())
+        self.assertExpectedInline(_message(lambda: FusedStep(opt, max_grad_norm=0)), """ValueError: max_grad_norm must be a finite number > 0 or None, got 0""")
+
+    def test_norm_type_zero(self):
+        opt = torch.optim.AdamW(_params())
+        self.assertExpectedInline(_message(lambda: FusedStep(opt, norm_type=0)), """ValueError: norm_type must be > 0 (1, 2, inf or any finite p > 0), got 0""")
+
+    def test_differentiable(self):
+        opt = torch.optim.AdamW(_params(), differentiable=True)
+        self.assertExpectedInline(_message(lambda: FusedStep(opt)), """ValueError: AdamW(differentiable=True) is not supported: FusedStep updates params in place under no_grad and cannot build an autograd graph through the optimizer step.""")
+
+    def test_expert_tp_replication_factor_bool(self):
+        opt = torch.optim.AdamW(_params())
+        self.assertExpectedInline(_message(lambda: FusedStep(opt, expert_tp_replication_factor=True)), """TypeError: expert_tp_replication_factor must be an integer, got bool""")
+
+    def test_sparse_grad(self):
+        params = _params()
+        fused = FusedStep(torch.optim.AdamW(params), compile=False)
+        params[0].grad = torch.randn(4, 4)
+        params[1].grad = torch.randn(4, 4).to_sparse()
+        self.assertExpectedInline(_message(fused.step), """TypeError: param_groups[0] param 1: sparse grads are not supported; FusedStep needs dense grads""")
+
+    def test_grad_shape_mismatch(self):
+        params = _params()
+        fused = FusedStep(torch.optim.AdamW(params), compile=False)
+        for p in params:
+            p.grad = torch.randn(4, 4)
+        params[1].data = torch.zeros(16)  # the grad setter refuses a wrong shape: change the param instead
+        self.assertExpectedInline(_message(fused.step), """ValueError: param_groups[0] param 1: grad shape (4, 4) differs from param shape (16,)""")
