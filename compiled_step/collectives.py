@@ -30,15 +30,28 @@ def _all_reduce(t: torch.Tensor, op, reduction) -> torch.Tensor:
     return comm if on_mesh_device else comm.to(t.device)
 
 
+def _all_reduce_max(t: torch.Tensor, reduction) -> torch.Tensor:
+    """MAX all-reduce that keeps NaN, in one collective.
+
+    gloo's MAX drops a NaN unless it comes from rank 0 (it takes ``std::max`` pairwise), so a NaN
+    grad on any other rank gave a finite inf-norm and the step was applied instead of skipped. A
+    NaN flag per element rides in the same collective and restores the NaN afterwards.
+    """
+    nan = torch.isnan(t)
+    both = torch.stack([torch.where(nan, torch.full_like(t, -torch.inf), t), nan.to(t.dtype)])
+    both = _all_reduce(both, _dist().ReduceOp.MAX, reduction)
+    return torch.where(both[1] > 0, torch.full_like(t, torch.nan), both[0])
+
+
 def _reduce_stacked(kind: NormKind, stacked: torch.Tensor, reduction) -> torch.Tensor:
     """Reduce ``[k, w]`` partials of ``k`` sharding groups over one process group."""
     op = _dist().ReduceOp
     if kind.kind == "sum":
         return _all_reduce(stacked, op.SUM, reduction)
     if kind.kind == "max":
-        return _all_reduce(stacked, op.MAX, reduction)
+        return _all_reduce_max(stacked, reduction)
     local_max, local_sum = stacked[:, 0], stacked[:, 1]
-    global_max = _all_reduce(local_max.clone(), op.MAX, reduction)
+    global_max = _all_reduce_max(local_max, reduction)
     safe_max = torch.where(global_max > 0, global_max, torch.ones_like(global_max))
     weight = torch.where(local_max > 0, (local_max / safe_max).pow(kind.p), torch.zeros_like(local_max))
     global_sum = _all_reduce(local_sum * weight, op.SUM, reduction)
