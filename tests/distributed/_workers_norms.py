@@ -571,6 +571,28 @@ def grads_none_adamw(rank, world_size):
     return setup
 
 
+def nonfinite_on_last_rank(rank, world_size, value=math.nan):
+    """A NaN (or inf) grad element in the shard held by the LAST rank at step 0, finite grads at
+    step 1. The global norm is non-finite, so every rank must skip step 0 (params and momentum
+    untouched) and apply step 1."""
+    mesh = _mesh((world_size,), ("dp",))
+    specs = {"w": ((8, 6), "S0", F32), "b": ((8,), "S0", F32), "r": ((5,), "R", F32)}
+    setup = _dtensor_setup(specs, mesh, seed=1600, hyper=dict(momentum=0.9, weight_decay=0.01),
+                           groups={"dp": mesh.get_group()})
+    finite_grads = setup.set_grads
+    (_, w), = [(k, p) for k, p in setup.named if k == "w"]
+
+    def set_grads(t):
+        finite_grads(t)
+        if t == 0:
+            full = w.grad.full_tensor()
+            full[-1, 2] = value  # the last row lives on the last rank
+            w.grad = _dgrad(full, mesh, "S0")
+
+    setup.set_grads = set_grads
+    return setup
+
+
 # ----------------------------------------------------------------------------------------------
 # The matrix
 # ----------------------------------------------------------------------------------------------
@@ -622,6 +644,12 @@ SCENARIOS += [
     Scenario("pp_w2", 2, pp_plain, functional=_ALL_FUNCTIONAL),
     Scenario("pp_fsdp_w4", 4, pp_fsdp, functional=_ALL_FUNCTIONAL),
     Scenario("pp_fsdp_w4_p3", 4, pp_fsdp, norm_type=3.0, functional=()),
+    *[Scenario(f"nonfinite_nan_w2_p{_p(p)}", 2, nonfinite_on_last_rank, norm_type=p, functional=())
+      for p in NORM_TYPES],
+    Scenario("nonfinite_inf_w2_pinf", 2, nonfinite_on_last_rank, options=dict(value=INF), norm_type=INF,
+             functional=()),
+    Scenario("nonfinite_nan_w4_pinf", 4, nonfinite_on_last_rank, norm_type=INF, functional=()),
+    Scenario("nonfinite_nan_w4_p2", 4, nonfinite_on_last_rank, functional=()),
     Scenario("ep_dtensor_w2", 2, ep_dtensor, functional=_EP_FUNCTIONAL),
     Scenario("ep_dtensor_w4", 4, ep_dtensor, functional=_EP_FUNCTIONAL),
     Scenario("ep_dtensor_w4_pinf", 4, ep_dtensor, norm_type=INF, functional=()),
