@@ -408,6 +408,10 @@ class RowResult:
     bandwidth_gbps: float
     floor_s: float
     grad_norm: float
+    # Best-round view: the fastest triad and each method's fastest round. On a shared machine the
+    # median includes rounds where another process held a core; the best round is the closest
+    # estimate of the uncontended speed. Goals are judged on medians; this is shown beside them.
+    best_bandwidth_gbps: float = math.nan
     methods: list[MethodResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -489,6 +493,7 @@ def run_row(
 
     row.bandwidth_gbps = triad.bytes_moved / statistics.median(triad_best) / 1e9
     row.floor_s = layout.n_params * bpp / (row.bandwidth_gbps * 1e9)
+    row.best_bandwidth_gbps = triad.bytes_moved / min(triad_best) / 1e9
     for m in methods:
         row.methods.append(MethodResult(
             row=spec.key, method=m.name, times_s=times[m.name], floor_s=row.floor_s,
@@ -634,6 +639,13 @@ def _status(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "gap")
 
 
+def best_round(row: RowResult, m: MethodResult) -> tuple[float, float]:
+    """(fraction of roofline, speedup vs B) from the best triad and the fastest rounds."""
+    floor_best = row.n_params * row.bytes_per_param / (row.best_bandwidth_gbps * 1e9)
+    b = row.method("B")
+    return floor_best / min(m.times_s), (min(b.times_s) / min(m.times_s)) if b else math.nan
+
+
 def evaluate_goals(rows: list[RowResult], compile_results: list[CompileResult], device: torch.device,
                    fused_name: str, headline_min_params: int) -> list[Goal]:
     g = GOALS["cuda" if device.type == "cuda" else "cpu"]
@@ -646,13 +658,16 @@ def evaluate_goals(rows: list[RowResult], compile_results: list[CompileResult], 
         f">= {headline_min_params / 1e6:.0f} M",
         "-" if head is None else f"{head.n_params / 1e6:.1f} M in {head.n_tensors} tensors",
         _status(None if head is None else head.n_params >= headline_min_params)))
+    best = best_round(head, fused) if fused is not None and not math.isnan(head.best_bandwidth_gbps) else None
     goals.append(Goal(
         "FusedStep fraction of the bandwidth roofline (headline)", f">= {g['roofline']:.2f}",
-        "-" if fused is None else f"{fused.roofline_fraction:.2f}",
+        "-" if fused is None else f"{fused.roofline_fraction:.2f}"
+        + ("" if best is None else f" (best round: {best[0]:.2f})"),
         _status(None if fused is None else fused.roofline_fraction >= g["roofline"])))
     goals.append(Goal(
         "FusedStep speedup over anchor B (headline, t_B / t)", f">= {g['speedup_b']:.2f}x",
-        "-" if fused is None or math.isnan(fused.speedup_vs_b) else f"{fused.speedup_vs_b:.2f}x",
+        "-" if fused is None or math.isnan(fused.speedup_vs_b) else f"{fused.speedup_vs_b:.2f}x"
+        + ("" if best is None or math.isnan(best[1]) else f" (best rounds: {best[1]:.2f}x)"),
         _status(None if fused is None or math.isnan(fused.speedup_vs_b) else fused.speedup_vs_b >= g["speedup_b"])))
 
     compiled = [c for c in compile_results if c.compiled]
@@ -722,7 +737,8 @@ def markdown_tables(rows: list[RowResult], compile_results: list[CompileResult],
         out.append(
             f"**{r.key}**: {r.optimizer} {r.dtype}, {r.layout}, {r.n_params / 1e6:.2f} M params in "
             f"{r.n_tensors} tensors. Floor {r.bytes_per_param} B/param x {r.n_params / 1e6:.2f} M at "
-            f"{r.bandwidth_gbps:.1f} GB/s = {_ms(r.floor_s)} ms. {len(r.methods[0].times_s)} rounds.\n")
+            f"{r.bandwidth_gbps:.1f} GB/s (median of per-round best triads; best {r.best_bandwidth_gbps:.1f} GB/s) "
+            f"= {_ms(r.floor_s)} ms. {len(r.methods[0].times_s)} rounds.\n")
         out.append("| method | median ms | IQR ms | min ms | speedup vs B (t_B/t) | fraction of roofline | "
                    "peak extra MiB | max abs diff vs B |\n|---|---:|---:|---:|---:|---:|---:|---:|")
         for m in r.methods:
@@ -754,6 +770,7 @@ def _fmt_num(x) -> str:
 RESULT_FIELDS = [
     "device", "row", "optimizer", "dtype", "layout", "n_params", "n_tensors", "method", "median_ms", "iqr_ms",
     "min_ms", "rounds", "speedup_vs_b", "bytes_per_param", "bandwidth_gbps", "floor_ms", "roofline_fraction",
+    "best_bandwidth_gbps", "best_round_roofline_fraction", "best_round_speedup_vs_b",
     "peak_extra_bytes", "max_abs_diff_vs_b", "graphs_compiled", "graphs_during_timing",
 ]
 
@@ -768,6 +785,8 @@ def result_records(rows: list[RowResult], device: torch.device) -> list[dict]:
                 iqr_ms=m.iqr_s * 1e3, min_ms=min(m.times_s) * 1e3, rounds=len(m.times_s),
                 speedup_vs_b=m.speedup_vs_b, bytes_per_param=r.bytes_per_param,
                 bandwidth_gbps=r.bandwidth_gbps, floor_ms=r.floor_s * 1e3,
+                best_bandwidth_gbps=r.best_bandwidth_gbps,
+                best_round_roofline_fraction=best_round(r, m)[0], best_round_speedup_vs_b=best_round(r, m)[1],
                 roofline_fraction=m.roofline_fraction, peak_extra_bytes=m.peak_extra_bytes,
                 max_abs_diff_vs_b=m.max_abs_diff_vs_b, graphs_compiled=m.graphs_compiled,
                 graphs_during_timing=m.graphs_during_timing,

@@ -137,6 +137,13 @@ def test_quick_run_numbers_are_consistent(quick_run):
             assert floor == pytest.approx(int(r["n_params"]) * bpp / (float(r["bandwidth_gbps"]) * 1e9) * 1e3)
             assert int(r["peak_extra_bytes"]) >= 0
             assert int(r["graphs_during_timing"]) == 0
+            # Best-round view: fastest triad >= median triad; fraction and speedup from the minima.
+            best_bw, best_min = float(r["best_bandwidth_gbps"]), float(r["min_ms"])
+            assert best_bw >= float(r["bandwidth_gbps"]) and 0 < best_min <= median
+            best_floor_ms = int(r["n_params"]) * bpp / (best_bw * 1e9) * 1e3
+            assert float(r["best_round_roofline_fraction"]) == pytest.approx(best_floor_ms / best_min, rel=1e-9)
+            assert float(r["best_round_speedup_vs_b"]) == pytest.approx(
+                float(recs["B"]["min_ms"]) / best_min, rel=1e-9)
             # Same init, grads and step count: every method stays on B's trajectory.
             tol = 5e-2 if r["dtype"] == "bfloat16" else 1e-4
             assert float(r["max_abs_diff_vs_b"]) <= tol, (row_key, m)
