@@ -83,14 +83,13 @@ def reduce_amax(amax_by_group: dict[int, torch.Tensor], plan) -> dict[int, torch
     All groups that share a process group are concatenated into one MAX all-reduce. EP is skipped:
     different EP ranks hold different experts, whose amax must not be mixed.
     """
-    op = _dist().ReduceOp.MAX
     out = dict(amax_by_group)
     for reduction in plan.reductions:
         members = [m for m in reduction.members if m in out] if reduction.over_shards else []
         if not members:
             continue
         sizes = [out[m].numel() for m in members]
-        reduced = _all_reduce(torch.cat([out[m] for m in members]), op, reduction)
+        reduced = _all_reduce_max(torch.cat([out[m] for m in members]), reduction)  # NaN-preserving
         for m, part in zip(members, reduced.split(sizes)):
             out[m] = part
     return out
