@@ -133,6 +133,8 @@ def test_quick_run_numbers_are_consistent(quick_run):
             assert median > 0 and floor > 0 and float(r["bandwidth_gbps"]) > 0
             assert float(r["roofline_fraction"]) == pytest.approx(floor / median, rel=1e-9)
             assert float(r["speedup_vs_b"]) == pytest.approx(b / median, rel=1e-9)
+            # The roofline bandwidth is the higher of the two triads (see Triad).
+            assert float(r["bandwidth_gbps"]) == max(float(r["stream_triad_gbps"]), float(r["in_place_triad_gbps"]))
             bpp = int(r["bytes_per_param"])
             assert floor == pytest.approx(int(r["n_params"]) * bpp / (float(r["bandwidth_gbps"]) * 1e9) * 1e3)
             assert int(r["peak_extra_bytes"]) >= 0
