@@ -871,6 +871,7 @@ def write_png(path: Path, rows: list[RowResult], compile_results: list[CompileRe
         okw = [c for c in ok if c.warm_s is not None]
         ax.plot([c.n_tensors for c in okw], [c.warm_s for c in okw], "s-", label="warm")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)  # flat lines near the goal read as a trend without the zero
         ax.set_xlabel("parameter tensors")
         ax.set_ylabel("first fused.step() s")
         ax.set_title("FusedStep compile time", fontsize=10)
