@@ -193,18 +193,6 @@ def group_scales(plan: planning.Plan, base: torch.Tensor | None, expert: torch.T
 # ---------------------------------------------------------------------- flattening
 
 
-def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors end to end in their logical order (one C++ call, no per-tensor Python)."""
-    return torch._utils._flatten_dense_tensors(tensors)
-
-
-def unflatten_into(flat_buffer: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    """Copy ``flat_buffer`` back into ``tensors`` (the inverse of ``_flatten``)."""
-    with torch.no_grad():  # params are leaves that require grad
-            torch._foreach_copy_(tensors, torch._utils._unflatten_dense_tensors(flat_buffer, tensors))
-
-
-
 def flat(t: torch.Tensor) -> torch.Tensor:
     """A 1-D alias of all elements of a dense tensor, in memory order.
 

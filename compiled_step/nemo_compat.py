@@ -8,7 +8,6 @@ optimizer step stays the caller's. Differences from the seed are listed in the R
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch

@@ -49,10 +49,6 @@ def needs_state(var: Variant) -> bool:
     return var.momentum
 
 
-def is_decoupled(optimizer, group) -> bool:  # SGD's weight decay is always L2
-    return False
-
-
 def state_tensors(p: torch.Tensor, state: dict, var: Variant, step_device: torch.device):
     """``(momentum_buffer,)`` or ``()``, plus ``None`` (SGD keeps no step count).
 

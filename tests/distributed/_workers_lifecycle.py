@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch import nn
 
 from compiled_step import FusedStep
-from compiled_step.lifecycle.fp8 import FirstMicrobatchFlag
 
 BUCKET, PACK = 4, 20  # as tests/conftest.py: weights take the bucket path, biases the packed one
 K = 3  # microbatches per step
