@@ -5,7 +5,8 @@ Automodel ``components.training.utils``) are available under the same names.
 """
 
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN, mark_experts
-from compiled_step.fused_step import DistributedConfig, FusedStep, FusedStepConfig
+from compiled_step.config import DistributedConfig, FusedStepConfig
+from compiled_step.fused_step import FusedStep
 from compiled_step.lifecycle import (
     FirstMicrobatchFlag,
     GradAccumulation,

@@ -1,9 +1,9 @@
-"""Reductions of partial norms across ranks. The only module that calls ``torch.distributed``.
+"""Reductions across ranks. The only module that calls ``torch.distributed``.
 
 Partials of all sharding groups that reduce over the same process group are stacked and reduced in
 one collective (SUM, or MAX for the inf norm), then the groups are combined locally and the result
-is reduced over the pipeline axis. Order of process groups comes from the plan, identical on every
-rank that shares them. For ``norm_type`` other than 1, 2 and inf, each process group takes two
+is reduced over the pipeline axis. The order of process groups comes from the plan, identical on
+every rank that shares them. For ``norm_type`` other than 1, 2 and inf, each process group takes two
 collectives (MAX of the per-rank maxima, then SUM of the rescaled sums) so that nothing overflows.
 """
 
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from compiled_step import norms
-from compiled_step.kernels import NormKind
+from compiled_step.norm.kinds import NormKind
 
 
 def _dist():
@@ -21,7 +20,7 @@ def _dist():
     return dist
 
 
-def _all_reduce(t: torch.Tensor, op, reduction) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op, reduction) -> torch.Tensor:
     """All-reduce ``t`` over ``reduction.process_group`` on the mesh's device type; result on ``t``'s device."""
     dist = _dist()
     on_mesh_device = t.device.type == reduction.device_type
@@ -30,7 +29,7 @@ def _all_reduce(t: torch.Tensor, op, reduction) -> torch.Tensor:
     return comm if on_mesh_device else comm.to(t.device)
 
 
-def _all_reduce_max(t: torch.Tensor, reduction) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, reduction) -> torch.Tensor:
     """MAX all-reduce that keeps NaN, in one collective.
 
     gloo's MAX drops a NaN unless it comes from rank 0 (it takes ``std::max`` pairwise), so a NaN
@@ -39,60 +38,28 @@ def _all_reduce_max(t: torch.Tensor, reduction) -> torch.Tensor:
     """
     nan = torch.isnan(t)
     both = torch.stack([torch.where(nan, torch.full_like(t, -torch.inf), t), nan.to(t.dtype)])
-    both = _all_reduce(both, _dist().ReduceOp.MAX, reduction)
+    both = all_reduce(both, _dist().ReduceOp.MAX, reduction)
     return torch.where(both[1] > 0, torch.full_like(t, torch.nan), both[0])
 
 
-def _reduce_stacked(kind: NormKind, stacked: torch.Tensor, reduction) -> torch.Tensor:
+def reduce_stacked(kind: NormKind, stacked: torch.Tensor, reduction, order: torch.Tensor) -> torch.Tensor:
     """Reduce ``[k, w]`` partials of ``k`` sharding groups over one process group."""
     op = _dist().ReduceOp
     if kind.kind == "sum":
-        return _all_reduce(stacked, op.SUM, reduction)
+        return all_reduce(stacked, op.SUM, reduction)
     if kind.kind == "max":
-        return _all_reduce_max(stacked, reduction)
+        return all_reduce_max(stacked, reduction)
     local_max, local_sum = stacked[:, 0], stacked[:, 1]
-    global_max = _all_reduce_max(local_max, reduction)
+    global_max = all_reduce_max(local_max, reduction)
     safe_max = torch.where(global_max > 0, global_max, torch.ones_like(global_max))
-    weight = torch.where(local_max > 0, (local_max / safe_max).pow(kind.p), torch.zeros_like(local_max))
-    global_sum = _all_reduce(local_sum * weight, op.SUM, reduction)
+    weight = torch.where(local_max > 0, (local_max / safe_max).pow(order), torch.zeros_like(local_max))
+    global_sum = all_reduce(local_sum * weight, op.SUM, reduction)
     return torch.stack([global_max, global_sum], dim=1)
 
 
-def reduce_partials(kind: NormKind, partials: list[torch.Tensor], plan) -> torch.Tensor:
-    """The global ``[w]`` partial from the per-group partials (already scaled), on the norm device."""
-    device = plan.norm_device
-    partials = list(partials)
-    for reduction in plan.reductions:
-        stacked = torch.stack([partials[i] for i in reduction.members])
-        reduced = _reduce_stacked(kind, stacked, reduction)
-        for row, member in enumerate(reduction.members):
-            partials[member] = reduced[row]
-    if partials:
-        combined = norms.combine(kind, torch.stack([p.to(device) for p in partials]))
-    else:
-        combined = torch.zeros(kind.partial_width, dtype=torch.float64, device=device)
-    if plan.pp is not None:
-        combined = _reduce_stacked(kind, combined[None], plan.pp)[0]
-    return combined
-
-
-def reduce_amax(amax_by_group: dict[int, torch.Tensor], plan) -> dict[int, torch.Tensor]:
-    """MAX-reduce per-weight amax vectors over the mesh dims their weights are sharded on.
-
-    ``amax_by_group`` maps a sharding-group index to its FP8 weights' local amax (float32 ``[k]``).
-    All groups that share a process group are concatenated into one MAX all-reduce. EP is skipped:
-    different EP ranks hold different experts, whose amax must not be mixed.
-    """
-    out = dict(amax_by_group)
-    for reduction in plan.reductions:
-        members = [m for m in reduction.members if m in out] if reduction.over_shards else []
-        if not members:
-            continue
-        sizes = [out[m].numel() for m in members]
-        reduced = _all_reduce_max(torch.cat([out[m] for m in members]), reduction)  # NaN-preserving
-        for m, part in zip(members, reduced.split(sizes)):
-            out[m] = part
-    return out
+def reduce_amax(amax: torch.Tensor, reduction) -> torch.Tensor:
+    """NaN-preserving MAX all-reduce of FP8 weights' amax over one process group."""
+    return all_reduce_max(amax, reduction)
 
 
 def all_reduce_max_over_mesh_dim(t: torch.Tensor, mesh, mesh_dim: int) -> torch.Tensor:
@@ -116,9 +83,30 @@ def match_grad_placement(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g.redistribute(device_mesh=p.device_mesh, placements=p.placements)
 
 
+def summed_grad(g: torch.Tensor) -> torch.Tensor:
+    """A DTensor grad with every ``Partial`` placement reduced (to ``Replicate``): what its norm is of."""
+    from torch.distributed.tensor import Replicate
+
+    if not any(pl.is_partial() for pl in g.placements):
+        return g
+    placements = [Replicate() if pl.is_partial() else pl for pl in g.placements]
+    return g.redistribute(device_mesh=g.device_mesh, placements=placements)
+
+
 def process_group_of(mesh, axis_name: str) -> tuple:
     """``(process_group, device_type)`` of one named axis of a DeviceMesh."""
     names = tuple(mesh.mesh_dim_names or ())
     if axis_name not in names:
         raise ValueError(f"axis {axis_name!r} is not a dimension of the device mesh (its dims are {names})")
     return mesh[axis_name].get_group(), mesh.device_type
+
+
+def agree(payload: object) -> list[object]:
+    """Every rank's ``payload`` (one ``all_gather_object`` over the default group), in rank order.
+
+    Called once per plan build, on every rank, when the plan has collectives.
+    """
+    dist = _dist()
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, payload)
+    return gathered

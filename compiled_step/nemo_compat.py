@@ -1,9 +1,9 @@
-"""The seed's functional API (NeMo Automodel ``components.training.utils``), same names and signatures.
+"""NeMo Automodel's functional API (``components.training.utils``), same names and signatures.
 
 Swap ``from nemo_automodel.components.training.utils import ...`` for ``from compiled_step import ...``.
 Built on the same machinery as ``FusedStep`` (plan -> compiled partial norms -> one collective per
-process group -> clip coefficient), but, as in the seed, grads are clipped *in place* and the
-optimizer step stays the caller's. Differences from the seed are listed in the README.
+process group -> clip coefficient), but, as in NeMo Automodel, grads are the caller's tensors, they
+are clipped *in place* and the optimizer step stays the caller's. Differences are listed in the README.
 """
 
 from __future__ import annotations
@@ -12,29 +12,82 @@ from typing import Iterable
 
 import torch
 
-from compiled_step import collectives, experts, gradnorm, kernels, planning
-from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN  # noqa: F401  (re-exported seed name)
+from compiled_step import collectives, compiling, experts, planning
+from compiled_step.config import FusedStepConfig
+from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN  # noqa: F401  (re-exported name)
+from compiled_step.norm import CLIP_EPS, NormKind, combine, total_from
+from compiled_step.norm.partials import partial_of_list, scale_partial
+from compiled_step.storage import flat_alias
 
-_ENGINES: dict[tuple, gradnorm.GradNorm] = {}
-# Grads of at most this many elements are packed into one buffer for the norm (FusedStep's default).
+# Grads of at most this many elements are concatenated into one tensor for the norm (one compiled call
+# for a thousand biases instead of one bucket slot each); the rest go through buckets of BUCKET.
 PACK_THRESHOLD = 16384
+BUCKET = 16
+_COMPILERS: dict[bool, compiling.Compiler] = {}
+_FILLERS: dict[tuple, list[torch.Tensor]] = {}
 
 
-def _engine(norm_type: float, compile: bool) -> gradnorm.GradNorm:
-    """One engine per (norm kind, compile): its padding tensors and compiled graphs are reused."""
-    kind = kernels.NormKind.of(float(norm_type))
-    key = (kind, compile)
-    engine = _ENGINES.get(key)
-    if engine is None:
-        engine = _ENGINES[key] = gradnorm.GradNorm(kind, 16, kernels.Compiler(enabled=compile))
-    return engine
+def _compiler(compile: bool) -> compiling.Compiler:
+    if compile not in _COMPILERS:
+        _COMPILERS[compile] = compiling.Compiler(enabled=compile)
+    return _COMPILERS[compile]
+
+
+def _fillers(device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Distinct one-element zeros padding a bucket (Dynamo guards on which inputs alias)."""
+    key = (device, dtype)
+    if key not in _FILLERS:
+        _FILLERS[key] = [torch.zeros(1, dtype=dtype, device=device) for _ in range(BUCKET)]
+    return _FILLERS[key]
+
+
+def _flat(g: torch.Tensor) -> torch.Tensor:
+    return flat_alias(g) if planning.is_dense(g) else g.reshape(-1)
 
 
 def _check_norm_args(max_norm, norm_type) -> None:
-    # Reuse FusedStep's validation so the functional API raises the same errors.
-    from compiled_step.fused_step import FusedStepConfig
+    FusedStepConfig(max_grad_norm=max_norm, norm_type=norm_type)  # the same errors as FusedStep
 
-    FusedStepConfig(max_grad_norm=max_norm, norm_type=norm_type)
+
+def _group_partial(kind: NormKind, grads: list[torch.Tensor], device: torch.device, compile: bool) -> torch.Tensor:
+    """The partial norm (float64 ``[w]`` on ``device``) of one group's local grads."""
+    small = [_flat(g) for g in grads if 0 < g.numel() <= PACK_THRESHOLD]
+    slots = [_flat(g) for g in grads if g.numel() > PACK_THRESHOLD]
+    if small:
+        slots.append(torch.cat(small))
+    if not slots:
+        return torch.zeros(kind.partial_width, dtype=torch.float64, device=device)
+    compiler = _compiler(compile)
+    fn = compiler.get(partial_of_list)
+    order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64, device=slots[0].device)
+    parts = []
+    with compiling.compile_settings():
+        for bucket in planning.chunk(len(slots), BUCKET):
+            members = [slots[i] for i in bucket]
+            members += _fillers(members[0].device, members[0].dtype)[: BUCKET - len(members)]
+            signature = ("norm list", kind.kind, members[0].dtype, members[0].device.type)
+            with compiler.first_call(signature, f"partial norm of a list of grads ({kind.kind})"):
+                parts.append(fn(members, order, kind=kind.kind, p=kind.p).to(device))
+    return combine(kind.kind, torch.stack(parts), order.to(device) if kind.kind == "scaled" else kind.p)
+
+
+def _norm_grad(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the grad to clip in place, the grad the norm is taken of); both None without a grad.
+
+    A DTensor grad in other placements than its param's is redistributed to the param's placements
+    (and becomes ``p.grad``); a Partial grad of a Partial param is clipped as it is (scaling is linear)
+    while its norm is taken of the summed grad.
+    """
+    g = p.grad
+    if g is None:
+        return None, None
+    if not planning.is_dtensor(g):
+        return g, g
+    if not any(pl.is_partial() for pl in p.placements):
+        g = collectives.match_grad_placement(p, g)
+        if g is not p.grad:
+            p.grad = g
+    return g, collectives.summed_grad(g)
 
 
 @torch.no_grad()
@@ -60,40 +113,52 @@ def _clip_in_place(
     only scaled, without computing a norm).
     """
     _check_norm_args(max_norm, norm_type)
-    engine = _engine(norm_type, compile)
-    with kernels.compile_settings():
-        plan = planning.build_plan(param_lists, names=names, expert_ids=expert_ids, ep=ep,
-                                   ep_axis_name=ep_axis_name, pp=pp, pack_threshold=PACK_THRESHOLD)
-        device = plan.norm_device
-        base = _scale_tensor(base_scale, device)
-        expert = _scale_tensor(expert_scale, device)
-        scales = gradnorm.group_scales(plan, base, expert)
-        work = engine.collect(plan)
-        if max_norm is None:
-            factors = scales
-            total = None
+    kind = NormKind.of(float(norm_type))
+    plan = planning.build_plan(param_lists, names=names, expert_ids=expert_ids, ep=ep, ep_axis_name=ep_axis_name,
+                               pp=pp, bucket_size=BUCKET)
+    device = plan.device
+    base = _scale_tensor(base_scale, device)
+    expert = _scale_tensor(expert_scale, device)
+    scales = [expert if g.key.is_expert else base for g in plan.groups]
+    clip_grads, norm_grads = [], []
+    for group in plan.groups:
+        pairs = [_norm_grad(p) for p in group.params]
+        clip_grads.append([planning.local_tensor(c) for c, _ in pairs if c is not None])
+        norm_grads.append([planning.local_tensor(n) for _, n in pairs if n is not None])
+    if max_norm is None:
+        factors, total = scales, None
+    else:
+        order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64, device=device)
+        partials = [scale_partial(kind.kind, kind.p, _group_partial(kind, grads, device, compile), s)
+                    for grads, s in zip(norm_grads, scales)]
+        partials = torch.stack(partials) if partials else torch.zeros((0, kind.partial_width), dtype=torch.float64,
+                                                                       device=device)
+        for reduction in plan.reductions:
+            index = torch.tensor(reduction.members, device=device)
+            partials.index_copy_(0, index, collectives.reduce_stacked(kind, partials.index_select(0, index),
+                                                                      reduction, order))
+        p_arg = order if kind.kind == "scaled" else kind.p
+        combined = combine(kind.kind, partials, p_arg) if len(partials) else torch.zeros(
+            kind.partial_width, dtype=torch.float64, device=device)
+        if plan.pp is not None:
+            combined = collectives.reduce_stacked(kind, combined[None], plan.pp, order)[0]
+        total = total_from(kind.kind, combined, p_arg)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                "so it cannot be clipped."
+            )
+        coef = (max_norm / (total + CLIP_EPS)).clamp(max=1.0)
+        factors = [coef if s is None else coef * s for s in scales]
+    for grads, factor, group in zip(clip_grads, factors, plan.groups):
+        if factor is None or not grads:
+            continue
+        factor = factor.to(device=group.key.device, dtype=torch.float32, non_blocking=True)
+        if foreach is False:
+            for g in grads:
+                g.mul_(factor)
         else:
-            result = engine.total(plan, work, scales, max_norm)
-            if error_if_nonfinite and not bool(result.finite):
-                raise RuntimeError(
-                    f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
-                    "so it cannot be clipped."
-                )
-            factors = [result.clip_coef if s is None else result.clip_coef * s for s in scales]
-            total = result.total
-        for w, factor in zip(work, factors):
-            if factor is None:
-                continue
-            local_grads = [planning.local_tensor(p.grad) for p in w.params]
-            local_grads += [g for g in w.small_grads if g is not None]
-            factor = factor.to(device=w.group.key.device, dtype=torch.float32, non_blocking=True)
-            if not local_grads:
-                continue
-            if foreach is False:
-                for g in local_grads:
-                    g.mul_(factor)
-            else:
-                torch._foreach_mul_(local_grads, factor)
+            torch._foreach_mul_(grads, factor)
     return total
 
 
@@ -165,7 +230,7 @@ def clip_grad_norm(
         return 0.0
     params = _trainable_params(model_parts)
     pp = _pp(pp_enabled, device_mesh, pp_axis_name)
-    if use_torch_clip_grad_norm and pp is None and not any(planning._is_dtensor(p) for p in params):
+    if use_torch_clip_grad_norm and pp is None and not any(planning.is_dtensor(p) for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type=norm_type, foreach=foreach)
     ep = collectives.process_group_of(moe_mesh, ep_axis_name) if moe_mesh is not None and ep_axis_name else None
     return _clip_in_place(

@@ -1,8 +1,27 @@
-"""Sharding groups and buckets: pure Python over the optimizer's params; no compile, no collectives.
+"""The plan: sharding groups, where each param lives in its group's flat buffers, and the reductions.
 
-A plan is built from *all* params of the optimizer (not only those with a grad this step), so that
-every rank derives the same groups and issues the same collectives. It is rebuilt only when the set
-of params or param groups changes (``signature``).
+Pure Python over the optimizer's params and their metadata: nothing is allocated, compiled or
+communicated here. The plan is built from *all* params of the optimizer (not only those with a grad
+this step), so that every rank derives the same groups and issues the same collectives, and it is
+rebuilt only when the params, their grouping or their layout change.
+
+A group's tensors live in flat buffers of ``ROW``-element rows (``storage.py`` allocates them):
+
+* every param's grad and optimizer state occupy whole rows of the group's grad and state buffers,
+  so Phase A reads one buffer per group and the state is addressable as one tensor per key;
+* each param is in one of three *regions*:
+
+  - ``aliased``: a plain tensor whose storage FusedStep may own. Its ``.data`` becomes a view of the
+    group's param buffer, so the whole region is updated by one flat compiled call;
+  - ``staged``: a small param FusedStep may not move (a DTensor shard, a tensor whose storage is
+    shared with other tensors). It is copied into the param buffer before the flat update and back
+    after it (cheap for small params, and one call for a thousand of them);
+  - ``bucketed``: a large param that stays where it is (FSDP2's sharded params, FP8 weights). It is
+    updated in fixed-length buckets of ``bucket_size`` tensors, one compiled call per bucket;
+
+* each param has a *slot*: an index into the per-tensor vectors (step counts, "has a grad", the
+  per-tensor scalar table). The flat region's rows carry the slot of the param they belong to;
+  each bucket owns ``bucket_size`` consecutive slots (the last one padded with scratch slots).
 """
 
 from __future__ import annotations
@@ -10,6 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+# Elements per row of the flat buffers. Every param starts on a row boundary, so the flat update
+# reads a param's per-tensor scalars once per row (a 4-byte row index per ROW elements: 0.016 B/param
+# at 256) instead of once per element. The price is padding: at most ROW - 1 elements per param.
+ROW = 256
+
+ALIASED, STAGED, BUCKETED = "aliased", "staged", "bucketed"
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -19,7 +45,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     wrapper (and so are their optimizer states, made with ``zeros_like``); the compiled math wants
     the plain tensor inside, which shares its storage.
     """
-    local = t._local_tensor if _is_dtensor(t) else t
+    local = t._local_tensor if is_dtensor(t) else t
     if type(local).__name__ == "WeightWithDynamicFloat8CastTensor":
         local = local._tensor
     return local
@@ -28,9 +54,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 _DTENSOR_TYPE = None
 
 
-def _is_dtensor(t) -> bool:
-    # Called per tensor per step: resolve the DTensor class once (an import statement per call
-    # costs a microsecond, which a thousand params turn into a millisecond).
+def is_dtensor(t) -> bool:
+    """``isinstance(t, DTensor)``, without importing torch.distributed per call."""
     global _DTENSOR_TYPE
     if _DTENSOR_TYPE is None:
         try:
@@ -41,16 +66,84 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, _DTENSOR_TYPE)
 
 
+def rows_for(numel: int) -> int:
+    return -(-numel // ROW)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """All elements stored without gaps or overlaps (contiguous up to a permutation of dims)."""
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides if it is dense (channels_last, transposed...), else contiguous strides.
+
+    Grads and optimizer state are laid out with their param's strides, so that element i of the
+    param's memory and element i of its grad's and state's memory are the same logical element.
+    """
+    if is_dense(t):
+        return tuple(t.stride())
+    strides, running = [], 1
+    for size in reversed(t.shape):
+        strides.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _owns_storage(p: torch.Tensor, own_storages: frozenset[int] = frozenset()) -> bool:
+    """True when no other tensor shares ``p``'s storage, so moving ``p.data`` changes nothing else.
+
+    A param whose storage is shared (a view of another param, tied through a view, FSDP1's flat
+    parameter) must stay where it is, or the tensors sharing it would stop seeing its updates.
+    ``torch._C._storage_Use_Count`` counts the references to the storage: the param's own and the
+    temporary ``untyped_storage()`` wrapper make 2.
+    """
+    storage = p.untyped_storage()._cdata
+    if storage in own_storages:
+        return True  # already in a flat buffer of ours (the plan is being rebuilt)
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # cannot tell: do not move it
+        return False
+    return use_count(storage) <= 2
+
+
+def grad_dtype_of(p: torch.Tensor) -> torch.dtype:
+    """The dtype of ``p``'s grads: the current grad's, else ``p.grad_dtype`` when set, else ``p.dtype``."""
+    g = p.grad
+    if g is not None:
+        return g.dtype
+    declared = getattr(p, "grad_dtype", None)
+    return declared if isinstance(declared, torch.dtype) else p.dtype
+
+
 @dataclass(frozen=True)
 class GroupKey:
-    """What must be equal for params to share a bucket graph and a norm reduction."""
+    """What must be equal for params to share buffers, compiled calls and a norm reduction."""
 
     param_group: int  # index into optimizer.param_groups
     device: torch.device
     dtype: torch.dtype
-    mesh_key: tuple = ()  # (mesh identity, placements) for DTensors; () for plain tensors
+    grad_dtype: torch.dtype
+    mesh_key: tuple = ()  # (mesh identity, dim names, shape, placements) for DTensors; () for plain tensors
     is_expert: bool = False
-    fp8: bool = False  # FP8 weights: the update also returns the new weights' amax (never packed)
+    fp8: bool = False  # FP8 weights: their update also computes the new weights' amax
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one param of a group lives."""
+
+    index: int  # position in ShardingGroup.params
+    region: str  # ALIASED, STAGED or BUCKETED
+    row: int  # first row in the group's grad and state buffers (and param buffer, for the flat regions)
+    numel: int  # elements of the local shard
+    slot: int  # global slot: index into the per-tensor vectors
 
 
 @dataclass
@@ -58,10 +151,28 @@ class ShardingGroup:
     key: GroupKey
     params: list[torch.Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
-    # Indices into ``params`` of the tensors whose local shard is small enough to be packed: they are
-    # processed end to end in one flat buffer (one compiled call) instead of one bucket slot each.
-    small: list[int] = field(default_factory=list)
-    large: list[int] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)  # one per param, same order as ``params``
+    flat: list[int] = field(default_factory=list)  # indices of the aliased and staged params, buffer order
+    bucketed: list[int] = field(default_factory=list)  # indices of the bucketed params, buffer order
+    flat_rows: int = 0  # rows of the param buffer (the flat regions come first in every buffer)
+    rows: int = 0  # rows of the grad and state buffers
+    first_slot: int = 0  # the group's slots are [first_slot, first_slot + slots)
+    flat_slots: int = 0  # slots of the flat regions (one per param), then the buckets' slots
+    bucket_count: int = 0
+    slots: int = 0  # flat_slots + bucket_count * bucket_size
+
+    def describe(self) -> str:
+        k = self.key
+        where = f"{k.device}, {str(k.dtype).replace('torch.', '')}"
+        if k.grad_dtype != k.dtype:
+            where += f" (grads {str(k.grad_dtype).replace('torch.', '')})"
+        if k.mesh_key:
+            where += f", DeviceMesh {k.mesh_key[1]} of shape {k.mesh_key[2]}, placements {k.mesh_key[3]}"
+        counts = {r: sum(e.region == r for e in self.entries) for r in (ALIASED, STAGED, BUCKETED)}
+        parts = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
+        return (f"param_groups[{k.param_group}], {where}, expert={k.is_expert}"
+                f"{', fp8' if k.fp8 else ''}: {len(self.params)} params ({parts}), "
+                f"{sum(e.numel for e in self.entries):,} local elements in {self.rows} rows")
 
 
 @dataclass
@@ -82,27 +193,72 @@ class Reduction:
 
 @dataclass
 class Plan:
-    signature: tuple
+    signature: tuple  # identity of the params and their grouping (see ``params_signature``)
     groups: list[ShardingGroup]
-    norm_device: torch.device
-    reductions: list[Reduction] = field(default_factory=list)  # mesh dims and EP, one entry per process group
+    device: torch.device  # every param's (local) device
+    bucket_size: int
+    slots: int  # length of the per-tensor vectors
+    reductions: list[Reduction] = field(default_factory=list)  # mesh dims and EP, one per process group
     pp: Reduction | None = None  # applied last, to the combined partial of all groups
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.groups for p in g.params]
+
+    def describe(self) -> list[str]:
+        lines = [f"group {i}: {g.describe()}" for i, g in enumerate(self.groups)]
+        reductions = "; ".join(f"{r.label!r} over groups {r.members}" for r in self.reductions) or "none"
+        lines.append(f"reductions (one collective each, in this order): {reductions}")
+        lines.append(f"pp: {self.pp.label if self.pp is not None else 'none'}")
+        return lines
 
 
 def params_signature(param_lists) -> tuple:
-    """Identity of the params and their grouping; cheap enough to check every step."""
+    """Identity of the params and their grouping."""
     return tuple(tuple(map(id, params)) for params in param_lists)
 
 
 def mesh_key_of(p: torch.Tensor) -> tuple:
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return ()
     return (id(p.device_mesh), tuple(p.device_mesh.mesh_dim_names or ()), tuple(p.device_mesh.shape), p.placements)
 
 
 def _on_ep_mesh(p: torch.Tensor, ep_axis_name: str | None) -> bool:
     """A DTensor whose device mesh has the EP axis: an expert param (recognition by mesh axis)."""
-    return bool(ep_axis_name) and _is_dtensor(p) and ep_axis_name in (p.device_mesh.mesh_dim_names or ())
+    return bool(ep_axis_name) and is_dtensor(p) and ep_axis_name in (p.device_mesh.mesh_dim_names or ())
+
+
+def check_params(param_lists, names: dict[int, str]) -> None:
+    """Raise ``ValueError`` for a param listed twice and for params on more than one device."""
+    seen: dict[int, tuple[int, int]] = {}
+    devices = {}
+    for index, params in enumerate(param_lists):
+        for position, p in enumerate(params):
+            where = seen.get(id(p))
+            if where is not None:
+                name = names.get(id(p), f"param_groups[{where[0]}][{where[1]}]")
+                raise ValueError(
+                    f"{name} is listed twice in the optimizer (param_groups[{where[0]}][{where[1]}] and "
+                    f"param_groups[{index}][{position}]); its grad would count twice in the norm and it "
+                    "would be updated twice. List every param once."
+                )
+            seen[id(p)] = (index, position)
+            devices.setdefault(local_tensor(p).device, names.get(id(p), f"param_groups[{index}][{position}]"))
+    if len(devices) > 1:
+        found = ", ".join(f"{d} ({name})" for d, name in devices.items())
+        raise ValueError(f"FusedStep needs every param on one device; found {found}")
+
+
+def _region(p: torch.Tensor, local: torch.Tensor, fp8: bool, flat_params: bool, pack_threshold: int,
+            own_storages: frozenset[int]) -> str:
+    if fp8 and local.numel() > 0:
+        return BUCKETED  # the update computes each FP8 weight's amax, a per-tensor reduction
+    if flat_params and not fp8 and type(p) in (torch.Tensor, torch.nn.Parameter) and _owns_storage(p, own_storages):
+        return ALIASED
+    if local.numel() <= pack_threshold or local.numel() == 0:
+        return STAGED
+    return BUCKETED
 
 
 def build_plan(
@@ -113,8 +269,11 @@ def build_plan(
     ep: tuple | None = None,
     ep_axis_name: str | None = None,
     pp: tuple | None = None,
+    bucket_size: int = 16,
     pack_threshold: int = 0,
+    flat_params: bool = False,
     fp8_ids: frozenset[int] = frozenset(),
+    own_storages: frozenset[int] = frozenset(),
 ) -> Plan:
     """Group *all* params (not only those with grads) so every rank issues the same collectives.
 
@@ -122,34 +281,79 @@ def build_plan(
         param_lists: one list of params per optimizer param group.
         names: fully qualified names by ``id(param)``, for error messages.
         expert_ids: ``id()`` of expert params (see ``experts.expert_param_ids``). DTensors whose
-            mesh has ``ep_axis_name`` are experts too, whether or not they are in ``expert_ids``
-            (``FusedStep`` without ``model_parts`` knows no names, but still sees the mesh).
+            mesh has ``ep_axis_name`` are experts too.
         ep: ``(process_group, device_type)`` of the EP axis; expert params whose mesh lacks the EP
-            axis (plain tensors, or DTensors sharded on a dp-only mesh) are reduced over it, since
-            different EP ranks hold different experts.
+            axis are reduced over it, since different EP ranks hold different experts.
         ep_axis_name: the EP axis name, to tell which DTensor experts already reduce over EP.
         pp: ``(process_group, device_type)`` of the pipeline axis, reduced over last.
-        pack_threshold: local shards with at most this many elements are packed (0: none).
+        bucket_size: tensors per bucketed compiled call.
+        pack_threshold: params that cannot be aliased but have at most this many local elements
+            are staged through the flat buffer instead of bucketed.
+        flat_params: alias plain params into the flat param buffers.
         fp8_ids: ``id()`` of FP8 weights, whose amax the update computes.
+        own_storages: ``_cdata`` of the storages of FusedStep's current flat param buffers: params
+            in them are aliased already (their storage is shared by design).
+
+    Raises ``ValueError`` for a param listed twice, params on several devices and DTensor shards
+    that are not stored densely.
     """
     names = names or {}
+    check_params(param_lists, names)
     groups: dict[GroupKey, ShardingGroup] = {}
     for index, params in enumerate(param_lists):
-        for p in params:
+        for position, p in enumerate(params):
             local = local_tensor(p)
             is_expert = id(p) in expert_ids or _on_ep_mesh(p, ep_axis_name)
-            key = GroupKey(index, local.device, p.dtype, mesh_key_of(p), is_expert, fp8=id(p) in fp8_ids)
-            sharding_group = groups.setdefault(key, ShardingGroup(key))
-            sharding_group.params.append(p)
-            sharding_group.names.append(names.get(id(p), f"param_groups[{index}] param {len(sharding_group.params) - 1}"))
+            key = GroupKey(index, local.device, p.dtype, grad_dtype_of(p), mesh_key_of(p), is_expert,
+                           fp8=id(p) in fp8_ids)
+            group = groups.setdefault(key, ShardingGroup(key))
+            group.params.append(p)
+            group.names.append(names.get(id(p), f"param_groups[{index}][{position}]"))
     ordered = list(groups.values())
+    slot = 0
     for group in ordered:
-        for i, p in enumerate(group.params):
-            packable = local_tensor(p).numel() <= pack_threshold and not group.key.fp8
-            (group.small if packable else group.large).append(i)
-    accelerators = [g.key.device for g in ordered if g.key.device.type != "cpu"]
-    norm_device = accelerators[0] if accelerators else torch.device("cpu")
+        slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, own_storages)
+    device = ordered[0].key.device if ordered else torch.device("cpu")
+    reductions, pp_reduction = _reductions(ordered, ep, ep_axis_name, pp)
+    return Plan(params_signature(param_lists), ordered, device, bucket_size, slot, reductions, pp_reduction)
 
+
+def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_threshold: int, flat_params: bool,
+             own_storages: frozenset[int]) -> int:
+    """Assign regions, rows and slots; returns the next free slot."""
+    regions = []
+    for p, name in zip(group.params, group.names):
+        local = local_tensor(p)
+        region = _region(p, local, group.key.fp8, flat_params, pack_threshold, own_storages)
+        if region == BUCKETED and not is_dense(local):
+            raise ValueError(
+                f"{name}: FusedStep needs params stored densely (no gaps or overlaps) when it cannot move them; "
+                f"got a local tensor of shape {tuple(local.shape)} and stride {local.stride()}"
+            )
+        regions.append(region)
+    group.flat = [i for i, r in enumerate(regions) if r != BUCKETED]
+    group.bucketed = [i for i, r in enumerate(regions) if r == BUCKETED]
+    entries: dict[int, Entry] = {}
+    row, slot = 0, first_slot
+    for i in group.flat:
+        numel = local_tensor(group.params[i]).numel()
+        entries[i] = Entry(i, regions[i], row, numel, slot)
+        row += rows_for(numel)
+        slot += 1
+    group.flat_rows = row
+    group.first_slot, group.flat_slots = first_slot, slot - first_slot
+    for position, i in enumerate(group.bucketed):
+        numel = local_tensor(group.params[i]).numel()
+        entries[i] = Entry(i, BUCKETED, row, numel, slot + position)
+        row += rows_for(numel)
+    group.rows = row
+    group.bucket_count = -(-len(group.bucketed) // bucket_size)
+    group.slots = group.flat_slots + group.bucket_count * bucket_size
+    group.entries = [entries[i] for i in range(len(group.params))]
+    return first_slot + group.slots
+
+
+def _reductions(groups: list[ShardingGroup], ep, ep_axis_name, pp):
     # Distinct process groups in order of first appearance. Ranks that share a process group hold
     # the same params (same pipeline stage), hence the same plan and the same collective order.
     reductions: dict[int, Reduction] = {}
@@ -160,10 +364,10 @@ def build_plan(
         )
         reduction.members.append(member)
 
-    for member, group in enumerate(ordered):
+    for member, group in enumerate(groups):
         p = group.params[0]
         mesh_names = ()
-        if _is_dtensor(p):
+        if is_dtensor(p):
             mesh = p.device_mesh
             mesh_names = tuple(mesh.mesh_dim_names or ())
             for dim, placement in enumerate(p.placements):
@@ -173,7 +377,7 @@ def build_plan(
         if group.key.is_expert and ep is not None and (ep_axis_name is None or ep_axis_name not in mesh_names):
             add(ep[0], ep[1], "ep", member, over_shards=False)
     pp_reduction = Reduction(pp[0], pp[1], "pp") if pp is not None else None
-    return Plan(params_signature(param_lists), ordered, norm_device, list(reductions.values()), pp_reduction)
+    return list(reductions.values()), pp_reduction
 
 
 def chunk(n: int, size: int) -> list[range]:

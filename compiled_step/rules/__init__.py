@@ -1,34 +1,61 @@
 """Update rules, one module per optimizer family, each matching ``torch.optim`` numerics.
 
-A rule is the glue between an ordinary ``torch.optim`` optimizer and the compiled update:
+A rule is the glue between an ordinary ``torch.optim`` optimizer and the compiled update; each
+module satisfies ``UpdateRule``:
 
-* ``validate_group(group)`` raises for options the rule cannot honour (before any state changes);
-* ``variant(group)`` names the structural flags that change the graph (few, fixed per run);
-* ``state_tensors(p, state, variant)`` returns (and lazily creates, in torch's own format) the
-  per-param state the update mutates;
-* ``scalar_table(group, steps, ...)`` turns the group's current hyperparameters into a small
-  ``[n, K]`` float32 table of per-tensor scalars. It runs eagerly once per group per step, so
-  nothing that an LR scheduler changes is ever baked into a graph, and per-step scalars such as
-  bias corrections are computed once instead of inside every vector loop (Inductor's CPU backend
-  re-evaluates scalar subexpressions per vector otherwise);
-* ``update(...)`` is the pure bucket function that ``torch.compile`` turns into the Phase B graph.
+* ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
+  (every step, before anything changes) into the rule's ``HP_COLUMNS`` (after SCALE and SIGN);
+* ``variant(group)`` names the structural flags that change the graphs (few, fixed per run), and
+  ``state_keys(variant)`` the per-param state tensors in torch's format;
+* ``slot_table(hp, counts, apply, coef)`` computes every tensor's scalars (``TABLE_COLUMNS``) inside
+  the finish graph, from the group hyperparameters, the per-tensor counts (Adam's step, SGD's
+  first-step flag) and whether the tensor is updated this step;
+* ``update_flat(...)`` updates a group's flat buffers row by row, ``update_bucket(...)`` a list of
+  tensors; both advance the counts of the tensors they write, in the same graph.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
 from compiled_step.rules import adam, sgd
 
+
+class UpdateRule(Protocol):
+    NAME: str
+    COUNTS_ARE_STEPS: bool
+    HP_COLUMNS: tuple[str, ...]
+    TABLE_COLUMNS: tuple[str, ...]
+
+    def variant(self, group: dict): ...
+
+    def state_keys(self, variant) -> tuple[str, ...]: ...
+
+    def group_values(self, optimizer: torch.optim.Optimizer, group: dict, where: str) -> list: ...
+
+    def slot_table(self, hp: torch.Tensor, counts: torch.Tensor, apply: torch.Tensor,
+                   coef: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor: ...
+
+    def update_flat(self, *args) -> None: ...
+
+    def update_bucket(self, *args) -> None: ...
+
+    def state_for_update(self, variant, state: dict) -> tuple: ...
+
+
 # Exact types only: a subclass may override ``step`` and we would silently do something else.
-RULES = {
+RULES: dict[type, UpdateRule] = {
     torch.optim.Adam: adam,
     torch.optim.AdamW: adam,
     torch.optim.SGD: sgd,
 }
 
 
-def rule_for(optimizer: torch.optim.Optimizer):
+def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
     """Return the rule module for ``optimizer`` or raise ``TypeError`` for unsupported types."""
     rule = RULES.get(type(optimizer))
     if rule is None:
@@ -40,4 +67,4 @@ def rule_for(optimizer: torch.optim.Optimizer):
     return rule
 
 
-__all__ = ["RULES", "rule_for", "adam", "sgd"]
+__all__ = ["RULES", "UpdateRule", "rule_for", "adam", "sgd"]

@@ -15,6 +15,11 @@ Adam's L2 term and AdamW's decoupled decay are both always present in the one gr
 unused one set to its identity (``l2 = 0`` or ``decay = 1``), so Adam and AdamW share a graph.
 ``maximize`` is folded into the sign of the grad coefficient. Only ``amsgrad`` changes the graph,
 because it adds a state tensor.
+
+The per-tensor scalars (bias corrections from each tensor's on-device step count, as torch's
+capturable path computes them) are computed once per step for every tensor in the finish graph
+(``slot_table``), in float64 like torch's Python-float scalars, then rounded to float32. The update
+graphs index that table; they never recompute ``beta ** step`` per element.
 """
 
 from __future__ import annotations
@@ -23,185 +28,165 @@ from typing import NamedTuple
 
 import torch
 
-from compiled_step.rules.common import host_float, reject_common_options
+from compiled_step.rules.common import (
+    APPLY,
+    GRAD_COEF,
+    SCALE,
+    SIGN,
+    check_range,
+    hyperparameter,
+    reject_common_options,
+    store_where,
+)
 
-USES_STEP = True  # the scalar table is computed from per-param step counts
 NAME = "adam"
+COUNTS_ARE_STEPS = True  # the per-tensor counts are torch's state["step"] (views into one vector)
 
-# Columns of the per-tensor scalar table, in order.
-COLUMNS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "l2", "neg_step_size", "bc2_sqrt")
-_ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS, _DECAY, _L2, _NEG_STEP_SIZE, _BC2_SQRT = range(len(COLUMNS))
+# Group hyperparameters (float64, one row per sharding group); SCALE and SIGN come first for every rule.
+HP_COLUMNS = ("scale", "sign", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled")
+_LR, _BETA1, _BETA2, _EPS, _WD, _DECOUPLED = range(2, len(HP_COLUMNS))
+
+# Per-tensor scalars (float32, one row per slot); APPLY and GRAD_COEF come first for every rule.
+TABLE_COLUMNS = ("apply", "grad_coef", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "l2",
+                 "neg_step_size", "bc2_sqrt")
+_ONE_MINUS_BETA1, _T_BETA2, _ONE_MINUS_BETA2, _T_EPS, _DECAY, _L2, _NEG_STEP_SIZE, _BC2_SQRT = range(2, 10)
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class Variant(NamedTuple):
-    """Structural options: each distinct value compiles its own Phase B graph."""
+    """Structural options: each distinct value compiles its own update graphs."""
 
     amsgrad: bool
-
-
-def validate_group(group: dict, kind: str) -> None:
-    reject_common_options(group, kind)
-    for key in ("lr", "eps", "weight_decay"):
-        host_float(group[key], name=key)
-    beta1, beta2 = group["betas"]
-    host_float(beta1, name="betas[0]")
-    host_float(beta2, name="betas[1]")
 
 
 def variant(group: dict) -> Variant:
     return Variant(amsgrad=bool(group["amsgrad"]))
 
 
-def needs_state(var: Variant) -> bool:
-    return True
-
-
-def is_decoupled(optimizer: torch.optim.Optimizer, group: dict) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
-
-
-def state_tensors(p: torch.Tensor, state: dict, var: Variant, step_device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(exp_avg, exp_avg_sq[, max_exp_avg_sq])`` and the step tensor, created as torch does.
-
-    torch.optim keeps ``step`` as a float32 0-d tensor (on the param's device when capturable or
-    fused, else on the CPU). FusedStep gates the step increment with an on-device finite flag, so
-    it keeps ``step`` on the param's device as the capturable/fused paths do; torch.optim's
-    ``step()`` accepts that layout too, so switching back and forth keeps working.
-    """
-    if len(state) == 0:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if var.amsgrad:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    elif var.amsgrad and "max_exp_avg_sq" not in state:
-        # amsgrad switched on after the state was created: torch would fail; start the max at 0.
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if state["step"].device != step_device:
-        state["step"] = state["step"].to(device=step_device, dtype=torch.float32)
-    tensors = (state["exp_avg"], state["exp_avg_sq"])
-    if var.amsgrad:
-        tensors += (state["max_exp_avg_sq"],)
-    return tensors, state["step"]
-
-
-def scalar_table(optimizer, group: dict, steps: torch.Tensor) -> torch.Tensor:
-    """Per-tensor scalars ``[n, len(COLUMNS)]`` float32 for the tensors whose ``steps`` are given.
-
-    ``steps`` (float32 ``[n]``) holds each tensor's step count *before* this update, as torch
-    increments before computing the bias corrections. The math is done in float64, like torch's
-    Python-float scalars, then rounded to float32 the way a Python scalar is rounded when it meets
-    a float32 tensor in an ATen kernel.
-    """
-    lr = host_float(group["lr"], name="lr")
-    beta1 = host_float(group["betas"][0], name="betas[0]")
-    beta2 = host_float(group["betas"][1], name="betas[1]")
-    eps = host_float(group["eps"], name="eps")
-    wd = host_float(group["weight_decay"], name="weight_decay")
-    decoupled = is_decoupled(optimizer, group)
-    decay = 1.0 - lr * wd if decoupled else 1.0
-    l2 = 0.0 if decoupled else wd
-
-    n = steps.shape[0]
-    table = torch.empty((n, len(COLUMNS)), dtype=torch.float64, device=steps.device)
-    table[:, :_NEG_STEP_SIZE] = torch.tensor(
-        [1.0 - beta1, beta2, 1.0 - beta2, eps, decay, l2], dtype=torch.float64
-    ).to(steps.device, non_blocking=True)
-    step = steps.to(torch.float64) + 1.0
-    bias_correction1 = 1.0 - torch.pow(beta1, step)
-    bias_correction2 = 1.0 - torch.pow(beta2, step)
-    table[:, _NEG_STEP_SIZE] = -(lr / bias_correction1)
-    table[:, _BC2_SQRT] = bias_correction2.sqrt()
-    return table.to(torch.float32)
-
-
-def _math(p32, g_raw, m32, v32, vm32, grad_coef, col):
-    """One Adam/AdamW update in fp32. ``col(k)`` gives column k of the scalar table, either a 0-d
-    value (one tensor per row) or a per-element vector (packed tensors); the math is the same."""
-    g = g_raw.float() * grad_coef + col(_L2) * p32
-    p_decayed = p32 * col(_DECAY)
-    m_new = torch.lerp(m32, g, col(_ONE_MINUS_BETA1))
-    v_new = v32 * col(_BETA2) + col(_ONE_MINUS_BETA2) * g * g
-    vm_new = torch.maximum(vm32, v_new) if vm32 is not None else None
-    v_used = vm_new if vm_new is not None else v_new
-    denom = v_used.sqrt() / col(_BC2_SQRT) + col(_EPS)
-    p_new = p_decayed + col(_NEG_STEP_SIZE) * m_new / denom
-    return p_new, m_new, v_new, vm_new
-
-
-def _store(keep, pairs) -> None:
-    """Write ``new`` into each tensor where ``keep``, else its old value (bit-identical on a skip)."""
-    for dst, new, old32 in pairs:
-        dst.copy_(torch.where(keep, new, old32))
-
-
-def update(
-    params: list[torch.Tensor],  # B x [n_i] param shards, flattened, fp32 or bf16; mutated
-    grads: list[torch.Tensor],  # B x [n_i] grads, unscaled and unclipped; read only
-    exp_avgs: list[torch.Tensor],  # B x [n_i] first moments (param dtype); mutated
-    exp_avg_sqs: list[torch.Tensor],  # B x [n_i] second moments (param dtype); mutated
-    max_exp_avg_sqs: list[torch.Tensor] | None,  # B x [n_i] amsgrad maxima, or None; mutated
-    table: torch.Tensor,  # [B, len(COLUMNS)] float32 per-tensor scalars
-    grad_coef: torch.Tensor,  # [] float32: scale * clip coefficient * (-1 if maximize)
-    finite: torch.Tensor,  # [] bool: total norm is finite; False keeps everything bit-identical
-    compute_amax: bool = False,  # graph constant: also return max|p| of the stored params (FP8 scales)
-) -> torch.Tensor | None:  # [B] float32 amax per param when compute_amax, else None
-    amaxes = []
-    for j in range(len(params)):
-        p, m, v = params[j], exp_avgs[j], exp_avg_sqs[j]
-        vm = max_exp_avg_sqs[j] if max_exp_avg_sqs is not None else None
-        p32, m32, v32 = p.float(), m.float(), v.float()
-        vm32 = vm.float() if vm is not None else None
-        p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, grad_coef, lambda k: table[j, k])
-        _store(finite, [(m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else []))
-        p_stored = torch.where(finite, p_new, p32).to(p.dtype)
-        p.copy_(p_stored)
-        if compute_amax:  # a reduction over the values being stored: same loop, no extra read
-            amaxes.append(p_stored.abs().amax().float())
-    return torch.stack(amaxes) if compute_amax else None
-
-
-def update_packed(
-    param: torch.Tensor,  # [n] small params packed end to end (param dtype); mutated
-    grad: torch.Tensor,  # [n] their grads packed the same way (zeros where a param has no grad)
-    exp_avg: torch.Tensor,  # [n] first-moment arena (state tensors are views into it); mutated
-    exp_avg_sq: torch.Tensor,  # [n] second-moment arena; mutated
-    max_exp_avg_sq: torch.Tensor | None,  # [n] amsgrad arena, or None; mutated
-    segment: torch.Tensor,  # [n] int32: which packed tensor (row of ``table``) each element belongs to
-    table: torch.Tensor,  # [S, len(COLUMNS)] float32 per-tensor scalars
-    active: torch.Tensor,  # [S] bool: the tensor has a grad this step (torch skips it otherwise)
-    grad_coef: torch.Tensor,  # [] float32
-    finite: torch.Tensor,  # [] bool
-) -> None:
-    p32, m32, v32 = param.float(), exp_avg.float(), exp_avg_sq.float()
-    vm32 = max_exp_avg_sq.float() if max_exp_avg_sq is not None else None
-    rows = table[segment]  # [n, K]: per-element view of the per-tensor scalars
-    p_new, m_new, v_new, vm_new = _math(p32, grad, m32, v32, vm32, grad_coef, lambda k: rows[:, k])
-    keep = finite & active[segment]
-    pairs = [(param, p_new, p32), (exp_avg, m_new, m32), (exp_avg_sq, v_new, v32)]
-    _store(keep, pairs + ([(max_exp_avg_sq, vm_new, vm32)] if max_exp_avg_sq is not None else []))
-
-
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
 def state_keys(var: Variant) -> tuple[str, ...]:
     return STATE_KEYS if var.amsgrad else STATE_KEYS[:2]
 
 
-def packed_state_args(var: Variant, arenas: dict) -> tuple:
-    """``update_packed``'s state arguments: the arenas, with None for an absent amsgrad maximum."""
-    return (arenas["exp_avg"], arenas["exp_avg_sq"], arenas["max_exp_avg_sq"] if var.amsgrad else None)
+def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> list:
+    """The group's hyperparameters in ``HP_COLUMNS[2:]`` order: floats, or device tensors as they are.
+
+    Raises ``ValueError`` for values torch.optim refuses at construction (an LR scheduler or a user
+    can write them into ``param_groups`` later), before anything changes.
+    """
+    reject_common_options(group, type(optimizer).__name__)
+    lr = hyperparameter(group["lr"], "lr", where)
+    beta1 = hyperparameter(group["betas"][0], "betas[0]", where)
+    beta2 = hyperparameter(group["betas"][1], "betas[1]", where)
+    eps = hyperparameter(group["eps"], "eps", where)
+    wd = hyperparameter(group["weight_decay"], "weight_decay", where)
+    check_range(lr, "lr", where, low=0.0)
+    check_range(eps, "eps", where, low=0.0)
+    check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
+    check_range(beta2, "betas[1]", where, low=0.0, high=1.0)
+    check_range(wd, "weight_decay", where, low=0.0)
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    return [lr, beta1, beta2, eps, wd, 1.0 if decoupled else 0.0]
 
 
-def state_lists(var: Variant, per_param_state: list[tuple[torch.Tensor, ...]]) -> tuple:
-    """Transpose per-param state tuples into the update's list arguments."""
-    exp_avgs = [s[0] for s in per_param_state]
-    exp_avg_sqs = [s[1] for s in per_param_state]
-    max_sqs = [s[2] for s in per_param_state] if var.amsgrad else None
-    return exp_avgs, exp_avg_sqs, max_sqs
+def slot_table(
+    hp: torch.Tensor,  # [S, len(HP_COLUMNS)] float64: each slot's group hyperparameters
+    counts: torch.Tensor,  # [S] float32: each tensor's step count before this update
+    apply: torch.Tensor,  # [S] bool: the tensor is updated this step (finite norm and a grad)
+    coef: torch.Tensor,  # [] float64: the clip coefficient
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] float32
+    lr, beta1, beta2 = hp[:, _LR], hp[:, _BETA1], hp[:, _BETA2]
+    wd, decoupled = hp[:, _WD], hp[:, _DECOUPLED] != 0
+    step = counts.double() + 1.0  # torch increments the step before the bias corrections
+    bias_correction1 = 1.0 - torch.pow(beta1, step)
+    bias_correction2 = 1.0 - torch.pow(beta2, step)
+    columns = [
+        apply.double(),
+        coef * hp[:, SCALE] * hp[:, SIGN],
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        hp[:, _EPS],
+        torch.where(decoupled, 1.0 - lr * wd, torch.ones_like(lr)),
+        torch.where(decoupled, torch.zeros_like(wd), wd),
+        -(lr / bias_correction1),
+        bias_correction2.sqrt(),
+    ]
+    return torch.stack(columns, dim=1).to(torch.float32)
 
 
-def per_tensor_vector(states: list[dict], steps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The per-tensor input of ``scalar_table``: each tensor's step count before this update."""
-    return torch.stack(steps).to(device=device, dtype=torch.float32)
+def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Counts after the update: the step count grows where the update was applied."""
+    return counts + apply
+
+
+def _math(p32, g_raw, m32, v32, vm32, col):
+    """One Adam/AdamW update in fp32. ``col(k)`` is column k of the table, as a 0-d value (one tensor)
+    or a ``[rows, 1]`` column (a flat buffer); the math is the same."""
+    g = g_raw.float() * col(GRAD_COEF) + col(_L2) * p32
+    p_decayed = p32 * col(_DECAY)
+    m_new = torch.lerp(m32, g, col(_ONE_MINUS_BETA1))
+    v_new = v32 * col(_T_BETA2) + col(_ONE_MINUS_BETA2) * g * g
+    vm_new = torch.maximum(vm32, v_new) if vm32 is not None else None
+    v_used = vm_new if vm_new is not None else v_new
+    denom = v_used.sqrt() / col(_BC2_SQRT) + col(_T_EPS)
+    p_new = p_decayed + col(_NEG_STEP_SIZE) * m_new / denom
+    return p_new, m_new, v_new, vm_new
+
+
+def update_flat(
+    params: torch.Tensor,  # [R, ROW] a group's flat params (param dtype); mutated
+    grads: torch.Tensor,  # [R, ROW] their grads, row for row; read only
+    exp_avg: torch.Tensor,  # [R, ROW] first moments (param dtype); mutated
+    exp_avg_sq: torch.Tensor,  # [R, ROW] second moments; mutated
+    max_exp_avg_sq: torch.Tensor | None,  # [R, ROW] amsgrad maxima, or None; mutated
+    row_slot: torch.Tensor,  # [R] int32: which of the group's slots each row belongs to
+    table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32: the group's flat slots' scalars
+    counts: torch.Tensor,  # [Sf] float32: their step counts; mutated (+1 where applied)
+) -> None:
+    rows = table[row_slot.long()]  # [R, K]: a row's scalars, read once per row
+    p32, m32, v32 = params.float(), exp_avg.float(), exp_avg_sq.float()
+    vm32 = max_exp_avg_sq.float() if max_exp_avg_sq is not None else None
+    p_new, m_new, v_new, vm_new = _math(p32, grads, m32, v32, vm32, lambda k: rows[:, k, None])
+    keep = rows[:, APPLY, None] != 0
+    stores = [(params, p_new, p32), (exp_avg, m_new, m32), (exp_avg_sq, v_new, v32)]
+    if max_exp_avg_sq is not None:
+        stores.append((max_exp_avg_sq, vm_new, vm32))
+    store_where(keep, stores)
+    # The step count advances in the same graph that writes the params: an interrupted step never
+    # leaves a param updated with its count unchanged.
+    counts.copy_(advance(counts, table[:, APPLY]))
+
+
+def update_bucket(
+    params: list[torch.Tensor],  # B x [n_i] param shards, flattened (param dtype); mutated
+    grads: list[torch.Tensor],  # B x [n_i] grads; read only
+    exp_avg: list[torch.Tensor],  # B x [n_i] first moments; mutated
+    exp_avg_sq: list[torch.Tensor],  # B x [n_i] second moments; mutated
+    max_exp_avg_sq: list[torch.Tensor] | None,  # B x [n_i] amsgrad maxima, or None; mutated
+    table: torch.Tensor,  # [B, len(TABLE_COLUMNS)] float32: the bucket's slots' scalars
+    counts: torch.Tensor,  # [B] float32: their step counts; mutated
+    amax: torch.Tensor | None,  # [B] float32: written with max|p| of the stored params (FP8), or None
+) -> None:
+    amaxes = []
+    for j in range(len(params)):
+        p, m, v = params[j], exp_avg[j], exp_avg_sq[j]
+        vm = max_exp_avg_sq[j] if max_exp_avg_sq is not None else None
+        p32, m32, v32 = p.float(), m.float(), v.float()
+        vm32 = vm.float() if vm is not None else None
+        p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, lambda k: table[j, k])
+        keep = table[j, APPLY] != 0
+        stores = [(m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else [])
+        store_where(keep, stores)
+        p_stored = torch.where(keep, p_new, p32).to(p.dtype)
+        p.copy_(p_stored)
+        if amax is not None:  # a reduction over the values being stored: same loop, no extra read
+            amaxes.append(p_stored.abs().amax().float())
+    counts.copy_(advance(counts, table[:, APPLY]))
+    if amax is not None:
+        amax.copy_(torch.stack(amaxes))
+
+
+def state_for_update(var: Variant, state: dict[str, object]) -> tuple:
+    """The update functions' state arguments, in order, from per-key buffers (None where absent)."""
+    return (state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if var.amsgrad else None)

@@ -1,34 +1,52 @@
-"""Helpers shared by the update rules."""
+"""What every update rule shares: the leading columns, hyperparameter reading and validation."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
+# Leading columns of every rule's group hyperparameter row (float64) ...
+SCALE, SIGN = 0, 1  # the group's grad scale (PP/EP/grad_scale) and -1 for ``maximize``
+# ... and of every rule's per-tensor table (float32).
+APPLY, GRAD_COEF = 0, 1  # 1.0 where the tensor is updated this step; scale * clip coefficient * sign
 
-def host_float(value, *, name: str) -> float:
-    """Read a hyperparameter as a Python float without touching an accelerator.
 
-    ``torch.optim`` accepts tensors for some hyperparameters (lr, betas, weight_decay). A 0-d
-    CPU tensor is read on the host, exactly as torch.optim's own non-capturable path does with
-    ``.item()``. A tensor on an accelerator would force a device-to-host sync every step, which
-    FusedStep promises never to do, so it is refused.
+def hyperparameter(value, name: str, where: str) -> float | torch.Tensor:
+    """A hyperparameter as a Python float, or as the accelerator tensor it is.
+
+    ``torch.optim`` accepts tensors for lr, betas and weight_decay. A CPU tensor is read on the host
+    as torch's non-capturable path does. A tensor on an accelerator is used where it is, as torch's
+    ``capturable=True`` path does: FusedStep copies it into its hyperparameter buffer on the device,
+    never reading it on the host (so its value is not range-checked).
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"hyperparameter {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        if value.device.type != "cpu":
-            raise ValueError(
-                f"hyperparameter {name!r} is a tensor on {value.device}; FusedStep reads hyperparameters on the host "
-                "each step and would have to sync the device. Keep it as a Python number or a CPU tensor."
-            )
+            raise ValueError(f"{where}: hyperparameter {name!r} must be a scalar, got a tensor of shape "
+                             f"{tuple(value.shape)}")
         if value.requires_grad:
-            raise ValueError(f"hyperparameter {name!r} requires grad; differentiable optimizers are not supported")
+            raise ValueError(f"{where}: hyperparameter {name!r} requires grad; differentiable optimizers are "
+                             "not supported")
+        if value.device.type != "cpu":
+            return value.detach().reshape(())
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"hyperparameter {name!r} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{where}: hyperparameter {name!r} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def check_range(value, name: str, where: str, *, low: float, high: float | None = None) -> None:
+    """torch.optim's construction-time checks, applied every step (``low <= value < high``).
+
+    Device tensors are not checked: reading them would synchronise the host with the device.
+    """
+    if isinstance(value, torch.Tensor):
+        return
+    if math.isnan(value) or value < low or (high is not None and value >= high):
+        bound = f"{low} <= {name}" + (f" < {high}" if high is not None else "")
+        raise ValueError(f"{where}: invalid {name} {value!r}: torch.optim requires {bound}. "
+                         "Nothing was updated.")
 
 
 def reject_common_options(group: dict, kind: str) -> None:
@@ -38,3 +56,9 @@ def reject_common_options(group: dict, kind: str) -> None:
             f"{kind}(differentiable=True) is not supported: FusedStep updates params in place under no_grad "
             "and cannot build an autograd graph through the optimizer step."
         )
+
+
+def store_where(keep: torch.Tensor, stores) -> None:
+    """Write ``new`` into each destination where ``keep``, else its old value (bit-identical on a skip)."""
+    for dst, new, old32 in stores:
+        dst.copy_(torch.where(keep, new, old32).to(dst.dtype))

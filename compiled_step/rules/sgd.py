@@ -9,8 +9,11 @@ torch's reference math per param::
         g = g + momentum * buf if nesterov else buf
     p = p + (-lr) * g
 
-``momentum != 0`` changes the graph (it adds the momentum buffer); nesterov and the first-step
-rule are selected per tensor with ``torch.where`` so they do not.
+``momentum != 0`` changes the graph (it adds the momentum buffer); nesterov and the first-step rule
+are selected per tensor with ``torch.where`` so they do not. The per-tensor counts are the
+first-step flags: 1.0 until an update has been applied to the tensor's momentum buffer (FusedStep
+creates the buffer as zeros in its arena, where torch would clone the grad), 0.0 after. The flag is
+cleared in the update graph itself, so a skipped first step stays a first step.
 """
 
 from __future__ import annotations
@@ -19,140 +22,139 @@ from typing import NamedTuple
 
 import torch
 
-from compiled_step.rules.common import host_float, reject_common_options
+from compiled_step.rules.common import (
+    APPLY,
+    GRAD_COEF,
+    SCALE,
+    SIGN,
+    check_range,
+    hyperparameter,
+    reject_common_options,
+    store_where,
+)
 
-USES_STEP = False  # the scalar table is computed from per-param step counts
 NAME = "sgd"
+COUNTS_ARE_STEPS = False  # the counts are FusedStep's own first-step flags; torch's SGD keeps no step
 
-COLUMNS = ("neg_lr", "wd", "momentum", "one_minus_dampening", "nesterov", "first")
-_NEG_LR, _WD, _MOMENTUM, _ONE_MINUS_DAMPENING, _NESTEROV, _FIRST = range(len(COLUMNS))
+HP_COLUMNS = ("scale", "sign", "lr", "momentum", "dampening", "weight_decay", "nesterov")
+_LR, _MOMENTUM, _DAMPENING, _WD, _NESTEROV = range(2, len(HP_COLUMNS))
+
+TABLE_COLUMNS = ("apply", "grad_coef", "neg_lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov",
+                 "first")
+_NEG_LR, _T_WD, _T_MOMENTUM, _ONE_MINUS_DAMPENING, _T_NESTEROV, _FIRST = range(2, 8)
 
 
 class Variant(NamedTuple):
-    """Structural options: each distinct value compiles its own Phase B graph."""
+    """Structural options: each distinct value compiles its own update graphs."""
 
     momentum: bool
 
 
-def validate_group(group: dict, kind: str) -> None:
-    reject_common_options(group, kind)
-    for key in ("lr", "momentum", "dampening", "weight_decay"):
-        host_float(group[key], name=key)
-
-
 def variant(group: dict) -> Variant:
-    return Variant(momentum=host_float(group["momentum"], name="momentum") != 0.0)
-
-
-def needs_state(var: Variant) -> bool:
-    """torch keeps SGD state only for the momentum buffer."""
-    return var.momentum
-
-
-def state_tensors(p: torch.Tensor, state: dict, var: Variant, step_device: torch.device):
-    """``(momentum_buffer,)`` or ``()``, plus ``None`` (SGD keeps no step count).
-
-    torch creates the momentum buffer as a clone of the first step's grad. The compiled update
-    needs a tensor to write into, so FusedStep creates it as zeros and marks the tensor as being
-    on its first step; the ``first`` column then makes the update store ``g`` exactly as torch does.
-    """
-    if not var.momentum:
-        return (), None
-    if state.get("momentum_buffer") is None:
-        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["_compiled_step_first"] = True
-    return (state["momentum_buffer"],), None
-
-
-def pop_first_flags(states: list[dict]) -> list[float]:
-    """1.0 for tensors whose momentum buffer FusedStep just created (torch's first step), else 0.0."""
-    return [1.0 if s.pop("_compiled_step_first", False) else 0.0 for s in states]
-
-
-def scalar_table(optimizer, group: dict, first: torch.Tensor) -> torch.Tensor:
-    """Per-tensor scalars ``[n, len(COLUMNS)]`` float32; ``first`` is float ``[n]`` (1 = first step)."""
-    lr = host_float(group["lr"], name="lr")
-    wd = host_float(group["weight_decay"], name="weight_decay")
-    momentum = host_float(group["momentum"], name="momentum")
-    dampening = host_float(group["dampening"], name="dampening")
-    nesterov = 1.0 if group["nesterov"] else 0.0
-    n = first.shape[0]
-    table = torch.empty((n, len(COLUMNS)), dtype=torch.float64, device=first.device)
-    table[:, :_FIRST] = torch.tensor([-lr, wd, momentum, 1.0 - dampening, nesterov], dtype=torch.float64).to(
-        first.device, non_blocking=True
-    )
-    table[:, _FIRST] = first
-    return table.to(torch.float32)
-
-
-def _math(p32, g_raw, buf32, grad_coef, col):
-    """One SGD update in fp32; ``col(k)`` is a 0-d value or a per-element vector (packed)."""
-    g = g_raw.float() * grad_coef + col(_WD) * p32
-    buf_new = None
-    if buf32 is not None:
-        buf_new = torch.where(col(_FIRST) != 0, g, buf32 * col(_MOMENTUM) + col(_ONE_MINUS_DAMPENING) * g)
-        g = torch.where(col(_NESTEROV) != 0, g + col(_MOMENTUM) * buf_new, buf_new)
-    return p32 + col(_NEG_LR) * g, buf_new
-
-
-def update(
-    params: list[torch.Tensor],  # B x [n_i] param shards, flattened, fp32 or bf16; mutated
-    grads: list[torch.Tensor],  # B x [n_i] grads, unscaled and unclipped; read only
-    momentum_buffers: list[torch.Tensor] | None,  # B x [n_i] momentum buffers (param dtype), or None; mutated
-    table: torch.Tensor,  # [B, len(COLUMNS)] float32 per-tensor scalars
-    grad_coef: torch.Tensor,  # [] float32: scale * clip coefficient * (-1 if maximize)
-    finite: torch.Tensor,  # [] bool: total norm is finite; False keeps everything bit-identical
-    compute_amax: bool = False,  # graph constant: also return max|p| of the stored params (FP8 scales)
-) -> torch.Tensor | None:  # [B] float32 amax per param when compute_amax, else None
-    amaxes = []
-    for j in range(len(params)):
-        p = params[j]
-        buf = momentum_buffers[j] if momentum_buffers is not None else None
-        p32 = p.float()
-        buf32 = buf.float() if buf is not None else None
-        p_new, buf_new = _math(p32, grads[j], buf32, grad_coef, lambda k: table[j, k])
-        if buf is not None:
-            buf.copy_(torch.where(finite, buf_new, buf32))
-        p_stored = torch.where(finite, p_new, p32).to(p.dtype)
-        p.copy_(p_stored)
-        if compute_amax:
-            amaxes.append(p_stored.abs().amax().float())
-    return torch.stack(amaxes) if compute_amax else None
-
-
-def update_packed(
-    param: torch.Tensor,  # [n] small params packed end to end (param dtype); mutated
-    grad: torch.Tensor,  # [n] their grads packed the same way (zeros where a param has no grad)
-    momentum_buffer: torch.Tensor | None,  # [n] momentum arena (state tensors are views into it); mutated
-    segment: torch.Tensor,  # [n] int32: row of ``table`` for each element
-    table: torch.Tensor,  # [S, len(COLUMNS)] float32 per-tensor scalars
-    active: torch.Tensor,  # [S] bool: the tensor has a grad this step
-    grad_coef: torch.Tensor,  # [] float32
-    finite: torch.Tensor,  # [] bool
-) -> None:
-    p32 = param.float()
-    buf32 = momentum_buffer.float() if momentum_buffer is not None else None
-    rows = table[segment]
-    p_new, buf_new = _math(p32, grad, buf32, grad_coef, lambda k: rows[:, k])
-    keep = finite & active[segment]
-    if momentum_buffer is not None:
-        momentum_buffer.copy_(torch.where(keep, buf_new, buf32))
-    param.copy_(torch.where(keep, p_new, p32))
+    momentum = group["momentum"]
+    return Variant(momentum=bool(momentum != 0) if not isinstance(momentum, torch.Tensor) else True)
 
 
 def state_keys(var: Variant) -> tuple[str, ...]:
+    """torch keeps SGD state only for the momentum buffer."""
     return ("momentum_buffer",) if var.momentum else ()
 
 
-def packed_state_args(var: Variant, arenas: dict) -> tuple:
-    """``update_packed``'s state arguments: the momentum arena, or None without momentum."""
-    return (arenas["momentum_buffer"] if var.momentum else None,)
+def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> list:
+    """The group's hyperparameters in ``HP_COLUMNS[2:]`` order (see ``adam.group_values``)."""
+    reject_common_options(group, type(optimizer).__name__)
+    lr = hyperparameter(group["lr"], "lr", where)
+    momentum = hyperparameter(group["momentum"], "momentum", where)
+    dampening = hyperparameter(group["dampening"], "dampening", where)
+    wd = hyperparameter(group["weight_decay"], "weight_decay", where)
+    check_range(lr, "lr", where, low=0.0)
+    check_range(momentum, "momentum", where, low=0.0)
+    check_range(wd, "weight_decay", where, low=0.0)
+    nesterov = bool(group["nesterov"])
+    if nesterov and not isinstance(momentum, torch.Tensor) and not isinstance(dampening, torch.Tensor) and (
+            momentum <= 0 or dampening != 0):
+        raise ValueError(f"{where}: Nesterov momentum requires a momentum and zero dampening (torch.optim.SGD's "
+                         "rule). Nothing was updated.")
+    return [lr, momentum, dampening, wd, 1.0 if nesterov else 0.0]
 
 
-def state_lists(var: Variant, per_param_state: list[tuple[torch.Tensor, ...]]) -> tuple:
-    return ([s[0] for s in per_param_state] if var.momentum else None,)
+def slot_table(
+    hp: torch.Tensor,  # [S, len(HP_COLUMNS)] float64: each slot's group hyperparameters
+    counts: torch.Tensor,  # [S] float32: 1.0 where the momentum buffer has never been updated
+    apply: torch.Tensor,  # [S] bool: the tensor is updated this step
+    coef: torch.Tensor,  # [] float64: the clip coefficient
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] float32
+    columns = [
+        apply.double(),
+        coef * hp[:, SCALE] * hp[:, SIGN],
+        -hp[:, _LR],
+        hp[:, _WD],
+        hp[:, _MOMENTUM],
+        1.0 - hp[:, _DAMPENING],
+        hp[:, _NESTEROV],
+        counts.double(),
+    ]
+    return torch.stack(columns, dim=1).to(torch.float32)
 
 
-def per_tensor_vector(states: list[dict], steps: list, device: torch.device) -> torch.Tensor:
-    """The per-tensor input of ``scalar_table``: 1.0 where this is the tensor's first momentum step."""
-    return torch.tensor(pop_first_flags(states), dtype=torch.float32).to(device, non_blocking=True)
+def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """First-step flags after the update: cleared where the update was applied."""
+    return counts * (1.0 - apply)
+
+
+def _math(p32, g_raw, buf32, col):
+    """One SGD update in fp32; ``col(k)`` is a 0-d value or a ``[rows, 1]`` column."""
+    g = g_raw.float() * col(GRAD_COEF) + col(_T_WD) * p32
+    buf_new = None
+    if buf32 is not None:
+        buf_new = torch.where(col(_FIRST) != 0, g, buf32 * col(_T_MOMENTUM) + col(_ONE_MINUS_DAMPENING) * g)
+        g = torch.where(col(_T_NESTEROV) != 0, g + col(_T_MOMENTUM) * buf_new, buf_new)
+    return p32 + col(_NEG_LR) * g, buf_new
+
+
+def update_flat(
+    params: torch.Tensor,  # [R, ROW] a group's flat params (param dtype); mutated
+    grads: torch.Tensor,  # [R, ROW] their grads, row for row; read only
+    momentum_buffer: torch.Tensor | None,  # [R, ROW] momentum buffers, or None; mutated
+    row_slot: torch.Tensor,  # [R] int32: which of the group's slots each row belongs to
+    table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32
+    counts: torch.Tensor,  # [Sf] float32 first-step flags; mutated
+) -> None:
+    rows = table[row_slot.long()]
+    p32 = params.float()
+    buf32 = momentum_buffer.float() if momentum_buffer is not None else None
+    p_new, buf_new = _math(p32, grads, buf32, lambda k: rows[:, k, None])
+    keep = rows[:, APPLY, None] != 0
+    store_where(keep, [(params, p_new, p32)] + ([(momentum_buffer, buf_new, buf32)] if buf32 is not None else []))
+    counts.copy_(advance(counts, table[:, APPLY]))
+
+
+def update_bucket(
+    params: list[torch.Tensor],  # B x [n_i] param shards, flattened; mutated
+    grads: list[torch.Tensor],  # B x [n_i] grads; read only
+    momentum_buffer: list[torch.Tensor] | None,  # B x [n_i] momentum buffers, or None; mutated
+    table: torch.Tensor,  # [B, len(TABLE_COLUMNS)] float32
+    counts: torch.Tensor,  # [B] float32 first-step flags; mutated
+    amax: torch.Tensor | None,  # [B] float32: written with max|p| of the stored params (FP8), or None
+) -> None:
+    amaxes = []
+    for j in range(len(params)):
+        p = params[j]
+        buf = momentum_buffer[j] if momentum_buffer is not None else None
+        p32 = p.float()
+        buf32 = buf.float() if buf is not None else None
+        p_new, buf_new = _math(p32, grads[j], buf32, lambda k: table[j, k])
+        keep = table[j, APPLY] != 0
+        if buf is not None:
+            store_where(keep, [(buf, buf_new, buf32)])
+        p_stored = torch.where(keep, p_new, p32).to(p.dtype)
+        p.copy_(p_stored)
+        if amax is not None:
+            amaxes.append(p_stored.abs().amax().float())
+    counts.copy_(advance(counts, table[:, APPLY]))
+    if amax is not None:
+        amax.copy_(torch.stack(amaxes))
+
+
+def state_for_update(var: Variant, state: dict[str, object]) -> tuple:
+    return (state["momentum_buffer"] if var.momentum else None,)

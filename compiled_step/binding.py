@@ -1,0 +1,254 @@
+"""Per step: make the persistent buffers hold this step's inputs, doing work only where something changed.
+
+What a steady-state step costs here (the common case: ``fused.zero_grad()`` between steps, no
+scheduler change to the structure) is a few identity checks per param in C-level loops:
+
+* the optimizer still holds the same params in the same groups, with the same structural options;
+* aliased params still live in the flat buffers (their ``data_ptr``), DTensor shards are the same;
+* every ``p.grad`` is the view FusedStep installed (or still None);
+* every state tensor in ``optimizer.state`` is FusedStep's view;
+
+then one small host-to-device copy of the hyperparameters (skipped when they did not change).
+
+Anything else is handled, never ignored: a grad that is not the installed view (after
+``optimizer.zero_grad()``, FSDP2 assigning a fresh grad, a user's assignment) is validated, copied
+into the buffer and replaced by the view; a grad set to None zeroes its region and marks the param
+inactive (no update, as torch.optim skips params without grads); state that is not a view is
+adopted; a changed structure or layout makes ``FusedStep`` rebuild the plan.
+"""
+
+from __future__ import annotations
+
+import operator
+from itertools import repeat
+
+import torch
+
+from compiled_step import collectives
+from compiled_step.planning import ALIASED, Plan, is_dtensor, local_tensor
+from compiled_step.storage import GroupBuffers, StepBuffers
+
+_GRAD = operator.attrgetter("grad")
+_IS = operator.is_
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+class Rebuild(Exception):
+    """The plan no longer matches the params (raised by binding, handled by FusedStep)."""
+
+
+def check_grad(p: torch.Tensor, g: torch.Tensor, where: str, grad_dtype: torch.dtype | None = None) -> None:
+    """Raise for a grad FusedStep cannot use; raise ``Rebuild`` for one of another dtype."""
+    if g.is_sparse:
+        raise TypeError(f"{where}: sparse grads are not supported; FusedStep needs dense grads")
+    if g.shape != p.shape:
+        raise ValueError(f"{where}: grad shape {tuple(g.shape)} differs from param shape {tuple(p.shape)}")
+    if g.device != p.device:
+        raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
+    if g.is_complex() or not g.is_floating_point():
+        raise TypeError(f"{where}: grads must be real floating point, got {g.dtype}")
+    if grad_dtype is not None and g.dtype != grad_dtype:
+        raise Rebuild(f"{where}: grad dtype changed to {g.dtype}")
+
+
+class Binder:
+    """The per-step binding of one built plan."""
+
+    def __init__(self, plan: Plan, groups: list[GroupBuffers], buffers: StepBuffers, rule, param_lists,
+                 variants: list):
+        self.plan, self.groups, self.buffers, self.rule = plan, groups, buffers, rule
+        self.param_lists = [list(params) for params in param_lists]
+        self.variants = variants
+        self.params = [p for gb in groups for p in gb.group.params]
+        self.names = [n for gb in groups for n in gb.group.names]
+        self.where = [(gb, i) for gb in groups for i in range(len(gb.group.params))]
+        self.grad_views = [v for gb in groups for v in gb.grad_views]
+        self.aliased = [gb.group.params[i] for gb in groups for i in gb.aliased]
+        self.alias_ptrs: list[int] = []  # set by install_grads, once the params live in the buffers
+        self.sharded = [p for p in self.params if is_dtensor(p)]
+        self.sharded_locals = [p._local_tensor for p in self.sharded]
+        self.slots = [gb.group.entries[i].slot for gb in groups for i in range(len(gb.group.params))]
+        self.expected_grads: list[torch.Tensor | None] = [None] * len(self.params)
+        self.active = [False] * plan.slots  # host copy of buffers.active
+        self.state_obj = None  # the optimizer.state dict the views were installed into
+        self.installed: list[tuple[str, list, list]] = []  # (key, state dicts, views) to check each step
+        self.hp_values: list | None = None  # the hyperparameter rows last written
+
+    # ---------------------------------------------------------------- structure
+
+    def unchanged(self, optimizer: torch.optim.Optimizer, variants: list) -> bool:
+        """Same params in the same groups, same variants, aliased params and shards not replaced."""
+        groups = optimizer.param_groups
+        if len(groups) != len(self.param_lists) or variants != self.variants:
+            return False
+        for group, expected in zip(groups, self.param_lists):
+            params = group["params"]
+            if len(params) != len(expected) or not all(map(_IS, params, expected)):
+                return False
+        if list(map(_DATA_PTR, self.aliased)) != self.alias_ptrs:
+            return False  # p.data was replaced (model.to(), a user's assignment): move it in again
+        return all(map(_IS, (p._local_tensor for p in self.sharded), self.sharded_locals))
+
+    # ---------------------------------------------------------------- grads
+
+    def grads_unchanged(self) -> bool:
+        return all(map(_IS, map(_GRAD, self.params), self.expected_grads))
+
+    def bind_grads(self) -> bool:
+        """Bring this step's grads into the grad buffers. Returns whether the active set changed.
+
+        Validates every grad that is not the installed view before changing anything. Raises
+        ``Rebuild`` when a grad's dtype differs from its buffer's.
+        """
+        grads = list(map(_GRAD, self.params))
+        if all(map(_IS, grads, self.expected_grads)):
+            return False
+        foreign = []
+        for i, (g, expected) in enumerate(zip(grads, self.expected_grads)):
+            if g is expected or g is None or g is self.grad_views[i]:
+                continue
+            gb, j = self.where[i]
+            p = self.params[i]
+            check_grad(p, g, self.names[i], gb.group.key.grad_dtype)
+            if is_dtensor(g):
+                g = collectives.match_grad_placement(p, g)
+            foreign.append((i, g))
+        changed = False
+        with torch.no_grad():
+            for i, g in enumerate(grads):
+                if g is self.expected_grads[i]:
+                    continue
+                gb, j = self.where[i]
+                if g is None:
+                    gb.grad_locals[j].zero_()  # stale values must not reach the norm
+                    self.expected_grads[i] = None
+                    changed |= self._set_active(i, False)
+                elif g is self.grad_views[i]:
+                    self.expected_grads[i] = g
+                    changed |= self._set_active(i, True)
+            if foreign:
+                torch._foreach_copy_([self.where[i][0].grad_locals[self.where[i][1]] for i, _ in foreign],
+                                     [local_tensor(g) for _, g in foreign])
+                for i, _ in foreign:
+                    gb, j = self.where[i]
+                    self.params[i].grad = gb.grad_views[j]
+                    self.expected_grads[i] = gb.grad_views[j]
+                    changed |= self._set_active(i, True)
+        if changed:
+            self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
+        return changed
+
+    def _set_active(self, i: int, value: bool) -> bool:
+        slot = self.slots[i]
+        if self.active[slot] == value:
+            return False
+        self.active[slot] = value
+        return True
+
+    def install(self, previous: list[torch.Tensor | None]) -> None:
+        """At build: aliased params moved into the param buffers; the grads the params had before
+        copied into the grad buffers, and their params pointed at the views."""
+        for i, g in enumerate(previous):
+            if g is not None and is_dtensor(g):
+                previous[i] = collectives.match_grad_placement(self.params[i], g)
+        start = 0
+        for gb in self.groups:
+            n = len(gb.group.params)
+            gb.install(previous[start:start + n])
+            start += n
+        self.alias_ptrs = list(map(_DATA_PTR, self.aliased))
+        self.expected_grads = [self.grad_views[i] if g is not None else None for i, g in enumerate(previous)]
+        for i, g in enumerate(previous):
+            self._set_active(i, g is not None)
+        self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
+
+    # ---------------------------------------------------------------- state
+
+    def state_unchanged(self, optimizer: torch.optim.Optimizer) -> bool:
+        state = optimizer.state
+        if state is not self.state_obj:
+            return False
+        for key, dicts, views in self.installed:
+            if not all(map(_IS, map(dict.get, dicts, repeat(key)), views)):
+                return False
+        return True
+
+    def bind_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make every state tensor of an active param (or of one that has state) a view of the buffers.
+
+        Missing state is created as torch.optim would (zeros; Adam's step 0; SGD's first-step flag),
+        state that is not a view is copied in. Params without a grad and without state keep none.
+        """
+        state = optimizer.state
+        rule = self.rule
+        count_slots, count_values = [], []
+        installed: dict[str, tuple[list, list]] = {}
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                gb, j = self.where[i]
+                st = state.get(p)
+                if not st and not self.active[self.slots[i]]:
+                    continue
+                st = state[p]
+                keys = rule.state_keys(self.variants[gb.group.key.param_group])
+                created = adopted = False
+                for key in keys:
+                    current, view = st.get(key), gb.state_views[key][j]
+                    if current is None:
+                        gb.state_locals[key][j].zero_()
+                        st[key] = view
+                        created = True
+                    elif current is not view:
+                        gb.state_locals[key][j].copy_(local_tensor(current))
+                        st[key] = view
+                        adopted = True
+                    dicts, views = installed.setdefault(key, ([], []))
+                    dicts.append(st)
+                    views.append(view)
+                slot = self.slots[i]
+                if rule.COUNTS_ARE_STEPS:  # Adam: state["step"] is a view of the counts
+                    view = self.buffers.count_views[slot]
+                    current = st.get("step")
+                    if current is not view:
+                        count_slots.append(slot)
+                        count_values.append(current)  # None: a new state starts at step 0
+                        st["step"] = view
+                    dicts, views = installed.setdefault("step", ([], []))
+                    dicts.append(st)
+                    views.append(view)
+                elif created or adopted:  # SGD: a new momentum buffer is on its first step, torch's is not
+                    count_slots.append(slot)
+                    count_values.append(1.0 if created else 0.0)
+            if count_slots:
+                self._write_counts(count_slots, count_values)
+        self.state_obj = state
+        self.installed = [(key, dicts, views) for key, (dicts, views) in installed.items()]
+
+    def _write_counts(self, slots: list[int], values: list) -> None:
+        counts = self.buffers.counts_home  # the counts themselves, or their host copy when offloading
+        device = counts.device
+        values = [torch.zeros((), dtype=torch.float32) if v is None else
+                  (v.detach().reshape(()).to(torch.float32) if isinstance(v, torch.Tensor)
+                   else torch.tensor(float(v), dtype=torch.float32)) for v in values]
+        values = [local_tensor(v).to(device) for v in values]
+        counts.index_copy_(0, torch.tensor(slots, device=device), torch.stack(values))
+
+    # ---------------------------------------------------------------- hyperparameters
+
+    def write_hyperparameters(self, rows: list[list]) -> None:
+        """Write each group's hyperparameter row (floats, or device tensors copied on the device).
+
+        One host-to-device copy when a float changed (pinned, non-blocking on CUDA); nothing when no
+        value changed since the last step.
+        """
+        hp = self.buffers.hp
+        tensors = [(g, c, v) for g, row in enumerate(rows) for c, v in enumerate(row) if isinstance(v, torch.Tensor)]
+        floats = [v if not isinstance(v, torch.Tensor) else 0.0 for row in rows for v in row]
+        if floats != self.hp_values or tensors:
+            host = torch.tensor(floats, dtype=torch.float64)
+            if hp.device.type == "cuda":
+                host = host.pin_memory()
+            hp.view(-1).copy_(host, non_blocking=True)
+            self.hp_values = None if tensors else floats
+        for g, c, v in tensors:
+            hp[g, c].copy_(v)

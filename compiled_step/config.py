@@ -1,0 +1,88 @@
+"""FusedStep's options: one keyword-only dataclass per concern, validated on construction."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+from compiled_step import experts
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusedStepConfig:
+    """What the step computes and how it is compiled. Raises ``TypeError``/``ValueError`` on bad values."""
+
+    max_grad_norm: float | None = None  # None: no clipping (the norm is still computed and returned)
+    norm_type: float = 2.0  # 1, 2, inf or any finite p > 0
+    error_if_nonfinite: bool = False  # raise instead of skipping on a non-finite norm (syncs the host)
+    compile: bool = True  # False runs the same functions eagerly
+    backend: object = "inductor"  # torch.compile backend (a counting or recording backend in tests)
+    bucket_size: int = 16  # tensors per compiled call for params that stay where they are
+    pack_threshold: int = 16384  # such params with at most this many local elements go through the flat buffer
+    flat_params: bool = True  # move plain params into one flat buffer per group (p.data becomes a view)
+    cuda_graphs: bool = True  # on CUDA, capture the step after its first run and replay it
+    verbose: bool = False  # print every compile to stderr (they are always logged at INFO)
+    compile_notice: bool = True  # one line on stderr before the first compile of the process
+
+    def __post_init__(self):
+        mgn = self.max_grad_norm
+        if mgn is not None:
+            if isinstance(mgn, bool) or not isinstance(mgn, numbers.Real):
+                raise TypeError(f"max_grad_norm must be a positive number or None, got {type(mgn).__name__}")
+            if not math.isfinite(mgn) or mgn <= 0:
+                raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {mgn}")
+        nt = self.norm_type
+        if isinstance(nt, bool) or not isinstance(nt, numbers.Real):
+            raise TypeError(f"norm_type must be a number (1, 2, inf or any p > 0), got {type(nt).__name__}")
+        if math.isnan(nt) or nt <= 0:
+            raise ValueError(f"norm_type must be > 0 (1, 2, inf or any finite p > 0), got {nt}")
+        if isinstance(self.bucket_size, bool) or not isinstance(self.bucket_size, int) or self.bucket_size < 1:
+            raise ValueError(f"bucket_size must be an int >= 1, got {self.bucket_size!r}")
+        if isinstance(self.pack_threshold, bool) or not isinstance(self.pack_threshold, int) or self.pack_threshold < 0:
+            raise ValueError(f"pack_threshold must be an int >= 0, got {self.pack_threshold!r}")
+        for name in ("error_if_nonfinite", "compile", "flat_params", "cuda_graphs", "verbose", "compile_notice"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """Where the params live across ranks; runtime objects (modules, meshes) go in as they are."""
+
+    model_parts: tuple = ()  # modules whose params the optimizer holds: names and expert markers
+    device_mesh: object = None  # DeviceMesh holding the pipeline axis
+    pp_axis_name: str | None = None  # PP is on when given: the norm is reduced over it, PP scaling applies
+    moe_mesh: object = None  # DeviceMesh of the MoE params (EP scaling uses its "ep_shard" dim)
+    ep_axis_name: str | None = None  # EP axis of moe_mesh: expert DTensors are recognised by it
+    expert_tp_replication_factor: int = 1  # expert grads are also divided by this (NeMo Automodel's semantics)
+
+    def __post_init__(self):
+        experts.check_replication_factor(self.expert_tp_replication_factor)
+        if self.pp_axis_name is not None and self.device_mesh is None:
+            raise ValueError("pp_axis_name needs device_mesh (the mesh that has the pipeline axis)")
+        if self.ep_axis_name is not None and self.moe_mesh is None:
+            raise ValueError("ep_axis_name needs moe_mesh (the mesh that has the expert-parallel axis)")
+
+
+def split_options(options: dict, config, distributed) -> tuple[FusedStepConfig, DistributedConfig]:
+    """Build both configs from keyword options, or take the given objects; refuse mixing and unknowns."""
+    step_names = {f.name for f in fields(FusedStepConfig)}
+    dist_names = {f.name for f in fields(DistributedConfig)}
+    unknown = sorted(set(options) - step_names - dist_names)
+    if unknown:
+        raise TypeError(f"FusedStep got unexpected keyword argument(s) {', '.join(unknown)}")
+    step_options = {k: v for k, v in options.items() if k in step_names}
+    dist_options = {k: v for k, v in options.items() if k in dist_names}
+    if config is not None and step_options:
+        raise TypeError(f"pass either config= or its options as keywords, not both ({', '.join(step_options)})")
+    if distributed is not None and dist_options:
+        raise TypeError(f"pass either distributed= or its options as keywords, not both ({', '.join(dist_options)})")
+    if config is not None and not isinstance(config, FusedStepConfig):
+        raise TypeError(f"config must be a FusedStepConfig, got {type(config).__name__}")
+    if distributed is not None and not isinstance(distributed, DistributedConfig):
+        raise TypeError(f"distributed must be a DistributedConfig, got {type(distributed).__name__}")
+    if "model_parts" in dist_options:
+        parts = dist_options["model_parts"]
+        dist_options["model_parts"] = (parts,) if hasattr(parts, "named_parameters") else tuple(parts or ())
+    return config or FusedStepConfig(**step_options), distributed or DistributedConfig(**dist_options)

@@ -1,0 +1,89 @@
+"""FP8 weight scales computed by FusedStep: the amax comes out of the update, the scales follow it.
+
+The bucketed update of an FP8 weight also writes the max |w| of the values it stores (same loop, no
+extra read) into the plan's per-slot ``amax`` vector. After Phase B, one eager call gathers the FP8
+weights' amax, MAX-reduces it over the mesh dims the weights are sharded on (one collective per
+process group, NaN-preserving), and computes torchao's scales into persistent tensors
+(``FusedStep.fp8_amax`` / ``fp8_scales``), which ``store`` then hands to torchao's FSDP2 float8
+all-gather.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiled_step import collectives
+from compiled_step.lifecycle.fp8 import (
+    _check_float8_dtype,
+    find_float8_fsdp_weights,
+    fp8_scales_from_amax,
+    store_fp8_scales_for_fsdp,
+)
+
+
+class Fp8Weights:
+    """The FP8 weights of a FusedStep and the scales it computes for them."""
+
+    def __init__(self, model_parts, fp8_weights, fp8_dtype: torch.dtype, optimizer: torch.optim.Optimizer):
+        # torchao float8 FSDP weights found in model_parts (their scales are stored where torchao's
+        # all-gather reads them), or an explicit list of params (scales only exposed).
+        self.targets = find_float8_fsdp_weights(model_parts)
+        weights = [t.weight for t in self.targets] if fp8_weights is None else list(fp8_weights)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        stray = [i for i, w in enumerate(weights) if id(w) not in held]
+        if stray:
+            raise ValueError(f"fp8_weights[{stray[0]}] is not a param of the optimizer; FP8 scales are computed "
+                             "from the weights the step updates")
+        self.dtype = _check_float8_dtype(fp8_dtype)
+        self.weights = weights
+        self.amax: torch.Tensor | None = None  # float32 [n]: max |w| of each FP8 weight after the last step
+        self.scales: torch.Tensor | None = None  # float32 [n]: their scales
+
+    @property
+    def ids(self) -> frozenset[int]:
+        return frozenset(map(id, self.weights))
+
+    def __bool__(self) -> bool:
+        return bool(self.weights)
+
+    def finisher(self, plan, buffers):
+        """The program's FP8 call for ``plan``: reads ``buffers.amax``, writes ``self.amax``/``scales``."""
+        device = plan.device
+        where = {}
+        for g, group in enumerate(plan.groups):
+            for p, entry in zip(group.params, group.entries):
+                where[id(p)] = (g, entry.slot, p.dtype)
+        slots = torch.tensor([where[id(w)][1] for w in self.weights], device=device)
+        by_group: dict[int, list[int]] = {}
+        for position, w in enumerate(self.weights):
+            by_group.setdefault(where[id(w)][0], []).append(position)
+        steps = []
+        for reduction in plan.reductions:
+            if not reduction.over_shards:
+                continue  # EP ranks hold different experts: their amax must not be mixed
+            positions = [i for m in reduction.members for i in by_group.get(m, [])]
+            if positions:
+                steps.append((reduction, torch.tensor(positions, device=device)))
+        dtypes = {where[id(w)][2] for w in self.weights}
+        weight_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        if self.amax is None or self.amax.device != device:
+            self.amax = torch.zeros(len(self.weights), dtype=torch.float32, device=device)
+            self.scales = torch.zeros(len(self.weights), dtype=torch.float32, device=device)
+        amax_out, scales_out, fp8_dtype = self.amax, self.scales, self.dtype
+
+        def fp8_amax_and_scales() -> None:
+            amax = buffers.amax.index_select(0, slots)
+            for reduction, positions in steps:
+                amax.index_copy_(0, positions, collectives.reduce_amax(amax.index_select(0, positions), reduction))
+            amax_out.copy_(amax)
+            scales_out.copy_(fp8_scales_from_amax(amax, float8_dtype=fp8_dtype, weight_dtype=weight_dtype))
+
+        return fp8_amax_and_scales
+
+    def store(self) -> None:
+        """Hand the scales to torchao's FSDP2 float8 all-gather (0-d views of ``self.scales``)."""
+        if not self.targets or self.scales is None:
+            return
+        position = {id(w): i for i, w in enumerate(self.weights)}
+        targets = [t for t in self.targets if id(t.weight) in position]
+        store_fp8_scales_for_fsdp(targets, self.scales[[position[id(t.weight)] for t in targets]])

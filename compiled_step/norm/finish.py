@@ -1,0 +1,46 @@
+"""The finish, compiled: from the reduced partial norms to everything the updates read.
+
+One call per step, between the collectives and Phase B. It writes, in place:
+
+* the total norm, the finite flag and the skip counter;
+* every tensor's row of the per-tensor table: whether it is updated (a finite norm and a grad), its
+  grad coefficient (clip coefficient x group scale x sign) and the rule's scalars (``slot_table``).
+
+Nothing is read on the host: a non-finite norm turns every ``apply`` to 0 and the updates keep every
+value bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiled_step.norm.kinds import CLIP_EPS, combine, total_from
+
+
+def finish(
+    partials: torch.Tensor,  # [P, w] float64: reduced partial norms (one row per group, or one after PP)
+    order: torch.Tensor,  # [] float64: the norm order (read by the scaled kind)
+    max_norm: torch.Tensor,  # [] float64: the clipping threshold; inf disables clipping
+    hp: torch.Tensor,  # [G, H] float64: each group's hyperparameters (the rule's HP_COLUMNS)
+    slot_group: torch.Tensor,  # [S] int32: the group of each slot
+    counts: torch.Tensor,  # [S] float32: per-tensor counts (Adam: steps; SGD: first-step flags)
+    active: torch.Tensor,  # [S] bool: the tensor has a grad this step (scratch slots: False)
+    total: torch.Tensor,  # [1] float64: written with the pre-clip total norm
+    finite: torch.Tensor,  # [1] bool: written with isfinite(total)
+    skipped: torch.Tensor,  # [1] int64: incremented when the total is not finite
+    table: torch.Tensor,  # [S, K] float32: written with every slot's scalars
+    kind: str,  # graph constant: NormKind.kind
+    p: float,  # graph constant: NormKind.p
+    rule,  # graph constant: the rule module (its slot_table)
+) -> None:
+    norm_order = order if kind == "scaled" else p
+    t = total_from(kind, combine(kind, partials, norm_order), norm_order)
+    ok = torch.isfinite(t)
+    # min(1, max_norm / (total + eps)); with max_norm = inf this is exactly 1 for any finite total.
+    coef = (max_norm / (t + CLIP_EPS)).clamp(max=1.0)
+    # [1] outputs, not 0-d: torch 2.13 drops in-place writes to 0-d graph inputs.
+    total.copy_(t.reshape(1))
+    finite.copy_(ok.reshape(1))
+    skipped.copy_(skipped + (~ok).to(skipped.dtype))
+    slot_hp = hp[slot_group.long()]  # [S, H]
+    table.copy_(rule.slot_table(slot_hp, counts, ok & active, coef))

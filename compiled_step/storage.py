@@ -1,0 +1,247 @@
+"""The step's persistent tensors, built once per plan: flat buffers, the views users see, the vectors.
+
+For every sharding group (see ``planning.py`` for the layout):
+
+* ``params``: ``[flat_rows, ROW]`` in the param dtype. Aliased params' ``.data`` are views of it;
+  staged params are copied in and out around the flat update.
+* ``grads``: ``[rows, ROW]`` in the grad dtype, every grad of the group. ``p.grad`` is a view of it
+  (a DTensor over the view for DTensor params) with the param's shape and memory layout, so autograd
+  and FSDP2 accumulate into it in place and Phase A reads one buffer.
+* ``state[key]``: ``[rows, ROW]`` per optimizer state key (``exp_avg``...), in the param dtype.
+  ``optimizer.state[p][key]`` are views of it, in torch's format (the param's shape, layout and
+  DTensor-ness), so ``optimizer.step()``, ``state_dict()`` and ``load_state_dict()`` see ordinary
+  tensors. A state tensor that is not such a view (a loaded checkpoint, a user's assignment, new
+  state torch.optim created) is *adopted*: copied into the buffer, and replaced by the view.
+
+For the whole plan (``StepBuffers``): the per-slot vectors (counts, active flags, the group of each
+slot, the table of per-tensor scalars), the group hyperparameters, the partial norms and the
+outputs of the finish. Adam's ``state[p]["step"]`` is a 0-d view of ``counts``.
+
+Every element pairs with the same logical element of its param: grads and state are laid out with
+the param's strides (channels_last and transposed params included), and copies between layouts
+go through ``copy_``, which pairs elements by index, never by memory order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiled_step import collectives
+from compiled_step.norm import NormKind
+from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, dense_strides, \
+    is_dtensor, local_tensor
+
+
+def _view(buffer: torch.Tensor, row: int, local: torch.Tensor) -> torch.Tensor:
+    """A view of ``buffer`` (``[rows, ROW]``) starting at ``row`` with ``local``'s shape and layout."""
+    return buffer.as_strided(local.shape, dense_strides(local), buffer.storage_offset() + row * ROW)
+
+
+def _flat(buffer: torch.Tensor, row: int, numel: int) -> torch.Tensor:
+    """A 1-D alias of ``numel`` elements of ``buffer`` from ``row``: not a view for Dynamo (no ``_base``
+    to guard on), so every tensor of any shape hits the same bucket graph."""
+    return buffer.view(-1)[row * ROW: row * ROW + numel].detach()
+
+
+def flat_alias(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D alias of all elements of a dense tensor, in memory order (see ``_flat``)."""
+    if t.is_contiguous():
+        return t.view(-1).detach()
+    return t.as_strided((t.numel(),), (1,), t.storage_offset()).detach()
+
+
+def _wrap_like(p: torch.Tensor, local_view: torch.Tensor) -> torch.Tensor:
+    """``local_view`` as what torch.optim would hold for ``p``: a DTensor for a DTensor param."""
+    if not is_dtensor(p):
+        return local_view
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_view, p.device_mesh, p.placements, run_check=False, shape=p.size(),
+                              stride=p.stride())
+
+
+class GroupBuffers:
+    """One sharding group's buffers and the views into them, in the group's param order."""
+
+    def __init__(self, group: ShardingGroup, state_keys: tuple[str, ...], offload: bool = False):
+        self.group = group
+        key = group.key
+        device = key.device
+        self.params = torch.zeros((group.flat_rows, ROW), dtype=key.dtype, device=device)
+        self.grads = torch.zeros((group.rows, ROW), dtype=key.grad_dtype, device=device)
+        self.state = {k: torch.zeros((group.rows, ROW), dtype=key.dtype, device=device) for k in state_keys}
+        # With offload_optimizer_state on an accelerator, the state users see (and that the binder
+        # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
+        # filled before each step and released after it.
+        self.offloaded = offload and device.type != "cpu"
+        self.state_home = ({k: torch.zeros((group.rows, ROW), dtype=key.dtype, pin_memory=True) for k in state_keys}
+                           if self.offloaded else self.state)
+        self.locals = [local_tensor(p) for p in group.params]  # the param shards as they are now
+        entries = group.entries
+        # param_views: aliased -> the new p.data; staged -> the staging area; bucketed -> None
+        self.param_views = [_view(self.params, e.row, t) if e.region != BUCKETED else None
+                            for e, t in zip(entries, self.locals)]
+        self.grad_locals = [_view(self.grads, e.row, t) for e, t in zip(entries, self.locals)]
+        self.grad_views = [_wrap_like(p, v) for p, v in zip(group.params, self.grad_locals)]
+        self.state_locals = {k: [_view(buf, e.row, t) for e, t in zip(entries, self.locals)]
+                             for k, buf in self.state_home.items()}
+        self.state_views = {k: [_wrap_like(p, v) for p, v in zip(group.params, views)]
+                            for k, views in self.state_locals.items()}
+        self.staged = [i for i, e in enumerate(entries) if e.region == STAGED]
+        self.aliased = [i for i, e in enumerate(entries) if e.region == ALIASED]
+        rows = [e.slot - group.first_slot for e in entries if e.region != BUCKETED
+                for _ in range(-(-e.numel // ROW))]
+        self.row_slot = torch.tensor(rows, dtype=torch.int32).to(device)
+
+    # ---------------------------------------------------------------- install (at build)
+
+    def install(self, previous_grads: list[torch.Tensor | None]) -> None:
+        """Move aliased params into the param buffer and grads into the grad buffer (values copied).
+
+        ``previous_grads[i]`` is param i's grad before the build (None: no grad; it stays None).
+        """
+        with torch.no_grad():
+            for i in self.aliased:
+                p, view = self.group.params[i], self.param_views[i]
+                view.copy_(p.data)
+                p.data = view
+                self.locals[i] = view
+            for i, (p, g) in enumerate(zip(self.group.params, previous_grads)):
+                if g is None:
+                    continue
+                self.grad_locals[i].copy_(local_tensor(g))
+                p.grad = self.grad_views[i]
+
+    # ---------------------------------------------------------------- bucket arguments
+
+    def bucket_args(self, rule, variant, buffers: "StepBuffers", fillers: "Fillers") -> list[tuple]:
+        """Prebuilt arguments of every bucket call of the group: lists padded to ``bucket_size``."""
+        group, size = self.group, buffers.plan.bucket_size
+        keys = rule.state_keys(variant)
+        calls = []
+        for b in range(group.bucket_count):
+            members = group.bucketed[b * size:(b + 1) * size]
+            entries = [group.entries[i] for i in members]
+            params = [flat_alias(self.locals[i]) for i in members]
+            grads = [_flat(self.grads, e.row, e.numel) for e in entries]
+            state = {k: [_flat(self.state[k], e.row, e.numel) for e in entries] for k in keys}
+            pad = size - len(members)
+            if pad:
+                filler = fillers.get(group.key, keys, size)
+                params += filler["params"][-pad:]
+                grads += filler["grads"][-pad:]
+                for k in keys:
+                    state[k] += filler[k][-pad:]
+            first = group.first_slot + group.flat_slots + b * size
+            slots = slice(first, first + size)
+            amax = buffers.amax[slots].detach() if group.key.fp8 else None
+            state_args = rule.state_for_update(variant, state)
+            calls.append((params, grads, *state_args, buffers.table[slots].detach(),
+                          buffers.counts[slots].detach(), amax))
+        return calls
+
+    def flat_args(self, rule, variant, buffers: "StepBuffers") -> tuple:
+        group = self.group
+        rows = group.flat_rows
+        state = {k: buf[:rows].detach() for k, buf in self.state.items()}
+        slots = slice(group.first_slot, group.first_slot + group.flat_slots)
+        return (self.params, self.grads[:rows].detach(), *rule.state_for_update(variant, state), self.row_slot,
+                buffers.table[slots].detach(), buffers.counts[slots].detach())
+
+
+class Fillers:
+    """One-element scratch tensors that pad a group's last bucket to ``bucket_size``.
+
+    Their grads are zero and their slots inactive, so they add nothing to the norm and are never
+    updated. Each slot gets its own tensors: Dynamo guards on which inputs alias, so reusing one
+    tensor would compile another graph.
+    """
+
+    def __init__(self):
+        self._made: dict[tuple, dict[str, list[torch.Tensor]]] = {}
+
+    def get(self, key, state_keys: tuple[str, ...], size: int) -> dict[str, list[torch.Tensor]]:
+        made_key = (key.device, key.dtype, key.grad_dtype, state_keys, size)
+        made = self._made.get(made_key)
+        if made is None:
+            def make(dtype):
+                return [torch.zeros(1, dtype=dtype, device=key.device) for _ in range(size)]
+
+            made = {"params": make(key.dtype), "grads": make(key.grad_dtype)}
+            made.update({k: make(key.dtype) for k in state_keys})
+            self._made[made_key] = made
+        return made
+
+
+class StepBuffers:
+    """The plan-wide vectors and 0-d tensors the compiled calls read and write."""
+
+    def __init__(self, plan: Plan, rule, kind: NormKind, max_norm: float | None,
+                 outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offload: bool = False):
+        device = plan.device
+        self.plan = plan
+        groups = plan.groups
+        n_slots = plan.slots
+        self.counts = torch.zeros(n_slots, dtype=torch.float32, device=device)
+        self.active = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        slot_group = [0] * n_slots
+        for g, group in enumerate(groups):
+            for s in range(group.first_slot, group.first_slot + group.slots):
+                slot_group[s] = g
+        self.slot_group = torch.tensor(slot_group, dtype=torch.int32).to(device)
+        self.table = torch.zeros((n_slots, len(rule.TABLE_COLUMNS)), dtype=torch.float32, device=device)
+        self.hp = torch.zeros((len(groups), len(rule.HP_COLUMNS)), dtype=torch.float64, device=device)
+        self.hp_rows = [self.hp[g].detach() for g in range(len(groups))]
+        self.scales = [self.hp[g, 0].detach() for g in range(len(groups))]  # SCALE column
+        self.partials = torch.zeros((len(groups), kind.partial_width), dtype=torch.float64, device=device)
+        self.partial_rows = [self.partials[g].detach() for g in range(len(groups))]
+        self.pp_partial = torch.zeros((1, kind.partial_width), dtype=torch.float64, device=device)
+        self.order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64).to(device)
+        threshold = float("inf") if max_norm is None else float(max_norm)
+        self.max_norm = torch.tensor(threshold, dtype=torch.float64).to(device)
+        self.total, self.finite, self.skipped = outputs  # FusedStep's: they outlive a plan
+        self.amax = torch.zeros(n_slots, dtype=torch.float32, device=device)
+        # Adam's state["step"] are 0-d views of the counts (of their host copy when offloading).
+        self.offloaded = offload and device.type != "cpu"
+        self.counts_home = torch.zeros(n_slots, dtype=torch.float32, pin_memory=True) if self.offloaded else self.counts
+        self.count_views = [self.counts_home[s] for s in range(n_slots)] if rule.COUNTS_ARE_STEPS else None
+
+
+def copy_staged_in(gb: GroupBuffers) -> None:
+    torch._foreach_copy_([gb.param_views[i] for i in gb.staged], [gb.locals[i] for i in gb.staged])
+
+
+def copy_staged_out(gb: GroupBuffers) -> None:
+    torch._foreach_copy_([gb.locals[i] for i in gb.staged], [gb.param_views[i] for i in gb.staged])
+
+
+def reduce_partials_over(reduction, kind: NormKind, partials: torch.Tensor, members: torch.Tensor | None,
+                         order: torch.Tensor) -> None:
+    """Reduce the member groups' rows of ``partials`` in place over one process group."""
+    if members is None:
+        partials.copy_(collectives.reduce_stacked(kind, partials, reduction, order))
+    else:
+        stacked = partials.index_select(0, members)
+        partials.index_copy_(0, members, collectives.reduce_stacked(kind, stacked, reduction, order))
+
+
+def offload_in(groups: list[GroupBuffers], buffers: StepBuffers) -> None:
+    """Before a step with offloaded state: allocate the device state and fill it from the host copy."""
+    for gb in groups:
+        if gb.offloaded:
+            for key, work in gb.state.items():
+                work.untyped_storage().resize_(work.numel() * work.element_size())
+                work.copy_(gb.state_home[key], non_blocking=True)
+    if buffers.offloaded:
+        buffers.counts.copy_(buffers.counts_home, non_blocking=True)
+
+
+def offload_out(groups: list[GroupBuffers], buffers: StepBuffers) -> None:
+    """After the step: copy the state back to the host (blocking: it is read right after) and free it."""
+    for gb in groups:
+        if gb.offloaded:
+            for key, work in gb.state.items():
+                gb.state_home[key].copy_(work)
+                work.untyped_storage().resize_(0)
+    if buffers.offloaded:
+        buffers.counts_home.copy_(buffers.counts)
