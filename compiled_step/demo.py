@@ -7,6 +7,13 @@ two trajectories drifted apart, the step-time ratio) and writes per-step metrics
 compiled graphs into an output folder. The exit status is 0 when the two runs agree within the
 stated tolerance and 1 when they do not, so the demo doubles as an end-to-end check.
 
+The output folder (``runs/<name>/`` by default) must not hold a previous run: the demo refuses to
+start (exit status 2) unless ``--overwrite`` is given, which replaces the demo's own files there.
+``--device cuda`` runs both copies on the GPU and times each call between ``torch.cuda.synchronize()``
+calls; the summary says which device ran and what was timed. matplotlib (the plot) and tqdm (the
+progress bar on a terminal) come with the ``cli`` extra; without them the demo stops with one line
+that says so (exit status 2).
+
 Data parallel: ``torchrun --nproc_per_node N -m compiled_step demo --fsdp N`` shards both copies
 with FSDP2 (gloo on CPU, NCCL on CUDA); each rank draws its own batches. ``--fsdp 1`` also works
 without torchrun (a one-process group).
@@ -30,8 +37,9 @@ from typing import Any
 
 import torch
 
+from compiled_step._extras import MissingExtraError, require_cli_extra
 from compiled_step.models import PRESETS, MarkovData, build_model, param_groups
-from compiled_step.progress import StepProgress
+from compiled_step.progress import StepProgress, is_terminal
 
 __all__ = ["DemoConfig", "DemoOptionError", "DemoResult", "LOSS_RTOL", "GRAD_NORM_RTOL", "parse_args", "run", "main"]
 
@@ -86,6 +94,7 @@ class DemoConfig:
     fsdp: int = 0  # 0: no FSDP; N: N data-parallel ranks
     device: str | None = None  # None: cuda if available, else cpu
     progress: bool = True
+    overwrite: bool = False  # replace the demo's files in an output folder that holds a previous run
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -118,7 +127,14 @@ class DemoConfig:
             if dev.type not in ("cpu", "cuda"):
                 raise DemoOptionError(f"--device must be cpu or cuda, got {self.device!r}")
             if dev.type == "cuda" and not torch.cuda.is_available():
-                raise DemoOptionError("--device cuda was requested but CUDA is not available in this torch build")
+                raise DemoOptionError(
+                    f"--device {self.device} was requested but CUDA is not available here "
+                    f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
+                )
+            if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise DemoOptionError(
+                    f"--device {self.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                )
 
     # Resolved values ------------------------------------------------------------------------------
     @property
@@ -135,8 +151,8 @@ class DemoConfig:
 
     @property
     def run_name(self) -> str:
-        # Deterministic, so the same command overwrites its own previous run instead of piling up
-        # folders, and the name says what the run was.
+        # Deterministic, so the name says what the run was; a second run of the same command finds
+        # the first one's folder and refuses to replace it without --overwrite.
         mode = "compiled" if self.compile else "eager"
         fsdp = f"-fsdp{self.fsdp}" if self.fsdp else ""
         return f"demo-{self.model}-{self.optimizer}-{mode}{fsdp}-seed{self.seed}"
@@ -169,6 +185,7 @@ class DemoResult:
     loss_floor: float  # entropy rate of the data: the best mean loss any model can reach
     device: str
     world_size: int
+    device_name: str = ""  # e.g. the GPU's name, or the CPU model
     summary: dict[str, Any] = field(default_factory=dict)
     fused_step: Any = field(default=None, repr=False)  # for dump_run_graphs; not part of the summary
 
@@ -233,6 +250,28 @@ def _sync(device: torch.device) -> None:
     # CUDA kernels run asynchronously; without a sync a timer would measure the launch only.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"
+
+
+def _timing_note(device: torch.device) -> str:
+    """What the step and iteration times measure on this device (printed in the summary)."""
+    what = "wall clock of clip_grad_norm_ + optimizer.step() and of fused.step(), and of whole iterations"
+    if device.type == "cuda":
+        return f"{what}, with torch.cuda.synchronize() before and after each, so GPU kernel time is included"
+    return f"{what} (CPU ops return when done)"
 
 
 class _Distributed:
@@ -342,7 +381,7 @@ def _train(cfg: DemoConfig, device: torch.device, dist_ctx: _Distributed | None,
         f"demo: model={cfg.model} ({n_params / 1e6:.2f} M params, {mcfg.n_layers} layers, d_model={mcfg.d_model}, "
         f"vocab={mcfg.vocab_size}, seq_len={mcfg.seq_len}) optimizer={cfg.optimizer} lr={cfg.resolved_lr:g} "
         f"max_grad_norm={cfg.max_grad_norm if cfg.clipping else 'off'} norm_type={cfg.norm_type:g} "
-        f"batch={cfg.batch_size} steps={cfg.steps} device={device} "
+        f"batch={cfg.batch_size} steps={cfg.steps} device={device} ({_device_name(device)}) "
         f"FusedStep={'compiled' if cfg.compile else 'eager (--no-compile)'}"
         + (f" fsdp={world} ranks" if dist_ctx else "")
     )
@@ -403,7 +442,7 @@ def _train(cfg: DemoConfig, device: torch.device, dist_ctx: _Distributed | None,
     if not is_main:
         return None
     result = DemoResult(config=cfg, metrics=metrics, n_params=n_params, loss_floor=loss_floor,
-                        device=str(device), world_size=world)
+                        device=str(device), world_size=world, device_name=_device_name(device))
     result.summary = _summarize(result)
     result.fused_step = fused
     return result
@@ -469,6 +508,7 @@ def format_summary(result: DemoResult) -> str:
     lines = [
         f"summary: {cfg.model} model, {cfg.optimizer}, {len(result.metrics)} steps, "
         f"FusedStep {'compiled' if cfg.compile else 'eager'}, {result.device}"
+        + (f" ({result.device_name})" if result.device_name else "")
         + (f", FSDP x{result.world_size}" if cfg.fsdp else ""),
         f"  loss            first {s['first_loss']:.4f} -> final eager {s['final_loss_eager']:.4f}, "
         f"fused {s['final_loss_fused']:.4f} (floor {s['loss_floor']:.4f})",
@@ -483,6 +523,7 @@ def format_summary(result: DemoResult) -> str:
         f"  first step      fused {s['first_step_s_fused']:.1f}s"
         + (" (includes torch.compile)" if cfg.compile else "") + f", eager {s['first_step_s_eager']:.2f}s",
     ]
+    lines.append(f"  timed           on {result.device}: {_timing_note(torch.device(result.device))}")
     if s["median_opt_ratio_eager_over_fused"] is not None:
         n = len(result.metrics)
         lines += [
@@ -516,6 +557,8 @@ def write_metrics(result: DemoResult, out_dir: Path) -> tuple[Path, Path]:
         "config": cfg,
         "model": asdict(PRESETS[result.config.model]) | {"n_params": result.n_params},
         "device": result.device,
+        "device_name": result.device_name,
+        "timed": _timing_note(torch.device(result.device)),
         "world_size": result.world_size,
         "torch": torch.__version__,
         "summary": result.summary,
@@ -526,6 +569,16 @@ def write_metrics(result: DemoResult, out_dir: Path) -> tuple[Path, Path]:
 
 
 def plot_metrics(result: DemoResult, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(result)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(result: DemoResult) -> Any:
+    """The three panels of curves.png (loss, grad norm, relative differences) as a matplotlib Figure."""
     # Lazy and headless: importing the demo must not import matplotlib, and Agg needs no display.
     import matplotlib
 
@@ -545,7 +598,8 @@ def plot_metrics(result: DemoResult, path: Path) -> Path:
     ax_gn.plot(steps, [m.grad_norm_fused for m in ms], label="FusedStep", lw=1.2, ls="--")
     if result.config.clipping:
         ax_gn.axhline(result.config.max_grad_norm, color="grey", lw=0.8, ls=":", label="max_grad_norm")
-    ax_gn.set(title=f"grad norm before clipping (p={result.config.norm_type:g})", xlabel="step")
+    ax_gn.set(title=f"grad norm before clipping (p={result.config.norm_type:g})", xlabel="step",
+              ylabel=f"total {result.config.norm_type:g}-norm of all grads")
     ax_gn.legend()
 
     # Relative differences on a log axis; exact zeros (step 0's loss) are drawn at a floor so
@@ -555,13 +609,12 @@ def plot_metrics(result: DemoResult, path: Path) -> Path:
     ax_rel.semilogy(steps, [max(_rel(m.grad_norm_fused, m.grad_norm_eager), tiny) for m in ms], label="grad norm")
     ax_rel.axhline(LOSS_RTOL, color="C0", lw=0.8, ls=":", label="loss tolerance")
     ax_rel.axhline(GRAD_NORM_RTOL, color="C1", lw=0.8, ls=":", label="grad-norm tolerance")
-    ax_rel.set(title="|fused - eager| / |eager|  (exact 0 drawn at 1e-12)", xlabel="step")
+    ax_rel.set(title="|fused - eager| / |eager|  (exact 0 drawn at 1e-12)", xlabel="step",
+               ylabel="relative difference")
     ax_rel.legend()
-    fig.suptitle(f"compiled_step demo: {result.config.run_name}")
+    fig.suptitle(f"compiled_step demo: {result.config.run_name} on {result.device}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def dump_graphs(out_dir: Path, fused: Any, log: Callable[[str], None] = print) -> list | None:
@@ -589,6 +642,44 @@ def dump_graphs(out_dir: Path, fused: Any, log: Callable[[str], None] = print) -
         return None
     written = dump(out_dir, fused)
     return list(written) if written is not None else []
+
+
+# --- Output folder ------------------------------------------------------------------------------------
+
+# What a run writes into its folder: these files, and dump_run_graphs' files under graphs/.
+OUTPUT_FILES = ("metrics.csv", "summary.json", "curves.png")
+GRAPHS_DIR = "graphs"
+
+
+def check_out_dir(cfg: DemoConfig) -> None:
+    """Refuse (DemoOptionError) an output folder that is not empty, unless cfg.overwrite.
+
+    Checked before training, on every rank, so a second run of the same command stops at once
+    instead of replacing the first run's results after minutes of work.
+    """
+    out = cfg.out_dir
+    if out.exists() and not out.is_dir():
+        raise DemoOptionError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise DemoOptionError(
+            f"{out}/ is not empty (a previous run?); pass --overwrite to replace the demo's files there, "
+            "or --out to write somewhere else"
+        )
+
+
+def clear_previous_outputs(out_dir: Path) -> None:
+    """Remove a previous run's files (OUTPUT_FILES and graphs/), so none of them survives stale."""
+    import shutil
+
+    for name in OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    if (out_dir / GRAPHS_DIR).is_dir():
+        shutil.rmtree(out_dir / GRAPHS_DIR)
+
+
+def _cli_modules(cfg: DemoConfig) -> list[str]:
+    """The cli extra's modules this run imports: matplotlib for the plot, tqdm for a bar on a terminal."""
+    return ["matplotlib"] + (["tqdm"] if cfg.progress and is_terminal(sys.stderr) else [])
 
 
 # --- Command line -------------------------------------------------------------------------------------
@@ -624,13 +715,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step per rank (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the data (default 0)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default runs/demo-<model>-<optimizer>-<compiled|eager>-seed<seed>)")
+                   help="output folder (default runs/demo-<model>-<optimizer>-<compiled|eager>-seed<seed>); "
+                   "it must not hold a previous run unless --overwrite is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the demo's files (metrics.csv, summary.json, curves.png, graphs/) in an output "
+                   "folder that already holds a run; other files there are left alone")
     p.add_argument("--no-compile", action="store_true", help="run FusedStep eagerly (no torch.compile)")
     p.add_argument("--fsdp", type=int, default=0, metavar="N",
                    help="shard both copies with FSDP2 over N ranks; run under "
                    "`torchrun --nproc_per_node N -m compiled_step demo --fsdp N`")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output at all (without it: a bar on a terminal, a few plain lines otherwise)")
     return p
 
 
@@ -641,16 +737,19 @@ def parse_args(argv: list[str]) -> DemoConfig:
         steps=a.steps, model=a.model, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
         momentum=a.momentum, max_grad_norm=None if a.no_clip else a.max_grad_norm, norm_type=a.norm_type,
         batch_size=a.batch_size, seed=a.seed, out=a.out, compile=not a.no_compile, fsdp=a.fsdp,
-        device=a.device, progress=not a.no_progress,
+        device=a.device, progress=not a.no_progress, overwrite=a.overwrite,
     )
 
 
 def main(argv: list[str]) -> int:
-    """Run the demo. Returns 0 if FusedStep agreed with the reference, 1 if not, 2 on bad options."""
+    """Run the demo. Returns 0 if FusedStep agreed with the reference, 1 if not, 2 on bad options,
+    an output folder that holds a previous run (without --overwrite) or a missing cli extra."""
     try:
         cfg = parse_args(argv)
+        require_cli_extra("the demo", _cli_modules(cfg))
+        check_out_dir(cfg)
         result = run(cfg)
-    except DemoOptionError as e:
+    except (DemoOptionError, MissingExtraError) as e:
         # Only the demo's own option errors become a one-line message; any other exception
         # (including a ValueError from inside FusedStep) keeps its traceback.
         print(f"python -m compiled_step demo: error: {e}", file=sys.stderr)
@@ -658,6 +757,8 @@ def main(argv: list[str]) -> int:
     if result is None:  # not rank 0: rank 0 reports
         return 0
     out_dir = cfg.out_dir
+    if cfg.overwrite:
+        clear_previous_outputs(out_dir)
     print(format_summary(result))
     csv_path, json_path = write_metrics(result, out_dir)
     png_path = plot_metrics(result, out_dir / "curves.png")

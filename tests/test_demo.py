@@ -144,9 +144,17 @@ def test_markov_data():
 
 # --- progress -------------------------------------------------------------------------------------
 
+class _Terminal(io.StringIO):
+    """A StringIO that says it is a terminal, as sys.stderr does in an interactive shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_shows_compiling_spinner_then_steps():
-    buf = io.StringIO()
+    buf = _Terminal()
     with StepProgress(3, desc="training", file=buf) as bar:
+        assert bar.live  # a terminal: the bar and the spinner
         with bar.first_step("compiling"):
             time.sleep(0.7)  # long enough for the 0.25 s spinner to redraw at least twice
         bar.update(loss=1.5)
@@ -156,6 +164,35 @@ def test_progress_shows_compiling_spinner_then_steps():
     assert "compiling |" in text and "compiling /" in text  # the spinner advanced
     assert "compiling: done in" in text
     assert "3/3" in text and "loss=1" in text
+
+
+def test_progress_not_a_terminal_prints_plain_lines():
+    """stderr redirected to a file: no bar, no spinner frames, a few whole lines."""
+    buf = io.StringIO()  # isatty() is False, like a file or a pipe
+    with StepProgress(8, desc="training", file=buf) as bar:
+        assert not bar.live
+        with bar.first_step("compiling"):
+            time.sleep(0.7)  # the live spinner would have redrawn twice by now
+        for i in range(8):
+            bar.update(loss=2.0 - i / 10)
+    text = buf.getvalue()
+    assert "\r" not in text
+    assert not any(f"compiling {frame}" in text for frame in "|/-\\")
+    lines = text.splitlines()
+    assert lines[0] == "compiling..."
+    assert lines[1].startswith("compiling: done in ")
+    # One line per quarter of the run, not one per step.
+    assert lines[2:] == ["training: step 2/8 (loss=1.9)", "training: step 4/8 (loss=1.7)",
+                         "training: step 6/8 (loss=1.5)", "training: step 8/8 (loss=1.3)"]
+
+
+def test_progress_live_can_be_forced_either_way():
+    assert not StepProgress(1, file=_Terminal(), live=False).live
+    buf = io.StringIO()
+    with StepProgress(2, desc="training", file=buf, live=True) as bar:
+        assert bar.live
+        bar.update(loss=1.0)
+    assert "\r" in buf.getvalue()  # tqdm redraws in place
 
 
 def test_progress_disabled_is_silent():
@@ -183,6 +220,7 @@ def test_progress_disabled_is_silent():
         (["--weight-decay", "-0.1"], "--weight-decay"),
         (["--fsdp", "-2"], "--fsdp"),
         (["--device", "tpu"], "--device"),
+        (["--device", "not a device"], "--device"),
     ],
 )
 def test_bad_options_raise_value_error(argv, message):
@@ -195,6 +233,15 @@ def test_bad_option_cli_exit_code(capsys):
     assert "--steps must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_device_cuda_without_cuda_is_a_clear_error(capsys, tmp_path):
+    assert demo.main(["--device", "cuda", "--model", "tiny", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    assert "--device cuda was requested but CUDA is not available" in err and "--device cpu" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_fsdp_without_torchrun_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert demo.main(["--fsdp", "2", "--model", "tiny", "--no-compile", "--no-progress"]) == 2
@@ -205,12 +252,35 @@ def test_option_defaults_and_clip_switches():
     cfg = demo.parse_args([])
     assert (cfg.steps, cfg.model, cfg.optimizer, cfg.max_grad_norm, cfg.compile) == (40, "small", "adamw", 1.0, True)
     assert cfg.out_dir.as_posix() == "runs/demo-small-adamw-compiled-seed0"
+    assert demo.parse_args([]).overwrite is False and demo.parse_args(["--overwrite"]).overwrite is True
     assert not demo.parse_args(["--no-clip"]).clipping
     assert not demo.parse_args(["--max-grad-norm", "inf"]).clipping
     assert demo.parse_args(["--norm-type", "inf"]).norm_type == math.inf
     assert demo.parse_args(["--optimizer", "sgd"]).resolved_lr == demo._DEFAULT_LR["sgd"]
     with pytest.raises(SystemExit):  # argparse: --no-clip and --max-grad-norm are exclusive
         demo.parse_args(["--no-clip", "--max-grad-norm", "2"])
+
+
+# --- plot -----------------------------------------------------------------------------------------------
+
+def test_every_panel_of_curves_has_axis_labels():
+    metrics = [demo.StepMetrics(step=i, loss_eager=3.0 - i / 10, loss_fused=3.0 - i / 10 + 1e-7 * i,
+                                grad_norm_eager=2.0, grad_norm_fused=2.0 + 1e-6 * i, opt_s_eager=1e-3,
+                                opt_s_fused=1e-3, iter_s_eager=1e-2, iter_s_fused=1e-2) for i in range(4)]
+    result = demo.DemoResult(config=demo.DemoConfig(model="tiny"), metrics=metrics, n_params=1, loss_floor=1.0,
+                             device="cpu", world_size=1)
+    fig = demo.curves_figure(result)
+    try:
+        panels = fig.axes
+        assert len(panels) == 3
+        for ax in panels:
+            assert ax.get_xlabel() == "step"
+            assert ax.get_ylabel(), ax.get_title()
+        assert "2-norm" in panels[1].get_ylabel()  # the middle panel: the grad norm, with its p
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 # --- graphs hook ------------------------------------------------------------------------------------
@@ -289,6 +359,50 @@ def test_demo_end_to_end_no_compile(tmp_path, capsys):
     assert "AGREE" in printed and f"output: {out}/" in printed
     _check_graphs(out, printed)
     assert summary["config"]["compile"] is False
+    # It says where it ran and what it timed.
+    assert "device=cpu (" in printed and "timed           on cpu: wall clock of clip_grad_norm_" in printed
+    assert summary["device"] == "cpu" and summary["device_name"] and "wall clock" in summary["timed"]
+
+
+def test_demo_refuses_to_overwrite_a_previous_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", "tiny", "--steps", "2", "--no-compile", "--no-progress", "--out", str(out)]
+    assert demo.main(argv) == 0
+    capsys.readouterr()
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert set(first) >= {"metrics.csv", "summary.json", "curves.png"}
+
+    # The same command again: refused before any training, nothing touched.
+    assert demo.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "demo: " not in captured.out  # it did not start
+    assert len(captured.err.strip().splitlines()) == 1
+    assert f"{out}/ is not empty" in captured.err and "--overwrite" in captured.err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first
+
+    # --overwrite replaces the demo's files (a stale graph file goes) and leaves other files alone.
+    (out / "notes.txt").write_text("mine")
+    (out / "graphs").mkdir(exist_ok=True)
+    (out / "graphs" / "stale.txt").write_text("from an older run")
+    assert demo.main([*argv, "--overwrite", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "graphs" / "stale.txt").exists()
+    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 1
+    _check_outputs(out, 2)
+
+
+def test_demo_progress_with_stderr_redirected_has_no_spinner(tmp_path, capsys):
+    """Under capsys, stderr is not a terminal, as when it is redirected to a file: no bar, no frames."""
+    out = tmp_path / "run"
+    assert demo.main(["--model", "tiny", "--steps", "4", "--no-compile", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "step/s" not in err
+    assert not any(f"first step {frame}" in err for frame in "|/-\\")
+    # The progress lines (other lines, e.g. warnings, may come in between).
+    lines = [line for line in err.splitlines() if line.startswith(("first step", "training"))]
+    assert lines[0] == "first step..." and lines[1].startswith("first step: done in ")
+    assert [line.split(" (")[0] for line in lines[2:]] == [f"training: step {i}/4" for i in range(1, 5)]
 
 
 @pytest.mark.parametrize("extra", [["--optimizer", "sgd", "--no-clip"], ["--optimizer", "adam", "--norm-type", "inf"]])
