@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module and is imported only when asked for, so
 ``python -m compiled_step graphs`` does not pay for matplotlib and ``demo`` does not
-pay for the benchmark's layouts.
+pay for the benchmark's layouts. ``demo`` and ``bench`` draw plots and a progress bar with
+matplotlib and tqdm, the ``cli`` extra (``pip install -e '.[cli]'``); without it they stop with a
+one-line message (exit status 2). The core, ``import compiled_step``, needs torch alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ _COMMANDS = {
 def _usage() -> str:
     lines = ["usage: python -m compiled_step {" + ",".join(_COMMANDS) + "} [options]", ""]
     lines += [f"  {name:<7} {help_text}" for name, (_, help_text) in _COMMANDS.items()]
-    lines.append("\nRun a subcommand with --help for its options.")
+    lines.append("\nRun a subcommand with --help for its options. demo and bench need the cli extra: "
+                 "pip install -e '.[cli]'.")
     return "\n".join(lines)
 
 
