@@ -73,6 +73,7 @@ class Binder:
         self.state_obj = None  # the optimizer.state dict the views were installed into
         self.installed: list[tuple[str, list, list]] = []  # (key, state dicts, views) to check each step
         self.hp_values: list | None = None  # the hyperparameter rows last written
+        self.created: list[torch.Tensor] = []  # params whose state bind_state created in this step
 
     # ---------------------------------------------------------------- structure
 
@@ -178,19 +179,25 @@ class Binder:
 
         Missing state is created as torch.optim would (zeros; Adam's step 0; SGD's first-step flag),
         state that is not a view is copied in. Params without a grad and without state keep none.
+        The params whose state was created are added to ``created`` (see ``forget``).
         """
         state = optimizer.state
         rule = self.rule
         count_slots, count_values = [], []
         installed: dict[str, tuple[list, list]] = {}
+        fresh: list[torch.Tensor] = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 gb, j = self.where[i]
-                st = state.get(p)
-                if not st and not self.active[self.slots[i]]:
-                    continue
-                st = state[p]
                 keys = rule.state_keys(self.variants[gb.group.key.param_group])
+                st = state.get(p)
+                if not keys and not rule.COUNTS_ARE_STEPS:
+                    continue  # e.g. SGD without momentum: torch keeps no state, and neither do we
+                if not st and not self.active[self.slots[i]]:
+                    continue  # no grad and no state: torch.optim creates none either
+                if not st:
+                    fresh.append(p)
+                st = state[p]
                 created = adopted = False
                 for key in keys:
                     current, view = st.get(key), gb.state_views[key][j]
@@ -223,6 +230,13 @@ class Binder:
                 self._write_counts(count_slots, count_values)
         self.state_obj = state
         self.installed = [(key, dicts, views) for key, (dicts, views) in installed.items()]
+        self.created += fresh
+
+    def forget(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        """Remove the state ``bind_state`` created for ``params`` (a step that raised changes nothing)."""
+        for p in params:
+            optimizer.state.pop(p, None)
+        self.state_obj = None  # re-install at the next step
 
     def _write_counts(self, slots: list[int], values: list) -> None:
         counts = self.buffers.counts_home  # the counts themselves, or their host copy when offloading
@@ -242,8 +256,10 @@ class Binder:
         value changed since the last step.
         """
         hp = self.buffers.hp
+        width = hp.shape[1]  # the rule's columns, then zero padding
         tensors = [(g, c, v) for g, row in enumerate(rows) for c, v in enumerate(row) if isinstance(v, torch.Tensor)]
-        floats = [v if not isinstance(v, torch.Tensor) else 0.0 for row in rows for v in row]
+        floats = [v if not isinstance(v, torch.Tensor) else 0.0 for row in rows
+                  for v in row + [0.0] * (width - len(row))]
         if floats != self.hp_values or tensors:
             host = torch.tensor(floats, dtype=torch.float64)
             if hp.device.type == "cuda":

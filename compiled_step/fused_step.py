@@ -126,6 +126,7 @@ class FusedStep:
         built.runner.run_norm()
         if self.config.error_if_nonfinite and not bool(built.buffers.finite):
             built.buffers.skipped.sub_(1)  # raised, not skipped: the counter counts skips only
+            built.binder.forget(self.optimizer, built.binder.created)  # and no state was created
             raise RuntimeError(
                 f"The total norm of order {self.config.norm_type} of the gradients is non-finite "
                 f"({float(built.buffers.total)}); nothing was updated. Pass error_if_nonfinite=False to skip "
@@ -274,6 +275,8 @@ class FusedStep:
         opt = self.optimizer
         variants = [self.rule.variant(group) for group in opt.param_groups]
         built = self._built
+        if built is not None:
+            built.binder.created.clear()  # state created by this step only (see step())
         if built is None or not built.binder.unchanged(opt, variants):
             built = self._build(variants)
         try:

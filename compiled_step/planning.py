@@ -22,6 +22,8 @@ A group's tensors live in flat buffers of ``ROW``-element rows (``storage.py`` a
 * each param has a *slot*: an index into the per-tensor vectors (step counts, "has a grad", the
   per-tensor scalar table). The flat region's rows carry the slot of the param they belong to;
   each bucket owns ``bucket_size`` consecutive slots (the last one padded with scratch slots).
+  Every group's slots and every bucket's start at a multiple of ``SLOT_ALIGN``, so the slices of the
+  per-slot vectors the compiled calls take are 16-byte aligned (Inductor copies misaligned inputs).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ import torch
 ROW = 256
 
 ALIASED, STAGED, BUCKETED = "aliased", "staged", "bucketed"
+
+SLOT_ALIGN = 4  # 4 float32 = 16 bytes
+
+
+def align(n: int, to: int = SLOT_ALIGN) -> int:
+    return -(-n // to) * to
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -159,7 +167,11 @@ class ShardingGroup:
     first_slot: int = 0  # the group's slots are [first_slot, first_slot + slots)
     flat_slots: int = 0  # slots of the flat regions (one per param), then the buckets' slots
     bucket_count: int = 0
-    slots: int = 0  # flat_slots + bucket_count * bucket_size
+    bucket_stride: int = 0  # slots per bucket: bucket_size rounded up to SLOT_ALIGN
+    slots: int = 0  # align(flat_slots) + bucket_count * bucket_stride
+
+    def bucket_first_slot(self, b: int) -> int:
+        return self.first_slot + align(self.flat_slots) + b * self.bucket_stride
 
     def describe(self) -> str:
         k = self.key
@@ -230,7 +242,8 @@ def _on_ep_mesh(p: torch.Tensor, ep_axis_name: str | None) -> bool:
 
 
 def check_params(param_lists, names: dict[int, str]) -> None:
-    """Raise ``ValueError`` for a param listed twice and for params on more than one device."""
+    """Raise ``ValueError`` for a param listed twice or params on more than one device, ``TypeError``
+    for complex, sparse or integer params."""
     seen: dict[int, tuple[int, int]] = {}
     devices = {}
     for index, params in enumerate(param_lists):
@@ -244,6 +257,12 @@ def check_params(param_lists, names: dict[int, str]) -> None:
                     "would be updated twice. List every param once."
                 )
             seen[id(p)] = (index, position)
+            if p.is_complex():
+                raise TypeError(f"FusedStep does not support complex params (got one of dtype {p.dtype})")
+            if p.is_sparse:
+                raise TypeError("FusedStep does not support sparse params")
+            if not p.is_floating_point():
+                raise TypeError(f"FusedStep needs floating-point params, got {p.dtype}")
             devices.setdefault(local_tensor(p).device, names.get(id(p), f"param_groups[{index}][{position}]"))
     if len(devices) > 1:
         found = ", ".join(f"{d} ({name})" for d, name in devices.items())
@@ -342,13 +361,15 @@ def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_thres
         slot += 1
     group.flat_rows = row
     group.first_slot, group.flat_slots = first_slot, slot - first_slot
+    group.bucket_stride = align(bucket_size)
     for position, i in enumerate(group.bucketed):
         numel = local_tensor(group.params[i]).numel()
-        entries[i] = Entry(i, BUCKETED, row, numel, slot + position)
+        b, j = divmod(position, bucket_size)
+        entries[i] = Entry(i, BUCKETED, row, numel, group.bucket_first_slot(b) + j)
         row += rows_for(numel)
     group.rows = row
     group.bucket_count = -(-len(group.bucketed) // bucket_size)
-    group.slots = group.flat_slots + group.bucket_count * bucket_size
+    group.slots = align(group.flat_slots) + group.bucket_count * group.bucket_stride
     group.entries = [entries[i] for i in range(len(group.params))]
     return first_slot + group.slots
 

@@ -148,14 +148,14 @@ def _collectives(plan, buffers: storage.StepBuffers, kind: NormKind) -> list[Cal
     for reduction in plan.reductions:
         members = reduction.members
         index = None if members == list(range(n_groups)) else torch.tensor(members, device=plan.device)
-        shape = f"f64[{len(members)}, {kind.partial_width}]"
+        shape = f"f64[{len(members)}, {storage.PARTIAL_WIDTH}]"
         calls.append(Call(
             f"all_reduce({op}) over {reduction.label!r}: {shape} (partial norms of groups {members})", COLLECTIVE,
             storage.reduce_partials_over, (reduction, kind, buffers.partials, index, buffers.order)))
     if plan.pp is not None:
         calls.append(Call("combine the groups' partials", EAGER, _combine_into,
                           (kind, buffers.partials, buffers.pp_partial, buffers.order)))
-        calls.append(Call(f"all_reduce({op}) over 'pp': f64[1, {kind.partial_width}] (combined partial norm)",
+        calls.append(Call(f"all_reduce({op}) over 'pp': f64[1, {storage.PARTIAL_WIDTH}] (combined partial norm)",
                           COLLECTIVE, storage.reduce_partials_over,
                           (plan.pp, kind, buffers.pp_partial, None, buffers.order)))
     return calls

@@ -32,6 +32,32 @@ from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, Shardin
     is_dtensor, local_tensor
 
 
+# Every persistent buffer starts ``LEAD`` elements (``ROW`` for row buffers) into its storage, so no view
+# handed to a compiled call has a storage offset of 0 or 1: Dynamo specialises offsets 0 and 1 and
+# would compile another graph for the one view that happens to start a buffer. 32 elements keep the
+# bodies 16-byte aligned for every dtype.
+LEAD = 32
+PARTIAL_WIDTH = 2  # partial norms are [value, 0] or [max, scaled sum]: 16 bytes, so rows stay aligned
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, lead: int = LEAD,
+            pin: bool = False) -> torch.Tensor:
+    """Zeros of ``shape`` starting ``lead`` elements into a fresh storage (a non-view alias)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    raw = torch.zeros(lead + numel, dtype=dtype, device=device, pin_memory=pin)
+    return raw[lead:].view(shape).detach()
+
+
+def _row_buffer(rows: int, dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
+    return _buffer((rows, ROW), dtype, device, lead=ROW, pin=pin)
+
+
+def padded(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
 def _view(buffer: torch.Tensor, row: int, local: torch.Tensor) -> torch.Tensor:
     """A view of ``buffer`` (``[rows, ROW]``) starting at ``row`` with ``local``'s shape and layout."""
     return buffer.as_strided(local.shape, dense_strides(local), buffer.storage_offset() + row * ROW)
@@ -67,14 +93,14 @@ class GroupBuffers:
         self.group = group
         key = group.key
         device = key.device
-        self.params = torch.zeros((group.flat_rows, ROW), dtype=key.dtype, device=device)
-        self.grads = torch.zeros((group.rows, ROW), dtype=key.grad_dtype, device=device)
-        self.state = {k: torch.zeros((group.rows, ROW), dtype=key.dtype, device=device) for k in state_keys}
+        self.params = _row_buffer(group.flat_rows, key.dtype, device)
+        self.grads = _row_buffer(group.rows, key.grad_dtype, device)
+        self.state = {k: _row_buffer(group.rows, key.dtype, device) for k in state_keys}
         # With offload_optimizer_state on an accelerator, the state users see (and that the binder
         # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
         # filled before each step and released after it.
         self.offloaded = offload and device.type != "cpu"
-        self.state_home = ({k: torch.zeros((group.rows, ROW), dtype=key.dtype, pin_memory=True) for k in state_keys}
+        self.state_home = ({k: _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=True) for k in state_keys}
                            if self.offloaded else self.state)
         self.locals = [local_tensor(p) for p in group.params]  # the param shards as they are now
         entries = group.entries
@@ -132,7 +158,7 @@ class GroupBuffers:
                 grads += filler["grads"][-pad:]
                 for k in keys:
                     state[k] += filler[k][-pad:]
-            first = group.first_slot + group.flat_slots + b * size
+            first = group.bucket_first_slot(b)
             slots = slice(first, first + size)
             amax = buffers.amax[slots].detach() if group.key.fp8 else None
             state_args = rule.state_for_update(variant, state)
@@ -154,7 +180,9 @@ class Fillers:
 
     Their grads are zero and their slots inactive, so they add nothing to the norm and are never
     updated. Each slot gets its own tensors: Dynamo guards on which inputs alias, so reusing one
-    tensor would compile another graph.
+    tensor would compile another graph. Param fillers are allocations of their own (storage offset 0,
+    like most param shards); grad and state fillers start a row of a slab, like the views of the
+    grad and state buffers they stand in for.
     """
 
     def __init__(self):
@@ -164,11 +192,13 @@ class Fillers:
         made_key = (key.device, key.dtype, key.grad_dtype, state_keys, size)
         made = self._made.get(made_key)
         if made is None:
-            def make(dtype):
-                return [torch.zeros(1, dtype=dtype, device=key.device) for _ in range(size)]
+            def rows(dtype):
+                slab = _row_buffer(size, dtype, key.device)
+                return [_flat(slab, i, 1) for i in range(size)]
 
-            made = {"params": make(key.dtype), "grads": make(key.grad_dtype)}
-            made.update({k: make(key.dtype) for k in state_keys})
+            made = {"params": [torch.zeros(1, dtype=key.dtype, device=key.device) for _ in range(size)],
+                    "grads": rows(key.grad_dtype)}
+            made.update({k: rows(key.dtype) for k in state_keys})
             self._made[made_key] = made
         return made
 
@@ -182,28 +212,30 @@ class StepBuffers:
         self.plan = plan
         groups = plan.groups
         n_slots = plan.slots
-        self.counts = torch.zeros(n_slots, dtype=torch.float32, device=device)
-        self.active = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        self.counts = _buffer((n_slots,), torch.float32, device)
+        self.active = _buffer((n_slots,), torch.bool, device)
         slot_group = [0] * n_slots
         for g, group in enumerate(groups):
             for s in range(group.first_slot, group.first_slot + group.slots):
                 slot_group[s] = g
-        self.slot_group = torch.tensor(slot_group, dtype=torch.int32).to(device)
-        self.table = torch.zeros((n_slots, len(rule.TABLE_COLUMNS)), dtype=torch.float32, device=device)
-        self.hp = torch.zeros((len(groups), len(rule.HP_COLUMNS)), dtype=torch.float64, device=device)
-        self.hp_rows = [self.hp[g].detach() for g in range(len(groups))]
-        self.scales = [self.hp[g, 0].detach() for g in range(len(groups))]  # SCALE column
-        self.partials = torch.zeros((len(groups), kind.partial_width), dtype=torch.float64, device=device)
+        self.slot_group = _buffer((n_slots,), torch.int32, device)
+        self.slot_group.copy_(torch.tensor(slot_group, dtype=torch.int32))
+        # Table columns and hyperparameter columns padded so that every row starts 16-byte aligned.
+        self.table = _buffer((n_slots, padded(len(rule.TABLE_COLUMNS), 4)), torch.float32, device)
+        self.hp = _buffer((len(groups), padded(len(rule.HP_COLUMNS), 2)), torch.float64, device)
+        self.scales = [self.hp[g, 0].detach() for g in range(len(groups))]  # the SCALE column
+        self.partials = _buffer((len(groups), PARTIAL_WIDTH), torch.float64, device)
         self.partial_rows = [self.partials[g].detach() for g in range(len(groups))]
-        self.pp_partial = torch.zeros((1, kind.partial_width), dtype=torch.float64, device=device)
+        self.pp_partial = _buffer((1, PARTIAL_WIDTH), torch.float64, device)
         self.order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64).to(device)
         threshold = float("inf") if max_norm is None else float(max_norm)
         self.max_norm = torch.tensor(threshold, dtype=torch.float64).to(device)
         self.total, self.finite, self.skipped = outputs  # FusedStep's: they outlive a plan
-        self.amax = torch.zeros(n_slots, dtype=torch.float32, device=device)
+        self.amax = _buffer((n_slots,), torch.float32, device)
         # Adam's state["step"] are 0-d views of the counts (of their host copy when offloading).
         self.offloaded = offload and device.type != "cpu"
-        self.counts_home = torch.zeros(n_slots, dtype=torch.float32, pin_memory=True) if self.offloaded else self.counts
+        self.counts_home = (_buffer((n_slots,), torch.float32, torch.device("cpu"), pin=True) if self.offloaded
+                            else self.counts)
         self.count_views = [self.counts_home[s] for s in range(n_slots)] if rule.COUNTS_ARE_STEPS else None
 
 

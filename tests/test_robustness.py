@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compiled_step import FusedStep
+from compiled_step.binding import check_grad
 from conftest import BUCKET, PACK, make_grads, make_params, set_grads
 
 
@@ -185,7 +186,9 @@ def test_complex_params_raise():
         FusedStep(_opt([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))]))
 
 
-def test_tensor_lr_on_cpu_is_read_and_device_tensor_is_refused():
+def test_tensor_lr_on_cpu_is_read_and_meta_tensor_is_refused():
+    """A CPU tensor lr is read on the host (as torch.optim does); a tensor on an accelerator is used on
+    the device (tests/test_cuda.py); a meta tensor holds no value and is refused before any change."""
     params = make_params()
     stepper = FusedStep(_opt(params), bucket_size=BUCKET, pack_threshold=PACK)
     stepper.optimizer.param_groups[0]["lr"] = torch.tensor(1e-3)
@@ -193,7 +196,7 @@ def test_tensor_lr_on_cpu_is_read_and_device_tensor_is_refused():
     stepper.step()  # a CPU tensor lr is read on the host like torch.optim does
     stepper.optimizer.param_groups[0]["lr"] = torch.tensor(1e-3, device="meta")
     before = snapshot(params, stepper.optimizer)
-    with pytest.raises(ValueError, match="is a tensor on meta"):
+    with pytest.raises(ValueError, match="is a tensor on meta, which holds no value"):
         stepper.step()
     assert_bit_identical(before, params, stepper.optimizer)
 
@@ -232,7 +235,7 @@ def test_grad_device_mismatch_is_rejected():
     # On a CPU-only machine autograd and the grad setter refuse to build a param/grad pair on two
     # devices, so the check itself is exercised directly; the CUDA test below goes end to end.
     with pytest.raises(ValueError, match="grad is on cpu but the param is on meta"):
-        FusedStep._check_grad(torch.zeros(3, device="meta"), torch.zeros(3), "w")
+        check_grad(torch.zeros(3, device="meta"), torch.zeros(3), "w")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a second device")

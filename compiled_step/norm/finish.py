@@ -18,17 +18,17 @@ from compiled_step.norm.kinds import CLIP_EPS, combine, total_from
 
 
 def finish(
-    partials: torch.Tensor,  # [P, w] float64: reduced partial norms (one row per group, or one after PP)
+    partials: torch.Tensor,  # [P, 2] float64: reduced partial norms (one row per group, or one after PP)
     order: torch.Tensor,  # [] float64: the norm order (read by the scaled kind)
     max_norm: torch.Tensor,  # [] float64: the clipping threshold; inf disables clipping
-    hp: torch.Tensor,  # [G, H] float64: each group's hyperparameters (the rule's HP_COLUMNS)
+    hp: torch.Tensor,  # [G, H'] float64: each group's hyperparameters (the rule's HP_COLUMNS, then padding)
     slot_group: torch.Tensor,  # [S] int32: the group of each slot
     counts: torch.Tensor,  # [S] float32: per-tensor counts (Adam: steps; SGD: first-step flags)
     active: torch.Tensor,  # [S] bool: the tensor has a grad this step (scratch slots: False)
     total: torch.Tensor,  # [1] float64: written with the pre-clip total norm
     finite: torch.Tensor,  # [1] bool: written with isfinite(total)
     skipped: torch.Tensor,  # [1] int64: incremented when the total is not finite
-    table: torch.Tensor,  # [S, K] float32: written with every slot's scalars
+    table: torch.Tensor,  # [S, K'] float32: written with every slot's scalars (K' >= K: padding columns)
     kind: str,  # graph constant: NormKind.kind
     p: float,  # graph constant: NormKind.p
     rule,  # graph constant: the rule module (its slot_table)
@@ -43,4 +43,5 @@ def finish(
     finite.copy_(ok.reshape(1))
     skipped.copy_(skipped + (~ok).to(skipped.dtype))
     slot_hp = hp[slot_group.long()]  # [S, H]
-    table.copy_(rule.slot_table(slot_hp, counts, ok & active, coef))
+    scalars = rule.slot_table(slot_hp, counts, ok & active, coef)
+    table.copy_(torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])))

@@ -44,7 +44,7 @@ def partial_of_buffer(
     grads: torch.Tensor,  # [rows, ROW] a group's grads, end to end, zeros elsewhere; any float dtype
     scale: torch.Tensor,  # [] float64: the group's grad scale
     order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
-    out: torch.Tensor,  # [w] float64: written with the scaled partial
+    out: torch.Tensor,  # [2] float64: written with the scaled partial ([value, 0] for sum and max)
     kind: str,  # graph constant: "sum", "max" or "scaled"
     p: float,  # graph constant: 1.0 or 2.0 for "sum", inf for "max" (the scaled kind reads ``order``)
 ) -> None:
@@ -53,7 +53,10 @@ def partial_of_buffer(
         partial = torch.stack([m, s])
     else:
         partial = _terms(kind, p, grads).reshape(1)
-    out.copy_(_scaled(kind, p, partial, scale))
+    partial = _scaled(kind, p, partial, scale)
+    if kind != "scaled":  # a second, zero column: every partial row is 16 bytes
+        partial = torch.cat([partial, torch.zeros_like(partial)])
+    out.copy_(partial)
 
 
 def partial_of_list(

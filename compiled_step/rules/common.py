@@ -28,6 +28,8 @@ def hyperparameter(value, name: str, where: str) -> float | torch.Tensor:
         if value.requires_grad:
             raise ValueError(f"{where}: hyperparameter {name!r} requires grad; differentiable optimizers are "
                              "not supported")
+        if value.device.type == "meta":
+            raise ValueError(f"{where}: hyperparameter {name!r} is a tensor on meta, which holds no value")
         if value.device.type != "cpu":
             return value.detach().reshape(())
         return float(value)
