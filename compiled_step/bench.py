@@ -1217,6 +1217,11 @@ def _resolve(args: argparse.Namespace) -> None:
         raise BenchError(f"--device {args.device!r} is not a torch device ({exc})") from None
     if args.device_obj.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if args.device_obj.type == "cuda":
+        if args.device_obj.index is None:  # "cuda": the current GPU, named so the report says which
+            args.device_obj = torch.device("cuda", torch.cuda.current_device())
+        elif args.device_obj.index >= torch.cuda.device_count():
+            raise BenchError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if args.device_obj.type not in ("cpu", "cuda"):
         raise BenchError(f"--device {args.device!r}: only cpu and cuda are supported")
     mode = "quick" if args.quick else args.device_obj.type

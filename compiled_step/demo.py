@@ -241,6 +241,10 @@ def _resolve_device(cfg: DemoConfig) -> torch.device:
     if dev.type == "cuda" and cfg.fsdp:
         # One GPU per rank: torchrun says which through LOCAL_RANK.
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    elif dev.type == "cuda" and dev.index is None:
+        # torch.cuda.set_device refuses a device without an index ("cuda"), and the summary should
+        # name the GPU that ran: take the current one.
+        dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev

@@ -368,6 +368,18 @@ def test_cuda_without_cuda_is_an_error(capsys, tmp_path):
     assert "cuda" in capsys.readouterr().err
 
 
+def test_cuda_device_index_is_checked_and_filled_in(monkeypatch, capsys, tmp_path):
+    # CUDA faked (no GPU here): only the option handling is under test.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert bench.main(["--device", "cuda:3", "--out", str(tmp_path)]) == 2
+    assert "--device cuda:3: this machine has 1 CUDA device(s)" in capsys.readouterr().err
+    args = bench.build_parser().parse_args(["--device", "cuda", "--methods", "A,B", "--out", str(tmp_path)])
+    bench._resolve(args)
+    assert args.device_obj == torch.device("cuda", 0)
+
+
 # ------------------------------------------------------------------------------- compile-time plumbing
 
 

@@ -242,6 +242,28 @@ def test_device_cuda_without_cuda_is_a_clear_error(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_device_cuda_resolves_to_an_indexed_device(monkeypatch):
+    """`--device cuda` (and the default on a GPU machine) must give torch.cuda.set_device an index.
+
+    torch.cuda.set_device(torch.device("cuda")) raises ValueError; the CUDA calls are faked here (no
+    GPU on the test machines), only the device arithmetic is under test.
+    """
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert demo._resolve_device(demo.DemoConfig(device="cuda")) == torch.device("cuda", 1)
+    assert demo._resolve_device(demo.DemoConfig()) == torch.device("cuda", 1)  # default: cuda if available
+    assert demo._resolve_device(demo.DemoConfig(device="cuda:0")) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert demo._resolve_device(demo.DemoConfig(device="cuda", fsdp=2)) == torch.device("cuda", 1)
+    assert calls == [torch.device("cuda", i) for i in (1, 1, 0, 1)]
+    with pytest.raises(ValueError, match="2 CUDA device"):
+        demo.DemoConfig(device="cuda:2")
+
+
 def test_fsdp_without_torchrun_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert demo.main(["--fsdp", "2", "--model", "tiny", "--no-compile", "--no-progress"]) == 2
