@@ -206,6 +206,11 @@ class FusedStep:
         return self._outputs[1][0] if self._outputs is not None else None
 
     @property
+    def fp8_targets(self) -> list:
+        """The torchao float8 FSDP2 weights (``Float8FSDPWeight``) whose scales ``step()`` stores."""
+        return list(self._fp8.targets)
+
+    @property
     def fp8_amax(self) -> torch.Tensor | None:
         """float32 ``[n_fp8]``: max |w| of each FP8 weight after the last step (updated in place)."""
         return self._fp8.amax

@@ -100,8 +100,10 @@ def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers
     update: list[Call] = []
     partial_fn = compiler.get(partials_module.partial_of_buffer)
     for g, gb in enumerate(groups):
-        if gb.group.rows == 0:
-            continue  # nothing to add: its partial stays zero and still joins the collectives
+        if gb.group.rows == 0:  # nothing local (e.g. an empty shard): its partial is zero, every step,
+            norm.append(Call(f"zero the partial norm of group {g} (no local elements)", EAGER,  # since the
+                             buffers.partial_rows[g].zero_))  # collectives reduce the row in place
+            continue
         dtype = gb.grads.dtype
         norm.append(Call(
             f"Phase A partial norm, group {g}", COMPILED, partial_fn,

@@ -29,10 +29,12 @@ LR, WD = 1e-2, 0.1
 IN, HIDDEN, MID, CLASSES = 6, 12, 9, 5  # odd sizes: uneven FSDP shards
 N_GROUPS = 3  # fully_shard'ed Linear layers (the root holds no params): reduce-scatters per sync
 
-# Collectives counted by ``CollectiveCounter``. torch 2.13's FSDP2 reduce-scatters gradients with
-# ``dist.reduce_scatter_single`` (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py,
-# DefaultReduceScatter); the others are counted too, so a torch version that routes grads through
-# another entry point (or HSDP's all-reduce) still shows up as a non-zero count.
+# Collectives counted by ``CollectiveCounter``. FSDP2 reduce-scatters gradients with
+# ``dist.reduce_scatter_single`` in torch 2.13 and ``dist.reduce_scatter_tensor`` in torch 2.11
+# (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, DefaultReduceScatter); the others are
+# counted too, so a torch version that routes grads through another entry point (or HSDP's
+# all-reduce) still shows up as a non-zero count. Names this torch lacks are skipped
+# (``reduce_scatter_single`` does not exist in 2.11).
 COUNTED = (
     "reduce_scatter_single",
     "reduce_scatter_tensor",
@@ -53,7 +55,9 @@ class CollectiveCounter:
 
     def __enter__(self) -> CollectiveCounter:
         for name in COUNTED:
-            original = getattr(dist, name)
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
             self._originals[name] = original
 
             def counting(*args, _name=name, _original=original, **kwargs):
@@ -163,16 +167,21 @@ def reference_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, n_global:
 
 
 def read_flags(model: nn.Module) -> dict:
-    """FSDP2's flags read straight from torch's private state (independent of the code under test):
+    """FSDP2's flags read straight from torch's private state (only the per-version attribute
+    lookup, ``_fsdp_private``, is shared with the code under test):
     per param group (reduce_grads, all_reduce_grads, reshard_after_backward) and the root's
     is_last_backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from compiled_step.lifecycle import _fsdp_private  # torch's private state, per torch version
+
     flags = {}
     for name, module in model.named_modules():
-        if not hasattr(module, "_get_fsdp_state"):
+        if not isinstance(module, FSDPModule):
             continue
-        for i, group in enumerate(module._get_fsdp_state()._fsdp_param_groups):
+        for i, group in enumerate(_fsdp_private.param_groups(module)):
             flags[f"{name or 'root'}[{i}]"] = (group.reduce_grads, group.all_reduce_grads, group.reshard_after_backward)
-    flags["is_last_backward"] = model._get_fsdp_state()._state_ctx.is_last_backward
+    flags["is_last_backward"] = _fsdp_private.state_context(model).is_last_backward
     return flags
 
 
@@ -246,7 +255,7 @@ def scenario_exception(rank: int, mesh) -> dict:
     opt, fused = fused_step_for(model)
     ref_opt = adamw(ref)
     out: dict = {"prior": read_flags(model), "inside_last": None, "after_error": [], "fp8_after_error": [],
-                 "propagated": []}
+                 "propagated": [], "notes": []}
     x, y = local_batch(0, rank)
     n_global = global_tokens(y)
     for fail_at in (1, K - 1):
@@ -262,6 +271,8 @@ def scenario_exception(rank: int, mesh) -> dict:
                     acc.add_tokens((yb != -100).sum())
         except KeyError as exc:
             out["propagated"].append(str(exc))
+            # A failed FSDP recovery would be attached here as a note (the user's error stays the one raised).
+            out["notes"].extend(getattr(exc, "__notes__", []))
         out["after_error"].append(read_flags(model))
         out["fp8_after_error"].append(fused.first_microbatch.value)
     # The failed step is lost: zero the grads, then a normal step must give the reference's numbers.
@@ -391,7 +402,7 @@ def scenario_torchao_fp8(rank: int, mesh) -> dict:
             n_process_groups = 1
         float8 = [m for m in model.modules() if isinstance(m, Float8Linear)]
         opt, fused = fused_step_for(model)
-        res: dict = {"n_float8": len(float8), "n_targets": len(fused._fp8_targets), "steps": [],
+        res: dict = {"n_float8": len(float8), "n_targets": len(fused.fp8_targets), "steps": [],
                      "n_process_groups": n_process_groups}
         gen = torch.Generator().manual_seed(100 + rank)
         for step in range(2):
