@@ -50,6 +50,15 @@ class Call:
     def recorded(self) -> bool:
         return self._replay is not None
 
+    @property
+    def compiled(self) -> Callable | None:
+        """The callable the backend returned for this call's graph, once the call ran (else None).
+
+        Later runs call it directly with the recorded arguments; an observer (the graph dumps) can
+        recognise which graph a call runs by it.
+        """
+        return self._replay
+
     def run(self, compiler: compiling.Compiler) -> None:
         if self._replay is not None:
             self._replay(*self._replay_args)
