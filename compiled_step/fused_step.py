@@ -196,6 +196,11 @@ class FusedStep:
         return self._built.program if self._built is not None else None
 
     @property
+    def cuda_graph_captured(self) -> bool:
+        """Whether the current plan's step is replayed as CUDA graphs (CUDA params, after two steps)."""
+        return self._built is not None and self._built.runner.captured
+
+    @property
     def skipped_steps(self) -> torch.Tensor | None:
         """int64 0-d tensor: steps skipped for a non-finite norm (updated in place)."""
         return self._outputs[2][0] if self._outputs is not None else None
