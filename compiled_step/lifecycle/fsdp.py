@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from compiled_step.lifecycle import _fsdp_private
 from compiled_step.lifecycle.fp8 import FirstMicrobatchFlag, default_first_microbatch_flag
 
 __all__ = [
@@ -146,9 +147,10 @@ def prepare_for_final_backward(model_parts: list[nn.Module], pp_enabled: bool = 
 def reset_fsdp_iteration_state(model_parts: nn.Module | Iterable[nn.Module]) -> None:
     """Recover FSDP2 roots after an exception in forward or backward.
 
-    Call after catching the exception, before the next forward, on every rank. Calls
-    ``reset_iter_state()`` on each root FSDP module that has run a forward (FSDP's own
-    recovery: waits for in-flight collectives, reshards, clears per-iteration trackers) and
+    Call after catching the exception, before the next forward, on every rank. Runs FSDP's own
+    recovery on each root FSDP module that has run a forward (``reset_iter_state()`` in torch
+    2.13, the same steps on torch 2.11, which lacks it: waits for in-flight collectives,
+    reshards, clears per-iteration trackers) and
     drops the unsharded gradients FSDP keeps between microbatches while gradient sync is
     off, which ``reset_iter_state`` leaves in place and the next backward would otherwise
     add to its own. The sharded ``.grad`` of the parameters is not touched: zero it
@@ -156,28 +158,17 @@ def reset_fsdp_iteration_state(model_parts: nn.Module | Iterable[nn.Module]) -> 
     """
     states_done: set[int] = set()
     for module in fsdp_modules(model_parts):
-        state = module._get_fsdp_state()
+        state = _fsdp_private.fsdp_state(module)
         if id(state) in states_done:
             continue
         states_done.add(id(state))
-        # ``_is_root`` is None until the first forward's lazy init; only an initialised root
-        # has iteration state to reset (and reset_iter_state refuses non-roots).
-        if state._is_root is True:
-            module.reset_iter_state()
+        # Only an initialised root has iteration state to reset (and the reset refuses non-roots).
+        if _fsdp_private.is_initialized_root(module):
+            _fsdp_private.reset_iter_state(module)
     for module in fsdp_modules(model_parts):
-        for group in module._get_fsdp_state()._fsdp_param_groups:
+        for group in _fsdp_private.param_groups(module):
             for fsdp_param in group.fsdp_params:
-                _drop_unsharded_grads(fsdp_param)
-
-
-def _drop_unsharded_grads(fsdp_param: Any) -> None:
-    # FSDPParam keeps grads of no-sync backwards in two places: ``unsharded_accumulated_grad``
-    # (reduce-dtype accumulation under mixed precision) and the ``.grad`` of the unsharded
-    # parameter object, which survives resharding. Both feed the next reduce-scatter.
-    fsdp_param.unsharded_accumulated_grad = None
-    unsharded = getattr(fsdp_param, "_unsharded_param", None)
-    if unsharded is not None:
-        unsharded.grad = None
+                _fsdp_private.drop_unsharded_grads(fsdp_param)
 
 
 # --------------------------------------------------------------------------------------
@@ -207,12 +198,11 @@ class _FlagSnapshot:
         seen_groups: set[int] = set()
         seen_contexts: set[int] = set()
         for module in modules:
-            state = module._get_fsdp_state()
-            context = state._state_ctx
+            context = _fsdp_private.state_context(module)
             if id(context) not in seen_contexts:
                 seen_contexts.add(id(context))
                 self._contexts.append((context, context.is_last_backward))
-            for group in state._fsdp_param_groups:
+            for group in _fsdp_private.param_groups(module):
                 if id(group) not in seen_groups:
                     seen_groups.add(id(group))
                     flags = _GroupFlags(group.reduce_grads, group.all_reduce_grads, group.reshard_after_backward)
