@@ -1,57 +1,84 @@
 """``python -m compiled_step graphs``: what Dynamo and Inductor made of FusedStep, as reviewable text.
 
 For each reference configuration (``REFERENCES``) this module runs two real ``FusedStep.step()``
-calls on CPU with a *recording backend* and writes one text file into ``graphs/``:
+calls on CPU with a *recording backend* and writes one text file into ``graphs/``.
 
-* the Dynamo FX graph of every compiled bucket function the step used, normalised (comments with
-  file paths and line numbers stripped, as ``torch._dynamo.testing.normalize_gm`` does);
-* the post-grad ATen graph Inductor lowered (the ``TORCH_LOGS=post_grad_graphs`` text);
-* a summary: graphs compiled, graph breaks, Inductor's kernel count
-  (``torch._inductor.metrics.generated_kernel_count``) and bytes accessed (``num_bytes_accessed``,
-  which Inductor only computes when its ``inductor_metrics`` log is on), bytes per parameter, and
-  each graph's inputs and outputs;
-* where the collectives sit between the graphs: the calls of step 1 in the order they ran (Phase A
-  graph calls, the eager scaling, each ``all_reduce`` with its process-group label, the eager
-  norm/clip, Phase B graph calls), next to ``plan.reductions`` and ``plan.pp``.
+What a step runs (``fused.program``, see ``program.py``): per sharding group, the grads, params and
+optimizer state live in flat buffers of 256-element rows, and one step is
 
-How the capture works (the torch 2.13 APIs used are private, hence the pinned version):
+1. **Phase A**: one compiled ``norm.partials.partial_of_buffer`` call per sharding group, over the
+   group's whole flat grad buffer (the group's grad scale folded in);
+2. the collectives (eager, in place on the partial norms), one per process group, then ``'pp'``;
+3. the **finish**: one compiled ``norm.finish.finish`` call (total norm, clip coefficient, finite
+   flag, skip counter, and every tensor's row of the per-tensor scalar table);
+4. **Phase B**: per group, one compiled ``rules.<rule>.update_flat`` call over the flat region
+   (params aliased into the flat buffer, and small params the step may not move, staged: copied in
+   and out by eager calls around it), and one compiled ``rules.<rule>.update_bucket`` call per
+   bucket of ``bucket_size`` large params that stay where they are (FSDP2 shards, FP8 weights);
+5. with FP8 weights, one eager call: the amax reduction and the scales.
+
+Each file holds:
+
+* a summary: graphs compiled, graphs compiled by a second step with the lr halved (0), graph
+  breaks, Inductor's kernel count (``torch._inductor.metrics.generated_kernel_count``) and bytes
+  accessed (``num_bytes_accessed``, which Inductor only computes when its ``inductor_metrics`` log
+  is on) per graph, and **bytes per parameter** (below);
+* the plan (``fused.plan``): the sharding groups, where their params live (aliased, staged,
+  bucketed), the reductions;
+* where the collectives sit between the graphs: every call of ``fused.program.calls`` in the order
+  step 1 ran them, compiled calls mapped to their graph by ``call.compiled`` (the callable the
+  recording backend returned, which carries the graph's index), eager calls and collectives by
+  their labels;
+* per graph: its inputs (with their sizes at compile time), outputs, Inductor's scheduler nodes,
+  the Dynamo FX graph normalised (comments with file paths and line numbers stripped, as
+  ``torch._dynamo.testing.normalize_gm`` does) and the post-grad ATen graph Inductor lowered (the
+  ``TORCH_LOGS=post_grad_graphs`` text).
+
+**Bytes per parameter** = (bytes accessed by the Phase A graph + bytes accessed by the update graph
+that updates the configuration's large params: the flat update for plain tensors, which are all
+aliased into the flat buffer, the bucket update for DTensor and FP8 layouts) / (the grad elements
+that update processes: its grad inputs at compile time, padding included). Both graphs' byte
+counts are at the sizes of that group's calls (checked). fp32 AdamW's floor is 32: read p, g, m, v
+and write p, m, v once (28), plus one more read of g for the norm (4). What lies above it: the flat
+update's row index and per-tensor table reads; for DTensor layouts, Phase A also reads the grads of
+the group's staged small params, which the bucket update does not process.
+
+How the capture works (the torch 2.13 APIs used are private, hence the pinned version), through
+public seams of FusedStep only (``backend=``, ``fused.program``, ``fused.plan``):
 
 * ``FusedStep(..., backend=recorder)``: the recorder is a ``torch.compile`` backend that keeps the
   ``GraphModule`` Dynamo hands over, then compiles it with Inductor's ``compile_fx`` while the
   ``post_grad_graphs`` and ``inductor_metrics`` artifact logs are routed to it, and with the FX graph
-  and AOTAutograd caches off (a cache hit skips lowering, so neither log would fire). A backend
-  call that raises (Dynamo restarts an analysis, e.g. when it specialises a float input) records
-  nothing.
-* The FusedStep's ``kernels.Compiler`` is wrapped so that every call of a compiled function is an
-  event, and ``collectives._all_reduce``, ``norms.apply_scale``, ``norms.finish`` and
-  ``lifecycle.fp8.fp8_scales_from_amax`` are observed the same way (and still run). Graphs are
-  shared across configurations by (function, argument dtypes and structure, keyword arguments):
-  Dynamo reuses its cache entry for the same backend, so AdamW fp32 plain, unclipped, FSDP2, TP and
-  EP compile their graphs once.
+  and AOTAutograd caches off (a cache hit skips lowering, so neither log would fire). It returns a
+  callable that carries the graph's index, which FusedStep exposes as ``call.compiled``.
+* Graphs are shared between configurations of one *family* (``Reference.family``): they use one
+  recorder, so Dynamo reuses its cache entries and a graph compiles once per family. A graph's byte
+  counts are those of the call that compiled it, so configurations of a family have the same
+  buffer sizes, and the capture checks that every graph's first call in a configuration has the
+  tensor sizes it was compiled at (it raises otherwise): each file is the same whether it is
+  captured alone (``--only``) or with the others.
 * Distributed configurations run in a one-process gloo world (``HashStore``, rank 0 of 1) with
   real ``DeviceMesh``es of size 1 and real DTensor params, so the plan, its reductions and their
   labels are the ones a sharded run has; every collective is a real ``all_reduce`` over a group of
   one rank.
 
-Reference bucket: ``bucket_size=4`` (the test suite's bucket, so compile time stays small; graphs
-grow linearly with the bucket and FusedStep's default is 16). Each sharding group holds 4 "large"
-params of 128 x 256 = 32768 elements (above the default ``pack_threshold``, so they take the bucket
-path: exactly one full bucket) and 3 small ones of 256, 256 and 128 elements (packed). Every graph
-is compiled at its first call, so Inductor's byte counts are for those sizes. **Bytes per
-parameter** is (bytes accessed by the Phase A graph + the Phase B bucket-update graph, both at the
-reference bucket) / (4 x 32768), the number comparable to the 32 B/param floor of fp32 AdamW in
-DESIGN.md. The packed update's bytes per element is reported per graph.
+Reference sizes: every configuration has 4 "large" params of 128 x 256 = 32768 elements and 3 small
+ones of 256, 256 and 128 elements. Plain tensors are all aliased into one flat buffer of 515 rows
+(one flat update). DTensor params are not moved: the 4 large shards (above the default
+``pack_threshold``) are bucketed, ``bucket_size=4`` (the test suite's bucket, so compile time stays
+small; FusedStep's default is 16) making exactly one full bucket, and the 3 small ones are staged.
 
 Output is deterministic: no addresses, timestamps, hashes, cache paths or line numbers; running the
-command twice gives identical files. Nothing in the files depends on the CPU: they came out
-identical with 1 and 2 threads and with Inductor's vector width forced to AVX2 (``cpp.simdlen=256``)
-and to scalar code (``cpp.simdlen=1``); Inductor's generated C++ does depend on it and is left out. ``tests/test_graphs.py`` regenerates every file and compares
-(``EXPECTTEST_ACCEPT=1`` rewrites them), so any change to a graph shows up as a reviewed diff.
+command twice gives identical files. Nothing in the files depends on the CPU (they came out identical
+with 1 and 2 threads): Inductor's generated C++ does (vector ISA, thread count) and is left out. ``tests/test_graphs.py`` regenerates every file
+and compares (``EXPECTTEST_ACCEPT=1`` rewrites them), so any change to a graph shows up as a
+reviewed diff.
 
 ``dump_run_graphs(out_dir, fused)`` writes the same kind of file for an existing FusedStep (the
-demo calls it), by re-running the capture on synthetic tensors with the run's optimizer
-hyperparameters, dtypes, bucket size and norm type, plus Inductor's generated code (which depends
-on the CPU's vector ISA and thread count, so it is never part of the committed goldens).
+demo calls it), by re-running the capture on synthetic tensors that select the run's graphs (its
+optimizer hyperparameters, dtypes, device, bucket size, norm type, and the sizes of its flat
+regions and first bucket), next to the run's own plan and program, plus Inductor's generated code
+(which depends on the CPU's vector ISA and thread count, so it is never part of the goldens).
 """
 
 from __future__ import annotations
@@ -59,21 +86,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import functools
 import inspect
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from compiled_step import collectives, kernels, norms, planning
+from compiled_step import planning
 
 __all__ = [
     "GOLDEN_TORCH_VERSION",
@@ -100,8 +126,8 @@ GOLDEN_TORCH_VERSION = "2.13.0"
 HEADER_MARK = "# compiled_step graph dump"
 REFERENCE_BUCKET_SIZE = 4
 LARGE_SHAPE = (128, 256)  # 32768 elements: above FusedStep's default pack_threshold (16384)
-N_LARGE = REFERENCE_BUCKET_SIZE  # exactly one full bucket per sharding group
-SMALL_SHAPES = ((256,), (256,), (128,))  # packed: biases and norm weights
+N_LARGE = REFERENCE_BUCKET_SIZE  # exactly one full bucket per sharding group (where they are bucketed)
+SMALL_SHAPES = ((256,), (256,), (128,))  # biases and norm weights: staged when not aliased
 GRAD_SCALE = 3.0  # grads ~ N(0, 9): the total norm is ~1e3, so clipping at 1.0 is active
 
 # The checkout this package lives in (for the default output folder and for stripping paths).
@@ -153,14 +179,21 @@ def _shapes(n_large: int = N_LARGE, small: Sequence[tuple[int, ...]] = SMALL_SHA
     return [LARGE_SHAPE] * n_large + list(small)
 
 
-def plain_layout(dtype: torch.dtype, device: str = "cpu", shapes: Sequence[tuple[int, ...]] | None = None) -> Setup:
-    """Plain tensors on one device: no reductions (``plan.reductions`` is empty)."""
+def plain_layout(dtype: torch.dtype, device: str = "cpu", shapes: Sequence[tuple[int, ...]] | None = None,
+                 grad_dtype: torch.dtype | None = None) -> Setup:
+    """Plain tensors on one device: all aliased into the flat buffers; no reductions."""
     shapes = list(shapes) if shapes is not None else _shapes()
     params = [torch.nn.Parameter(t.to(device)) for t in _values(shapes, dtype, seed=0)]
-    return Setup(params, lambda step: [g.to(device) for g in _values(shapes, dtype, 1000 + step, GRAD_SCALE)])
+    grad_dtype = grad_dtype or dtype
+    if grad_dtype != dtype:
+        for p in params:
+            p.grad_dtype = grad_dtype
+    return Setup(params, lambda step: [g.to(device) for g in _values(shapes, grad_dtype, 1000 + step, GRAD_SCALE)],
+                 notes=["params: plain tensors: FusedStep aliases all of them into its flat buffers (p.data becomes "
+                        "a view), so one flat update covers them"])
 
 
-def _dtensor_setup(dtype: torch.dtype, mesh, placements, **kwargs) -> Setup:
+def _dtensor_setup(dtype: torch.dtype, mesh, placements, notes: list[str]) -> Setup:
     from torch.distributed.tensor import distribute_tensor
 
     shapes = _shapes()
@@ -169,7 +202,9 @@ def _dtensor_setup(dtype: torch.dtype, mesh, placements, **kwargs) -> Setup:
     def grads(step):
         return [distribute_tensor(g, mesh, placements) for g in _values(shapes, dtype, 1000 + step, GRAD_SCALE)]
 
-    return Setup(params, grads, **kwargs)
+    notes = notes + ["DTensor params stay where they are: the 4 large shards are bucketed (one full bucket of 4), "
+                     "the 3 small ones are staged (copied into the flat buffer around the flat update)"]
+    return Setup(params, grads, notes=notes)
 
 
 def fsdp2_shard0_layout(dtype: torch.dtype) -> Setup:
@@ -200,8 +235,8 @@ def fp8_amax_layout(dtype: torch.dtype) -> Setup:
     also returns max|w| of the stored values, MAX-reduced over the shards for the FP8 scales."""
     setup = fsdp2_shard0_layout(dtype)
     setup.fused_kwargs = dict(fp8_weights=setup.params[:N_LARGE])
-    setup.notes.append("fp8_weights: the 4 bucketed params (FP8 weights are never packed; they form their own "
-                       "sharding group), fp8_dtype=torch.float8_e4m3fn")
+    setup.notes.append("fp8_weights: the 4 large params (FP8 weights are always bucketed and form their own sharding "
+                       "group: group 0; the 3 small params form group 1, staged), fp8_dtype=torch.float8_e4m3fn")
     return setup
 
 
@@ -224,7 +259,8 @@ def ep_experts_layout(dtype: torch.dtype) -> Setup:
         "(recognised as experts by the ep axis)",
         "device_mesh ('pp',) of size 1 with pp_axis_name='pp': PP scaling and a last reduction over 'pp'",
         "step(num_label_tokens=4096, dp_group_size=1): grads x 1/(4096/1) (PP), experts also x 1/ep_ratio "
-        "(ep_ratio = dp_group_size / ep_shard_size x expert_tp_replication_factor = 1)",
+        "(ep_ratio = dp_group_size / ep_shard_size x expert_tp_replication_factor = 1); the factor is the group's "
+        "scale, folded into Phase A and the finish (no extra pass)",
     ])
     setup.fused_kwargs = dict(model_parts=[_Experts(setup.params)], device_mesh=pp_mesh, pp_axis_name="pp",
                               moe_mesh=moe_mesh, ep_axis_name="ep")
@@ -236,8 +272,10 @@ def ep_experts_layout(dtype: torch.dtype) -> Setup:
 class Reference:
     """One reference configuration: a file ``graphs/<name>.txt``.
 
-    To add one (e.g. the FP8 amax variant once FusedStep computes amax inside the update), append a
-    ``Reference`` to ``REFERENCES``, run ``python -m compiled_step graphs`` and commit the new file.
+    To add one, append a ``Reference`` to ``REFERENCES``, run ``python -m compiled_step graphs`` and
+    commit the new file. ``family``: configurations of one family share compiled graphs, so they must
+    have the same buffer sizes (the capture checks it and raises otherwise); give a configuration
+    with other sizes a family of its own.
     """
 
     name: str
@@ -249,6 +287,7 @@ class Reference:
     norm_type: float = 2.0
     layout: Callable[[torch.dtype], Setup] = plain_layout
     distributed: bool = False  # needs the one-process gloo world
+    family: str = "plain"
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         return self.optimizer(params, **dict(self.optimizer_kwargs))
@@ -271,13 +310,13 @@ REFERENCES: tuple[Reference, ...] = (
     Reference("adamw_fp32_unclipped", "AdamW, fp32, not clipped (max_grad_norm=None)", torch.optim.AdamW, _ADAMW,
               max_grad_norm=None),
     Reference("fsdp2_shard0", "AdamW, fp32, an FSDP2 Shard(0) sharding group", torch.optim.AdamW, _ADAMW,
-              layout=fsdp2_shard0_layout, distributed=True),
+              layout=fsdp2_shard0_layout, distributed=True, family="dtensor"),
     Reference("tp_replicate_shard", "AdamW, fp32, a TP Replicate + Shard sharding group", torch.optim.AdamW, _ADAMW,
-              layout=tp_replicate_shard_layout, distributed=True),
+              layout=tp_replicate_shard_layout, distributed=True, family="dtensor"),
     Reference("ep_experts", "AdamW, fp32, an expert sharding group with EP scaling (and PP)", torch.optim.AdamW,
-              _ADAMW, layout=ep_experts_layout, distributed=True),
+              _ADAMW, layout=ep_experts_layout, distributed=True, family="dtensor"),
     Reference("fp8_amax", "AdamW, fp32, FSDP2 Shard(0), FP8 weights: amax of the new weights inside the update",
-              torch.optim.AdamW, _ADAMW, layout=fp8_amax_layout, distributed=True),
+              torch.optim.AdamW, _ADAMW, layout=fp8_amax_layout, distributed=True, family="fp8"),
 )
 
 
@@ -291,15 +330,18 @@ class InputInfo:
     name: str  # list name ("grads") or argument name ("table")
     count: int  # list length, or 1
     dtype: str
-    shape: str
+    shape: str  # symbolic ("n": a size symbol per list element)
     written: bool
+    sizes: list[tuple[int, ...]] = field(default_factory=list)  # concrete shapes at compile time
+    symbolic: bool = False  # the shape has a size symbol
 
 
 @dataclass
 class CompiledGraph:
     """What Dynamo and Inductor made of one graph."""
 
-    function: str  # e.g. "rules.adam.update"
+    index: int  # position in CaptureSession.graphs
+    family: str
     dynamo_code: str  # GraphModule.print_readable(), raw
     post_grad_code: str  # the post_grad_graphs log text, raw (colours stripped)
     output_code: str  # Inductor's generated module (machine specific: not in the goldens)
@@ -309,6 +351,33 @@ class CompiledGraph:
     inputs: list[InputInfo]
     outputs: list[str]
     elements: int  # elements of the grad input(s) at compile time (the bytes-per-element divisor)
+    shapes: tuple  # the tensor inputs' shapes at compile time (checked against each configuration's first call)
+    function: str = "?"  # the pure function, from the first program call that ran it ("rules.adam.update_flat")
+    constants: str = ""  # that call's keyword arguments (graph constants), rendered
+
+
+class GraphCall:
+    """What the recording backend returns to Dynamo: runs Inductor's compiled graph and carries the
+    graph's record (``FusedStep.program.calls[i].compiled`` is this object once the call ran)."""
+
+    def __init__(self, compiled: Callable, graph: CompiledGraph, session: CaptureSession):
+        self.compiled = compiled
+        self.graph = graph
+        self.session = session
+
+    @property
+    def graph_index(self) -> int:
+        return self.graph.index
+
+    def __call__(self, *args):
+        first = self.session.first_calls
+        if first is not None and self.graph.index not in first:
+            first[self.graph.index] = _tensor_shapes(args)
+        return self.compiled(*args)
+
+
+def _tensor_shapes(values) -> tuple:
+    return tuple(tuple(int(s) for s in v.shape) for v in values if isinstance(v, torch.Tensor))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -348,24 +417,23 @@ def _inductor_logs():
 
 @contextlib.contextmanager
 def _no_compile_caches():
-    """A cache hit skips Inductor's lowering, and with it the post-grad log and the byte count;
-    Dynamo's local PGO profile would carry decisions from one process to the next."""
-    import torch._dynamo.config as dynamo_config
+    """A cache hit skips Inductor's lowering, and with it the post-grad log and the byte count."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False), functorch_config.patch(
         enable_autograd_cache=False, enable_remote_autograd_cache=False
-    ), dynamo_config.patch(automatic_dynamic_local_pgo=False):
+    ):
         yield
 
 
 class RecordingBackend:
-    """A ``torch.compile`` backend: records each graph, then compiles it with Inductor."""
+    """A ``torch.compile`` backend: records each graph, compiles it with Inductor, and returns a
+    ``GraphCall`` carrying the record. One per family: Dynamo keys its cache entries on the backend."""
 
-    def __init__(self):
-        self.graphs: list[CompiledGraph] = []
-        self.current_function = "?"
+    def __init__(self, session: CaptureSession, family: str):
+        self.session = session
+        self.family = family
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         from torch._inductor import metrics
@@ -385,8 +453,9 @@ class RecordingBackend:
         finally:
             GraphLowering.save_output_code = saved_hook
         nodes = [(len(node.get_nodes()), node.get_read_write_buffers_sizes()) for node, _ in metrics.nodes_num_elem[nodes0:]]
-        self.graphs.append(CompiledGraph(
-            function=self.current_function,
+        graph = CompiledGraph(
+            index=len(self.session.graphs),
+            family=self.family,
             dynamo_code=dynamo_code,
             post_grad_code=_ANSI.sub("", grab.messages[-1]) if grab.messages else "(no post-grad graph was logged)",
             output_code=codes[-1] if codes else "",
@@ -396,12 +465,14 @@ class RecordingBackend:
             inputs=inputs,
             outputs=outputs,
             elements=elements,
-        ))
-        return compiled
+            shapes=_tensor_shapes(example_inputs),
+        )
+        self.session.graphs.append(graph)
+        return GraphCall(compiled, graph, self.session)
 
 
 _LIST_ARG = re.compile(r"^L_(?P<name>[A-Za-z_]+?)_(?P<index>\d+)_$")
-_PLAIN_ARG = re.compile(r"^L_(?P<name>.+)_$")
+_PLAIN_ARG = re.compile(r"^(?P<scope>[LG])_(?P<name>.+)_$")  # L_: an argument; G_: a module global
 
 
 def _abbr(dtype) -> str:
@@ -443,6 +514,8 @@ def _graph_signature(gm: torch.fx.GraphModule, example_inputs) -> tuple[list[Inp
         list_match = _LIST_ARG.match(source)
         match = list_match or _PLAIN_ARG.match(source)
         name = match.group("name") if match else source
+        if not list_match and match and match.group("scope") == "G":
+            name += " (global)"  # a float constant Dynamo passes as a 0-d tensor input
         if name in ("grads", "grad") and isinstance(example, torch.Tensor):
             elements += example.numel()
         shape = "[" + ", ".join("n" if list_match and not isinstance(s, int) else str(s) for s in value.shape) + "]"
@@ -452,6 +525,9 @@ def _graph_signature(gm: torch.fx.GraphModule, example_inputs) -> tuple[list[Inp
             inputs.append(info)
         info.count += 1
         info.written = info.written or node.name in written
+        info.symbolic = info.symbolic or any(not isinstance(s, int) for s in value.shape)
+        if isinstance(example, torch.Tensor):
+            info.sizes.append(tuple(int(s) for s in example.shape))
     outputs = []
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     results = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else (output_node.args[0],)
@@ -463,155 +539,30 @@ def _graph_signature(gm: torch.fx.GraphModule, example_inputs) -> tuple[list[Inp
 
 
 # ---------------------------------------------------------------------------------------------
-# Capture session: compiled-function calls and eager stages as events
+# Capture session
 # ---------------------------------------------------------------------------------------------
 
 
-def _function_name(fn) -> str:
-    module = getattr(fn, "__module__", "") or ""
-    return f"{module.removeprefix('compiled_step.')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-
-def _phase(function: str) -> str:
-    if function.startswith("kernels."):
-        return "Phase A"
-    if function.startswith("rules."):
-        return "Phase B"
-    return "compiled"
-
-
-def _arg_key(value):
-    if isinstance(value, torch.Tensor):
-        return ("T", value.dtype, value.device.type, value.dim())
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_arg_key(v) for v in value))
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return type(value).__name__
-
-
-def _grad_elements(fn, args, kwargs) -> int:
-    """Elements of the grads a call processes (its ``grads`` list or ``grad`` tensor)."""
-    try:
-        bound = inspect.signature(fn).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return 0
-    grads = bound.arguments.get("grads", bound.arguments.get("grad"))
-    if isinstance(grads, torch.Tensor):
-        return grads.numel()
-    if isinstance(grads, (list, tuple)):
-        return sum(g.numel() for g in grads if isinstance(g, torch.Tensor))
-    return 0
-
-
-@dataclass
-class Event:
-    kind: str  # "graph", "scale", "all_reduce", "finish", "break"
-    text: str  # rendered description (graph events: filled at render time)
-    graphs: tuple[int, ...] = ()  # indices into CaptureSession.backend.graphs
-    elements: int = 0  # graph events: grad elements of this call
-
-
 class CaptureSession:
-    """One recording backend shared by every capture in a process, so configurations that use the
-    same graph compile it once. Graphs are attributed to calls by (function, argument dtypes and
-    structure), which is what selects a Dynamo cache entry here."""
+    """The recorded graphs of a process, and one recording backend per family (configurations of a
+    family share their graphs: Dynamo reuses a cache entry for the same backend)."""
 
     def __init__(self):
-        self.backend = RecordingBackend()
-        self.graphs_by_key: dict[tuple, list[int]] = {}
-        self.events: list[Event] | None = None
-        self.compiles_during_capture = 0
+        self.graphs: list[CompiledGraph] = []
+        self.backends: dict[str, RecordingBackend] = {}
+        self.first_calls: dict[int, tuple] | None = None  # during a capture: graph index -> first call's shapes
 
-    def call(self, fn, compiled, *args, **kwargs):
-        key = (fn, _arg_key(args), _arg_key(sorted(kwargs.items())))
-        before = len(self.backend.graphs)
-        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()) if v is not None and v is not False)
-        self.backend.current_function = _function_name(fn) + (f"({shown})" if shown else "")
-        result = compiled(*args, **kwargs)
-        new = list(range(before, len(self.backend.graphs)))
-        if new:
-            self.graphs_by_key.setdefault(key, []).extend(new)
-            self.compiles_during_capture += len(new)
-        ids = tuple(self.graphs_by_key.get(key, ()))
-        if not ids:
-            raise RuntimeError(
-                f"compiled_step.graphs: a call of {_function_name(fn)} ran a graph this session never saw compile; "
-                "the argument signature used to attribute graphs no longer matches Dynamo's cache entries"
-            )
-        if self.events is not None:
-            self.events.append(Event("graph", "", ids, _grad_elements(fn, args, kwargs)))
-        return result
-
-    def traced_compiler(self, base: kernels.Compiler) -> kernels.Compiler:
-        session = self
-
-        class _TracingCompiler(kernels.Compiler):
-            def get(self, fn):
-                compiled = super().get(fn)
-                return functools.partial(session.call, fn, compiled)
-
-        tracing = _TracingCompiler(base.backend, enabled=base.enabled, verbose=base.verbose)
-        return tracing
-
-    @contextlib.contextmanager
-    def observing(self) -> Iterator[list[Event]]:
-        """Record graph calls, eager scaling, collectives and the norm finish of one step, in order."""
-        from compiled_step.lifecycle import fp8 as fp8_lifecycle
-
-        events: list[Event] = []
-        real_all_reduce, real_scale, real_finish = collectives._all_reduce, norms.apply_scale, norms.finish
-        real_fp8_scales = fp8_lifecycle.fp8_scales_from_amax
-
-        def all_reduce(t, op, reduction):
-            op_name = getattr(op, "name", None) or str(op).rsplit(".", 1)[-1]
-            if any(e.kind == "finish" for e in events):  # after the norm: the FP8 weights' amax
-                carries = "amax of the FP8 weights"
-            elif reduction.members:
-                carries = f"partial norms of groups {list(reduction.members)}, stacked"
-            else:
-                carries = "the combined partial norm of all groups"
-            shape = ", ".join(str(s) for s in t.shape)
-            events.append(Event("all_reduce", f"all_reduce({op_name}) over {reduction.label!r}: "
-                                              f"{_abbr(t.dtype)}[{shape}] ({carries})"))
-            return real_all_reduce(t, op, reduction)
-
-        def fp8_scales(*args, **kwargs):
-            events.append(Event("fp8", "FP8 scales from the amax (torchao's formula; no sync)"))
-            return real_fp8_scales(*args, **kwargs)
-
-        def apply_scale(kind, partial, scale):
-            if scale is not None:
-                events.append(Event("scale", "group partial x |scale|^p (grad_scale, PP and EP factors: a 0-d tensor)"))
-            return real_scale(kind, partial, scale)
-
-        def finish(kind, partial, max_norm):
-            clip = (f"clip coefficient min(1, {max_norm!r} / (total + 1e-6))" if max_norm is not None
-                    else "no clipping (coefficient 1)")
-            events.append(Event("finish", f"total norm, {clip}, finite flag"))
-            return real_finish(kind, partial, max_norm)
-
-        self.events = events
-        collectives._all_reduce, norms.apply_scale, norms.finish = all_reduce, apply_scale, finish
-        fp8_lifecycle.fp8_scales_from_amax = fp8_scales
-        try:
-            yield events
-        finally:
-            collectives._all_reduce, norms.apply_scale, norms.finish = real_all_reduce, real_scale, real_finish
-            fp8_lifecycle.fp8_scales_from_amax = real_fp8_scales
-            self.events = None
+    def backend(self, family: str) -> RecordingBackend:
+        if family not in self.backends:
+            self.backends[family] = RecordingBackend(self, family)
+        return self.backends[family]
 
 
 _SESSION: CaptureSession | None = None
 
 
 def session() -> CaptureSession:
-    """The process-wide session of the reference configurations, whose graphs they share.
-
-    Only captures at the reference sizes may use it: a graph's byte counts are those of the call
-    that compiled it, and a later capture with the same functions and dtypes reuses it. A run dump
-    (``dump_run_graphs``) therefore gets a session of its own.
-    """
+    """The process-wide session of the reference configurations, whose graphs they share."""
     global _SESSION
     if _SESSION is None:
         _SESSION = CaptureSession()
@@ -641,41 +592,74 @@ def single_rank_world():
 # ---------------------------------------------------------------------------------------------
 
 
+def _phase(function: str) -> str:
+    if function.startswith("norm.partials."):
+        return "Phase A"
+    if function.startswith("norm.finish."):
+        return "finish"
+    if function.startswith("rules."):
+        return "Phase B"
+    return "compiled"
+
+
+def _constant(value) -> str:
+    if inspect.ismodule(value):
+        return value.__name__.removeprefix("compiled_step.")
+    return repr(value)
+
+
+@dataclass
+class Event:
+    """One call of ``fused.program.calls`` as step 1 ran it."""
+
+    kind: str  # "compiled", "eager", "collective" (Call.kind), or "break", "not run"
+    text: str  # the call's label (or what stopped the capture)
+    graph: int | None = None  # compiled calls: index into Capture.graphs
+
+
+@dataclass
+class BytesPerParam:
+    value: float
+    phase_a: int  # index into Capture.graphs
+    update: int  # index into Capture.graphs
+    update_kind: str  # "flat update" or "bucket update"
+    elements: int  # grad elements the update processes (the divisor)
+    group: int  # the sharding group of the large params
+
+
 @dataclass
 class Capture:
     """Everything a file is rendered from."""
 
     name: str
     header: list[str]
-    graphs: list[CompiledGraph]  # in order of first use
-    events: list[Event]  # step 1, graph events carry indices into ``graphs``
+    graphs: list[CompiledGraph]  # in order of first use in step 1
+    events: list[Event]  # step 1, in order
     plan_lines: list[str]
     graph_breaks: list[str]
     recompiles_step2: int | None  # None: step 2 did not run (a graph break stopped the capture)
-    reference_elements: int  # elements of the reference bucket (bytes-per-parameter divisor)
-    bucket_line: str = ""  # what each sharding group holds (the sizes graphs are compiled at)
+    bytes_per_param: BytesPerParam | None
+    bytes_per_param_note: str = ""  # why it is n/a
     generated_by: list[str] = field(default_factory=list)  # header lines after the first
+    plan: Any = None  # fused.plan after step 1 (not rendered beyond plan_lines)
 
 
-def _group_lines(plan) -> list[str]:
+def _plan_lines(plan) -> list[str]:
+    """``plan.describe()``, with where each group's params live under each group's line."""
+    described = plan.describe()
     lines = []
     for i, group in enumerate(plan.groups):
-        key = group.key
-        sizes = [planning.local_tensor(p).numel() for p in group.params]
-        mesh = "plain tensors"
-        if key.mesh_key:
-            _, names, shape, placements = key.mesh_key
-            mesh = f"DeviceMesh {names or '(unnamed)'} of shape {tuple(shape)}, placements {tuple(placements)}"
-        large = getattr(group, "large", range(len(group.params)))
-        small = getattr(group, "small", ())
-        lines.append(
-            f"group {i}: param_groups[{key.param_group}], {key.device.type}, {str(key.dtype).replace('torch.', '')}, "
-            f"{mesh}, expert={key.is_expert}{', FP8 weights' if getattr(key, 'fp8', False) else ''}; {len(group.params)} params ({len(large)} bucketed, {len(small)} packed), "
-            f"{sum(sizes):,} local elements"
-        )
-    lines.append("plan.reductions (one collective each, in this order): " + (
-        "; ".join(f"{r.label!r} over groups {list(r.members)}" for r in plan.reductions) or "none"))
-    lines.append(f"plan.pp: {plan.pp.label!r} (reduced last)" if plan.pp is not None else "plan.pp: none")
+        lines.append(described[i])
+        flat = [group.entries[j] for j in group.flat]
+        bucketed = [group.entries[j] for j in group.bucketed]
+        regions = {r: sum(e.region == r for e in flat) for r in (planning.ALIASED, planning.STAGED)}
+        flat_text = (f"flat region: {len(flat)} params ({', '.join(f'{n} {r}' for r, n in regions.items() if n)}) "
+                     f"in {group.flat_rows} rows of {planning.ROW} (one flat update)" if flat else "flat region: none")
+        bucket_text = (f"bucketed: {len(bucketed)} params in {group.rows - group.flat_rows} rows, {group.bucket_count} "
+                       f"bucket(s) of {plan.bucket_size} (one bucket update each)" if bucketed else "bucketed: none")
+        padding = group.rows * planning.ROW - sum(e.numel for e in group.entries)
+        lines.append(f"  {flat_text}; {bucket_text}; {padding:,} padding elements (each param starts a row)")
+    lines += described[len(plan.groups):]
     return lines
 
 
@@ -684,26 +668,80 @@ def _break_reason(error: BaseException) -> str:
     return _normalize_text(f"{type(error).__name__}: {first}")
 
 
+def _sizes_text(numels: Sequence[int]) -> str:
+    runs: list[list[int]] = []
+    for n in numels:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return ", ".join(f"{n:,}" + (f" x{k}" if k > 1 else "") for n, k in runs)
+
+
 _GENERATED_BY = [
     f"# Generated by `python -m compiled_step graphs` (compiled_step/graphs.py) with torch {GOLDEN_TORCH_VERSION} "
     "on CPU. Do not edit:",
     "# regenerate with `python -m compiled_step graphs` or `EXPECTTEST_ACCEPT=1 python -m pytest tests/test_graphs.py`.",
 ]
 
+_BPP_DEFINITION = (
+    "bytes per parameter: (bytes accessed by the Phase A graph + by the update graph of the large params: the flat "
+    "update for plain tensors, the bucket update for DTensor and FP8 layouts) / (the grad elements that update "
+    "processes, padding included). fp32 AdamW's floor is 32: read p, g, m, v and write p, m, v once (28), plus one "
+    "more read of g for the norm (4)"
+)
+
+
+def _nth(calls, function_suffix: str, n: int):
+    matching = [c for c in calls if c.kind == "compiled" and c.function.endswith(function_suffix)]
+    return matching[n] if n < len(matching) else None
+
+
+def _bytes_per_param(plan, program, local: dict[int, int]) -> tuple[BytesPerParam | None, str]:
+    """The large params' group, its Phase A call and the update call of the large params (by the
+    program's documented order: one Phase A call per group with rows, one flat update per group with a
+    flat region, one bucket update per bucket), and both graphs' bytes at that group's sizes."""
+    entries = [(g, e) for g, group in enumerate(plan.groups) for e in group.entries]
+    if not entries:
+        return None, "no params"
+    g, large = max(entries, key=lambda ge: ge[1].numel)  # the first of the largest
+    group = plan.groups[g]
+    phase_a = _nth(program.calls, ".partial_of_buffer", sum(1 for k in range(g) if plan.groups[k].rows))
+    if large.region == planning.BUCKETED:
+        kind = "bucket update"
+        b = group.bucketed.index(large.index) // plan.bucket_size
+        members = group.bucketed[b * plan.bucket_size:(b + 1) * plan.bucket_size]
+        expected = sum(group.entries[i].numel for i in members) + (plan.bucket_size - len(members))  # 1-element fillers
+        update = _nth(program.calls, ".update_bucket", sum(plan.groups[k].bucket_count for k in range(g)) + b)
+    else:
+        kind = "flat update"
+        expected = group.flat_rows * planning.ROW
+        update = _nth(program.calls, ".update_flat", sum(1 for k in range(g) if plan.groups[k].flat_slots))
+    calls = (phase_a, update)
+    if any(c is None or not isinstance(c.compiled, GraphCall) for c in calls):
+        return None, "n/a (the step did not run both graphs)"
+    a, u = (c.compiled.graph for c in calls)
+    if a.elements != group.rows * planning.ROW or u.elements != expected:
+        return None, "n/a (a graph was compiled at another group's sizes)"
+    value = (a.bytes_accessed + u.bytes_accessed) / u.elements
+    return BytesPerParam(value, local[a.index], local[u.index], kind, u.elements, g), ""
+
 
 def capture(ref: Reference, sess: CaptureSession | None = None, *, bucket_size: int = REFERENCE_BUCKET_SIZE,
             setup: Setup | None = None, extra_header: Sequence[str] = (),
             generated_by: Sequence[str] | None = None) -> Capture:
     """Run two FusedStep steps of ``ref`` with the recording backend and collect what to render."""
+    import torch._dynamo.config as dynamo_config
+
     from compiled_step import FusedStep
 
     sess = sess or session()
     setup = setup or ref.layout(ref.dtype)
     optimizer = ref.make_optimizer(setup.params)
-    fused = FusedStep(optimizer, max_grad_norm=ref.max_grad_norm, norm_type=ref.norm_type, bucket_size=bucket_size,
-                      backend=sess.backend, **setup.fused_kwargs)
-    tracing = sess.traced_compiler(fused._compiler)
-    fused._compiler = fused._norm.compiler = tracing  # every compiled call goes through the session
+    options = dict(max_grad_norm=ref.max_grad_norm, norm_type=ref.norm_type, bucket_size=bucket_size,
+                   backend=sess.backend(ref.family), compile_notice=False, cuda_graphs=False)
+    options.update(setup.fused_kwargs)
+    fused = FusedStep(optimizer, **options)
 
     def set_grads(step):
         for p, g in zip(setup.params, setup.grads(step)):
@@ -713,65 +751,99 @@ def capture(ref: Reference, sess: CaptureSession | None = None, *, bucket_size: 
     breaks_before = sum(counters["graph_break"].values())
     breaks: list[str] = []
     recompiles = None
-    set_grads(0)
-    with sess.observing() as events:
-        try:
-            fused.step(**setup.step_kwargs)
-        except torch._dynamo.exc.Unsupported as error:  # fullgraph=True turns a graph break into this
-            breaks.append(_break_reason(error))
-            events.append(Event("break", f"graph break, capture stopped: {breaks[-1]}"))
-    if not breaks:
-        # A second step as an LR scheduler would make it: new lr and grads, step counts advanced.
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * 0.5
-        set_grads(1)
-        before = sess.compiles_during_capture
-        fused.step(**setup.step_kwargs)
-        recompiles = sess.compiles_during_capture - before
+    compiled_before = len(sess.graphs)
+    sess.first_calls = {}
+    try:
+        # Dynamo's local profile-guided decisions must not carry over from an earlier process.
+        with dynamo_config.patch(automatic_dynamic_local_pgo=False):
+            set_grads(0)
+            try:
+                fused.step(**setup.step_kwargs)
+            except torch._dynamo.exc.Unsupported as error:  # fullgraph=True turns a graph break into this
+                breaks.append(_break_reason(error))
+            first_calls = dict(sess.first_calls)
+            compiled_in_step1 = list(range(compiled_before, len(sess.graphs)))
+            if not breaks:
+                # A second step as an LR scheduler would make it: new lr and grads, step counts advanced.
+                for group in optimizer.param_groups:
+                    group["lr"] = group["lr"] * 0.5
+                set_grads(1)
+                before = len(sess.graphs)
+                fused.step(**setup.step_kwargs)
+                recompiles = len(sess.graphs) - before
+    finally:
+        sess.first_calls = None
     counted = sum(counters["graph_break"].values()) - breaks_before
     if counted and not breaks:
         breaks.append(f"{counted} graph break(s) counted by Dynamo")
 
-    # Graphs in order of first use; graph events point into that list.
-    order: dict[int, int] = {}
-    for event in events:
-        for gid in event.graphs:
-            order.setdefault(gid, len(order))
-    for event in events:
-        event.graphs = tuple(order[g] for g in event.graphs)
-    plan = fused._plan
+    program, plan = fused.program, fused.plan
+    local: dict[int, int] = {}  # session graph index -> index into Capture.graphs (order of first use)
+    events: list[Event] = []
+    for call in program.calls if program is not None else []:
+        if call.kind != "compiled":
+            events.append(Event(call.kind, call.label))
+            continue
+        ran = call.compiled
+        if ran is None:
+            if breaks:
+                events.append(Event("break", f"graph break, capture stopped: {breaks[0]}"))
+                break
+            events.append(Event("not run", call.label))
+            continue
+        if not isinstance(ran, GraphCall):
+            raise RuntimeError(f"compiled_step.graphs: {call.label!r} ran a callable the recording backend did not "
+                               f"return ({type(ran).__name__})")
+        graph = ran.graph
+        if graph.function == "?":
+            graph.function = call.function
+            graph.constants = ", ".join(f"{k}={_constant(v)}" for k, v in call.kwargs.items())
+        events.append(Event("compiled", call.label, local.setdefault(graph.index, len(local))))
+    for index in compiled_in_step1:  # compiled in step 1 but run by no call (a recompile): listed too
+        local.setdefault(index, len(local))
+    for index in local:
+        graph, got = sess.graphs[index], first_calls.get(index)
+        if got is not None and got != graph.shapes:
+            raise RuntimeError(
+                f"compiled_step.graphs: {ref.name} first calls graph {local[index] + 1} ({graph.function}) with "
+                f"tensors of shapes {list(got)}, but it was compiled (family {graph.family!r}) at "
+                f"{list(graph.shapes)}: "
+                f"its byte counts would not be this configuration's. Give {ref.name} a family of its own "
+                "(Reference.family) or the sizes of its family.")
+
+    if plan is None or program is None:
+        bpp, bpp_note = None, "n/a (no plan)"
+    else:
+        bpp, bpp_note = _bytes_per_param(plan, program, local)
+    numels = [planning.local_tensor(p).numel() for p in setup.params]
     header = [
         f"optimizer: {ref.describe_optimizer()}; params {str(ref.dtype).replace('torch.', '')}",
         f"FusedStep(max_grad_norm={ref.max_grad_norm!r}, norm_type={ref.norm_type!r}, bucket_size={bucket_size}, "
-        f"pack_threshold={getattr(fused.config, 'pack_threshold', 0)}, backend=<recording backend, then inductor>)",
+        f"pack_threshold={fused.config.pack_threshold}, flat_params={fused.config.flat_params}, "
+        "backend=<recording backend, then inductor>)",
         *setup.notes,
         *(["world: one process, gloo, rank 0 of 1 (in-memory store): the meshes have size 1, but the DTensors, "
-            "the plan and its reductions are real and every collective below is a real all_reduce"]
+           "the plan and its reductions are real and every collective below is a real all_reduce"]
           if ref.distributed else []),
         *extra_header,
+        f"tensor sizes (local elements): {_sizes_text(numels)}; each graph is compiled at its first call, whose tensor "
+        f"sizes are the same in every configuration of family {ref.family!r} that shares it (checked), so byte counts "
+        "are for these sizes",
+        _BPP_DEFINITION,
     ]
-    threshold = getattr(fused.config, "pack_threshold", 0)
-    large = [p.numel() for p in setup.params if p.numel() > threshold]
-    small = [p.numel() for p in setup.params if p.numel() <= threshold]
-    reference_elements = sum(large[:bucket_size])
-    bucket_line = (
-        f"bucket: {len(large)} bucketed params of {', '.join(f'{n}' for n in sorted(set(large))) or '-'} elements"
-        f"{' (one full bucket)' if len(large) == bucket_size else ''} + {len(small)} packed params of "
-        f"{', '.join(str(n) for n in small) or '-'} elements per sharding group; every graph is compiled at its "
-        "first call, so byte counts are for those sizes"
-    )
     return Capture(
         name=ref.name,
         header=header,
-        graphs=[sess.backend.graphs[g] for g in sorted(order, key=order.get)],
+        graphs=[sess.graphs[i] for i in sorted(local, key=local.get)],
         events=events,
-        plan_lines=_group_lines(plan) if plan is not None else ["(no plan: the step stopped before planning)"],
+        plan_lines=_plan_lines(plan) if plan is not None else ["(no plan: the step stopped before planning)"],
         graph_breaks=breaks,
         recompiles_step2=recompiles,
-        reference_elements=reference_elements,
-        bucket_line=bucket_line,
+        bytes_per_param=bpp,
+        bytes_per_param_note=bpp_note,
         generated_by=list(generated_by) if generated_by is not None else [
             line.replace(GOLDEN_TORCH_VERSION, torch.__version__.split("+")[0], 1) for line in _GENERATED_BY],
+        plan=plan,
     )
 
 
@@ -843,58 +915,62 @@ def normalize_graph_code(code: str, *, keep_source: bool = False) -> str:
     return _normalize_text(code).strip("\n") + "\n"
 
 
-def _per_element(num: int, den: int) -> str:
-    return f"{num / den:.2f}" if den else "n/a"
+def _per_phase(cap: Capture) -> dict[str, int]:
+    per_phase: dict[str, int] = {}
+    for g in cap.graphs:
+        per_phase[_phase(g.function)] = per_phase.get(_phase(g.function), 0) + 1
+    return per_phase
 
 
-def _bytes_per_parameter(cap: Capture) -> float | None:
-    """(Phase A graph + Phase B bucket-update graph bytes) / reference bucket elements."""
-    phase_a = [g for g in cap.graphs if _phase(g.function) == "Phase A"]
-    bucket_b = [g for g in cap.graphs if _phase(g.function) == "Phase B" and "_packed" not in g.function]
-    if not (phase_a and bucket_b and cap.reference_elements):
-        return None
-    if phase_a[0].elements != cap.reference_elements or bucket_b[0].elements != cap.reference_elements:
-        return None  # compiled at other sizes than the reference bucket
-    return (phase_a[0].bytes_accessed + bucket_b[0].bytes_accessed) / cap.reference_elements
+def _bpp_text(cap: Capture) -> str:
+    bpp = cap.bytes_per_param
+    if bpp is None:
+        return cap.bytes_per_param_note or "n/a"
+    return f"{bpp.value:.2f}"
 
 
 def summary_numbers(cap: Capture) -> str:
     """The headline numbers of a capture in one line (pinned inline by the tests)."""
-    per_phase: dict[str, int] = {}
-    for g in cap.graphs:
-        per_phase[_phase(g.function)] = per_phase.get(_phase(g.function), 0) + 1
-    bpp = _bytes_per_parameter(cap)
+    bpp = cap.bytes_per_param
     return (
-        f"graphs={len(cap.graphs)} ({', '.join(f'{k}: {v}' for k, v in per_phase.items())}) "
+        f"graphs={len(cap.graphs)} ({', '.join(f'{k}: {v}' for k, v in _per_phase(cap).items())}) "
         f"recompiles_step2={cap.recompiles_step2} graph_breaks={len(cap.graph_breaks)} "
-        f"kernels={[g.kernels for g in cap.graphs]} bytes_per_param={'n/a' if bpp is None else f'{bpp:.2f}'}"
+        f"kernels={[g.kernels for g in cap.graphs]} bytes_per_param={'n/a' if bpp is None else f'{bpp.value:.2f}'}"
     )
 
 
 def _schedule_lines(cap: Capture) -> list[str]:
     rows: list[tuple[str, str]] = []
     for event in cap.events:
-        if event.kind == "graph":
-            graph_ids = ", ".join(str(i + 1) for i in event.graphs)
-            function = cap.graphs[event.graphs[0]].function
-            rows.append((_phase(function), f"graph {graph_ids} ({function})"))
-        elif event.kind == "all_reduce":
-            rows.append(("collective", event.text))
+        if event.kind == "compiled":
+            g = cap.graphs[event.graph]
+            rows.append((_phase(g.function), f"{event.text}  [graph {event.graph + 1}: {g.function}]"))
+        elif event.kind == "break":
+            rows.append(("ERROR", event.text))
+        elif event.kind == "not run":
+            rows.append(("compiled", f"{event.text}  (not run)"))
         else:
-            rows.append(("eager" if event.kind != "break" else "ERROR", event.text))
+            rows.append((event.kind, event.text))
     lines, i = [], 0
-    while i < len(rows):
+    while i < len(rows):  # consecutive identical rows are folded
         j = i
         while j < len(rows) and rows[j] == rows[i]:
             j += 1
         where, what = rows[i]
-        count = f" x{j - i} calls" if where.startswith("Phase") and j - i > 1 else (
-            " x1 call" if where.startswith("Phase") else (f" (x{j - i})" if j - i > 1 else ""))
-        lines.append(f"{len(lines) + 1:2d}. {where:<10} {what}{count}")
+        lines.append(f"{len(lines) + 1:2d}. {where:<10} {what}" + (f" (x{j - i})" if j - i > 1 else ""))
         i = j
-    if not any(e.kind == "all_reduce" for e in cap.events):
+    if not any(e.kind == "collective" for e in cap.events) and not cap.graph_breaks:
         lines.append("    (no collective: plan.reductions is empty and plan.pp is None)")
     return lines
+
+
+def _concrete(info: InputInfo) -> str:
+    if not info.symbolic or not info.sizes:
+        return ""
+    shapes = [" x ".join(str(s) for s in shape) or "scalar" for shape in info.sizes]
+    if len(shapes) > 1:
+        return f"  ({'each ' + shapes[0] if len(set(shapes)) == 1 else ', '.join(shapes)} at compile time)"
+    return f"  ({shapes[0]} at compile time)"
 
 
 def _inputs_lines(g: CompiledGraph) -> list[str]:
@@ -903,7 +979,7 @@ def _inputs_lines(g: CompiledGraph) -> list[str]:
     for info in g.inputs:
         count = f"{info.count} x " if info.count > 1 else ""
         access = "read, written in place" if info.written else "read"
-        lines.append(f"  {info.name:<{width}}  {count}{info.dtype}{info.shape}  {access}")
+        lines.append(f"  {info.name:<{width}}  {count}{info.dtype}{info.shape}  {access}{_concrete(info)}")
     return lines
 
 
@@ -915,6 +991,10 @@ def _nodes_line(g: CompiledGraph) -> str:
     return f"Inductor scheduler nodes: {len(g.nodes)}: " + ", ".join(parts)
 
 
+def _per_element(num: int, den: int) -> str:
+    return f"{num / den:.2f}" if den else "n/a"
+
+
 def render(cap: Capture, *, keep_source: bool = False) -> str:
     """The text of one graph file."""
     out = [
@@ -922,14 +1002,10 @@ def render(cap: Capture, *, keep_source: bool = False) -> str:
         *cap.generated_by,
         "#",
         *[f"# {line}" for line in cap.header],
-        f"# {cap.bucket_line}",
         "",
         "== Summary ==",
+        f"graphs compiled: {len(cap.graphs)} (" + ", ".join(f"{k}: {v}" for k, v in _per_phase(cap).items()) + ")",
     ]
-    per_phase: dict[str, int] = {}
-    for g in cap.graphs:
-        per_phase[_phase(g.function)] = per_phase.get(_phase(g.function), 0) + 1
-    out.append(f"graphs compiled: {len(cap.graphs)} (" + ", ".join(f"{k}: {v}" for k, v in per_phase.items()) + ")")
     if cap.recompiles_step2 is not None:
         out.append(f"graphs compiled by step 2 (lr halved, new grads): {cap.recompiles_step2}")
     out.append(f"graph breaks: {len(cap.graph_breaks)}" + (" (fullgraph=True)" if not cap.graph_breaks else ""))
@@ -939,18 +1015,26 @@ def render(cap: Capture, *, keep_source: bool = False) -> str:
                + " + ".join(f"{g.kernels} (graph {i + 1})" for i, g in enumerate(cap.graphs)))
     out.append("bytes accessed (Inductor's num_bytes_accessed, at compile-time sizes):")
     for i, g in enumerate(cap.graphs):
-        out.append(f"  graph {i + 1} {_phase(g.function)} {g.function}: {g.bytes_accessed:,} B for {g.elements:,} "
-                   f"grad elements = {_per_element(g.bytes_accessed, g.elements)} B/element")
-    bpp = _bytes_per_parameter(cap)
-    out.append("bytes per parameter (Phase A + Phase B bucket update, reference bucket of "
-               f"{cap.reference_elements:,} elements): " + ("n/a" if bpp is None else f"{bpp:.2f}"))
+        per = (f"for {g.elements:,} grad elements = {_per_element(g.bytes_accessed, g.elements)} B/element"
+               if g.elements else "(no grad input)")
+        out.append(f"  graph {i + 1} {_phase(g.function)} {g.function}: {g.bytes_accessed:,} B {per}")
+    bpp = cap.bytes_per_param
+    if bpp is None:
+        out.append(f"bytes per parameter: {_bpp_text(cap)}")
+    else:
+        out.append(f"bytes per parameter (graph {bpp.phase_a + 1} Phase A + graph {bpp.update + 1} {bpp.update_kind} "
+                   f"of the large params, group {bpp.group}, over its {bpp.elements:,} grad elements): {bpp.value:.2f}")
     out += ["", "== Sharding groups and reductions (the plan) ==", *cap.plan_lines]
-    out += ["", "== Where the collectives sit (step 1, in the order it ran) ==", *_schedule_lines(cap)]
+    out += ["", "== Where the collectives sit (step 1, fused.program.calls in the order it ran) ==",
+            *_schedule_lines(cap)]
     for i, g in enumerate(cap.graphs):
+        labels = [e.text for e in cap.events if e.kind == "compiled" and e.graph == i]
         out += [
             "",
             f"== Graph {i + 1}: {_phase(g.function)}, {g.function} ==",
-            "inputs (size symbols omitted; n: a symbolic size per tensor):",
+            f"graph constants (the call's keyword arguments): {g.constants or 'none'}",
+            f"calls in step 1: {len(labels)}" + (f" ({'; '.join(labels)})" if labels else ""),
+            "inputs (n: a symbolic size per list element; sizes at compile time in parentheses):",
             *_inputs_lines(g),
             "outputs: " + (", ".join(g.outputs) if g.outputs else "none (results are written into the inputs in place)"),
             f"kernels: {g.kernels}; bytes accessed: {g.bytes_accessed:,}",
@@ -1037,75 +1121,115 @@ def write(rendered: dict[str, str], directory: Path, *, prune: bool = True) -> l
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_plan(fused):
-    plan = getattr(fused, "_plan", None)
-    return plan if plan is not None else fused._current_plan()
+def _synthetic_setup(sel: dict) -> Setup:
+    """Plain 1-D tensors that select the graphs of one selection of a run's groups, at the sizes of the
+    run's first flat region and first bucket of that selection, and the header lines saying so."""
+    dtype, grad_dtype, device, fp8 = sel["dtype"], sel["grad_dtype"], sel["device"], sel["fp8"]
+    flat = sel["flat"][1] if sel["flat"] else []
+    bucket = sel["bucket"][1] if sel["bucket"] else []
+    notes = []
+    if fp8:  # FP8 weights are bucketed whatever their size (empty ones staged), as in the run
+        kwargs: dict[str, Any] = {}
+    elif not bucket:  # plain tensors, aliased as in the run
+        kwargs = dict(flat_params=True)
+    else:  # not aliased: staged up to pack_threshold, bucketed above it
+        threshold = max(flat, default=0)
+        if any(n <= threshold for n in bucket):
+            notes.append(f"bucket sizes raised to at least {threshold + 1:,} elements so that the flat region's "
+                         f"params ({threshold:,} elements at most) and the bucket's separate by pack_threshold")
+            bucket = [max(n, threshold + 1) for n in bucket]
+        kwargs = dict(flat_params=False, pack_threshold=threshold)
+    setup = plain_layout(dtype, device, [(n,) for n in flat + bucket], grad_dtype=grad_dtype)
+    if fp8:
+        kwargs["fp8_weights"] = list(setup.params)
+    setup.fused_kwargs = kwargs
+    where = []
+    if sel["flat"]:
+        where.append(f"the flat region of the run's group {sel['flat'][0]} ({len(flat)} params)")
+    if sel["bucket"]:
+        where.append(f"the first bucket of the run's group {sel['bucket'][0]} ({len(bucket)} params)")
+    setup.notes = [
+        f"synthetic plain 1-D tensors of the sizes of {' and '.join(where)}, selecting the graphs of the run's groups "
+        f"{sel['groups']} (hyperparameters of param group {sel['param_groups'][0]}); "
+        + ("FP8 weights (fp8_weights=)" if fp8 else ", ".join(f"{k}={v}" for k, v in kwargs.items())),
+        *notes,
+        "the run's collectives are those of its plan and program, below (this capture runs in one process and "
+        "issues none)",
+    ]
+    return setup
 
 
 def dump_run_graphs(out_dir, fused) -> list[Path]:
     """Write the graphs of an existing FusedStep's configuration into ``out_dir/graphs/``.
 
     The run's compiled graphs are not recorded while it trains (it uses the ordinary Inductor
-    backend), so this re-runs the capture on synthetic tensors that select the same graphs: the
-    run's optimizer class and hyperparameters (per param group), param dtypes, device, bucket size,
-    norm type and clipping, with as many bucketed and packed tensors as the run has (up to one
-    bucket). The run's own plan (its sharding groups and the collectives between the graphs) is
-    written next to them. Nothing of the run changes: its params, grads and state are not touched.
-    Also writes Inductor's generated code (``*.output_code.py``), which depends on the machine.
+    backend), so this re-runs the capture on synthetic tensors that select the same graphs: per
+    distinct (update variant, dtype, grad dtype, device, FP8) of the run's sharding groups, the run's
+    optimizer class and hyperparameters, bucket size, norm type and clipping, with tensors of the
+    sizes of the first flat region and the first bucket of such a group, so the flat update and the
+    bucket update compile at the run's sizes. The run's own plan and program (its sharding groups
+    and the collectives between the graphs) are written next to them. Nothing of the run changes:
+    its params, grads and state are not touched. Also writes Inductor's generated code
+    (``*.output_code.py``), which depends on the machine.
 
+    Uses FusedStep's public API only (``plan``, ``program``, ``config``, ``optimizer``, ``rule``).
     Returns the paths written. With ``compile=False`` the run compiled nothing: the file says so.
     """
     out = Path(out_dir) / "graphs"
     out.mkdir(parents=True, exist_ok=True)
-    plan = _run_plan(fused)
-    plan_lines = _group_lines(plan)
-    cfg = fused.config
-    if not cfg.compile:
+    plan, program, cfg = fused.plan, fused.program, fused.config
+    run_lines = ["(the run's plan)", *(_plan_lines(plan) if plan is not None else ["none: the run never stepped"])]
+    if program is not None:
+        run_lines += ["(the run's program: fused.program.describe())", *program.describe()]
+    if not cfg.compile or plan is None:
+        why = ("This run used FusedStep(compile=False): the same functions ran eagerly, no graph was compiled."
+               if not cfg.compile else "This run never stepped: no graph was compiled.")
         path = out / "run.txt"
         path.write_text("\n".join([
             f"{HEADER_MARK}: run",
-            "# This run used FusedStep(compile=False): the same functions ran eagerly, no graph was compiled.",
+            f"# {why}",
             "",
             "== Sharding groups and reductions (the run's plan) ==",
-            *plan_lines,
+            *run_lines,
         ]) + "\n")
         return [path]
 
     optimizer = fused.optimizer
     accepted = set(inspect.signature(type(optimizer)).parameters) - {"params", "foreach", "fused"}
-    # One capture per distinct graph selection: update variant (amsgrad, momentum), dtype, device.
+    # One capture per distinct graph selection: update variant (amsgrad, momentum), dtypes, device, FP8.
     selections: dict[tuple, dict] = {}
-    for group in plan.groups:
-        pg = optimizer.param_groups[group.key.param_group]
-        key = (fused.rule.variant(pg), group.key.dtype, str(group.key.device))
-        sel = selections.setdefault(key, {"pg": pg, "param_groups": [], "group": group})
-        sel["param_groups"].append(group.key.param_group)
+    for g, group in enumerate(plan.groups):
+        key = group.key
+        pg = optimizer.param_groups[key.param_group]
+        sel = selections.setdefault(
+            (fused.rule.variant(pg), key.dtype, key.grad_dtype, str(key.device), key.fp8),
+            dict(pg=pg, variant=fused.rule.variant(pg), dtype=key.dtype, grad_dtype=key.grad_dtype, device=key.device,
+                 fp8=key.fp8, param_groups=[], groups=[], flat=None, bucket=None))
+        sel["param_groups"].append(key.param_group)
+        sel["groups"].append(g)
+        if sel["flat"] is None and group.flat:
+            sel["flat"] = (g, [group.entries[i].numel for i in group.flat])
+        if sel["bucket"] is None and group.bucketed:
+            sel["bucket"] = (g, [group.entries[i].numel for i in group.bucketed[:plan.bucket_size]])
     paths = []
     run_session = CaptureSession()  # never the reference session: these graphs compile at the run's sizes
-    for (variant, dtype, device), sel in selections.items():
+    for sel in selections.values():
         hyper = tuple((k, v) for k, v in sorted(sel["pg"].items()) if k in accepted)
-        dtype_name = str(dtype).replace("torch.", "")
+        dtype_name = str(sel["dtype"]).replace("torch.", "")
+        variant = sel["variant"]
         flags = [name for name, on in zip(getattr(variant, "_fields", ()), variant) if on is True]
-        name = "-".join(["run", type(optimizer).__name__.lower(), dtype_name, *flags])
+        grads = str(sel["grad_dtype"]).replace("torch.", "")
+        name = "-".join(["run", type(optimizer).__name__.lower(), dtype_name,
+                         *([f"grads_{grads}"] if sel["grad_dtype"] != sel["dtype"] else []), *flags,
+                         *(["fp8"] if sel["fp8"] else [])])
         ref = Reference(name, f"this run's {type(optimizer).__name__} graphs ({dtype_name})", type(optimizer), hyper,
-                        dtype=dtype, max_grad_norm=cfg.max_grad_norm, norm_type=cfg.norm_type)
-        # The sizes of the run's first such group (its first bucket and all its packed params): the
-        # graphs are compiled at their first call, so these are the sizes the run compiled them at.
-        group = sel["group"]
-        numel = [planning.local_tensor(p).numel() for p in group.params]
-        large = [numel[i] for i in getattr(group, "large", range(len(numel)))][: cfg.bucket_size]
-        small = [numel[i] for i in getattr(group, "small", ())]
-        setup = plain_layout(dtype, device, [(n,) for n in large + small])
-        cap = capture(ref, run_session, bucket_size=cfg.bucket_size, setup=setup, extra_header=[
-            f"synthetic 1-D tensors of the sizes of the run's first sharding group with these graphs (its first bucket "
-            f"and its packed params), in param groups {sorted(set(sel['param_groups']))} (hyperparameters of "
-            f"param group {sel['param_groups'][0]}); the run's collectives are those of its plan, below (this "
-            "capture runs in one process and issues none)",
-        ], generated_by=[
+                        dtype=sel["dtype"], max_grad_norm=cfg.max_grad_norm, norm_type=cfg.norm_type, family=name)
+        setup = _synthetic_setup(sel)
+        cap = capture(ref, run_session, bucket_size=cfg.bucket_size, setup=setup, generated_by=[
             "# Written by compiled_step.graphs.dump_run_graphs(out_dir, fused) for one run (not a golden: source "
             "lines are kept as comments).",
         ])
-        cap.plan_lines = ["(the run's plan)", *plan_lines]
+        cap.plan_lines = [*run_lines, "(this capture's plan)", *cap.plan_lines]
         path = out / f"{name}.txt"
         path.write_text(render(cap, keep_source=True))
         paths.append(path)
@@ -1148,7 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {reason}", file=sys.stderr)
     start = time.perf_counter()
     print(f"capturing {len(args.only or REFERENCES)} reference configuration(s) (each new graph compiles cold, "
-          "5-30 s on a small CPU) ...", file=sys.stderr, flush=True)
+          "a few seconds on a small CPU) ...", file=sys.stderr, flush=True)
     captures = capture_references(args.only)
     rendered = {f"{name}.txt": render(cap) for name, cap in captures.items()}
     broken = [name for name, cap in captures.items() if cap.graph_breaks]

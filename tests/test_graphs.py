@@ -9,9 +9,9 @@
 * The perturbation tests change the step on purpose (one more kernel; a graph break) and show that
   the comparison reports it, without writing anything.
 
-Cost: every configuration is captured once per test session (``captured()``); configurations that
-use the same graphs (AdamW fp32 plain, unclipped, FSDP2, TP, EP) share one compile. Cold, that is
-about ten graphs of a 4-tensor bucket (the suite's bucket size), a few seconds each.
+Cost: every configuration is captured once per test session (``captured()``); configurations of
+one family (``Reference.family``: the plain layouts; FSDP2, TP and EP; FP8) share their graphs, so a
+graph compiles once per family. Cold, that is 16 graphs, a few seconds each.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from compiled_step import FusedStep, graphs
+from compiled_step.planning import ROW
 from compiled_step.rules import sgd
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "graphs"
@@ -79,6 +80,35 @@ def test_every_reference_is_one_graph_per_function_without_breaks_or_recompiles(
 
 
 @needs_goldens
+def test_every_reference_runs_one_phase_a_call_per_group_one_finish_and_one_update_per_flat_region_and_bucket():
+    for name, cap in captured().items():
+        phases = [graphs._phase(cap.graphs[e.graph].function) for e in cap.events if e.kind == "compiled"]
+        groups = cap.plan.groups
+        assert phases.count("Phase A") == len(groups), name
+        assert phases.count("finish") == 1, name
+        assert phases.count("Phase B") == sum(1 for g in groups if g.flat) + sum(g.bucket_count for g in groups), name
+        assert phases.index("finish") == len(groups)  # Phase A of every group, then the finish, then Phase B
+        # Phase A reads each group's whole flat grad buffer (a graph's bytes are at its first call's sizes).
+        phase_a = next(g for g in cap.graphs if graphs._phase(g.function) == "Phase A")
+        assert phase_a.elements == groups[0].rows * ROW, name
+
+
+@needs_goldens
+def test_plain_params_are_one_flat_update_and_dtensor_params_bucketed_and_staged():
+    for name, cap in captured().items():
+        regions = {e.region for g in cap.plan.groups for e in g.entries}
+        functions = [g.function for g in cap.graphs]
+        if cap.plan.groups[0].key.mesh_key:
+            assert regions == {"staged", "bucketed"}, name
+            assert any(f.endswith(".update_bucket") for f in functions), name
+            assert cap.bytes_per_param.update_kind == "bucket update", name
+        else:
+            assert regions == {"aliased"}, name
+            assert not any(f.endswith(".update_bucket") for f in functions), name
+            assert cap.bytes_per_param.update_kind == "flat update", name
+
+
+@needs_goldens
 def test_distributed_references_name_their_reductions():
     # The one-rank world still has the real plan: each group's reductions are named in its file.
     schedule = {name: "\n".join(graphs._schedule_lines(cap)) for name, cap in captured().items()}
@@ -86,9 +116,21 @@ def test_distributed_references_name_their_reductions():
     assert "all_reduce(SUM) over 'tp'" in schedule["tp_replicate_shard"]
     assert "'dp_replicate'" not in schedule["tp_replicate_shard"]  # Replicate dims are not reduced over
     ep = schedule["ep_experts"]
-    assert ep.index("over 'ep'") < ep.index("over 'pp'") < ep.index("Phase B")  # PP last, then the update
-    assert "scale" in ep
+    assert ep.index("over 'ep'") < ep.index("over 'pp'") < ep.index("finish") < ep.index("Phase B")  # PP last
+    assert captured()["ep_experts"].plan.groups[0].key.is_expert  # the EP/PP factor is the group's scale
     assert "all_reduce" not in schedule["adamw_fp32"]  # plain tensors on one device: no collective
+    assert schedule["fp8_amax"].splitlines()[-1].endswith("FP8: amax reduction and scales")  # after Phase B
+
+
+@needs_goldens
+def test_a_graph_first_called_at_other_sizes_than_it_was_compiled_at_is_refused():
+    # A family shares graphs; a configuration whose calls have other sizes would report the bytes of
+    # another configuration's sizes. Same graphs (no compile), tensors of 300 and 40 elements: refused.
+    captured()
+    ref = graphs.REFERENCES[0]
+    setup = graphs.plain_layout(ref.dtype, shapes=[(300,), (40,)])
+    with pytest.raises(RuntimeError, match="Give adamw_fp32 a family of its own"):
+        graphs.capture(ref, setup=setup)
 
 
 @needs_goldens
@@ -109,8 +151,9 @@ def test_cli_writes_the_goldens(tmp_path, capsys):
 
 
 def _perturbed(monkeypatch, make_wrapper) -> list[graphs.Mismatch]:
-    original = sgd.update
-    monkeypatch.setattr(sgd, "update", functools.wraps(original)(make_wrapper(original)))
+    # The plain SGD layout is one flat update: perturb it (a new function, so Dynamo compiles it anew).
+    original = sgd.update_flat
+    monkeypatch.setattr(sgd, "update_flat", functools.wraps(original)(make_wrapper(original)))
     before = _golden_snapshot()
     files = graphs.render_references(["sgd_nesterov"])
     mismatches = graphs.compare(files, GOLDEN_DIR, complete=False)
@@ -123,7 +166,7 @@ def test_an_extra_kernel_is_reported(monkeypatch):
     def make(original):
         def update(*args, **kwargs):
             original(*args, **kwargs)
-            # A reduction over the [B, K] scalar table: another iteration space, so one more kernel.
+            # A reduction over the [S, K] scalar table: another iteration space, so one more kernel.
             # (A reduction over a grad would not do: Inductor fuses it into the update's loop.)
             return inspect.signature(original).bind(*args, **kwargs).arguments["table"].abs().sum()
 
@@ -162,23 +205,23 @@ def test_a_graph_break_is_reported(monkeypatch):
 @unittest.skipIf(not APPLIES, SKIP_REASON)
 class TestGraphNumbers(expecttest.TestCase):
     def test_reference_adamw_fp32(self):
-        # 3 graphs: Phase A norm (also takes the packed grads as one more slot), Phase B bucket
-        # update, packed update. 32 B/param is the fp32 AdamW floor (read p, g, m, v; write p, m, v;
-        # read g once more for the norm).
-        self.assertExpectedInline(graphs.summary_numbers(captured()["adamw_fp32"]), """graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01""")
+        # 3 graphs: Phase A over the group's flat grad buffer, the finish, and one flat update over
+        # all 7 params (aliased). 32 B/param is the fp32 AdamW floor (read p, g, m, v; write p, m, v;
+        # read g once more for the norm); the flat update also reads a row index and the table.
+        self.assertExpectedInline(graphs.summary_numbers(captured()["adamw_fp32"]), """graphs=3 (Phase A: 1, finish: 1, Phase B: 1) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2] bytes_per_param=32.02""")
 
     def test_all_references(self):
         table = "\n".join(f"{name}: {graphs.summary_numbers(cap)}" for name, cap in captured().items())
         self.assertExpectedInline(table, """\
-adamw_fp32: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
-adamw_bf16: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=16.01
-adam_amsgrad: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=40.01
-sgd_nesterov: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=24.00
-adamw_fp32_unclipped: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
-fsdp2_shard0: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
-tp_replicate_shard: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
-ep_experts: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 4, 1] bytes_per_param=32.01
-fp8_amax: graphs=3 (Phase A: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[9, 8, 1] bytes_per_param=32.01""")
+adamw_fp32: graphs=3 (Phase A: 1, finish: 1, Phase B: 1) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2] bytes_per_param=32.02
+adamw_bf16: graphs=3 (Phase A: 1, finish: 1, Phase B: 1) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2] bytes_per_param=16.02
+adam_amsgrad: graphs=3 (Phase A: 1, finish: 1, Phase B: 1) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2] bytes_per_param=40.02
+sgd_nesterov: graphs=3 (Phase A: 1, finish: 1, Phase B: 1) recompiles_step2=0 graph_breaks=0 kernels=[4, 8, 2] bytes_per_param=24.02
+adamw_fp32_unclipped: graphs=3 (Phase A: 1, finish: 1, Phase B: 1) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2] bytes_per_param=32.02
+fsdp2_shard0: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2, 5] bytes_per_param=32.03
+tp_replicate_shard: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2, 5] bytes_per_param=32.03
+ep_experts: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2, 5] bytes_per_param=32.03
+fp8_amax: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 10, 2] bytes_per_param=32.01""")
 
 
 def _params(n=2):
@@ -220,7 +263,7 @@ class TestErrorMessages(expecttest.TestCase):
         fused = FusedStep(torch.optim.AdamW(params), compile=False)
         params[0].grad = torch.randn(4, 4)
         params[1].grad = torch.randn(4, 4).to_sparse()
-        self.assertExpectedInline(_message(fused.step), """TypeError: param_groups[0] param 1: sparse grads are not supported; FusedStep needs dense grads""")
+        self.assertExpectedInline(_message(fused.step), """TypeError: param_groups[0][1]: sparse grads are not supported; FusedStep needs dense grads""")
 
     def test_grad_shape_mismatch(self):
         params = _params()
@@ -228,4 +271,4 @@ class TestErrorMessages(expecttest.TestCase):
         for p in params:
             p.grad = torch.randn(4, 4)
         params[1].data = torch.zeros(16)  # the grad setter refuses a wrong shape: change the param instead
-        self.assertExpectedInline(_message(fused.step), """ValueError: param_groups[0] param 1: grad shape (4, 4) differs from param shape (16,)""")
+        self.assertExpectedInline(_message(fused.step), """ValueError: param_groups[0][1]: grad shape (4, 4) differs from param shape (16,)""")
