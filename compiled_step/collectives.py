@@ -110,3 +110,21 @@ def agree(payload: object) -> list[object]:
     gathered: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, payload)
     return gathered
+
+
+def world() -> tuple[int, int] | None:
+    """``(rank, world_size)`` of the default process group, or None outside a distributed run."""
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def process_group_key(process_group) -> tuple[str, tuple[int, ...]]:
+    """``(group name, global ranks)``: equal on every member, distinct for two groups over the same ranks."""
+    return process_group.group_name, tuple(_dist().get_process_group_ranks(process_group))
+
+
+def mesh_process_groups(mesh) -> list[tuple]:
+    """``(process_group, device_type)`` of every dim of a DeviceMesh."""
+    return [(mesh.get_group(mesh_dim=d), mesh.device_type) for d in range(mesh.ndim)]

@@ -237,6 +237,7 @@ class FusedStep:
             pack_threshold=config.pack_threshold, flat_params=config.flat_params, fp8_ids=self._fp8.ids,
             own_storages=self._own_storages())
         _refuse_partial_params(plan)
+        plan = self._agree(plan)
         previous = [p.grad for p in plan.params]
         for p, g, name in zip(plan.params, previous, [n for gr in plan.groups for n in gr.names]):
             if g is not None:
@@ -256,6 +257,22 @@ class FusedStep:
         capture = config.cuda_graphs and not self.offload_optimizer_state
         self._built = _Built(plan, groups, buffers, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
         return self._built
+
+    def _agree(self, plan: planning.Plan) -> planning.Plan:
+        """In a distributed run, make every rank's collectives identical (one all_gather_object over
+        the default group per plan build; see ``planning.reconcile``)."""
+        where = collectives.world()
+        if where is None or where[1] == 1:
+            return plan
+        reachable = [(r.process_group, r.device_type) for r in plan.reductions]
+        reachable += [g for g in (self._ep_group, self._pp_group) if g is not None]
+        meshes = [p.device_mesh for g in plan.groups for p in g.params[:1] if planning.is_dtensor(p)]
+        meshes += [m for m in (self.distributed.moe_mesh, self.distributed.device_mesh) if m is not None]
+        for mesh in meshes:
+            reachable += collectives.mesh_process_groups(mesh)
+        resolvable = {collectives.process_group_key(pg): (pg, device_type) for pg, device_type in reachable}
+        payloads = collectives.agree(planning.agreement_payload(plan, collectives.process_group_key, resolvable))
+        return planning.reconcile(plan, payloads, where[0], resolvable)
 
     def _own_storages(self) -> frozenset[int]:
         if self._built is None:

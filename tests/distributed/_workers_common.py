@@ -581,13 +581,18 @@ def _by_group(calls) -> dict[str, list[str]]:
 
 def check_collectives(world: list[dict], name: str) -> None:
     """Exactly one all_reduce per expected process group per step (MAX then SUM for p not in
-    {1, 2, inf}), none over any other group, and no other torch.distributed collective."""
+    {1, 2, inf}), none over any other group, and no other torch.distributed collective, except the
+    one ``all_gather_object`` of the first step, which agrees the plan across ranks."""
     sc = scenario(name)
     ops = expected_ops(sc.norm_type)
     for rank, rec in enumerate(records(world, name)):
         expected = {label: ops for label in rec["groups"]}
         for t, step in enumerate(rec["steps"]):
-            assert _by_group(step["calls"]) == expected, (
+            got = _by_group(step["calls"])
+            if t == 0:  # the first step builds the plan: one all_gather_object agrees it across ranks
+                agreement = got.pop("other:all_gather_object", None)
+                assert agreement == [""], f"{name} rank {rank}: plan agreement collectives {agreement}"
+            assert got == expected, (
                 f"{name} rank {rank} step {t}: collectives {step['calls']}, expected {expected}"
             )
 
