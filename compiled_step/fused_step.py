@@ -251,7 +251,7 @@ class FusedStep:
         binder.install(previous)
         binder.bind_state(opt)
         group_variants = [variants[g.key.param_group] for g in plan.groups]
-        fp8 = self._fp8.finisher(plan, buffers) if self._fp8 else None
+        fp8 = self._fp8.calls(plan, buffers) if self._fp8 else None
         prog = program.build(plan, groups, buffers, self.rule, group_variants, self._kind, self._compiler,
                              self._fillers, fp8)
         capture = config.cuda_graphs and not self.offload_optimizer_state

@@ -223,7 +223,7 @@ class Plan:
         lines = [f"group {i}: {g.describe()}" for i, g in enumerate(self.groups)]
         reductions = "; ".join(f"{r.label!r} over groups {r.members}" for r in self.reductions) or "none"
         lines.append(f"reductions (one collective each, in this order): {reductions}")
-        lines.append(f"pp: {self.pp.label if self.pp is not None else 'none'}")
+        lines.append(f"pp: {repr(self.pp.label) + ' (the combined partial, reduced last)' if self.pp is not None else 'none'}")
         return lines
 
 
@@ -396,7 +396,9 @@ def _reductions(groups: list[ShardingGroup], ep, ep_axis_name, pp):
             mesh = p.device_mesh
             mesh_names = tuple(mesh.mesh_dim_names or ())
             for dim, placement in enumerate(p.placements):
-                if not placement.is_replicate():
+                # Shard dims hold parts of the grad: their partials add up. A Replicate dim holds
+                # copies; a Partial param's grad is normed once summed (copies again, see nemo_compat).
+                if placement.is_shard():
                     label = mesh_names[dim] if mesh_names else f"mesh dim {dim}"
                     add(mesh.get_group(mesh_dim=dim), mesh.device_type, label, member, dim)
         if group.key.is_expert and ep is not None and (ep_axis_name is None or ep_axis_name not in mesh_names):

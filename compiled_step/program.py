@@ -10,7 +10,7 @@ running the program is a plain loop over the calls. The list is, in order:
    tensor's scalars);
 4. Phase B: per group, the staged params copied in, one compiled flat update, copied out, and one
    compiled call per bucket of the bucketed params;
-5. FP8 weights: the amax reduction and the scales (eager, a few ops).
+5. FP8 weights: their amax gathered, one MAX all-reduce per process group, the scales.
 
 The first run goes through ``torch.compile`` (compiling, or picking cached graphs) and records each
 compiled call (see ``compiling.py``); later runs replay the recorded calls. On CUDA the same list is
@@ -104,7 +104,8 @@ def _function_name(fn: Callable) -> str:
 
 def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rule, variants: list,
           kind: NormKind, compiler: compiling.Compiler, fillers: storage.Fillers, fp8=None) -> Program:
-    """The program of one plan. ``variants[g]`` is group g's rule variant; ``fp8`` the FP8 finisher."""
+    """The program of one plan. ``variants[g]`` is group g's rule variant; ``fp8`` the FP8 weights'
+    calls (``Fp8Weights.calls``), appended to the update."""
     norm: list[Call] = []
     update: list[Call] = []
     partial_fn = compiler.get(partials_module.partial_of_buffer)
@@ -147,8 +148,8 @@ def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers
             update.append(Call(
                 f"Phase B bucket update, group {g}, bucket {b}", COMPILED, bucket_fn, args, {},
                 _function_name(rule.update_bucket), ("update_bucket", rule.NAME, var, group.key.fp8) + dtypes))
-    if fp8 is not None:
-        update.append(Call("FP8: amax reduction and scales", EAGER, fp8, ()))
+    for kind_, label, fn, args in fp8 or ():
+        update.append(Call(label, kind_, fn, args))
     return Program(norm, update, compiler)
 
 

@@ -119,7 +119,10 @@ def test_distributed_references_name_their_reductions():
     assert ep.index("over 'ep'") < ep.index("over 'pp'") < ep.index("finish") < ep.index("Phase B")  # PP last
     assert captured()["ep_experts"].plan.groups[0].key.is_expert  # the EP/PP factor is the group's scale
     assert "all_reduce" not in schedule["adamw_fp32"]  # plain tensors on one device: no collective
-    assert schedule["fp8_amax"].splitlines()[-1].endswith("FP8: amax reduction and scales")  # after Phase B
+    fp8 = schedule["fp8_amax"].splitlines()  # after Phase B: gather, one MAX all-reduce over the shards, scales
+    assert fp8[-3].endswith("FP8: gather the amax of 4 FP8 weights")
+    assert "all_reduce(MAX) over 'dp_shard': f32[4] (amax of the FP8 weights)" in fp8[-2]
+    assert fp8[-1].endswith("FP8: scales from the amax (torchao's formula)")
 
 
 @needs_goldens

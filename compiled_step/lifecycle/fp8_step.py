@@ -46,8 +46,10 @@ class Fp8Weights:
     def __bool__(self) -> bool:
         return bool(self.weights)
 
-    def finisher(self, plan, buffers):
-        """The program's FP8 call for ``plan``: reads ``buffers.amax``, writes ``self.amax``/``scales``."""
+    def calls(self, plan, buffers) -> list[tuple[str, str, object, tuple]]:
+        """The program's FP8 calls for ``plan``, as ``(kind, label, fn, args)``: gather the weights'
+        amax from ``buffers.amax``, one MAX all-reduce per process group the weights are sharded over,
+        then the scales. They write ``self.amax`` and ``self.scales`` in place."""
         device = plan.device
         where = {}
         for g, group in enumerate(plan.groups):
@@ -57,28 +59,24 @@ class Fp8Weights:
         by_group: dict[int, list[int]] = {}
         for position, w in enumerate(self.weights):
             by_group.setdefault(where[id(w)][0], []).append(position)
-        steps = []
-        for reduction in plan.reductions:
-            if not reduction.over_shards:
-                continue  # EP ranks hold different experts: their amax must not be mixed
-            positions = [i for m in reduction.members for i in by_group.get(m, [])]
-            if positions:
-                steps.append((reduction, torch.tensor(positions, device=device)))
         dtypes = {where[id(w)][2] for w in self.weights}
         weight_dtype = dtypes.pop() if len(dtypes) == 1 else None
         if self.amax is None or self.amax.device != device:
             self.amax = torch.zeros(len(self.weights), dtype=torch.float32, device=device)
             self.scales = torch.zeros(len(self.weights), dtype=torch.float32, device=device)
-        amax_out, scales_out, fp8_dtype = self.amax, self.scales, self.dtype
-
-        def fp8_amax_and_scales() -> None:
-            amax = buffers.amax.index_select(0, slots)
-            for reduction, positions in steps:
-                amax.index_copy_(0, positions, collectives.reduce_amax(amax.index_select(0, positions), reduction))
-            amax_out.copy_(amax)
-            scales_out.copy_(fp8_scales_from_amax(amax, float8_dtype=fp8_dtype, weight_dtype=weight_dtype))
-
-        return fp8_amax_and_scales
+        amax, scales = self.amax, self.scales
+        calls = [("eager", f"FP8: gather the amax of {len(self.weights)} FP8 weights", _gather, (buffers.amax, slots, amax))]
+        for reduction in plan.reductions:
+            if not reduction.over_shards:
+                continue  # EP ranks hold different experts: their amax must not be mixed
+            positions = [i for m in reduction.members for i in by_group.get(m, [])]
+            if positions:
+                calls.append(("collective", f"all_reduce(MAX) over {reduction.label!r}: f32[{len(positions)}] (amax of "
+                              "the FP8 weights)", _reduce,
+                              (reduction, amax, torch.tensor(positions, device=device))))
+        calls.append(("eager", "FP8: scales from the amax (torchao's formula)", _scales,
+                      (amax, scales, self.dtype, weight_dtype)))
+        return calls
 
     def store(self) -> None:
         """Hand the scales to torchao's FSDP2 float8 all-gather (0-d views of ``self.scales``)."""
@@ -87,3 +85,15 @@ class Fp8Weights:
         position = {id(w): i for i, w in enumerate(self.weights)}
         targets = [t for t in self.targets if id(t.weight) in position]
         store_fp8_scales_for_fsdp(targets, self.scales[[position[id(t.weight)] for t in targets]])
+
+
+def _gather(per_slot: torch.Tensor, slots: torch.Tensor, amax: torch.Tensor) -> None:
+    amax.copy_(per_slot.index_select(0, slots))
+
+
+def _reduce(reduction, amax: torch.Tensor, positions: torch.Tensor) -> None:
+    amax.index_copy_(0, positions, collectives.reduce_amax(amax.index_select(0, positions), reduction))
+
+
+def _scales(amax: torch.Tensor, scales: torch.Tensor, float8_dtype: torch.dtype, weight_dtype) -> None:
+    scales.copy_(fp8_scales_from_amax(amax, float8_dtype=float8_dtype, weight_dtype=weight_dtype))
