@@ -170,8 +170,9 @@ class _CollectiveCounter:
 
 def _read_flags(model: nn.Module) -> dict:
     """The FSDP2 flags, read straight from torch's private state (only the per-version
-    attribute lookup is shared with the code under test, none of its logic): per param group (reduce_grads, all_reduce_grads, reshard_after_backward),
-    and the root context's is_last_backward."""
+    attribute lookup is shared with the code under test, none of its logic): per param group
+    (reduce_grads, all_reduce_grads, reshard_after_backward), and the root context's
+    is_last_backward."""
     flags = {}
     for name, module in model.named_modules():
         if not isinstance(module, FSDPModule):
