@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 import compiled_step
-from compiled_step import bench
-from compiled_step import layouts as L
+from compiled_step.cli import bench
+from compiled_step.cli import layouts as L
 
 REPO_ROOT = Path(compiled_step.__file__).resolve().parent.parent
 
@@ -114,7 +114,7 @@ def quick_run(tmp_path_factory):
     argv = ["--quick", "--no-compile", "--methods", methods, "--out", str(out), "--write-benchmarks-md", str(md)]
     # Run in a subprocess with stdout and stderr captured at the file-descriptor level: the profiler's
     # noise is written by native code, which no in-process capture of sys.stderr would see.
-    code = "import sys; from compiled_step.bench import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from compiled_step.cli.bench import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=600)
     return proc, out, md, methods.split(",")

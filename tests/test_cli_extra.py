@@ -55,7 +55,8 @@ def test_import_compiled_step_loads_neither_tqdm_nor_matplotlib():
     code = _BLOCK + """
 import json
 import compiled_step
-import compiled_step.demo, compiled_step.bench, compiled_step.progress, compiled_step.__main__
+import compiled_step.cli.demo, compiled_step.cli.bench, compiled_step.cli.graphs, compiled_step.cli.progress
+import compiled_step.__main__
 from compiled_step import FusedStep
 ours = [(name, f) for name, f in _Blocker.attempts if "/compiled_step/" in f]
 print(json.dumps({"ours": ours, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))

@@ -2,7 +2,7 @@
 
 The end-to-end tests run the demo in-process on the `tiny` preset with a few steps. The reference
 everywhere is torch's own `clip_grad_norm_` + `optimizer.step()`; the agreement tolerances are
-the demo's LOSS_RTOL / GRAD_NORM_RTOL, whose reasons are stated in compiled_step/demo.py.
+the demo's LOSS_RTOL / GRAD_NORM_RTOL, whose reasons are stated in compiled_step/cli/demo.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import types
 import pytest
 import torch
 
-from compiled_step import demo
-from compiled_step.models import PRESETS, MarkovData, build_model, param_groups
-from compiled_step.progress import StepProgress
+from compiled_step.cli import demo
+from compiled_step.cli.models import PRESETS, MarkovData, build_model, param_groups
+from compiled_step.cli.progress import StepProgress
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -308,16 +308,16 @@ def test_every_panel_of_curves_has_axis_labels():
 # --- graphs hook ------------------------------------------------------------------------------------
 
 def test_dump_graphs_reports_missing_module(monkeypatch):
-    # None in sys.modules makes the import fail with ModuleNotFoundError, as if graphs.py were absent.
-    monkeypatch.setitem(sys.modules, "compiled_step.graphs", None)
+    # None in sys.modules makes the import fail with ModuleNotFoundError, as if the graphs module were absent.
+    monkeypatch.setitem(sys.modules, "compiled_step.cli.graphs", None)
     lines = []
     assert demo.dump_graphs("unused", object(), log=lines.append) is None
-    assert len(lines) == 1 and "NOT written" in lines[0] and "graphs.py" in lines[0]
+    assert len(lines) == 1 and "NOT written" in lines[0] and "compiled_step.cli.graphs" in lines[0]
 
 
 def test_dump_graphs_reports_missing_function_and_calls_it(monkeypatch, tmp_path):
-    fake = types.ModuleType("compiled_step.graphs")
-    monkeypatch.setitem(sys.modules, "compiled_step.graphs", fake)
+    fake = types.ModuleType("compiled_step.cli.graphs")
+    monkeypatch.setitem(sys.modules, "compiled_step.cli.graphs", fake)
     lines = []
     assert demo.dump_graphs(tmp_path, object(), log=lines.append) is None
     assert "no dump_run_graphs" in lines[0]
@@ -357,11 +357,11 @@ def _check_outputs(out_dir, steps):
 
 
 def _check_graphs(out_dir, printed):
-    """Graphs are written when compiled_step.graphs.dump_run_graphs exists, else a line says so."""
+    """Graphs are written when compiled_step.cli.graphs.dump_run_graphs exists, else a line says so."""
     import importlib
 
     try:
-        available = hasattr(importlib.import_module("compiled_step.graphs"), "dump_run_graphs")
+        available = hasattr(importlib.import_module("compiled_step.cli.graphs"), "dump_run_graphs")
     except ModuleNotFoundError:
         available = False
     if available:

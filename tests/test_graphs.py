@@ -26,7 +26,8 @@ import expecttest
 import pytest
 import torch
 
-from compiled_step import FusedStep, graphs
+from compiled_step import FusedStep
+from compiled_step.cli import graphs
 from compiled_step.planning import ROW
 from compiled_step.rules import sgd
 

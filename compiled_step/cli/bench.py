@@ -80,8 +80,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from compiled_step import layouts as L
-from compiled_step._extras import MissingExtraError, require_cli_extra
+from compiled_step.cli import PACKAGE_PARENT
+from compiled_step.cli import layouts as L
+from compiled_step.cli.extras import MissingExtraError, require_cli_extra
 
 __all__ = ["main"]
 
@@ -181,7 +182,7 @@ def _cpu_model() -> str:
 
 def _source_revision() -> str:
     """The git commit of the compiled_step being measured, and whether its files had local changes."""
-    root = Path(__file__).resolve().parent.parent
+    root = PACKAGE_PARENT
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10)
@@ -696,12 +697,12 @@ class CompileResult:
     error: str | None = None
 
 
-_CHILD_CODE = "import sys; from compiled_step.bench import _compile_child_main as m; sys.exit(m(sys.argv[1:]))"
+_CHILD_CODE = "import sys; from compiled_step.cli.bench import _compile_child_main as m; sys.exit(m(sys.argv[1:]))"
 
 
 def _compile_child_main(argv: list[str]) -> int:
     """Runs in a fresh interpreter: build N tensors, time the first fused.step(). Prints one JSON line."""
-    p = argparse.ArgumentParser(prog="compiled_step.bench child")
+    p = argparse.ArgumentParser(prog="compiled_step.cli.bench child")
     p.add_argument("--n-tensors", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bucket-size", type=int, default=None)
@@ -736,7 +737,7 @@ def _run_child(n: int, cache_dir: str, args, timeout: float) -> dict:
     env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
     # The child imports compiled_step from wherever this process did, installed or not.
-    pkg_root = str(Path(__file__).resolve().parent.parent)
+    pkg_root = str(PACKAGE_PARENT)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-c", _CHILD_CODE, "--n-tensors", str(n), "--device", args.device]
     if args.fused_bucket_sizes[0] is not None:

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from compiled_step._extras import MissingExtraError, require_cli_extra
-from compiled_step.models import PRESETS, MarkovData, build_model, param_groups
-from compiled_step.progress import StepProgress, is_terminal
+from compiled_step.cli.extras import MissingExtraError, require_cli_extra
+from compiled_step.cli.models import PRESETS, MarkovData, build_model, param_groups
+from compiled_step.cli.progress import StepProgress, is_terminal
 
 __all__ = ["DemoConfig", "DemoOptionError", "DemoResult", "LOSS_RTOL", "GRAD_NORM_RTOL", "parse_args", "run", "main"]
 
@@ -212,8 +212,6 @@ def _make_fused_step(optimizer: torch.optim.Optimizer, cfg: DemoConfig, *, model
                      mesh: Any | None) -> Any:
     # Imported here, not at module level: `python -m compiled_step demo --help` and the model
     # tests must not depend on the core being importable.
-    import inspect
-
     from compiled_step import FusedStep
 
     kwargs: dict[str, Any] = {
@@ -222,12 +220,12 @@ def _make_fused_step(optimizer: torch.optim.Optimizer, cfg: DemoConfig, *, model
         "max_grad_norm": cfg.max_grad_norm if cfg.clipping else None,
         "norm_type": cfg.norm_type,
         "compile": cfg.compile,
+        "compile_notice": False,  # the demo shows its own progress line for the first step
     }
     if mesh is not None:
-        # FSDP params are DTensors that carry their own mesh, so FusedStep can plan from the
-        # params alone; model_parts/device_mesh are passed where its signature takes them.
-        accepted = inspect.signature(FusedStep).parameters
-        kwargs.update({k: v for k, v in (("model_parts", [model]), ("device_mesh", mesh)) if k in accepted})
+        # FSDP params are DTensors that carry their own mesh; model_parts gives the plan the
+        # params' names for its messages.
+        kwargs["model_parts"] = [model]
     return FusedStep(optimizer, **kwargs)
 
 
@@ -622,7 +620,7 @@ def curves_figure(result: DemoResult) -> Any:
 
 
 def dump_graphs(out_dir: Path, fused: Any, log: Callable[[str], None] = print) -> list | None:
-    """Write the run's compiled graphs with compiled_step.graphs.dump_run_graphs, if it exists.
+    """Write the run's compiled graphs with compiled_step.cli.graphs.dump_run_graphs, if it exists.
 
     Returns what dump_run_graphs returns (the paths it wrote), or None when it is not available.
     A missing graphs module or function is reported in a printed line (never skipped silently);
@@ -631,18 +629,18 @@ def dump_graphs(out_dir: Path, fused: Any, log: Callable[[str], None] = print) -
     import importlib
 
     try:
-        # import_module, not `from compiled_step import graphs`: only the former raises a
-        # ModuleNotFoundError that names the missing module, which separates "graphs.py is not
-        # there" from "graphs.py is there but broken".
-        graphs = importlib.import_module("compiled_step.graphs")
+        # import_module, not `from compiled_step.cli import graphs`: only the former raises a
+        # ModuleNotFoundError that names the missing module, which separates "the graphs module is
+        # not there" from "it is there but broken".
+        graphs = importlib.import_module("compiled_step.cli.graphs")
     except ModuleNotFoundError as e:
-        if e.name != "compiled_step.graphs":
-            raise  # graphs.py exists but one of its own imports is missing: that is a real error
-        log("graphs: NOT written: compiled_step.graphs is not in this checkout yet (graphs.py has not landed)")
+        if e.name != "compiled_step.cli.graphs":
+            raise  # the graphs module exists but one of its own imports is missing: that is a real error
+        log("graphs: NOT written: compiled_step.cli.graphs is not in this checkout")
         return None
     dump = getattr(graphs, "dump_run_graphs", None)
     if dump is None:
-        log("graphs: NOT written: compiled_step.graphs has no dump_run_graphs(out_dir, fused) yet")
+        log("graphs: NOT written: compiled_step.cli.graphs has no dump_run_graphs(out_dir, fused) yet")
         return None
     written = dump(out_dir, fused)
     return list(written) if written is not None else []
