@@ -74,6 +74,7 @@ class Binder:
         self.installed: list[tuple[str, list, list]] = []  # (key, state dicts, views) to check each step
         self.hp_values: list | None = None  # the hyperparameter rows last written
         self.created: list[torch.Tensor] = []  # params whose state bind_state created in this step
+        self.copied: list[str] = []  # names of the params whose grads the last bind_grads copied in
 
     # ---------------------------------------------------------------- structure
 
@@ -103,6 +104,7 @@ class Binder:
         """
         grads = list(map(_GRAD, self.params))
         if all(map(_IS, grads, self.expected_grads)):
+            self.copied = []
             return False
         foreign = []
         for i, (g, expected) in enumerate(zip(grads, self.expected_grads)):
@@ -114,6 +116,7 @@ class Binder:
             if is_dtensor(g):
                 g = collectives.match_grad_placement(p, g)
             foreign.append((i, g))
+        self.copied = [self.names[i] for i, _ in foreign]
         changed = False
         with torch.no_grad():
             for i, g in enumerate(grads):

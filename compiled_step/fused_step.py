@@ -19,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from compiled_step import binding, collectives, compiling, cuda_graphs, experts, planning, program, storage
+from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
 from compiled_step.lifecycle import fp8 as fp8_lifecycle
 from compiled_step.lifecycle.fp8_step import Fp8Weights
@@ -87,8 +90,9 @@ class FusedStep:
         self._fp8 = Fp8Weights(dist.model_parts, fp8_weights, fp8_dtype, optimizer)
         self.first_microbatch = first_microbatch_flag or fp8_lifecycle.default_first_microbatch_flag()
         self.offload_optimizer_state = offload_optimizer_state
-        self._fillers = storage.Fillers()
+        self._fillers = buckets.Fillers()
         self._accumulation: GradAccumulation | None = None
+        self._warned_copy = False
         self._built: _Built | None = None
         self._outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # total, finite, skipped
 
@@ -186,6 +190,12 @@ class FusedStep:
         self._accumulation = accumulation
 
     @property
+    def pending_num_label_tokens(self) -> int | torch.Tensor | None:
+        """The token count of the last ``accumulate()`` block, which the next ``step()`` uses as its
+        ``num_label_tokens`` (None once a step consumed it, or when no block ended normally)."""
+        return self._accumulation.num_label_tokens if self._accumulation is not None else None
+
+    @property
     def plan(self) -> planning.Plan | None:
         """The current plan (read-only; None before the first step)."""
         return self._built.plan if self._built is not None else None
@@ -260,7 +270,7 @@ class FusedStep:
 
     def _agree(self, plan: planning.Plan) -> planning.Plan:
         """In a distributed run, make every rank's collectives identical (one all_gather_object over
-        the default group per plan build; see ``planning.reconcile``)."""
+        the default group per plan build; see ``agreement.py``)."""
         where = collectives.world()
         if where is None or where[1] == 1:
             return plan
@@ -271,8 +281,8 @@ class FusedStep:
         for mesh in meshes:
             reachable += collectives.mesh_process_groups(mesh)
         resolvable = {collectives.process_group_key(pg): (pg, device_type) for pg, device_type in reachable}
-        payloads = collectives.agree(planning.agreement_payload(plan, collectives.process_group_key, resolvable))
-        return planning.reconcile(plan, payloads, where[0], resolvable)
+        payloads = collectives.agree(agreement.agreement_payload(plan, collectives.process_group_key, resolvable))
+        return agreement.reconcile(plan, payloads, where[0], resolvable)
 
     def _own_storages(self) -> frozenset[int]:
         if self._built is None:
@@ -311,6 +321,15 @@ class FusedStep:
         except binding.Rebuild:  # a grad of another dtype: re-key its group
             built = self._build(variants)
             active_changed = built.binder.bind_grads()
+        if built.binder.copied and not self._warned_copy:
+            self._warned_copy = True
+            copied = built.binder.copied
+            warnings.warn(
+                f"FusedStep copied the grad of {copied[0]}" + (f" and {len(copied) - 1} other param(s)" if len(copied) > 1
+                                                              else "")
+                + " into its grad buffers: those grads were new tensors (after optimizer.zero_grad(), or assigned), "
+                "which costs an extra read and write of each. Zero grads with fused.zero_grad() to keep autograd "
+                "accumulating into FusedStep's buffers. (Shown once.)", stacklevel=_user_stacklevel())
         if active_changed or not built.binder.state_unchanged(opt):
             built.binder.bind_state(opt)
         base, expert = scales
@@ -339,6 +358,38 @@ class FusedStep:
         ratio = experts.ep_ratio(dist.moe_mesh, dp_group_size, dist.expert_tp_replication_factor)
         return base, base if ratio is None else base / ratio
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """FusedStep's own state: the skip counter and the last step's finite flag (0-d tensors).
+
+        The optimizer's state is ``optimizer.state_dict()``; with both, a run resumes bit-identically.
+        FusedStep is a ``torch.distributed.checkpoint`` ``Stateful``: pass it to ``dcp.save``/``dcp.load``
+        next to the model's and optimizer's state dicts.
+        """
+        if self._outputs is None:
+            return {"skipped_steps": torch.zeros((), dtype=torch.int64),
+                    "last_step_finite": torch.ones((), dtype=torch.bool)}
+        return {"skipped_steps": self._outputs[2][0].clone(), "last_step_finite": self._outputs[1][0].clone()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what ``state_dict()`` returned. Raises ``KeyError``/``TypeError`` before changing anything."""
+        missing = {"skipped_steps", "last_step_finite"} - set(state_dict)
+        if missing:
+            raise KeyError(f"FusedStep state_dict lacks {sorted(missing)}")
+        values = {}
+        for key, dtype in (("skipped_steps", torch.int64), ("last_step_finite", torch.bool)):
+            value = state_dict[key]
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                values[key] = value.detach().reshape(1).to(dtype)
+            elif isinstance(value, (bool, int)) and not (key == "skipped_steps" and isinstance(value, bool)):
+                values[key] = torch.tensor([value], dtype=dtype)
+            else:
+                raise TypeError(f"FusedStep state_dict[{key!r}] must be a one-element tensor or a number, got "
+                                f"{type(value).__name__}")
+        device = self._outputs[0].device if self._outputs is not None else torch.device("cpu")
+        total, finite, skipped = self._outputs_on(device)
+        skipped.copy_(values["skipped_steps"])
+        finite.copy_(values["last_step_finite"])
+
     def __repr__(self) -> str:
         c = self.config
         lines = [f"FusedStep({type(self.optimizer).__name__}, max_grad_norm={c.max_grad_norm}, "
@@ -354,6 +405,22 @@ class FusedStep:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside compiled_step and torch
+    (``step()`` runs under torch's ``no_grad`` decorator, whose frames would otherwise be blamed)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(_PACKAGE_DIR) or path.startswith(_TORCH_DIR)):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def _refuse_partial_params(plan: planning.Plan) -> None:

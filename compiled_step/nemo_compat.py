@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from compiled_step import collectives, compiling, experts, planning
+from compiled_step import buckets, collectives, compiling, experts, planning
 from compiled_step.config import FusedStepConfig
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN  # noqa: F401  (re-exported name)
 from compiled_step.norm import CLIP_EPS, NormKind, combine, total_from
@@ -23,22 +23,11 @@ from compiled_step.storage import flat_alias
 # for a thousand biases instead of one bucket slot each); the rest go through buckets of BUCKET.
 PACK_THRESHOLD = 16384
 BUCKET = 16
-_COMPILERS: dict[bool, compiling.Compiler] = {}
-_FILLERS: dict[tuple, list[torch.Tensor]] = {}
-
-
-def _compiler(compile: bool) -> compiling.Compiler:
-    if compile not in _COMPILERS:
-        _COMPILERS[compile] = compiling.Compiler(enabled=compile)
-    return _COMPILERS[compile]
-
-
-def _fillers(device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Distinct one-element zeros padding a bucket (Dynamo guards on which inputs alias)."""
-    key = (device, dtype)
-    if key not in _FILLERS:
-        _FILLERS[key] = [torch.zeros(1, dtype=dtype, device=device) for _ in range(BUCKET)]
-    return _FILLERS[key]
+# The partial norms are compiled (the same graphs for every call). False runs them eagerly: for
+# debugging, and in tests that would otherwise compile in every rank of every spawned process.
+COMPILE_NORMS = True
+_COMPILER = compiling.Compiler()
+_FILLERS = buckets.Fillers()
 
 
 def _flat(g: torch.Tensor) -> torch.Tensor:
@@ -49,25 +38,24 @@ def _check_norm_args(max_norm, norm_type) -> None:
     FusedStepConfig(max_grad_norm=max_norm, norm_type=norm_type)  # the same errors as FusedStep
 
 
-def _group_partial(kind: NormKind, grads: list[torch.Tensor], device: torch.device, compile: bool) -> torch.Tensor:
-    """The partial norm (float64 ``[w]`` on ``device``) of one group's local grads."""
+def _group_partial(kind: NormKind, grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The partial norm (float64 ``[w]`` on ``device``) of one group's local grads, bucket by bucket."""
     small = [_flat(g) for g in grads if 0 < g.numel() <= PACK_THRESHOLD]
     slots = [_flat(g) for g in grads if g.numel() > PACK_THRESHOLD]
     if small:
         slots.append(torch.cat(small))
     if not slots:
         return torch.zeros(kind.partial_width, dtype=torch.float64, device=device)
-    compiler = _compiler(compile)
-    fn = compiler.get(partial_of_list)
+    fn = _COMPILER.get(partial_of_list) if COMPILE_NORMS else partial_of_list
     order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64, device=slots[0].device)
     parts = []
     with compiling.compile_settings():
-        for bucket in planning.chunk(len(slots), BUCKET):
+        for bucket in buckets.chunk(len(slots), BUCKET):
             members = [slots[i] for i in bucket]
-            members += _fillers(members[0].device, members[0].dtype)[: BUCKET - len(members)]
+            fillers = _FILLERS.get(members[0].device, {"grads": members[0].dtype}, BUCKET)["grads"]
             signature = ("norm list", kind.kind, members[0].dtype, members[0].device.type)
-            with compiler.first_call(signature, f"partial norm of a list of grads ({kind.kind})"):
-                parts.append(fn(members, order, kind=kind.kind, p=kind.p).to(device))
+            with _COMPILER.first_call(signature, f"partial norm of a list of grads ({kind.kind})"):
+                parts.append(fn(buckets.padded(members, fillers, BUCKET), order, kind=kind.kind, p=kind.p).to(device))
     return combine(kind.kind, torch.stack(parts), order.to(device) if kind.kind == "scaled" else kind.p)
 
 
@@ -90,6 +78,40 @@ def _norm_grad(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | Non
     return g, collectives.summed_grad(g)
 
 
+def _total_norm(kind: NormKind, plan: planning.Plan, norm_grads: list[list[torch.Tensor]], scales: list
+                ) -> torch.Tensor:
+    """The total norm of the scaled grads: partials per group, reduced per process group, then over PP."""
+    device = plan.device
+    order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64, device=device)
+    p_arg = order if kind.kind == "scaled" else kind.p
+    partials = [scale_partial(kind.kind, kind.p, _group_partial(kind, grads, device), s)
+                for grads, s in zip(norm_grads, scales)]
+    if not partials:
+        combined = torch.zeros(kind.partial_width, dtype=torch.float64, device=device)
+    else:
+        partials = torch.stack(partials)
+        for reduction in plan.reductions:
+            index = torch.tensor(reduction.members, device=device)
+            reduced = collectives.reduce_stacked(kind, partials.index_select(0, index), reduction, order)
+            partials.index_copy_(0, index, reduced)
+        combined = combine(kind.kind, partials, p_arg)
+    if plan.pp is not None:
+        combined = collectives.reduce_stacked(kind, combined[None], plan.pp, order)[0]
+    return total_from(kind.kind, combined, p_arg)
+
+
+def _multiply_in_place(clip_grads: list[list[torch.Tensor]], factors: list, plan: planning.Plan, foreach) -> None:
+    for grads, factor, group in zip(clip_grads, factors, plan.groups):
+        if factor is None or not grads:
+            continue
+        factor = factor.to(device=group.key.device, dtype=torch.float32, non_blocking=True)
+        if foreach is False:
+            for g in grads:
+                g.mul_(factor)
+        else:
+            torch._foreach_mul_(grads, factor)
+
+
 @torch.no_grad()
 def _clip_in_place(
     param_lists: list[list[torch.Tensor]],
@@ -105,7 +127,6 @@ def _clip_in_place(
     pp: tuple | None = None,
     base_scale: float | torch.Tensor | None = None,
     expert_scale: float | torch.Tensor | None = None,
-    compile: bool = True,
 ) -> torch.Tensor | None:
     """Scale grads, compute the global norm of the scaled grads and clip, in one multiply per grad.
 
@@ -116,9 +137,7 @@ def _clip_in_place(
     kind = NormKind.of(float(norm_type))
     plan = planning.build_plan(param_lists, names=names, expert_ids=expert_ids, ep=ep, ep_axis_name=ep_axis_name,
                                pp=pp, bucket_size=BUCKET)
-    device = plan.device
-    base = _scale_tensor(base_scale, device)
-    expert = _scale_tensor(expert_scale, device)
+    base, expert = _scale_tensor(base_scale, plan.device), _scale_tensor(expert_scale, plan.device)
     scales = [expert if g.key.is_expert else base for g in plan.groups]
     clip_grads, norm_grads = [], []
     for group in plan.groups:
@@ -126,39 +145,14 @@ def _clip_in_place(
         clip_grads.append([planning.local_tensor(c) for c, _ in pairs if c is not None])
         norm_grads.append([planning.local_tensor(n) for _, n in pairs if n is not None])
     if max_norm is None:
-        factors, total = scales, None
-    else:
-        order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64, device=device)
-        partials = [scale_partial(kind.kind, kind.p, _group_partial(kind, grads, device, compile), s)
-                    for grads, s in zip(norm_grads, scales)]
-        partials = torch.stack(partials) if partials else torch.zeros((0, kind.partial_width), dtype=torch.float64,
-                                                                       device=device)
-        for reduction in plan.reductions:
-            index = torch.tensor(reduction.members, device=device)
-            partials.index_copy_(0, index, collectives.reduce_stacked(kind, partials.index_select(0, index),
-                                                                      reduction, order))
-        p_arg = order if kind.kind == "scaled" else kind.p
-        combined = combine(kind.kind, partials, p_arg) if len(partials) else torch.zeros(
-            kind.partial_width, dtype=torch.float64, device=device)
-        if plan.pp is not None:
-            combined = collectives.reduce_stacked(kind, combined[None], plan.pp, order)[0]
-        total = total_from(kind.kind, combined, p_arg)
-        if error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise RuntimeError(
-                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
-                "so it cannot be clipped."
-            )
-        coef = (max_norm / (total + CLIP_EPS)).clamp(max=1.0)
-        factors = [coef if s is None else coef * s for s in scales]
-    for grads, factor, group in zip(clip_grads, factors, plan.groups):
-        if factor is None or not grads:
-            continue
-        factor = factor.to(device=group.key.device, dtype=torch.float32, non_blocking=True)
-        if foreach is False:
-            for g in grads:
-                g.mul_(factor)
-        else:
-            torch._foreach_mul_(grads, factor)
+        _multiply_in_place(clip_grads, scales, plan, foreach)
+        return None
+    total = _total_norm(kind, plan, norm_grads, scales)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                           "so it cannot be clipped.")
+    coef = (max_norm / (total + CLIP_EPS)).clamp(max=1.0)
+    _multiply_in_place(clip_grads, [coef if s is None else coef * s for s in scales], plan, foreach)
     return total
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from compiled_step import compiling, storage
+from compiled_step import buckets, compiling, storage
 from compiled_step.norm import finish as finish_module
 from compiled_step.norm import partials as partials_module
 from compiled_step.norm.kinds import NormKind, combine
@@ -103,7 +103,7 @@ def _function_name(fn: Callable) -> str:
 
 
 def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rule, variants: list,
-          kind: NormKind, compiler: compiling.Compiler, fillers: storage.Fillers, fp8=None) -> Program:
+          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None) -> Program:
     """The program of one plan. ``variants[g]`` is group g's rule variant; ``fp8`` the FP8 weights'
     calls (``Fp8Weights.calls``), appended to the update."""
     norm: list[Call] = []

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from compiled_step import collectives
+from compiled_step import buckets, collectives
 from compiled_step.norm import NormKind
 from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, dense_strides, \
     is_dtensor, local_tensor
@@ -140,10 +140,12 @@ class GroupBuffers:
 
     # ---------------------------------------------------------------- bucket arguments
 
-    def bucket_args(self, rule, variant, buffers: "StepBuffers", fillers: "Fillers") -> list[tuple]:
+    def bucket_args(self, rule, variant, buffers: "StepBuffers", fillers: buckets.Fillers) -> list[tuple]:
         """Prebuilt arguments of every bucket call of the group: lists padded to ``bucket_size``."""
         group, size = self.group, buffers.plan.bucket_size
         keys = rule.state_keys(variant)
+        key = group.key
+        dtypes = {"params": key.dtype, "grads": key.grad_dtype, **{k: key.dtype for k in keys}}
         calls = []
         for b in range(group.bucket_count):
             members = group.bucketed[b * size:(b + 1) * size]
@@ -151,13 +153,11 @@ class GroupBuffers:
             params = [flat_alias(self.locals[i]) for i in members]
             grads = [_flat(self.grads, e.row, e.numel) for e in entries]
             state = {k: [_flat(self.state[k], e.row, e.numel) for e in entries] for k in keys}
-            pad = size - len(members)
-            if pad:
-                filler = fillers.get(group.key, keys, size)
-                params += filler["params"][-pad:]
-                grads += filler["grads"][-pad:]
-                for k in keys:
-                    state[k] += filler[k][-pad:]
+            if len(members) < size:
+                filler = fillers.get(key.device, dtypes, size)
+                params = buckets.padded(params, filler["params"], size)
+                grads = buckets.padded(grads, filler["grads"], size)
+                state = {k: buckets.padded(v, filler[k], size) for k, v in state.items()}
             first = group.bucket_first_slot(b)
             slots = slice(first, first + size)
             amax = buffers.amax[slots].detach() if group.key.fp8 else None
@@ -173,34 +173,6 @@ class GroupBuffers:
         slots = slice(group.first_slot, group.first_slot + group.flat_slots)
         return (self.params, self.grads[:rows].detach(), *rule.state_for_update(variant, state), self.row_slot,
                 buffers.table[slots].detach(), buffers.counts[slots].detach())
-
-
-class Fillers:
-    """One-element scratch tensors that pad a group's last bucket to ``bucket_size``.
-
-    Their grads are zero and their slots inactive, so they add nothing to the norm and are never
-    updated. Each slot gets its own tensors: Dynamo guards on which inputs alias, so reusing one
-    tensor would compile another graph. Param fillers are allocations of their own (storage offset 0,
-    like most param shards); grad and state fillers start a row of a slab, like the views of the
-    grad and state buffers they stand in for.
-    """
-
-    def __init__(self):
-        self._made: dict[tuple, dict[str, list[torch.Tensor]]] = {}
-
-    def get(self, key, state_keys: tuple[str, ...], size: int) -> dict[str, list[torch.Tensor]]:
-        made_key = (key.device, key.dtype, key.grad_dtype, state_keys, size)
-        made = self._made.get(made_key)
-        if made is None:
-            def rows(dtype):
-                slab = _row_buffer(size, dtype, key.device)
-                return [_flat(slab, i, 1) for i in range(size)]
-
-            made = {"params": [torch.zeros(1, dtype=key.dtype, device=key.device) for _ in range(size)],
-                    "grads": rows(key.grad_dtype)}
-            made.update({k: rows(key.dtype) for k in state_keys})
-            self._made[made_key] = made
-        return made
 
 
 class StepBuffers:

@@ -271,24 +271,20 @@ def _functional_api():
 
 
 def _run_functional(rank, world_size, sc: Scenario, fn_name: str) -> dict:
-    """The seed's functional API on a fresh copy of the scenario: returned norm, grads before/after."""
-    import contextlib
+    """NeMo Automodel's functional API on a fresh copy of the scenario: returned norm, grads before/after.
+
+    Its norm graphs run eagerly here (``COMPILE_NORMS``), as FusedStep runs with compile=False: a cold
+    compile in every rank of every spawn would cost ~20 s per graph; they are tested compiled
+    single-process (tests/test_nemo_compat.py)."""
     from unittest import mock
 
     api = _functional_api()
     setup = sc.build(rank, world_size, **sc.options)
-    eager = contextlib.nullcontext()
-    if hasattr(api, "_engine"):
-        # The functional API compiles its norm graphs (the same kernels.partial_norm_* FusedStep
-        # compiles, tested compiled single-process). Here, as for FusedStep(compile=False), run them
-        # eagerly: a cold compile in every rank of every spawn would cost ~20 s per graph.
-        original = api._engine
-        eager = mock.patch.object(api, "_engine", lambda norm_type, compile=True: original(norm_type, False))
     setup.set_grads(0)
     grads, present = snapshot_grads(setup.named)
     kw = setup.fused_kwargs
     pp_axis = kw.get("pp_axis_name")
-    with eager, CollectiveRecorder(setup.groups) as recorder:
+    with mock.patch.object(api, "COMPILE_NORMS", False), CollectiveRecorder(setup.groups) as recorder:
         if fn_name == "scale_grads_and_clip_grad_norm":
             norm = api.scale_grads_and_clip_grad_norm(
                 sc.max_grad_norm,

@@ -234,7 +234,7 @@ def scenario_accumulation_parity(rank: int, mesh) -> dict:
             norm = fused.step()
             out["in_step"].append(counter.take())
             out["fp8_flag_after_step"] = flag.value
-            out["accumulation_consumed"] = fused._accumulation is None
+            out["accumulation_consumed"] = fused.pending_num_label_tokens is None
             out["norm_dtype"] = str(norm.dtype)
             out["norms"].append((float(norm), ref_norm))
             out["param_diff"].append(max_diffs(full(model), full(ref)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compiled_step import planning
+from compiled_step import agreement, planning
 
 from .harness import run_distributed
 
@@ -86,7 +86,7 @@ def test_a_rank_that_cannot_reach_a_process_group_makes_every_rank_raise_the_sam
         resolvable = {("g", (0, 1)): (object(), "cpu")} if rank == 0 else {}
         with pytest.raises(RuntimeError, match=r"rank 1 holds no params reduced over 'tp' \(ranks \[0, 1\]\) and has "
                                                r"no handle on that process group"):
-            planning.reconcile(empty, payloads, rank, resolvable)
+            agreement.reconcile(empty, payloads, rank, resolvable)
 
 
 # --------------------------------------------------------------------------- Partial placements
