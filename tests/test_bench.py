@@ -23,6 +23,13 @@ from pathlib import Path
 import compiled_step
 from compiled_step.cli import bench
 from compiled_step.cli import layouts as L
+from compiled_step.cli.bench import compile_time as bench_compile_time
+from compiled_step.cli.bench import goals as bench_goals
+from compiled_step.cli.bench import measure as bench_measure
+from compiled_step.cli.bench import methods as bench_methods
+from compiled_step.cli.bench import options as bench_options
+from compiled_step.cli.bench import report as bench_report
+from compiled_step.cli.bench import rows as bench_rows
 
 REPO_ROOT = Path(compiled_step.__file__).resolve().parent.parent
 
@@ -75,9 +82,9 @@ def test_params_grads_and_groups():
 
 def test_floor_bytes_per_param():
     # DESIGN.md: fp32 AdamW reads p, g, m, v and writes p, m, v (28 B) plus one read of g for the norm.
-    assert bench.floor_bytes_per_param("adamw", torch.float32) == 32
-    assert bench.floor_bytes_per_param("sgd", torch.float32) == 24
-    assert bench.floor_bytes_per_param("adamw", torch.bfloat16) == 16
+    assert bench_methods.floor_bytes_per_param("adamw", torch.float32) == 32
+    assert bench_methods.floor_bytes_per_param("sgd", torch.float32) == 24
+    assert bench_methods.floor_bytes_per_param("adamw", torch.bfloat16) == 16
 
 
 def test_peak_extra_bytes_sees_temporaries():
@@ -90,8 +97,8 @@ def test_peak_extra_bytes_sees_temporaries():
         y = x * 2.0  # a 4 MiB temporary
         x.copy_(y)
 
-    assert bench.peak_extra_bytes(with_temp, torch.device("cpu")) >= x.numel() * 4
-    assert bench.peak_extra_bytes(in_place, torch.device("cpu")) < x.numel() * 4 // 100
+    assert bench_measure.peak_extra_bytes(with_temp, torch.device("cpu")) >= x.numel() * 4
+    assert bench_measure.peak_extra_bytes(in_place, torch.device("cpu")) < x.numel() * 4 // 100
 
 
 # --------------------------------------------------------------------------------------- the quick run
@@ -146,7 +153,7 @@ def test_quick_run_prints_no_profiler_noise(quick_run):
 
 def test_quiet_profiler_keeps_other_stderr_lines(capfd):
     # Native writes to fd 2 inside the block: the noise goes, everything else comes out afterwards.
-    with bench.quiet_profiler():
+    with bench_measure.quiet_profiler():
         os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
         os.write(2, b"[W CPUAllocator.cpp:245] a real warning\n")
         os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
@@ -156,7 +163,7 @@ def test_quiet_profiler_keeps_other_stderr_lines(capfd):
 
 
 def test_quiet_profiler_restores_stderr_after_an_exception(capfd):
-    with pytest.raises(ValueError), bench.quiet_profiler():
+    with pytest.raises(ValueError), bench_measure.quiet_profiler():
         os.write(2, b"kept\n")
         raise ValueError("boom")
     os.write(2, b"after\n")
@@ -167,7 +174,7 @@ def test_quick_run_defines_every_method(quick_run):
     proc, out, md, methods = quick_run
     text = (out / "bench.md").read_text()
     for name in methods:
-        line = f"- **{name}**: {bench.describe_method(name, compiled=False)}"
+        line = f"- **{name}**: {bench_methods.describe_method(name, compiled=False)}"
         assert line in text and line in md.read_text(), name
     assert "- **B**: clip_grad_norm_(foreach=True) + optimizer(fused=True)" in text  # spelled out
     if "fused" in methods:
@@ -177,18 +184,18 @@ def test_quick_run_defines_every_method(quick_run):
 def test_png_legend_spells_out_the_methods(tmp_path):
     rows = [_row("adamw", {"A": 0.2, "B": 0.1, "C": 0.15, "D": 0.3, "fused": 0.05}),
             _row("small", {"A": 0.02, "B": 0.01, "D": 0.03, "fused[b=8]": 0.005})]
-    legend = bench.write_png(tmp_path / "b.png", rows, [], "cpu")
+    legend = bench_report.write_png(tmp_path / "b.png", rows, [], "cpu")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert legend == [f"{n}: {bench.METHOD_DESCRIPTIONS[n]}" for n in "ABCD"] + [
-        f"fused: {bench.METHOD_DESCRIPTIONS['fused']}",
-        f"fused[b=8]: {bench.METHOD_DESCRIPTIONS['fused']}, bucket_size=8"]
+    assert legend == [f"{n}: {bench_methods.METHOD_DESCRIPTIONS[n]}" for n in "ABCD"] + [
+        f"fused: {bench_methods.METHOD_DESCRIPTIONS['fused']}",
+        f"fused[b=8]: {bench_methods.METHOD_DESCRIPTIONS['fused']}, bucket_size=8"]
 
 
 def test_quick_run_numbers_are_consistent(quick_run):
     _, out, _, methods = quick_run
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["row"] for r in rows} == set(bench.ROW_KINDS)
-    for row_key in bench.ROW_KINDS:
+    assert {r["row"] for r in rows} == set(bench_rows.ROW_KINDS)
+    for row_key in bench_rows.ROW_KINDS:
         recs = {r["method"]: r for r in rows if r["row"] == row_key}
         assert set(recs) == set(methods)
         b = float(recs["B"]["median_ms"])
@@ -206,7 +213,7 @@ def test_quick_run_numbers_are_consistent(quick_run):
             # Every step runs ATen ops; launches are counted on CUDA only.
             assert int(r["aten_ops"]) > 0
             assert r["kernel_launches"] == r["graph_launches"] == ""
-            assert int(r["threads"]) == (1 if row_key in bench.TINY_ROWS else torch.get_num_threads())
+            assert int(r["threads"]) == (1 if row_key in bench_rows.TINY_ROWS else torch.get_num_threads())
             # Best-round view: fastest triad >= median triad; fraction and speedup from the minima.
             best_bw, best_min = float(r["best_bandwidth_gbps"]), float(r["min_ms"])
             assert best_bw >= float(r["bandwidth_gbps"]) and 0 < best_min <= median
@@ -229,18 +236,18 @@ def test_quick_run_reports_figures_without_verdicts(quick_run):
     for text in (proc.stdout, (out / "bench.md").read_text(), md.read_text()):
         assert "**met**" not in text and "**gap**" not in text
     size_goal = next(g for n, g in goals.items() if n.startswith("headline layout"))
-    assert size_goal["status"] == bench.NO_VERDICT and " M in " in size_goal["measured"]
+    assert size_goal["status"] == bench_goals.NO_VERDICT and " M in " in size_goal["measured"]
     if "fused" in methods:
         head = next(r for r in data["rows"] if r["key"] == "adamw")
         fused = next(m for m in head["methods"] if m["method"] == "fused")
         roof = goals["FusedStep fraction of the bandwidth roofline (headline)"]
-        assert roof["status"] == bench.NO_VERDICT
+        assert roof["status"] == bench_goals.NO_VERDICT
         assert roof["measured"].startswith(f"{fused['roofline_fraction']:.2f}")
-        for key, n in bench.TINY_ROWS.items():
+        for key, n in bench_rows.TINY_ROWS.items():
             tiny = next(g for name, g in goals.items() if name.startswith("tiny tensors") and f" {n} tensors" in name)
             row = next(r for r in data["rows"] if r["key"] == key)
             ratio = next(m for m in row["methods"] if m["method"] == "fused")["speedup_vs_b"]
-            assert tiny["measured"].startswith(f"{ratio:.2f}x") and tiny["status"] == bench.NO_VERDICT
+            assert tiny["measured"].startswith(f"{ratio:.2f}x") and tiny["status"] == bench_goals.NO_VERDICT
     # Compile times are not measured by --quick.
     assert all(g["status"] == "not measured" for n, g in goals.items() if "compile time" in n)
     for g in goals.values():
@@ -251,7 +258,7 @@ def test_quick_run_reports_figures_without_verdicts(quick_run):
 def test_quick_run_tiny_rows_run_on_one_thread(quick_run):
     _, out, _, methods = quick_run
     data = json.loads((out / "results.json").read_text())
-    for key, n in bench.TINY_ROWS.items():
+    for key, n in bench_rows.TINY_ROWS.items():
         row = next(r for r in data["rows"] if r["key"] == key)
         assert row["n_tensors"] == n and row["threads"] == 1
         assert {m["method"] for m in row["methods"]} == set(methods)
@@ -260,7 +267,7 @@ def test_quick_run_tiny_rows_run_on_one_thread(quick_run):
 
 def test_num_threads_is_restored():
     before = torch.get_num_threads()
-    with pytest.raises(RuntimeError), bench._num_threads(1):
+    with pytest.raises(RuntimeError), bench_measure.num_threads(1):
         assert torch.get_num_threads() == 1
         raise RuntimeError
     assert torch.get_num_threads() == before
@@ -274,22 +281,22 @@ def test_count_step_ops_counts_aten_ops():
         x.mul_(y)
         x.sub_(y)
 
-    ops = bench.count_step_ops(three_ops, torch.device("cpu"))
+    ops = bench_measure.count_step_ops(three_ops, torch.device("cpu"))
     assert ops.aten_ops == 3 and ops.kernel_launches is None and ops.graph_launches is None
     # Nested ops count: on the CPU a foreach op over 5 tensors runs one add_ per tensor under it.
     ts = [torch.zeros(4) for _ in range(5)]
-    assert bench.count_step_ops(lambda: torch._foreach_add_(ts, ts), torch.device("cpu")).aten_ops == 1 + 5
+    assert bench_measure.count_step_ops(lambda: torch._foreach_add_(ts, ts), torch.device("cpu")).aten_ops == 1 + 5
 
 
 # ------------------------------------------------------------------------------------------ goal logic
 
 
 def _row(key, times_by_method, n_params=20_000_000, floor_s=0.05, n_tensors=52, peak=None):
-    row = bench.RowResult(key=key, optimizer="adamw", dtype="float32", layout="x", n_params=n_params,
+    row = bench_rows.RowResult(key=key, optimizer="adamw", dtype="float32", layout="x", n_params=n_params,
                           n_tensors=n_tensors, param_bytes=4 * n_params, bytes_per_param=32,
                           bandwidth_gbps=10.0, floor_s=floor_s, grad_norm=10.0)
     for name, t in times_by_method.items():
-        row.methods.append(bench.MethodResult(row=key, method=name, times_s=[t], floor_s=floor_s,
+        row.methods.append(bench_rows.MethodResult(row=key, method=name, times_s=[t], floor_s=floor_s,
                                               graphs_compiled=0, peak_extra_bytes=peak))
     b = row.method("B").median_s
     for m in row.methods:
@@ -299,19 +306,19 @@ def _row(key, times_by_method, n_params=20_000_000, floor_s=0.05, n_tensors=52, 
 
 def test_goals_are_computed_from_numbers():
     cpu = torch.device("cpu")
-    compiles = [bench.CompileResult(n, cold_s=10.0, warm_s=2.0) for n in (16, 64, 256, 1024)]
+    compiles = [bench_compile_time.CompileResult(n, cold_s=10.0, warm_s=2.0) for n in (16, 64, 256, 1024)]
     good = [_row("adamw", {"B": 0.1, "fused": 0.052}, peak=1000),
             _row("small", {"B": 0.01, "fused": 0.0015}, n_params=262_144, floor_s=0.0008, n_tensors=1024),
             _row("tiny100", {"B": 0.0009, "fused": 0.0004}, n_params=1600, floor_s=1e-6, n_tensors=100),
             _row("tiny1000", {"B": 0.007, "fused": 0.003}, n_params=16000, floor_s=1e-5, n_tensors=1000)]
     status = {g.name.split(" (")[0].split(",")[0]: g.status
-              for g in bench.evaluate_goals(good, compiles, cpu, "fused", 10_000_000)}
+              for g in bench_goals.evaluate_goals(good, compiles, cpu, "fused", 10_000_000)}
     assert list(status.values()).count("gap") == 0, status
 
     slow = [_row("adamw", {"B": 0.1, "fused": 0.09}, peak=50_000_000)]
-    bad_compiles = [bench.CompileResult(16, cold_s=8.0, warm_s=2.0),
-                    bench.CompileResult(1024, cold_s=None, warm_s=None, error="timed out after 600s")]
-    goals = {g.name: g for g in bench.evaluate_goals(slow, bad_compiles, cpu, "fused", 10_000_000)}
+    bad_compiles = [bench_compile_time.CompileResult(16, cold_s=8.0, warm_s=2.0),
+                    bench_compile_time.CompileResult(1024, cold_s=None, warm_s=None, error="timed out after 600s")]
+    goals = {g.name: g for g in bench_goals.evaluate_goals(slow, bad_compiles, cpu, "fused", 10_000_000)}
     assert goals["FusedStep fraction of the bandwidth roofline (headline)"].status == "gap"
     assert goals["FusedStep speedup over anchor B (headline, t_B / t)"].status == "gap"
     assert goals["cold compile time, every tensor count"].status == "gap"
@@ -325,17 +332,17 @@ def test_goals_are_computed_from_numbers():
     # Tiny rows: t_B / t >= 2 is the CPU goal; on CUDA the ratio is a figure without a goal.
     tiny = [_row("tiny100", {"B": 0.0009, "fused": 0.0006}, n_tensors=100),
             _row("tiny1000", {"B": 0.008, "fused": 0.004}, n_tensors=1000)]
-    goals = [g for g in bench.evaluate_goals(tiny, [], cpu, "fused", 10_000_000) if g.name.startswith("tiny")]
+    goals = [g for g in bench_goals.evaluate_goals(tiny, [], cpu, "fused", 10_000_000) if g.name.startswith("tiny")]
     assert [(g.status, g.measured.split(" ")[0]) for g in goals] == [("gap", "1.50x"), ("met", "2.00x")]
-    goals = [g for g in bench.evaluate_goals(tiny, [], torch.device("cuda"), "fused", 100_000_000)
+    goals = [g for g in bench_goals.evaluate_goals(tiny, [], torch.device("cuda"), "fused", 100_000_000)
              if g.name.startswith("tiny")]
     assert [g.status for g in goals] == ["figure only, no goal on this device"] * 2
 
     # --quick: the same figures, no verdicts.
-    judged = bench.evaluate_goals(good, compiles, cpu, "fused", 10_000_000)
-    unjudged = bench.evaluate_goals(good, compiles, cpu, "fused", 10_000_000, verdicts=False)
+    judged = bench_goals.evaluate_goals(good, compiles, cpu, "fused", 10_000_000)
+    unjudged = bench_goals.evaluate_goals(good, compiles, cpu, "fused", 10_000_000, verdicts=False)
     assert [g.measured for g in judged] == [g.measured for g in unjudged]
-    assert {g.status for g in unjudged} == {bench.NO_VERDICT, "not measured"}
+    assert {g.status for g in unjudged} == {bench_goals.NO_VERDICT, "not measured"}
 
 
 # ------------------------------------------------------------------------------------------ bad options
@@ -375,8 +382,8 @@ def test_cuda_device_index_is_checked_and_filled_in(monkeypatch, capsys, tmp_pat
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert bench.main(["--device", "cuda:3", "--out", str(tmp_path)]) == 2
     assert "--device cuda:3: this machine has 1 CUDA device(s)" in capsys.readouterr().err
-    args = bench.build_parser().parse_args(["--device", "cuda", "--methods", "A,B", "--out", str(tmp_path)])
-    bench._resolve(args)
+    args = bench_options.build_parser().parse_args(["--device", "cuda", "--methods", "A,B", "--out", str(tmp_path)])
+    bench_options.resolve(args)
     assert args.device_obj == torch.device("cuda", 0)
 
 

@@ -1,0 +1,69 @@
+"""``python -m compiled_step bench``: FusedStep against the anchors, the bandwidth roofline, compile time.
+
+What is measured, and how:
+
+* **Step time.** Every method gets its own copy of the same initial params and the same optimizer
+  hyperparameters. Reference grads are generated once per row (seeded N(0, 1), so finite, and their
+  total 2-norm is about sqrt(n_params), far above ``max_grad_norm``, so clipping is always active).
+  Before *every* timed step, for every method, the reference grads are copied back into ``.grad`` (the
+  anchors clip grads in place, FusedStep does not; restoring for all keeps the treatment identical) and
+  a scratch buffer twice the last-level cache is written, so no method starts with a warm cache. Only
+  the step itself is timed (``synchronize`` around it on CUDA only). Methods run interleaved, one step
+  each per round (A, B, C, D, fused, A, B, ...), so drift in machine load hits all of them alike; the
+  reported time is the median over rounds. Every method runs the same number of steps, so afterwards
+  all params should agree with anchor B's: the largest difference is reported as a sanity check.
+* **Roofline.** In every round two triads on arrays far larger than the cache are timed best-of-3:
+  STREAM's ``a = b + s*c`` (``torch.add(b, c, alpha=s, out=a)``) and the in-place ``a = a + s*c``
+  (``a.add_(c, alpha=s)``), each counted at 12 B/element. The bandwidth is the higher of their medians
+  over rounds. Why both: on a CPU the STREAM triad's store to ``a`` first reads ``a``'s cache line
+  (write-allocate), so it understates the bandwidth that in-place updates such as an optimizer's get
+  (on this machine the in-place triad measures far higher), and a roofline built on it alone let
+  anchor B appear to run above 1.0. The floor for a step is ``n_params * B/param / bandwidth`` where
+  B/param is the minimal traffic: each of p, g and the optimizer state read once and p and the state
+  written once, plus one extra read of g for the norm (32 B/param for fp32 AdamW, 24 for fp32 SGD with
+  momentum, 16 for bf16 AdamW whose state is bf16 as in torch.optim). Fraction of roofline =
+  floor time / method time.
+* **Compile time.** For each tensor count N, a fresh subprocess (fresh Dynamo) with a fresh, empty
+  ``TORCHINDUCTOR_CACHE_DIR`` (and ``TRITON_CACHE_DIR``) times the first ``fused.step()``: cold. A
+  second fresh subprocess reusing that cache directory times it again: warm.
+* **Per-step overhead** is FusedStep's median step time on the many-small layout (1024 tensors of a
+  few hundred elements), minus that layout's roofline floor.
+* **Tiny tensors, host work only.** Rows ``tiny100`` and ``tiny1000``: AdamW on 100 and on 1000 tensors
+  of about 16 elements, run with ``torch.set_num_threads(1)`` (restored afterwards). Their memory
+  traffic is negligible, so the step time is the host's work: Python, dispatch, guards, launches. The
+  figure is the ratio t_B / t_FusedStep.
+* **Ops and kernel launches per step.** One more steady-state step per method, under
+  ``torch.profiler``: the number of ATen ops the profiler records (every ``aten::`` event, nested ones
+  included: the eager dispatcher work of the step), and on CUDA the number of kernel launches
+  (``cudaLaunchKernel``/``cuLaunchKernel`` events and their ``Ex`` variants) plus CUDA-graph launches
+  (``cudaGraphLaunch``), which are also shown on their own.
+* **Peak memory.** One extra step per method, after timing. On CPU every c10 allocator event is recorded
+  with ``torch.profiler(profile_memory=True)`` and the peak of the running sum of allocations minus
+  frees is the step's peak extra memory (RSS is too coarse and noisy for this). The profiler does not
+  see frees of blocks allocated before it started, so this is an upper bound. On CUDA it is
+  ``max_memory_allocated()`` minus ``memory_allocated()`` before the step.
+* **Inductor cache.** By default each row compiles into its own fresh, empty Inductor cache: with
+  dynamic shapes the C++ backend picks serial or OpenMP-parallel loops from the size hints of the
+  first compile, and a cached graph compiled earlier for tiny tensors would run serially here.
+* **Profiler noise.** torch's profiler (kineto) prints ``USDT: ... profiler_start`` and
+  ``profiler_stop`` on stderr for every session it starts. While the bench profiles, native stderr
+  is captured and replayed without those two lines; everything else (errors included) is kept.
+* **``--quick``** runs tiny layouts for a few rounds to check the plumbing. Its figures are reported,
+  but no goal gets a met/gap verdict: at those sizes and round counts the ratios swing from run to run.
+
+Anchors: (A) ``clip_grad_norm_(foreach=True)`` + ``optimizer(foreach=True)``; (B) the same clip +
+``optimizer(fused=True)``; (C) eager ``clip_grad_norm_`` + a ``torch.compile``d ``optimizer.step()``
+with a tensor lr (PyTorch's compiled-optimizer recipe); (D) the seed's eager path: ``g.div_(s)`` on
+every grad, a norm per param group, clip, ``optimizer.step()`` (foreach).
+"""
+
+# The package: methods (anchors A-D and FusedStep), machine (what ran), measure (timing, roofline, profiler
+# counts), rows (one layout x optimizer x dtype, methods interleaved), compile_time (fresh subprocesses),
+# goals (met / gap), report (bench.md, CSV, JSON, PNG, BENCHMARKS.md), options and command (the command line).
+# This docstring, after its first paragraph, is BENCHMARKS.md's method section (report._method_text).
+
+from __future__ import annotations
+
+from compiled_step.cli.bench.command import main
+
+__all__ = ["main"]

@@ -1,0 +1,163 @@
+"""The methods under test: anchors A-D and FusedStep, each stepping its own copy of a layout's params.
+
+Every method gets the same initial params, the same reference grads and the same hyperparameters; the
+package docstring says what each anchor is and why it is there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from compiled_step.cli import layouts as L
+
+ANCHORS = ("A", "B", "C", "D")
+# One line per method: the legend of bench.md, BENCHMARKS.md and bench.png.
+METHOD_DESCRIPTIONS = {
+    "A": "clip_grad_norm_(foreach=True) + optimizer(foreach=True)",
+    "B": "clip_grad_norm_(foreach=True) + optimizer(fused=True)",
+    "C": "clip_grad_norm_(foreach=True) + torch.compile'd optimizer.step() with a tensor lr "
+         "(PyTorch's compiled-optimizer recipe)",
+    "D": "the seed's eager path: g.div_(s) on every grad, a norm per param group, clip, optimizer.step() (foreach)",
+    "fused": "FusedStep.step(): norm + clip + update in one compiled step",
+}
+MAX_GRAD_NORM = 1.0
+# The seed divides grads by num_label_tokens / dp_group_size before clipping; any s != 1 costs the same
+# full read+write pass, which is the point of anchor D.
+SEED_SCALE = 2.0
+ADAMW_HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+SGD_HP = dict(lr=1e-2, momentum=0.9)
+WEIGHT_DECAY = 0.1
+
+
+def describe_method(name: str, *, compiled: bool = True) -> str:
+    """The legend line of a method name as the tables use it (A-D, fused, fused[b=N])."""
+    if name in ANCHORS:
+        return METHOD_DESCRIPTIONS[name]
+    if name.startswith("fused"):
+        text = METHOD_DESCRIPTIONS["fused"] if compiled else "FusedStep.step() with compile=False (eager)"
+        bucket = re.fullmatch(r"fused\[b=(\d+)\]", name)
+        return text + (f", bucket_size={bucket.group(1)}" if bucket else "")
+    return name
+
+
+class BenchError(Exception):
+    """A bad option or an unavailable method: reported as one line, exit status 2."""
+
+
+@dataclass
+class Method:
+    name: str
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], object]
+
+
+def floor_bytes_per_param(optimizer: str, dtype: torch.dtype) -> int:
+    """Minimal traffic: p, g and each state tensor read once, p and state written once, g read again
+    for the norm. AdamW has 2 state tensors (exp_avg, exp_avg_sq), SGD-momentum 1; torch.optim keeps
+    state in the param dtype."""
+    n_state = {"adamw": 2, "sgd": 1}[optimizer]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return itemsize * (2 * (n_state + 1) + 2)
+
+
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+_HP = {"adamw": ADAMW_HP, "sgd": SGD_HP}
+
+
+def make_optimizer(kind: str, groups: list[dict], **overrides) -> torch.optim.Optimizer:
+    return _OPTIMIZERS[kind](groups, **{**_HP[kind], **overrides})
+
+
+def _clip(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, norm_type=2.0, foreach=True)
+
+
+def _compiled_step_fn(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    # PyTorch's compiled-optimizer recipe, verbatim: fullgraph=False because Optimizer.step breaks the
+    # graph on purpose around the update (_use_grad_for_differentiable).
+    @torch.compile(fullgraph=False)
+    def fn() -> None:
+        opt.step()
+
+    return fn
+
+
+def _seed_style_step(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    group_grads = [[p.grad for p in g["params"] if p.grad is not None] for g in opt.param_groups]
+
+    def step() -> torch.Tensor:
+        # Separate scale pass, one kernel per grad, as the seed's scale_grads_and_clip_grad_norm does.
+        for grads in group_grads:
+            for g in grads:
+                g.div_(SEED_SCALE)
+        # One norm per group (the seed's sharding groups), then the total over groups.
+        partial = [torch.nn.utils.get_total_norm(gs, 2.0, foreach=True) for gs in group_grads]
+        total = torch.nn.utils.get_total_norm(partial, 2.0, foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(params, MAX_GRAD_NORM, total, foreach=True)
+        opt.step()
+        return total
+
+    return step
+
+
+def load_fused_step():
+    try:
+        from compiled_step import FusedStep  # noqa: PLC0415 -- optional until the core lands
+    except ImportError as exc:
+        raise BenchError(
+            f"FusedStep is not available ({exc}); pass --methods A,B,C,D to bench the anchors only"
+        ) from exc
+    return FusedStep
+
+
+def build_method(
+    name: str,
+    *,
+    optimizer: str,
+    layout: L.Layout,
+    dtype: torch.dtype,
+    device: torch.device,
+    ref_grads: list[torch.Tensor],
+    compile_fused: bool,
+    bucket_size: int | None,
+) -> Method:
+    params = L.make_params(layout, dtype=dtype, device=device, seed=0)
+    for p, g in zip(params, ref_grads):
+        p.grad = g.clone()
+    groups = L.param_groups(layout, params, weight_decay=WEIGHT_DECAY)
+    if name == "A":
+        opt = make_optimizer(optimizer, groups, foreach=True)
+        return Method(name, params, opt, lambda: (_clip(params), opt.step()))
+    if name == "B":
+        opt = make_optimizer(optimizer, groups, fused=True)
+        return Method(name, params, opt, lambda: (_clip(params), opt.step()))
+    if name == "C":
+        # A float lr would be guarded as a constant (and recompile under a scheduler); the recipe makes it
+        # a 0-d tensor. Its value is the same as every other method's. foreach/fused are left at their
+        # defaults, as in the recipe: eager foreach rejects a tensor lr without capturable=True.
+        opt = make_optimizer(optimizer, groups, lr=torch.tensor(_HP[optimizer]["lr"], device=device))
+        fn = _compiled_step_fn(opt)
+        return Method(name, params, opt, lambda: (_clip(params), fn()))
+    if name == "D":
+        opt = make_optimizer(optimizer, groups, foreach=True)
+        return Method(name, params, opt, _seed_style_step(opt, params))
+    if name.startswith("fused"):
+        FusedStep = load_fused_step()
+        opt = make_optimizer(optimizer, groups)
+        kwargs = dict(max_grad_norm=MAX_GRAD_NORM, norm_type=2.0, compile=compile_fused)
+        if bucket_size is not None:
+            kwargs["bucket_size"] = bucket_size
+        fused = FusedStep(opt, **kwargs)
+        return Method(name, params, opt, fused.step)
+    raise BenchError(f"unknown method {name!r}")
+
+
+def restore_grads(m: Method, ref_grads: list[torch.Tensor]) -> None:
+    """Copy the reference grads back into the method's ``.grad`` (the anchors clip them in place)."""
+    with torch.no_grad():
+        torch._foreach_copy_([p.grad for p in m.params], ref_grads)
