@@ -28,6 +28,7 @@ import torch
 
 from compiled_step import FusedStep
 from compiled_step.cli import graphs
+from compiled_step.cli.graphs import rendering as graph_render
 from compiled_step.planning import ROW
 from compiled_step.rules import sgd
 
@@ -83,14 +84,14 @@ def test_every_reference_is_one_graph_per_function_without_breaks_or_recompiles(
 @needs_goldens
 def test_every_reference_runs_one_phase_a_call_per_group_one_finish_and_one_update_per_flat_region_and_bucket():
     for name, cap in captured().items():
-        phases = [graphs._phase(cap.graphs[e.graph].function) for e in cap.events if e.kind == "compiled"]
+        phases = [graph_render.phase(cap.graphs[e.graph].function) for e in cap.events if e.kind == "compiled"]
         groups = cap.plan.groups
         assert phases.count("Phase A") == len(groups), name
         assert phases.count("finish") == 1, name
         assert phases.count("Phase B") == sum(1 for g in groups if g.flat) + sum(g.bucket_count for g in groups), name
         assert phases.index("finish") == len(groups)  # Phase A of every group, then the finish, then Phase B
         # Phase A reads each group's whole flat grad buffer (a graph's bytes are at its first call's sizes).
-        phase_a = next(g for g in cap.graphs if graphs._phase(g.function) == "Phase A")
+        phase_a = next(g for g in cap.graphs if graph_render.phase(g.function) == "Phase A")
         assert phase_a.elements == groups[0].rows * ROW, name
 
 
@@ -112,7 +113,7 @@ def test_plain_params_are_one_flat_update_and_dtensor_params_bucketed_and_staged
 @needs_goldens
 def test_distributed_references_name_their_reductions():
     # The one-rank world still has the real plan: each group's reductions are named in its file.
-    schedule = {name: "\n".join(graphs._schedule_lines(cap)) for name, cap in captured().items()}
+    schedule = {name: "\n".join(graph_render.schedule_lines(cap)) for name, cap in captured().items()}
     assert "all_reduce(SUM) over 'dp_shard'" in schedule["fsdp2_shard0"]
     assert "all_reduce(SUM) over 'tp'" in schedule["tp_replicate_shard"]
     assert "'dp_replicate'" not in schedule["tp_replicate_shard"]  # Replicate dims are not reduced over
