@@ -2,7 +2,7 @@
 
 The end-to-end tests run the demo in-process on the `tiny` preset with a few steps. The reference
 everywhere is torch's own `clip_grad_norm_` + `optimizer.step()`; the agreement tolerances are
-the demo's LOSS_RTOL / GRAD_NORM_RTOL, whose reasons are stated in compiled_step/cli/demo.py.
+the demo's LOSS_RTOL / GRAD_NORM_RTOL, whose reasons are stated in compiled_step/cli/demo/config.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import pytest
 import torch
 
 from compiled_step.cli import demo
+from compiled_step.cli.demo import config as demo_config
+from compiled_step.cli.demo import outputs as demo_outputs
+from compiled_step.cli.demo import training as demo_training
 from compiled_step.cli.models import PRESETS, MarkovData, build_model, param_groups
 from compiled_step.cli.progress import StepProgress
 
@@ -254,11 +257,11 @@ def test_device_cuda_resolves_to_an_indexed_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert demo._resolve_device(demo.DemoConfig(device="cuda")) == torch.device("cuda", 1)
-    assert demo._resolve_device(demo.DemoConfig()) == torch.device("cuda", 1)  # default: cuda if available
-    assert demo._resolve_device(demo.DemoConfig(device="cuda:0")) == torch.device("cuda", 0)
+    assert demo_training._resolve_device(demo.DemoConfig(device="cuda")) == torch.device("cuda", 1)
+    assert demo_training._resolve_device(demo.DemoConfig()) == torch.device("cuda", 1)  # default: cuda if available
+    assert demo_training._resolve_device(demo.DemoConfig(device="cuda:0")) == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert demo._resolve_device(demo.DemoConfig(device="cuda", fsdp=2)) == torch.device("cuda", 1)
+    assert demo_training._resolve_device(demo.DemoConfig(device="cuda", fsdp=2)) == torch.device("cuda", 1)
     assert calls == [torch.device("cuda", i) for i in (1, 1, 0, 1)]
     with pytest.raises(ValueError, match="2 CUDA device"):
         demo.DemoConfig(device="cuda:2")
@@ -278,7 +281,7 @@ def test_option_defaults_and_clip_switches():
     assert not demo.parse_args(["--no-clip"]).clipping
     assert not demo.parse_args(["--max-grad-norm", "inf"]).clipping
     assert demo.parse_args(["--norm-type", "inf"]).norm_type == math.inf
-    assert demo.parse_args(["--optimizer", "sgd"]).resolved_lr == demo._DEFAULT_LR["sgd"]
+    assert demo.parse_args(["--optimizer", "sgd"]).resolved_lr == demo_config._DEFAULT_LR["sgd"]
     with pytest.raises(SystemExit):  # argparse: --no-clip and --max-grad-norm are exclusive
         demo.parse_args(["--no-clip", "--max-grad-norm", "2"])
 
@@ -286,12 +289,12 @@ def test_option_defaults_and_clip_switches():
 # --- plot -----------------------------------------------------------------------------------------------
 
 def test_every_panel_of_curves_has_axis_labels():
-    metrics = [demo.StepMetrics(step=i, loss_eager=3.0 - i / 10, loss_fused=3.0 - i / 10 + 1e-7 * i,
+    metrics = [demo_config.StepMetrics(step=i, loss_eager=3.0 - i / 10, loss_fused=3.0 - i / 10 + 1e-7 * i,
                                 grad_norm_eager=2.0, grad_norm_fused=2.0 + 1e-6 * i, opt_s_eager=1e-3,
                                 opt_s_fused=1e-3, iter_s_eager=1e-2, iter_s_fused=1e-2) for i in range(4)]
     result = demo.DemoResult(config=demo.DemoConfig(model="tiny"), metrics=metrics, n_params=1, loss_floor=1.0,
                              device="cpu", world_size=1)
-    fig = demo.curves_figure(result)
+    fig = demo_outputs.curves_figure(result)
     try:
         panels = fig.axes
         assert len(panels) == 3
@@ -311,7 +314,7 @@ def test_dump_graphs_reports_missing_module(monkeypatch):
     # None in sys.modules makes the import fail with ModuleNotFoundError, as if the graphs module were absent.
     monkeypatch.setitem(sys.modules, "compiled_step.cli.graphs", None)
     lines = []
-    assert demo.dump_graphs("unused", object(), log=lines.append) is None
+    assert demo_outputs.dump_graphs("unused", object(), log=lines.append) is None
     assert len(lines) == 1 and "NOT written" in lines[0] and "compiled_step.cli.graphs" in lines[0]
 
 
@@ -319,7 +322,7 @@ def test_dump_graphs_reports_missing_function_and_calls_it(monkeypatch, tmp_path
     fake = types.ModuleType("compiled_step.cli.graphs")
     monkeypatch.setitem(sys.modules, "compiled_step.cli.graphs", fake)
     lines = []
-    assert demo.dump_graphs(tmp_path, object(), log=lines.append) is None
+    assert demo_outputs.dump_graphs(tmp_path, object(), log=lines.append) is None
     assert "no dump_run_graphs" in lines[0]
     calls = []
     def fake_dump(out_dir, fused):
@@ -328,7 +331,7 @@ def test_dump_graphs_reports_missing_function_and_calls_it(monkeypatch, tmp_path
 
     fake.dump_run_graphs = fake_dump
     sentinel = object()
-    assert demo.dump_graphs(tmp_path, sentinel, log=lines.append) == [tmp_path / "graphs" / "a.txt"]
+    assert demo_outputs.dump_graphs(tmp_path, sentinel, log=lines.append) == [tmp_path / "graphs" / "a.txt"]
     assert calls == [(tmp_path, sentinel)]
 
 
@@ -456,14 +459,14 @@ def test_demo_detects_a_wrong_update(tmp_path, monkeypatch, capsys):
     tolerance (1% would give 1.6e-3, too close to the bound for a robust test). The demo must
     say DISAGREE and exit with 1.
     """
-    real = demo._make_fused_step
+    real = demo_training._make_fused_step
 
     def wrong_lr(optimizer, cfg, **kw):
         for g in optimizer.param_groups:
             g["lr"] *= 1.02
         return real(optimizer, cfg, **kw)
 
-    monkeypatch.setattr(demo, "_make_fused_step", wrong_lr)
+    monkeypatch.setattr(demo_training, "_make_fused_step", wrong_lr)
     out = tmp_path / "run"
     rc = demo.main(["--model", "tiny", "--steps", "10", "--no-compile", "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out

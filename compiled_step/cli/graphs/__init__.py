@@ -71,8 +71,8 @@ small; FusedStep's default is 16) making exactly one full bucket, and the 3 smal
 Output is deterministic: no addresses, timestamps, hashes, cache paths or line numbers; running the
 command twice gives identical files. Nothing in the files depends on the CPU (they came out identical
 with 1 and 2 threads): Inductor's generated C++ does (vector ISA, thread count) and is left out.
-``tests/test_graphs.py`` regenerates every file and compares (``EXPECTTEST_ACCEPT=1`` rewrites them), so any change to a graph shows up as a
-reviewed diff.
+``tests/test_graphs.py`` regenerates every file and compares (``EXPECTTEST_ACCEPT=1`` rewrites them),
+so any change to a graph shows up as a reviewed diff.
 
 ``dump_run_graphs(out_dir, fused)`` writes the same kind of file for an existing FusedStep (the
 demo calls it), by re-running the capture on synthetic tensors that select the run's graphs (its
