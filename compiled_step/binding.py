@@ -25,7 +25,7 @@ from itertools import repeat
 import torch
 
 from compiled_step import collectives
-from compiled_step.planning import ALIASED, Plan, is_dtensor, local_tensor
+from compiled_step.planning import Plan, is_dtensor, local_tensor
 from compiled_step.storage import GroupBuffers, StepBuffers
 
 _GRAD = operator.attrgetter("grad")
@@ -242,13 +242,14 @@ class Binder:
         self.state_obj = None  # re-install at the next step
 
     def _write_counts(self, slots: list[int], values: list) -> None:
+        """Write per-slot counts (None: 0; numbers; step tensors wherever they live) without a host sync."""
         counts = self.buffers.counts_home  # the counts themselves, or their host copy when offloading
         device = counts.device
         values = [torch.zeros((), dtype=torch.float32) if v is None else
-                  (v.detach().reshape(()).to(torch.float32) if isinstance(v, torch.Tensor)
+                  (local_tensor(v.detach()).reshape(()).to(torch.float32) if isinstance(v, torch.Tensor)
                    else torch.tensor(float(v), dtype=torch.float32)) for v in values]
-        values = [local_tensor(v).to(device) for v in values]
-        counts.index_copy_(0, torch.tensor(slots, device=device), torch.stack(values))
+        index = torch.tensor(slots).to(device, non_blocking=True)
+        counts.index_copy_(0, index, torch.stack([v.to(device, non_blocking=True) for v in values]))
 
     # ---------------------------------------------------------------- hyperparameters
 
