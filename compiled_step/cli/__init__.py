@@ -2,12 +2,12 @@
 
 Apart from the core: ``import compiled_step`` never imports this package, and nothing here reaches
 into FusedStep's private attributes or patches the core's modules; the commands use FusedStep's
-public API (``plan``, ``program``, ``config``, ``backend=``) only.
+public API (``step``, ``zero_grad``, ``plan``, ``program``, ``config``, ``rule``, ``backend=``) only.
 
 * ``main``: picks the subcommand and imports only its package.
-* ``demo``: trains the built-in LM with FusedStep next to the eager reference.
-* ``bench``: FusedStep against the ``clip_grad_norm_`` + ``torch.optim`` anchors.
-* ``graphs``: the reference configurations' compiled graphs, as the reviewed text in ``graphs/``.
+* ``demo/``: trains the built-in LM with FusedStep next to the eager reference.
+* ``bench/``: FusedStep against the ``clip_grad_norm_`` + ``torch.optim`` anchors.
+* ``graphs/``: the reference configurations' compiled graphs, as the reviewed text in ``graphs/``.
 * ``models``, ``layouts``: the demo's model and data, the bench's parameter layouts.
 * ``progress``, ``extras``: the progress bar, and the check for the ``cli`` extra (matplotlib, tqdm).
 """

@@ -12,6 +12,7 @@ from compiled_step.cli.graphs.recording import CaptureSession, CompiledGraph, In
 
 
 def phase(function: str) -> str:
+    """Where a compiled function sits in the step: Phase A, finish or Phase B."""
     if function.startswith("norm.partials."):
         return "Phase A"
     if function.startswith("norm.finish."):
@@ -46,6 +47,7 @@ def summary_numbers(cap: Capture) -> str:
 
 
 def schedule_lines(cap: Capture) -> list[str]:
+    """Step 1's calls in order, numbered, consecutive identical calls folded: where the collectives sit."""
     rows: list[tuple[str, str]] = []
     for event in cap.events:
         if event.kind == "compiled":
