@@ -202,8 +202,12 @@ def _run_two_steps(fused, optimizer: torch.optim.Optimizer, setup: Setup, sess: 
     import torch._dynamo.config as dynamo_config
 
     def set_grads(step):
+        # Into the grad buffers the first step installed, as autograd does after fused.zero_grad().
         for p, g in zip(setup.params, setup.grads(step)):
-            p.grad = g
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
 
     counters = torch._dynamo.utils.counters
     breaks_before = sum(counters["graph_break"].values())
