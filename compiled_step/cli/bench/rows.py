@@ -250,6 +250,15 @@ def _measure_one_step(row: RowResult, methods: list[Method], ref_grads: list[tor
         restore_grads(m, ref_grads)
         ops = count_step_ops(m.step, device)
         res.aten_ops, res.kernel_launches, res.graph_launches = ops.aten_ops, ops.kernel_launches, ops.graph_launches
+        program = getattr(getattr(m.step, "__self__", None), "program", None)  # FusedStep's prepared calls
+        if program is not None:
+            kinds = {}
+            for call in program.calls:
+                kinds[call.kind] = kinds.get(call.kind, 0) + 1
+            row.notes.append(f"{m.name}: {len(program.calls)} calls per step ("
+                             + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + "), each a whole sharding "
+                             "group or bucket: on the CPU the compiled ones run Inductor's C++ kernels directly, on "
+                             "CUDA they are replayed as CUDA graphs (kernel launches in the table)")
 
 
 def _launches_text(res: MethodResult) -> str:
