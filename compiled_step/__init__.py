@@ -1,7 +1,7 @@
 """compiled_step: one torch.compile'd optimizer step (norm, clip, scaling and update fused).
 
-``FusedStep`` replaces ``clip_grad_norm_`` + ``optimizer.step()``; the seed's functions (NeMo
-Automodel ``components.training.utils``) are available under the same names.
+``FusedStep`` replaces ``clip_grad_norm_`` + ``optimizer.step()``; NeMo Automodel's functions
+(``components.training.utils``) are available under the same names.
 """
 
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN, mark_experts
@@ -34,14 +34,14 @@ __all__ = [
     "_clip_grad_norm_impl",
     "scale_grads_and_clip_grad_norm",
     "_TE_EXPERT_PARAM_PATTERN",
-    # the seed's lifecycle helpers
+    # NeMo Automodel's lifecycle helpers
     "prepare_for_grad_accumulation",
     "prepare_for_final_backward",
     "prepare_after_first_microbatch",
     "ScopedModuleOffloading",
     "move_to_device",
     "count_tail_padding",
-    # beyond the seed
+    # beyond NeMo Automodel's API
     "count_tail_padding_tensor",
     "GradAccumulation",
     "accumulate",

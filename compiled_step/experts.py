@@ -1,4 +1,4 @@
-"""Expert (MoE) params and the seed's PP/EP gradient scale factors.
+"""Expert (MoE) params and NeMo Automodel's PP/EP gradient scale factors.
 
 Expert params are recognised three ways:
 
@@ -15,7 +15,7 @@ import re
 
 import torch
 
-# The seed's pattern, widened to MoE blocks named ``moe`` as well as ``mlp``. Matches e.g.
+# NeMo Automodel's pattern, widened to MoE blocks named ``moe`` as well as ``mlp``. Matches e.g.
 # ``model.layers.3.mlp.experts.gate_up_linear.weight0`` and ``layers.0.moe.experts.down_linear.bias7``.
 _TE_EXPERT_PARAM_PATTERN = re.compile(r"(^|\.)(mlp|moe)\.experts\.(gate_up_linear|down_linear)\.(weight|bias)\d+")
 
@@ -53,7 +53,7 @@ def param_names(model_parts) -> dict[int, str]:
 
 
 def check_replication_factor(expert_tp_replication_factor) -> int:
-    """The seed's contract: an int >= 1 (a bool is not an int here)."""
+    """NeMo Automodel's contract: an int >= 1 (a bool is not an int here)."""
     if isinstance(expert_tp_replication_factor, bool) or not isinstance(expert_tp_replication_factor, int):
         raise TypeError(
             f"expert_tp_replication_factor must be an integer, got {type(expert_tp_replication_factor).__name__}"
@@ -67,7 +67,7 @@ def pp_divisor(pp_enabled: bool, num_label_tokens, dp_group_size):
     """``num_label_tokens / dp_group_size`` when PP is on and both are given, else None.
 
     ``num_label_tokens`` may be a 0-d tensor (counted on the device, never read on the host); a zero
-    count then leaves the grads unscaled, as the seed does for a zero Python count.
+    count then leaves the grads unscaled, as NeMo Automodel does for a zero Python count.
     """
     if not pp_enabled or num_label_tokens is None or dp_group_size is None or dp_group_size == 0:
         return None

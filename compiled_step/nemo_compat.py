@@ -189,7 +189,7 @@ def _pp(pp_enabled: bool, device_mesh, pp_axis_name):
     if pp_axis_name is None:
         raise ValueError("pp_axis_name must be provided when pp_enabled is True")
     if device_mesh is None:
-        return None  # the seed tolerates this: no PP reduction without a mesh
+        return None  # NeMo Automodel tolerates this: no PP reduction without a mesh
     return collectives.process_group_of(device_mesh, pp_axis_name)
 
 
@@ -210,7 +210,7 @@ def clip_grad_norm(
     moe_mesh=None,
     ep_axis_name: str | None = None,
 ) -> torch.Tensor | float:
-    """Common gradient clipping helper (the seed's), for every parallelism.
+    """Common gradient clipping helper (NeMo Automodel's), for every parallelism.
 
     Groups params by sharding pattern, reduces each group's partial norm over the mesh dims where it
     is sharded (one collective per process group), over EP for expert params when ``moe_mesh`` and
@@ -251,7 +251,7 @@ def scale_grads_and_clip_grad_norm(
     expert_tp_replication_factor: int = 1,
     use_torch_clip_grad_norm: bool = False,
 ) -> torch.Tensor | float:
-    """Scale grads for PP/EP and clip, in one multiply per grad (the seed makes a separate ``div_`` pass).
+    """Scale grads for PP/EP and clip, in one multiply per grad (NeMo Automodel makes a separate ``div_`` pass).
 
     - PP scaling: with ``pp_enabled`` and both given, all grads are divided by
       ``num_label_tokens / dp_group_size``.

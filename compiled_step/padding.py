@@ -1,6 +1,6 @@
 """Counting tail padding in label tensors.
 
-``count_tail_padding`` has the seed's name, signature and result (a Python ``int``); it
+``count_tail_padding`` has NeMo Automodel's name, signature and result (a Python ``int``); it
 syncs with the host because it returns an ``int``. ``count_tail_padding_tensor`` is the
 same count as a 0-d tensor on the labels' device, with no host sync and no
 data-dependent Python branch, so it can run inside a compiled region or be accumulated
@@ -50,7 +50,7 @@ def count_tail_padding_tensor(labels: torch.Tensor, ignore_label: int = -100) ->
 
 @torch.no_grad()
 def count_tail_padding(labels: torch.Tensor, ignore_label: int = -100) -> int:
-    """Count the padding tokens at the tail of each row of ``labels`` (the seed's function).
+    """Count the padding tokens at the tail of each row of ``labels`` (NeMo Automodel's function).
 
     Example::
 

@@ -93,15 +93,15 @@ def test_driver_drives_flag_and_reset_after_step():
 
 def test_seed_prepare_after_first_microbatch_uses_default_flag():
     flag = default_first_microbatch_flag()
-    prepare_for_grad_accumulation([nn.Linear(2, 2)])  # the seed sets the flag True here
+    prepare_for_grad_accumulation([nn.Linear(2, 2)])  # NeMo Automodel sets the flag True here
     assert flag.value is True
     prepare_after_first_microbatch()
     assert flag.value is False
-    prepare_after_first_microbatch()  # idempotent within a step, as in the seed
+    prepare_after_first_microbatch()  # idempotent within a step, as in NeMo Automodel
     assert flag.value is False
     flag.reset()
     with pytest.raises(RuntimeError):
-        prepare_after_first_microbatch()  # deviation from the seed: no False outside a step
+        prepare_after_first_microbatch()  # deviation from NeMo Automodel: no False outside a step
 
 
 class _TELike(nn.Module):

@@ -300,7 +300,7 @@ def test_first_microbatch_default_flag_is_the_seeds_and_step_resets_it():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fused = FusedStep(opt, model_parts=[model], compile=False, bucket_size=BUCKET, pack_threshold=PACK)
     assert fused.first_microbatch is default_first_microbatch_flag()
-    with feed_first_microbatch_flag([model]):  # the default flag, as TE users of the seed have it
+    with feed_first_microbatch_flag([model]):  # the default flag, as TE users of NeMo Automodel have it
         seen = _flag_run(fused, model, steps=1)
     assert seen == [True, False, False, False, None]
     assert model.te.calls == [True, False, False, None]

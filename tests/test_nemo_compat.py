@@ -1,4 +1,4 @@
-"""The seed's functional API, single process, against torch's clip_grad_norm_ and hand-computed scales.
+"""NeMo Automodel's functional API, single process, against torch's clip_grad_norm_ and hand-computed scales.
 
 Tolerance: the norm is fp64 here and fp32 in torch, so norms agree to ~1e-7 relative (rtol=1e-6), and
 clipped grads to one fp32 rounding of the coefficient (rtol=1e-6).
@@ -49,7 +49,7 @@ def test_clip_grad_norm_on_model_parts_and_none():
 
 
 def test_scale_grads_pp_and_ep_single_pass():
-    # PP on (without a mesh the norm is not reduced, as in the seed), 12 tokens over dp=3 -> divide by 4.
+    # PP on (without a mesh the norm is not reduced, as in NeMo Automodel), 12 tokens over dp=3 -> divide by 4.
     model = torch.nn.ModuleDict({
         "dense": torch.nn.Linear(3, 3),
         "moe": mark_experts(torch.nn.Linear(3, 3)),

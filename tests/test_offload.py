@@ -93,7 +93,7 @@ def test_disabled_is_a_no_op(monkeypatch):
     monkeypatch.setattr(offload, "move_to_device", recorder)
     model = _model_with_grads()
     before = _snapshot_bytes(model)
-    with ScopedModuleOffloading(model):  # enabled defaults to False, as in the seed
+    with ScopedModuleOffloading(model):  # enabled defaults to False, as in NeMo Automodel
         pass
     with pytest.raises(KeyError):
         with ScopedModuleOffloading(model, enabled=False):
@@ -186,7 +186,7 @@ def test_release_device_cache_empties_only_available_accelerators(monkeypatch):
 
 
 def test_cpu_only_move_does_not_touch_cuda_cache(monkeypatch):
-    # The seed calls torch.cuda.empty_cache unconditionally; a CPU-only move here must not.
+    # NeMo Automodel calls torch.cuda.empty_cache unconditionally; a CPU-only move here must not.
     spy = _CacheSpy()
     monkeypatch.setattr(torch.cuda, "empty_cache", spy)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

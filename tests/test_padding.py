@@ -32,7 +32,7 @@ def test_seed_docstring_example_gives_five():
     )
     result = count_tail_padding(labels)
     assert result == 5
-    # The seed returns a Python int, not a tensor or a float.
+    # NeMo Automodel returns a Python int, not a tensor or a float.
     assert type(result) is int
     # There are 8 ignore labels in total; only the tail ones count.
     assert int((labels == -100).sum()) == 8

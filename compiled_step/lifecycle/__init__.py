@@ -1,10 +1,10 @@
 """What happens around the optimizer step: FSDP2 accumulation, FP8 flags and scales, offloading.
 
-* :mod:`.fsdp` -- the seed's ``prepare_for_grad_accumulation`` / ``prepare_for_final_backward``
+* :mod:`.fsdp` -- NeMo Automodel's ``prepare_for_grad_accumulation`` / ``prepare_for_final_backward``
   and the exception-safe :class:`GradAccumulation` driver (``accumulate(...)``).
-* :mod:`.fp8` -- TransformerEngine's first-microbatch flag (``FirstMicrobatchFlag``, the seed's
+* :mod:`.fp8` -- TransformerEngine's first-microbatch flag (``FirstMicrobatchFlag``, NeMo Automodel's
   ``prepare_after_first_microbatch``) and torchao-compatible dynamic FP8 weight scales.
-* :mod:`.offload` -- the seed's ``ScopedModuleOffloading`` and ``move_to_device``, device-generic.
+* :mod:`.offload` -- NeMo Automodel's ``ScopedModuleOffloading`` and ``move_to_device``, device-generic.
 
 Importing this package has no side effects (no torchao import, no process group, no settings).
 """

@@ -12,13 +12,13 @@ lifecycle of a :class:`FirstMicrobatchFlag`:
 * ``after_first_microbatch()``: call after the first microbatch's backward; ``False``.
 * ``reset()``: call after the optimizer step; ``None``.
 
-The seed never resets its flag, so a forward between two steps (evaluation, say) is told
+NeMo Automodel never resets its flag, so a forward between two steps (evaluation, say) is told
 ``False`` and reuses FP8 weights quantized *before* the update. ``reset()`` closes that hole.
 ``after_first_microbatch()`` refuses to run while the flag is ``None`` (no step begun),
 since ``False`` there would ask TE to reuse a cache no microbatch of this step filled.
 
-The seed's ``prepare_after_first_microbatch()`` acts on a module-level default flag
-(:func:`default_first_microbatch_flag`), which the seed's
+NeMo Automodel's ``prepare_after_first_microbatch()`` acts on a module-level default flag
+(:func:`default_first_microbatch_flag`), which NeMo Automodel's
 ``prepare_for_grad_accumulation`` (in :mod:`compiled_step.lifecycle.fsdp`) sets to True.
 :func:`feed_first_microbatch_flag` passes a flag's value to every module whose ``forward``
 takes an ``is_first_microbatch`` argument, through removable forward-pre-hooks.
@@ -127,22 +127,22 @@ class FirstMicrobatchFlag:
         return f"FirstMicrobatchFlag(value={self._value!r})"
 
 
-# Module-level default flag that the seed-named functions drive, like the seed's global
+# Module-level default flag that the NeMo-named functions drive, like NeMo Automodel's global
 # IS_FIRST_MICROBATCH. Creating an object is not an import-time side effect on anything else.
 _DEFAULT_FLAG = FirstMicrobatchFlag()
 
 
 def default_first_microbatch_flag() -> FirstMicrobatchFlag:
-    """The flag driven by the seed-named functions and fed by default to TE modules."""
+    """The flag driven by the NeMo-named functions and fed by default to TE modules."""
     return _DEFAULT_FLAG
 
 
 def prepare_after_first_microbatch() -> None:
-    """Disable the first-microbatch flag after the first forward-backward pass (the seed's function).
+    """Disable the first-microbatch flag after the first forward-backward pass (NeMo Automodel's function).
 
     Call after the first microbatch of a gradient-accumulation step, so later microbatches
     reuse the FP8 weights cached by the first instead of re-quantizing. Acts on
-    :func:`default_first_microbatch_flag`. Unlike the seed, raises ``RuntimeError`` when
+    :func:`default_first_microbatch_flag`. Unlike NeMo Automodel, raises ``RuntimeError`` when
     no step has begun (see :meth:`FirstMicrobatchFlag.after_first_microbatch`).
     """
     _DEFAULT_FLAG.after_first_microbatch()

@@ -14,9 +14,9 @@ read when a backward finishes:
 
 Two ways to drive them:
 
-* The seed's functions, same names and signatures: :func:`prepare_for_grad_accumulation`
+* NeMo Automodel's functions, same names and signatures: :func:`prepare_for_grad_accumulation`
   (call once before the first microbatch) and :func:`prepare_for_final_backward` (call
-  before the last microbatch's forward-backward). Unlike the seed, which only acts on model
+  before the last microbatch's forward-backward). Unlike NeMo Automodel, which only acts on model
   parts carrying its FSDP mixin, these act on every ``FSDPModule`` found by walking
   ``model_parts`` with ``.modules()``.
 * :class:`GradAccumulation` (or :func:`accumulate`), an exception-safe driver::
@@ -33,9 +33,9 @@ Two ways to drive them:
   as it found it -- also when an exception escapes. See the class docstring for the rest.
 
 With ``pp_enabled=True`` none of this touches FSDP: a pipeline schedule runs the backward
-and drives the same switches itself, as in the seed.
+and drives the same switches itself, as in NeMo Automodel.
 
-Not reproduced from the seed: its global ``IS_OPTIM_STEP`` flag (set False/True by the two
+Not reproduced from NeMo Automodel: its global ``IS_OPTIM_STEP`` flag (set False/True by the two
 functions), which only its own pipeline-parallel backward patch reads.
 """
 
@@ -65,7 +65,7 @@ __all__ = [
 
 
 def _as_parts(model_parts: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
-    """Validate ``model_parts``: one module or an iterable of modules (a list, as in the seed)."""
+    """Validate ``model_parts``: one module or an iterable of modules (a list, as in NeMo Automodel)."""
     if isinstance(model_parts, nn.Module):
         return [model_parts]
     if isinstance(model_parts, (str, bytes)) or not isinstance(model_parts, Iterable):
@@ -105,7 +105,7 @@ def _set_sync_flags(modules: Sequence[FSDPModule], enabled: bool) -> None:
 
 
 def prepare_for_grad_accumulation(model_parts: list[nn.Module], pp_enabled: bool = False) -> None:
-    """Prepare model parts before starting gradient accumulation (the seed's function).
+    """Prepare model parts before starting gradient accumulation (NeMo Automodel's function).
 
     Call once, before the first microbatch's forward. Sets the default first-microbatch
     flag (:func:`compiled_step.lifecycle.fp8.default_first_microbatch_flag`) to True, as the
@@ -127,7 +127,7 @@ def prepare_for_grad_accumulation(model_parts: list[nn.Module], pp_enabled: bool
 
 
 def prepare_for_final_backward(model_parts: list[nn.Module], pp_enabled: bool = False) -> None:
-    """Prepare model parts before the final backward pass (the seed's function).
+    """Prepare model parts before the final backward pass (NeMo Automodel's function).
 
     Call before the last microbatch's forward-backward. Unless ``pp_enabled``, switches
     every FSDP2 module under ``model_parts`` back on: this backward reduce-scatters the

@@ -1,6 +1,6 @@
-"""Moving a module between host memory and an accelerator (the seed's offloading helpers).
+"""Moving a module between host memory and an accelerator (NeMo Automodel's offloading helpers).
 
-Reading of the seed (NeMo Automodel ``training.utils``): ``move_to_device`` moves a
+Reading of NeMo Automodel's ``training.utils``: ``move_to_device`` moves a
 model's buffers and parameters to ``device``, then runs the garbage collector and empties
 the CUDA caching allocator so that the memory just vacated is given back.
 ``ScopedModuleOffloading(model, enabled)`` keeps a module parked on the CPU and brings it
@@ -10,9 +10,9 @@ never swallows the exception. With ``enabled=False`` it does nothing at all (the
 stays wherever it is). A typical use is a frozen reference or teacher model that only
 needs accelerator memory for one forward pass per step.
 
-Differences from the seed, all additive:
+Differences from NeMo Automodel, all additive:
 
-* Device-generic. The seed hard-codes ``"cuda"``; here the accelerator defaults to
+* Device-generic. NeMo Automodel hard-codes ``"cuda"``; here the accelerator defaults to
   ``torch.accelerator.current_accelerator()`` and can be named with ``device=``. The cache
   emptied is that of every non-CPU device type the move touched (source or target), through
   ``torch.<type>.empty_cache`` (``torch.cuda``, ``torch.xpu``, ``torch.mps``...), and only
@@ -82,7 +82,7 @@ def release_device_cache(device_types: Iterable[str]) -> None:
 def move_to_device(model: nn.Module, device: torch.device | str | int) -> None:
     """Move ``model``'s buffers and parameters to ``device`` and release stale device cache.
 
-    Buffers are moved first by rebinding ``buffer.data``, as the seed does (its reason:
+    Buffers are moved first by rebinding ``buffer.data``, as NeMo Automodel does (its reason:
     FSDP-wrapped modules may not move buffers for you); rebinding also keeps the buffer
     tensor objects, which other code may hold, valid. Then ``model.to(device)`` moves
     parameters (and their grads). Finally :func:`release_device_cache` empties the cache of every
@@ -120,12 +120,12 @@ class ScopedModuleOffloading:
 
     Args:
         model: the module to move.
-        enabled: when False (the default, as in the seed) entering and leaving do nothing.
-        device: where to run the body (keyword-only, not in the seed). Defaults to the
-            current accelerator (``torch.accelerator.current_accelerator()``); the seed's
+        enabled: when False (the default, as in NeMo Automodel) entering and leaving do nothing.
+        device: where to run the body (keyword-only, not in NeMo Automodel). Defaults to the
+            current accelerator (``torch.accelerator.current_accelerator()``); NeMo Automodel's
             behaviour is ``device="cuda"``.
         offload_device: where the module is parked outside the block (keyword-only).
-            Defaults to ``"cpu"``, as in the seed.
+            Defaults to ``"cpu"``, as in NeMo Automodel.
 
     Raises:
         TypeError / ValueError: bad ``model``, ``enabled``, ``device`` or ``offload_device``.

@@ -2,7 +2,7 @@
 
 Inside the ranks (``worker``): each scenario builds params (DTensors from ``fully_shard`` /
 ``distribute_tensor``, or plain per-rank tensors), gives them grads, runs ``FusedStep`` (and the
-seed's functional API when ``compiled_step.nemo_compat`` exists) and records *materialised* data:
+NeMo Automodel's functional API when ``compiled_step.nemo_compat`` exists) and records *materialised* data:
 every grad and param as a full tensor (``DTensor.full_tensor()``; plain per-rank tensors as they
 are, each under a global key, e.g. ``name@ep1`` for the experts of EP rank 1), the returned norms
 and every ``torch.distributed`` collective issued inside ``step()``.
@@ -594,7 +594,7 @@ def check_collectives(world: list[dict], name: str) -> None:
 
 
 def check_functional(world: list[dict], name: str, fn_name: str) -> None:
-    """The seed's functional API on the same scenario: the returned norm equals the reference, and
+    """NeMo Automodel's functional API on the same scenario: the returned norm equals the reference, and
     the grads were clipped in place: g_after = g_before x scale x min(1, max / (norm + 1e-6))."""
     sc = scenario(name)
     recs = records(world, f"{name}/{fn_name}")
@@ -604,7 +604,7 @@ def check_functional(world: list[dict], name: str, fn_name: str) -> None:
     after = merge([r["after"] for r in recs], "grads after")
     scales = merged_scales(records(world, name)) if fn_name == "scale_grads_and_clip_grad_norm" else {}
     what = f"{name}/{fn_name}"
-    if sc.max_grad_norm is None:  # the seed returns 0.0 and only scales the grads
+    if sc.max_grad_norm is None:  # NeMo Automodel returns 0.0 and only scales the grads
         for rank, r in enumerate(recs):
             assert float(r["norm"]) == 0.0, f"{what}: rank {rank} returned {r['norm']} without max_grad_norm"
         coef = 1.0

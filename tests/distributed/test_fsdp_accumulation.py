@@ -224,7 +224,7 @@ def _scenario_driver_parity(rank, mesh, reference):
 
 
 def _scenario_seed_functions(rank, mesh, reference):
-    """The seed's free functions on a plain fully_shard model, NeMo-loop style."""
+    """NeMo Automodel's free functions on a plain fully_shard model, NeMo-loop style."""
     model = _shard(_make_model(), mesh)
     opt = _optimizer(model)
     out = {"flags_after_prepare": None, "flags_after_final": None, "rs_per_microbatch": [], "param_err": []}
@@ -485,7 +485,7 @@ def test_seed_functions_on_plain_fully_shard_model(results):
         assert len(off) == N_GROUPS
         assert res["rs_per_microbatch"] == ([0] * (K - 1) + [N_GROUPS]) * STEPS, rank
         assert all(bad == 0 for _, bad in res["param_err"]), (rank, res["param_err"], RTOL, ATOL)
-        # The seed's global first-microbatch flag: True on the first microbatch, then False.
+        # NeMo Automodel's global first-microbatch flag: True on the first microbatch, then False.
         assert res["fp8_flag_values"] == ([True] + [False] * (K - 1)) * STEPS, rank
 
 

@@ -1,4 +1,4 @@
-"""PP / EP gradient scaling (the seed's ``scale_grads_and_clip_grad_norm`` semantics) against
+"""PP / EP gradient scaling (NeMo Automodel's ``scale_grads_and_clip_grad_norm`` semantics) against
 hand-computed values, on real gloo processes (world 4; the scenarios are in ``_workers_scaling``).
 
 * PP: with ``pp_axis_name`` given and both ``num_label_tokens`` and ``dp_group_size``, every grad is
@@ -141,7 +141,7 @@ def test_generic_reference_and_collectives(world, name):
 
 @pytest.mark.parametrize("name", _FUNCTIONAL)
 def test_functional_scale_grads_and_clip_grad_norm(world, name):
-    """The seed's function: grads scaled (and clipped) in place to c x scale x coef by hand; the
+    """NeMo Automodel's function: grads scaled (and clipped) in place to c x scale x coef by hand; the
     norm by hand, or 0.0 without max_grad_norm."""
     if not world[0]["__functional_api__"]:
         pytest.skip("compiled_step.nemo_compat is not there yet")

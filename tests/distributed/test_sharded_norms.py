@@ -8,7 +8,7 @@ one 2-D mesh, many separate meshes, Partial grads, empty local shards, uneven pa
 grads on some ranks only, norm types 2, 1, inf and 3, and 1e30 / 1e-30 magnitudes.
 
 Each scenario runs FusedStep(compile=False, bucket_size=4) for two steps (SGD with momentum, or
-AdamW) and, once ``compiled_step.nemo_compat`` exists, the seed's functional API on a fresh copy.
+AdamW) and, once ``compiled_step.nemo_compat`` exists, NeMo Automodel's functional API on a fresh copy.
 The reference is torch only: every grad materialised (``full_tensor()`` / gathered from the ranks),
 concatenated, ``torch.linalg.vector_norm``; then an eager ``torch.optim`` step on the full tensors
 after clipping by that norm. Tolerances and their reasons are stated in ``_workers_common``.

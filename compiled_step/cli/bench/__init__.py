@@ -53,7 +53,7 @@ What is measured, and how:
 
 Anchors: (A) ``clip_grad_norm_(foreach=True)`` + ``optimizer(foreach=True)``; (B) the same clip +
 ``optimizer(fused=True)``; (C) eager ``clip_grad_norm_`` + a ``torch.compile``d ``optimizer.step()``
-with a tensor lr (PyTorch's compiled-optimizer recipe); (D) the seed's eager path: ``g.div_(s)`` on
+with a tensor lr (PyTorch's compiled-optimizer recipe); (D) NeMo Automodel's eager path: ``g.div_(s)`` on
 every grad, a norm per param group, clip, ``optimizer.step()`` (foreach).
 """
 

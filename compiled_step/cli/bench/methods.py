@@ -21,11 +21,11 @@ METHOD_DESCRIPTIONS = {
     "B": "clip_grad_norm_(foreach=True) + optimizer(fused=True)",
     "C": "clip_grad_norm_(foreach=True) + torch.compile'd optimizer.step() with a tensor lr "
          "(PyTorch's compiled-optimizer recipe)",
-    "D": "the seed's eager path: g.div_(s) on every grad, a norm per param group, clip, optimizer.step() (foreach)",
+    "D": "NeMo Automodel's eager path: g.div_(s) on every grad, a norm per param group, clip, optimizer.step() (foreach)",
     "fused": "FusedStep.step(): norm + clip + update in one compiled step",
 }
 MAX_GRAD_NORM = 1.0
-# The seed divides grads by num_label_tokens / dp_group_size before clipping; any s != 1 costs the same
+# NeMo Automodel divides grads by num_label_tokens / dp_group_size before clipping; any s != 1 costs the same
 # full read+write pass, which is the point of anchor D.
 SEED_SCALE = 2.0
 ADAMW_HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
@@ -91,11 +91,11 @@ def _seed_style_step(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> 
     group_grads = [[p.grad for p in g["params"] if p.grad is not None] for g in opt.param_groups]
 
     def step() -> torch.Tensor:
-        # Separate scale pass, one kernel per grad, as the seed's scale_grads_and_clip_grad_norm does.
+        # Separate scale pass, one kernel per grad, as NeMo Automodel's scale_grads_and_clip_grad_norm does.
         for grads in group_grads:
             for g in grads:
                 g.div_(SEED_SCALE)
-        # One norm per group (the seed's sharding groups), then the total over groups.
+        # One norm per group (NeMo Automodel's sharding groups), then the total over groups.
         partial = [torch.nn.utils.get_total_norm(gs, 2.0, foreach=True) for gs in group_grads]
         total = torch.nn.utils.get_total_norm(partial, 2.0, foreach=True)
         torch.nn.utils.clip_grads_with_norm_(params, MAX_GRAD_NORM, total, foreach=True)

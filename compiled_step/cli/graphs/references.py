@@ -105,7 +105,7 @@ class _Experts(torch.nn.Module):
 
 
 def ep_experts_layout(dtype: torch.dtype) -> Setup:
-    """Expert params: DTensors ``Shard(0)`` on the MoE mesh's ``ep`` axis, with the seed's EP and PP
+    """Expert params: DTensors ``Shard(0)`` on the MoE mesh's ``ep`` axis, with NeMo Automodel's EP and PP
     scaling (``num_label_tokens``/``dp_group_size``) and a pipeline axis reduced over last."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
