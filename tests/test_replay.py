@@ -51,6 +51,16 @@ def _eager_step(ref, ref_opt):
     return norm
 
 
+def _step_both(model, fused, ref, ref_opt, step):
+    """One training step of the same batch on both sides, grads zeroed the usual way on each."""
+    _loss(model, step).backward()
+    _loss(ref, step).backward()
+    fused.step()
+    _eager_step(ref, ref_opt)
+    fused.zero_grad()
+    ref_opt.zero_grad()
+
+
 def _assert_models_close(a, b, tol=TOL):
     for (name, x), y in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(x.detach(), y.detach(), **tol, msg=lambda m: f"{name}: {m}")
@@ -165,23 +175,13 @@ def test_skipped_steps_in_a_replayed_run_leave_everything_bit_identical():
 def test_load_state_dict_mid_run_is_adopted():
     model, fused, ref, ref_opt = _pair(amsgrad=True)
     for step in range(3):
-        _loss(model, step).backward()
-        _loss(ref, step).backward()
-        fused.step()
-        _eager_step(ref, ref_opt)
-        fused.zero_grad()
-        ref_opt.zero_grad()
+        _step_both(model, fused, ref, ref_opt, step)
     # Both load the reference's checkpoint (new tensors, CPU steps as torch keeps them).
     checkpoint = copy.deepcopy(ref_opt.state_dict())
     fused.optimizer.load_state_dict(checkpoint)
     ref_opt.load_state_dict(copy.deepcopy(checkpoint))
     for step in range(3, 6):
-        _loss(model, step).backward()
-        _loss(ref, step).backward()
-        fused.step()
-        _eager_step(ref, ref_opt)
-        fused.zero_grad()
-        ref_opt.zero_grad()
+        _step_both(model, fused, ref, ref_opt, step)
     _assert_models_close(model, ref)
     ours, theirs = fused.optimizer.state_dict()["state"], ref_opt.state_dict()["state"]
     for k in theirs:
@@ -198,12 +198,7 @@ def test_params_moved_by_the_user_are_moved_back_in():
             for p, q in zip(model.parameters(), ref.parameters()):
                 p.data = p.data.clone() * 0.5
                 q.data = q.data.clone() * 0.5
-        _loss(model, step).backward()
-        _loss(ref, step).backward()
-        fused.step()
-        _eager_step(ref, ref_opt)
-        fused.zero_grad()
-        ref_opt.zero_grad()
+        _step_both(model, fused, ref, ref_opt, step)
     _assert_models_close(model, ref)
 
 
@@ -211,12 +206,7 @@ def test_offload_optimizer_state_on_cpu_params_replays_correctly():
     model, fused, ref, ref_opt = _pair()
     fused.offload_optimizer_state = True
     for step in range(4):
-        _loss(model, step).backward()
-        _loss(ref, step).backward()
-        fused.step()
-        _eager_step(ref, ref_opt)
-        fused.zero_grad()
-        ref_opt.zero_grad()
+        _step_both(model, fused, ref, ref_opt, step)
     _assert_models_close(model, ref)
 
 

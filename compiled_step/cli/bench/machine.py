@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from compiled_step.cli import PACKAGE_PARENT
+from compiled_step.cli.devices import cpu_model, device_name
 
 
 def _last_level_cache_bytes(device: torch.device) -> int:
@@ -29,16 +30,6 @@ def _last_level_cache_bytes(device: torch.device) -> int:
         if digits.isdigit():
             best = max(best, int(digits) * mult)
     return best or 32 << 20
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _source_revision() -> str:
@@ -63,8 +54,8 @@ def machine_info(device: torch.device) -> dict:
         cores = os.cpu_count() or 0
     info = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": device_name(device),
+        "cpu_model": cpu_model(),
         "cpu_cores": cores,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -10,10 +10,11 @@ import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from compiled_step.cli.devices import device_name
 
 from compiled_step.cli.demo.config import DemoConfig, DemoOptionError, DemoResult, StepMetrics
 from compiled_step.cli.demo.summary import summarize
@@ -77,20 +78,6 @@ def _sync(device: torch.device) -> None:
     # CUDA kernels run asynchronously; without a sync a timer would measure the launch only.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "CPU"
 
 
 class _Distributed:
@@ -206,7 +193,7 @@ def _train(cfg: DemoConfig, device: torch.device, dist_ctx: _Distributed | None,
     if not is_main:
         return None
     result = DemoResult(config=cfg, metrics=metrics, n_params=n_params, loss_floor=loss_floor,
-                        device=str(device), world_size=world, device_name=_device_name(device))
+                        device=str(device), world_size=world, device_name=device_name(device))
     result.summary = summarize(result)
     result.fused_step = fused
     return result
@@ -230,7 +217,7 @@ def _announce(say: Callable[[str], None], cfg: DemoConfig, mcfg: Any, *, n_param
         f"demo: model={cfg.model} ({n_params / 1e6:.2f} M params, {mcfg.n_layers} layers, d_model={mcfg.d_model}, "
         f"vocab={mcfg.vocab_size}, seq_len={mcfg.seq_len}) optimizer={cfg.optimizer} lr={cfg.resolved_lr:g} "
         f"max_grad_norm={cfg.max_grad_norm if cfg.clipping else 'off'} norm_type={cfg.norm_type:g} "
-        f"batch={cfg.batch_size} steps={cfg.steps} device={device} ({_device_name(device)}) "
+        f"batch={cfg.batch_size} steps={cfg.steps} device={device} ({device_name(device)}) "
         f"FusedStep={'compiled' if cfg.compile else 'eager (--no-compile)'}"
         + (f" fsdp={world} ranks" if world is not None else "")
     )
