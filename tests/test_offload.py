@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from compiled_step.lifecycle import offload
 from compiled_step.lifecycle.offload import ScopedModuleOffloading, move_to_device, release_device_cache
 
 
@@ -66,32 +65,34 @@ def test_cpu_round_trip_is_bit_exact_for_params_buffers_and_grads():
 
 
 class _MoveRecorder:
-    """Stand-in for move_to_device that records targets instead of moving (fake device)."""
+    """Stands in for a model's own ``to`` (an instance attribute): records the target devices instead of
+    moving (a fake accelerator), so the library itself is observed through what it asks the model."""
 
-    def __init__(self, fail_on: str | None = None) -> None:
+    def __init__(self, model: nn.Module, fail_on: str | None = None) -> None:
         self.calls: list[str] = []
         self.fail_on = fail_on
+        self.model = model
+        model.to = self
 
-    def __call__(self, model: nn.Module, device) -> None:
+    def __call__(self, device, *args, **kwargs) -> nn.Module:
         self.calls.append(str(torch.device(device)))
         if self.fail_on is not None and str(torch.device(device)) == self.fail_on:
             raise RuntimeError(f"simulated failure moving to {device}")
+        return self.model
 
 
 def test_enabled_moves_to_accelerator_on_enter_and_back_on_exit(monkeypatch):
-    recorder = _MoveRecorder()
-    monkeypatch.setattr(offload, "move_to_device", recorder)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
     model = nn.Linear(2, 2)
+    recorder = _MoveRecorder(model)
     with ScopedModuleOffloading(model, enabled=True):  # seed signature: device from the accelerator
         assert recorder.calls == ["cuda"]
     assert recorder.calls == ["cuda", "cpu"]
 
 
-def test_disabled_is_a_no_op(monkeypatch):
-    recorder = _MoveRecorder()
-    monkeypatch.setattr(offload, "move_to_device", recorder)
+def test_disabled_is_a_no_op():
     model = _model_with_grads()
+    recorder = _MoveRecorder(model)
     before = _snapshot_bytes(model)
     with ScopedModuleOffloading(model):  # enabled defaults to False, as in NeMo Automodel
         pass
@@ -102,10 +103,9 @@ def test_disabled_is_a_no_op(monkeypatch):
     assert _snapshot_bytes(model) == before
 
 
-def test_body_exception_propagates_and_module_is_moved_back(monkeypatch):
-    recorder = _MoveRecorder()
-    monkeypatch.setattr(offload, "move_to_device", recorder)
+def test_body_exception_propagates_and_module_is_moved_back():
     model = nn.Linear(2, 2)
+    recorder = _MoveRecorder(model)
     marker = ValueError("from the body")
     with pytest.raises(ValueError) as info:
         with ScopedModuleOffloading(model, enabled=True, device="cuda:1"):
@@ -124,23 +124,23 @@ def test_body_exception_with_real_cpu_move_keeps_values():
     assert _snapshot_bytes(model) == before
 
 
-def test_failed_enter_moves_back_before_reraising(monkeypatch):
-    recorder = _MoveRecorder(fail_on="cuda:0")
-    monkeypatch.setattr(offload, "move_to_device", recorder)
+def test_failed_enter_moves_back_before_reraising():
+    model = nn.Linear(2, 2)
+    recorder = _MoveRecorder(model, fail_on="cuda:0")
     body_ran = False
     with pytest.raises(RuntimeError, match="simulated failure"):
-        with ScopedModuleOffloading(nn.Linear(2, 2), enabled=True, device="cuda:0"):
+        with ScopedModuleOffloading(model, enabled=True, device="cuda:0"):
             body_ran = True
     assert not body_ran
     assert recorder.calls == ["cuda:0", "cpu"]
 
 
 def test_enabled_without_accelerator_raises_before_moving(monkeypatch):
-    recorder = _MoveRecorder()
-    monkeypatch.setattr(offload, "move_to_device", recorder)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    model = nn.Linear(2, 2)
+    recorder = _MoveRecorder(model)
     with pytest.raises(RuntimeError, match="needs an accelerator"):
-        ScopedModuleOffloading(nn.Linear(2, 2), enabled=True)
+        ScopedModuleOffloading(model, enabled=True)
     assert recorder.calls == []
 
 
