@@ -97,9 +97,8 @@ class _Replayable:
 class _RecordingBackend:
     """Wraps a torch.compile backend so that the callables it returns record the calls they run."""
 
-    def __init__(self, backend, observer: Callable | None = None):
+    def __init__(self, backend):
         self.backend = backend
-        self.observer = observer
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         if isinstance(self.backend, str):
