@@ -136,6 +136,10 @@ class FusedStep:
                 f"({float(built.buffers.total)}); nothing was updated. Pass error_if_nonfinite=False to skip "
                 "such steps.")
         built.runner.run_update()
+        # The params changed in place through the buffers, which autograd cannot see: bump their version
+        # counters as torch.optim's in-place update does, so a graph that saved a param before the
+        # step raises in backward instead of using the new values.
+        torch.autograd.graph.increment_version(built.binder.params)
         if self.offload_optimizer_state:
             storage.offload_out(built.groups, built.buffers)
         self._fp8.store()
@@ -150,8 +154,10 @@ class FusedStep:
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the grads in place (default), so autograd and FSDP2 accumulate into the same buffers.
 
-        ``set_to_none=True`` is ``optimizer.zero_grad()``: the next backward allocates new grads,
-        which the next ``step()`` copies into its buffers (an extra read and write of every grad).
+        ``set_to_none=True`` is ``optimizer.zero_grad()``: grads become None. In the next backward,
+        a hook on each param points the grad back at its zeroed view of the buffers before autograd
+        writes it (see ``grad_restore.py``), so nothing is copied; FSDP2's sharded grads, which
+        FSDP2 assigns itself, are copied in by the next ``step()``.
         """
         built = self._built
         if set_to_none or built is None:
@@ -194,6 +200,12 @@ class FusedStep:
         """The token count of the last ``accumulate()`` block, which the next ``step()`` uses as its
         ``num_label_tokens`` (None once a step consumed it, or when no block ended normally)."""
         return self._accumulation.num_label_tokens if self._accumulation is not None else None
+
+    @property
+    def last_step_copied_grads(self) -> tuple[str, ...]:
+        """Names of the params whose grads the last ``step()`` copied into the grad buffers (grads that
+        were not FusedStep's views: assigned, re-pointed by DDP, or made by FSDP2). Empty when none."""
+        return tuple(name for name, _ in self._built.binder.copied) if self._built is not None else ()
 
     @property
     def plan(self) -> planning.Plan | None:
@@ -247,7 +259,10 @@ class FusedStep:
             pack_threshold=config.pack_threshold, flat_params=config.flat_params, fp8_ids=self._fp8.ids,
             own_storages=self._own_storages())
         _refuse_partial_params(plan)
+        _refuse_state_of_another_dtype(plan, opt.state)
         plan = self._agree(plan)
+        if self._built is not None:
+            self._built.binder.release()  # the old plan's grad hooks
         previous = [p.grad for p in plan.params]
         for p, g, name in zip(plan.params, previous, [n for gr in plan.groups for n in gr.names]):
             if g is not None:
@@ -287,7 +302,8 @@ class FusedStep:
     def _own_storages(self) -> frozenset[int]:
         if self._built is None:
             return frozenset()
-        return frozenset(gb.params.untyped_storage()._cdata for gb in self._built.groups)
+        # Aliased params have storages of their own over the flat buffers (storage.own_storage_alias).
+        return frozenset(gb.locals[i].untyped_storage()._cdata for gb in self._built.groups for i in gb.aliased)
 
     def _outputs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The total norm, finite flag and skip counter (``[1]`` tensors): kept across plan rebuilds.
@@ -323,13 +339,8 @@ class FusedStep:
             active_changed = built.binder.bind_grads()
         if built.binder.copied and not self._warned_copy:
             self._warned_copy = True
-            copied = built.binder.copied
-            warnings.warn(
-                f"FusedStep copied the grad of {copied[0]}" + (f" and {len(copied) - 1} other param(s)" if len(copied) > 1
-                                                              else "")
-                + " into its grad buffers: those grads were new tensors (after optimizer.zero_grad(), or assigned), "
-                "which costs an extra read and write of each. Zero grads with fused.zero_grad() to keep autograd "
-                "accumulating into FusedStep's buffers. (Shown once.)", stacklevel=_user_stacklevel())
+            warnings.warn(_copy_warning(built.binder.copied, named=bool(self.distributed.model_parts)),
+                          stacklevel=_user_stacklevel())
         if active_changed or not built.binder.state_unchanged(opt):
             built.binder.bind_state(opt)
         base, expert = scales
@@ -421,6 +432,36 @@ def _user_stacklevel() -> int:
             return level
         frame, level = frame.f_back, level + 1
     return 1
+
+
+def _copy_warning(copied: list[tuple[str, str]], named: bool) -> str:
+    """The once-per-FusedStep warning about grads copied into the grad buffers: which, and why."""
+    name, why = copied[0]
+    others = f" and {len(copied) - 1} other param(s)" if len(copied) > 1 else ""
+    hint = "" if named else " (pass model_parts=[model] to FusedStep to see param names)"
+    return (f"FusedStep copied the grad of {name}{others}{hint} into its grad buffers, an extra read and write "
+            f"of each: the grad was {why}. FusedStep's buffers are the grads: zero them with fused.zero_grad() "
+            "(grads set to None by zero_grad() are re-pointed at the buffers in backward, at no cost), and "
+            "don't assign p.grad. fused.last_step_copied_grads lists the copies of the last step. (Shown once.)")
+
+
+def _refuse_state_of_another_dtype(plan: planning.Plan, state) -> None:
+    """Raise where a param's optimizer state has another floating dtype than the param.
+
+    That happens when ``model.to(dtype)`` runs after the state was created; ``torch.optim`` raises
+    at its next step too (``load_state_dict`` casts state to the param's dtype, so a loaded
+    checkpoint never gets here). Casting the state silently would change the run's numerics.
+    """
+    for group in plan.groups:
+        for p, name in zip(group.params, group.names):
+            for key, value in state.get(p, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
+                        and value.dtype != p.dtype:
+                    raise ValueError(
+                        f"{name} is {p.dtype} but its optimizer state {key!r} is {value.dtype}: the param's dtype "
+                        "changed after its state was created (model.to(dtype)?). torch.optim raises at its next "
+                        "step too. Cast before creating the optimizer, or load the state again with "
+                        "optimizer.load_state_dict(), which casts it to the params' dtype. Nothing was changed.")
 
 
 def _refuse_partial_params(plan: planning.Plan) -> None:

@@ -313,8 +313,8 @@ def build_plan(
             are staged through the flat buffer instead of bucketed.
         flat_params: alias plain params into the flat param buffers.
         fp8_ids: ``id()`` of FP8 weights, whose amax the update computes.
-        own_storages: ``_cdata`` of the storages of FusedStep's current flat param buffers: params
-            in them are aliased already (their storage is shared by design).
+        own_storages: ``_cdata`` of the storages of FusedStep's aliased params (each has a storage of
+            its own over a flat buffer): they are aliased already, whatever else references them.
 
     Raises ``ValueError`` for a param listed twice, params on several devices and DTensor shards
     that are not stored densely.

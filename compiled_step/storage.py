@@ -76,6 +76,27 @@ def flat_alias(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset()).detach()
 
 
+def own_storage_alias(view: torch.Tensor) -> torch.Tensor:
+    """``view``'s elements as a tensor with a storage object of its own, over the same memory.
+
+    Why: checkpoint tools see tensors through their storages. ``torch.save`` writes a view's whole
+    storage (the whole flat buffer for one param); safetensors' ``save_model``/``load_model`` refuse
+    a storage that no tensor covers entirely; Accelerate's ``clean_state_dict_for_safetensors``
+    keeps one name per storage and drops the rest, so views of one flat buffer would save one
+    weight of the model. A DLPack round trip gives a new storage object that starts at the view's
+    first element and spans exactly its bytes: writes land in the buffer (the flat update keeps
+    its one pass), and the DLPack capsule keeps the buffer alive as long as the alias lives.
+    """
+    alias = torch.from_dlpack(view)
+    storage = alias.untyped_storage()
+    span = 1 + sum((n - 1) * s for n, s in zip(view.shape, view.stride())) if view.numel() else 0
+    if alias.data_ptr() != view.data_ptr() or storage.data_ptr() != view.data_ptr() or \
+            storage.nbytes() != span * view.element_size() or alias.stride() != view.stride():
+        raise RuntimeError("torch.from_dlpack did not alias the flat buffer as expected (data_ptr, storage size or "
+                           f"strides differ) on torch {torch.__version__}; pass flat_params=False")
+    return alias
+
+
 def _wrap_like(p: torch.Tensor, local_view: torch.Tensor) -> torch.Tensor:
     """``local_view`` as what torch.optim would hold for ``p``: a DTensor for a DTensor param."""
     if not is_dtensor(p):
@@ -130,8 +151,9 @@ class GroupBuffers:
             for i in self.aliased:
                 p, view = self.group.params[i], self.param_views[i]
                 view.copy_(p.data)
-                p.data = view
-                self.locals[i] = view
+                alias = own_storage_alias(view)
+                p.data = alias
+                self.locals[i] = alias
             for i, (p, g) in enumerate(zip(self.group.params, previous_grads)):
                 if g is None:
                     continue
