@@ -27,6 +27,7 @@ import torch
 
 from compiled_step import collectives
 from compiled_step.grad_restore import GradRestoreHooks
+from compiled_step.lifecycle import ddp
 from compiled_step.planning import Plan, is_dtensor, local_tensor
 from compiled_step.storage import GroupBuffers, StepBuffers
 
@@ -67,7 +68,7 @@ class Binder:
     """The per-step binding of one built plan."""
 
     def __init__(self, plan: Plan, groups: list[GroupBuffers], buffers: StepBuffers, rule, param_lists,
-                 variants: list):
+                 variants: list, bucket_view_params: frozenset[int] = frozenset()):
         self.plan, self.groups, self.buffers, self.rule = plan, groups, buffers, rule
         self.param_lists = [list(params) for params in param_lists]
         self.variants = variants
@@ -87,6 +88,9 @@ class Binder:
         self.installed: list[tuple[str, list, list]] = []  # (key, state dicts, views) to check each step
         self.hp_values: list | None = None  # the hyperparameter rows last written
         self.created: list[torch.Tensor] = []  # params whose state bind_state created in this step
+        # Params of DDP modules with gradient_as_bucket_view=True: a bucket view as their grad is read
+        # where it is (lifecycle/ddp.py), so a new one rebuilds the plan instead of being copied.
+        self.bucket_view_params = bucket_view_params
         self.copied: list[tuple[str, str]] = []  # (name, why) of each grad the last bind_grads copied in
         self.restore_hooks: GradRestoreHooks | None = None  # set by install
 
@@ -127,6 +131,8 @@ class Binder:
             gb, j = self.where[i]
             p = self.params[i]
             check_grad(p, g, self.names[i], gb.group.key.grad_dtype)
+            if id(p) in self.bucket_view_params and ddp.is_bucket_view(g):
+                raise Rebuild(f"{self.names[i]}: DDP re-pointed the grad at another bucket view")
             if is_dtensor(g):
                 g = collectives.match_grad_placement(p, g)
             foreign.append((i, g))

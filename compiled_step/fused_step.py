@@ -28,6 +28,7 @@ import torch
 
 from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
+from compiled_step.lifecycle import ddp
 from compiled_step.lifecycle import fp8 as fp8_lifecycle
 from compiled_step.lifecycle.fp8_step import Fp8Weights
 from compiled_step.lifecycle.fsdp import GradAccumulation
@@ -167,6 +168,7 @@ class FusedStep:
             self.optimizer.zero_grad(set_to_none=False)  # zeroes grads that are not the views too
         for gb in built.groups:
             gb.grads.zero_()
+            gb.zero_external_grads()
 
     def accumulate(self, num_microbatches: int):
         """Context manager for one step's gradient accumulation over ``num_microbatches``.
@@ -252,12 +254,14 @@ class FusedStep:
     def _build(self, variants: list) -> _Built:
         opt, dist, config = self.optimizer, self.distributed, self.config
         param_lists = [group["params"] for group in opt.param_groups]
+        ddp_params = ddp.bucket_view_params(dist.model_parts)
+        external = ddp.external_grads(param_lists, ddp_params)
         plan = planning.build_plan(
             param_lists, names=experts.param_names(dist.model_parts),
             expert_ids=experts.expert_param_ids(dist.model_parts, dist.ep_axis_name), ep=self._ep_group,
             ep_axis_name=dist.ep_axis_name, pp=self._pp_group, bucket_size=config.bucket_size,
             pack_threshold=config.pack_threshold, flat_params=config.flat_params, fp8_ids=self._fp8.ids,
-            own_storages=self._own_storages())
+            own_storages=self._own_storages(), external_grads=frozenset(external))
         _refuse_partial_params(plan)
         _refuse_state_of_another_dtype(plan, opt.state)
         plan = self._agree(plan)
@@ -269,10 +273,11 @@ class FusedStep:
                 binding.check_grad(p, g, name)
         outputs = self._outputs_on(plan.device)
         groups = [storage.GroupBuffers(g, self.rule.state_keys(variants[g.key.param_group]),
-                                       offload=self.offload_optimizer_state) for g in plan.groups]
+                                       offload=self.offload_optimizer_state, external_grads=external)
+                  for g in plan.groups]
         buffers = storage.StepBuffers(plan, self.rule, self._kind, config.max_grad_norm, outputs,
                                       offload=self.offload_optimizer_state)
-        binder = binding.Binder(plan, groups, buffers, self.rule, param_lists, variants)
+        binder = binding.Binder(plan, groups, buffers, self.rule, param_lists, variants, ddp_params)
         binder.install(previous)
         binder.bind_state(opt)
         group_variants = [variants[g.key.param_group] for g in plan.groups]
