@@ -29,7 +29,8 @@ from compiled_step import collectives
 from compiled_step.grad_restore import GradRestoreHooks
 from compiled_step.lifecycle import ddp
 from compiled_step.planning import Plan, is_dtensor, local_tensor
-from compiled_step.storage import GroupBuffers, StepBuffers
+from compiled_step.rules.common import FIRST_STEP_FLAGS, STEPS
+from compiled_step.storage import GroupBuffers, StepBuffers, own_storage_alias
 
 _GRAD = operator.attrgetter("grad")
 _IS = operator.is_
@@ -67,9 +68,12 @@ def _why_foreign(g: torch.Tensor) -> str:
 class Binder:
     """The per-step binding of one built plan."""
 
-    def __init__(self, plan: Plan, groups: list[GroupBuffers], buffers: StepBuffers, rule, param_lists,
-                 variants: list, bucket_view_params: frozenset[int] = frozenset()):
-        self.plan, self.groups, self.buffers, self.rule = plan, groups, buffers, rule
+    def __init__(self, plan: Plan, groups: list[GroupBuffers], buffers: StepBuffers, rules: list, owners: list[int],
+                 param_lists, variants: list, bucket_view_params: frozenset[int] = frozenset()):
+        """``rules``, ``owners`` (the optimizer's index), ``param_lists`` and ``variants``: one per param
+        group, the groups of all optimizers in order."""
+        self.plan, self.groups, self.buffers = plan, groups, buffers
+        self.rules, self.owners = rules, owners
         self.param_lists = [list(params) for params in param_lists]
         self.variants = variants
         self.params = [p for gb in groups for p in gb.group.params]
@@ -84,7 +88,7 @@ class Binder:
         self.slots = [gb.group.entries[i].slot for gb in groups for i in range(len(gb.group.params))]
         self.expected_grads: list[torch.Tensor | None] = [None] * len(self.params)
         self.active = [False] * plan.slots  # host copy of buffers.active
-        self.state_obj = None  # the optimizer.state dict the views were installed into
+        self.state_objs: tuple = ()  # the optimizers' state dicts the views were installed into
         self.installed: list[tuple[str, list, list]] = []  # (key, state dicts, views) to check each step
         self.hp_values: list | None = None  # the hyperparameter rows last written
         self.created: list[torch.Tensor] = []  # params whose state bind_state created in this step
@@ -96,9 +100,9 @@ class Binder:
 
     # ---------------------------------------------------------------- structure
 
-    def unchanged(self, optimizer: torch.optim.Optimizer, variants: list) -> bool:
-        """Same params in the same groups, same variants, no ``.data`` and no shard replaced."""
-        groups = optimizer.param_groups
+    def unchanged(self, groups: list[dict], variants: list) -> bool:
+        """Same params in the same groups (all optimizers' in order), same variants, no ``.data`` and no
+        shard replaced."""
         if len(groups) != len(self.param_lists) or variants != self.variants:
             return False
         for group, expected in zip(groups, self.param_lists):
@@ -182,16 +186,26 @@ class Binder:
         return True
 
     def install(self, previous: list[torch.Tensor | None]) -> None:
-        """At build: aliased params moved into the param buffers; the grads the params had before
-        copied into the grad buffers, and their params pointed at the views."""
+        """At build: aliased params moved into the param buffers (values copied, each with a storage of
+        its own: ``storage.own_storage_alias``); the grads the params had before copied into the grad
+        buffers, and their params pointed at the views (external grads stay where they are)."""
         for i, g in enumerate(previous):
             if g is not None and is_dtensor(g):
                 previous[i] = collectives.match_grad_placement(self.params[i], g)
-        start = 0
-        for gb in self.groups:
-            n = len(gb.group.params)
-            gb.install(previous[start:start + n])
-            start += n
+        with torch.no_grad():
+            for gb in self.groups:
+                for i in gb.aliased:
+                    p, view = gb.group.params[i], gb.param_views[i]
+                    view.copy_(p.data)
+                    alias = own_storage_alias(view)
+                    p.data = alias
+                    gb.locals[i] = alias
+            for i, (p, g) in enumerate(zip(self.params, previous)):
+                if g is None or g is self.grad_views[i]:
+                    continue  # no grad, or an external grad read where it is
+                gb, j = self.where[i]
+                gb.grad_locals[j].copy_(local_tensor(g))
+                p.grad = self.grad_views[i]
         self.plain_ptrs = list(map(_DATA_PTR, self.plain))
         self.restore_hooks = GradRestoreHooks(self)
         self.expected_grads = [self.grad_views[i] if g is not None else None for i, g in enumerate(previous)]
@@ -199,80 +213,96 @@ class Binder:
             self._set_active(i, g is not None)
         self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
 
+    def zero_grads(self) -> None:
+        """Zero every grad in place: the grad buffers, and the external grads where they are."""
+        external = [gb.grad_locals[i] for gb in self.groups for i in gb.group.external]
+        for gb in self.groups:
+            gb.grads.zero_()
+        if external:
+            torch._foreach_zero_(external)
+
     # ---------------------------------------------------------------- state
 
-    def state_unchanged(self, optimizer: torch.optim.Optimizer) -> bool:
-        state = optimizer.state
-        if state is not self.state_obj:
+    def state_unchanged(self, optimizers) -> bool:
+        if len(optimizers) != len(self.state_objs) or not all(map(_IS, (o.state for o in optimizers), self.state_objs)):
             return False
         for key, dicts, views in self.installed:
             if not all(map(_IS, map(dict.get, dicts, repeat(key)), views)):
                 return False
         return True
 
-    def bind_state(self, optimizer: torch.optim.Optimizer) -> None:
+    def bind_state(self, optimizers) -> None:
         """Make every state tensor of an active param (or of one that has state) a view of the buffers.
 
-        Missing state is created as torch.optim would (zeros; Adam's step 0; SGD's first-step flag),
-        state that is not a view is copied in. Params without a grad and without state keep none.
-        The params whose state was created are added to ``created`` (see ``forget``).
+        Missing state is created as torch.optim would (zeros; and per the rule's ``COUNTS``: Adam's
+        step 0, SGD's first-step flag), state that is not a view is copied in. Params without a grad
+        and without state keep none. The params whose state was created are added to ``created``.
         """
-        state = optimizer.state
-        rule = self.rule
-        count_slots, count_values = [], []
+        self._count_slots, self._count_values = [], []
         installed: dict[str, tuple[list, list]] = {}
         fresh: list[torch.Tensor] = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 gb, j = self.where[i]
-                keys = rule.state_keys(self.variants[gb.group.key.param_group])
+                index = gb.group.key.param_group
+                rule, state = self.rules[index], optimizers[self.owners[index]].state
+                keys = rule.state_keys(self.variants[index])
                 st = state.get(p)
-                if not keys and not rule.COUNTS_ARE_STEPS:
+                if not keys and rule.COUNTS != STEPS:
                     continue  # e.g. SGD without momentum: torch keeps no state, and neither do we
                 if not st and not self.active[self.slots[i]]:
                     continue  # no grad and no state: torch.optim creates none either
                 if not st:
                     fresh.append(p)
-                st = state[p]
-                created = adopted = False
-                for key in keys:
-                    current, view = st.get(key), gb.state_views[key][j]
-                    if current is None:
-                        gb.state_locals[key][j].zero_()
-                        st[key] = view
-                        created = True
-                    elif current is not view:
-                        gb.state_locals[key][j].copy_(local_tensor(current))
-                        st[key] = view
-                        adopted = True
-                    dicts, views = installed.setdefault(key, ([], []))
-                    dicts.append(st)
-                    views.append(view)
-                slot = self.slots[i]
-                if rule.COUNTS_ARE_STEPS:  # Adam: state["step"] is a view of the counts
-                    view = self.buffers.count_views[slot]
-                    current = st.get("step")
-                    if current is not view:
-                        count_slots.append(slot)
-                        count_values.append(current)  # None: a new state starts at step 0
-                        st["step"] = view
-                    dicts, views = installed.setdefault("step", ([], []))
-                    dicts.append(st)
-                    views.append(view)
-                elif created or adopted:  # SGD: a new momentum buffer is on its first step, torch's is not
-                    count_slots.append(slot)
-                    count_values.append(1.0 if created else 0.0)
-            if count_slots:
-                self._write_counts(count_slots, count_values)
-        self.state_obj = state
+                created, adopted = self._bind_keys(state[p], gb, j, keys, installed)
+                self._bind_count(rule, state[p], self.slots[i], created, adopted, installed)
+            if self._count_slots:
+                self._write_counts(self._count_slots, self._count_values)
+        self.state_objs = tuple(o.state for o in optimizers)
         self.installed = [(key, dicts, views) for key, (dicts, views) in installed.items()]
         self.created += fresh
 
-    def forget(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    def _bind_keys(self, st: dict, gb: GroupBuffers, j: int, keys, installed: dict) -> tuple[bool, bool]:
+        """The param's state tensors as views of the buffers: (whether any was created, adopted)."""
+        created = adopted = False
+        for key in keys:
+            current, view = st.get(key), gb.state_views[key][j]
+            if current is None:
+                gb.state_locals[key][j].zero_()
+                st[key] = view
+                created = True
+            elif current is not view:
+                gb.state_locals[key][j].copy_(local_tensor(current))
+                st[key] = view
+                adopted = True
+            dicts, views = installed.setdefault(key, ([], []))
+            dicts.append(st)
+            views.append(view)
+        return created, adopted
+
+    def _bind_count(self, rule, st: dict, slot: int, created: bool, adopted: bool, installed: dict) -> None:
+        """The param's count, as its rule's ``COUNTS`` says."""
+        if rule.COUNTS == STEPS:  # Adam: state["step"] is a view of the counts
+            view = self.buffers.count_views[slot]
+            current = st.get("step")
+            if current is not view:
+                self._count_slots.append(slot)
+                self._count_values.append(current)  # None: a new state starts at step 0
+                st["step"] = view
+            dicts, views = installed.setdefault("step", ([], []))
+            dicts.append(st)
+            views.append(view)
+        elif rule.COUNTS == FIRST_STEP_FLAGS and (created or adopted):
+            # SGD: a new momentum buffer is on its first step (torch would clone the grad), an adopted one is not
+            self._count_slots.append(slot)
+            self._count_values.append(1.0 if created else 0.0)
+
+    def forget(self, optimizers, params: list[torch.Tensor]) -> None:
         """Remove the state ``bind_state`` created for ``params`` (a step that raised changes nothing)."""
         for p in params:
-            optimizer.state.pop(p, None)
-        self.state_obj = None  # re-install at the next step
+            for optimizer in optimizers:
+                optimizer.state.pop(p, None)
+        self.state_objs = ()  # re-install at the next step
 
     def _write_counts(self, slots: list[int], values: list) -> None:
         """Write per-slot counts (None: 0; numbers; step tensors wherever they live) without a host sync."""

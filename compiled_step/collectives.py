@@ -57,6 +57,16 @@ def reduce_stacked(kind: NormKind, stacked: torch.Tensor, reduction, order: torc
     return torch.stack([global_max, global_sum], dim=1)
 
 
+def reduce_partials_over(reduction, kind: NormKind, partials: torch.Tensor, members: torch.Tensor | None,
+                         order: torch.Tensor) -> None:
+    """Reduce the member groups' rows of ``partials`` in place over one process group (a program call)."""
+    if members is None:
+        partials.copy_(reduce_stacked(kind, partials, reduction, order))
+    else:
+        stacked = partials.index_select(0, members)
+        partials.index_copy_(0, members, reduce_stacked(kind, stacked, reduction, order))
+
+
 def reduce_amax(amax: torch.Tensor, reduction) -> torch.Tensor:
     """NaN-preserving MAX all-reduce of FP8 weights' amax over one process group."""
     return all_reduce_max(amax, reduction)

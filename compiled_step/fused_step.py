@@ -28,12 +28,13 @@ import torch
 
 from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
-from compiled_step.lifecycle import ddp
+from compiled_step.lifecycle import ddp, offload
 from compiled_step.lifecycle import fp8 as fp8_lifecycle
 from compiled_step.lifecycle.fp8_step import Fp8Weights
 from compiled_step.lifecycle.fsdp import GradAccumulation
 from compiled_step.norm import NormKind
-from compiled_step.rules import rule_for
+from compiled_step.optimizers import Optimizers
+from compiled_step.rules import MATRIX
 
 
 @dataclass
@@ -56,7 +57,9 @@ class FusedStep:
     schedulers and switching to ``optimizer.step()`` at any step keep working.
 
     Args:
-        optimizer: a ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exact types).
+        optimizer: a ``torch.optim.AdamW``, ``Adam``, ``SGD`` or ``Muon`` (exact types), or a list or
+            tuple of them (e.g. ``[muon, adamw]``): one total norm over all their params clips all of
+            them, and each is updated by its own rule in the same prepared step.
         config: a ``FusedStepConfig``, or pass its fields as keywords (``max_grad_norm=1.0``...).
         distributed: a ``DistributedConfig``, or pass its fields as keywords (``model_parts``,
             ``device_mesh``, ``pp_axis_name``, ``moe_mesh``, ``ep_axis_name``,
@@ -70,25 +73,25 @@ class FusedStep:
     Raises ``TypeError``/``ValueError`` for unsupported optimizers or options, before anything changes.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, config: FusedStepConfig | None = None,
+    def __init__(self, optimizer, config: FusedStepConfig | None = None,
                  distributed: DistributedConfig | None = None, *, fp8_weights=None,
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                  first_microbatch_flag: fp8_lifecycle.FirstMicrobatchFlag | None = None,
                  offload_optimizer_state: bool = False, **options):
-        self.rule = rule_for(optimizer)
+        self._optimizers = Optimizers(optimizer)
         self.config, self.distributed = split_options(options, config, distributed)
         if not isinstance(offload_optimizer_state, bool):
             raise TypeError("offload_optimizer_state must be a bool")
-        self.optimizer = optimizer
-        planning.check_params([g["params"] for g in optimizer.param_groups], {})
-        self._hyperparameters()  # validates every group now
+        opts = self._optimizers
+        planning.check_params([g["params"] for g in opts.groups()], {}, opts.labels())
+        opts.hyperparameters()  # validates every group now
         dist = self.distributed
         self._pp_group = collectives.process_group_of(dist.device_mesh, dist.pp_axis_name) if dist.pp_axis_name else None
         self._ep_group = collectives.process_group_of(dist.moe_mesh, dist.ep_axis_name) if dist.ep_axis_name else None
         self._kind = NormKind.of(float(self.config.norm_type))
         self._compiler = compiling.Compiler(self.config.backend, enabled=self.config.compile,
                                             verbose=self.config.verbose, notice=self.config.compile_notice)
-        self._fp8 = Fp8Weights(dist.model_parts, fp8_weights, fp8_dtype, optimizer)
+        self._fp8 = Fp8Weights(dist.model_parts, fp8_weights, fp8_dtype, opts.groups())
         self.first_microbatch = first_microbatch_flag or fp8_lifecycle.default_first_microbatch_flag()
         self.offload_optimizer_state = offload_optimizer_state
         self._fillers = buckets.Fillers()
@@ -98,6 +101,18 @@ class FusedStep:
         self._outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # total, finite, skipped
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The optimizers this FusedStep steps, in order."""
+        return self._optimizers.items
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer this FusedStep steps (with several, use ``optimizers``)."""
+        if len(self._optimizers) != 1:
+            raise AttributeError(f"this FusedStep steps {len(self._optimizers)} optimizers: use .optimizers")
+        return self._optimizers.items[0]
 
     @torch.no_grad()
     def step(self, *, grad_scale: float | torch.Tensor | None = None,
@@ -122,16 +137,17 @@ class FusedStep:
         if num_label_tokens is None and self._accumulation is not None:
             num_label_tokens = self._accumulation.num_label_tokens  # counted by accumulate()
         scales = self._scales(grad_scale, num_label_tokens, dp_group_size)  # validates, changes nothing
-        self._hyperparameters()  # validates before the hooks run
+        opts = self._optimizers
+        opts.hyperparameters()  # validates before the hooks run
         self._accumulation = None
-        _run_optimizer_hooks(self.optimizer, "pre")
-        built = self._bind(self._hyperparameters(), scales)  # read again: a pre-hook may change them
+        opts.run_hooks("pre")
+        built = self._bind(opts.hyperparameters(), scales)  # read again: a pre-hook may change them
         if self.offload_optimizer_state:
-            storage.offload_in(built.groups, built.buffers)
+            offload.offload_in(built.groups, built.buffers)
         built.runner.run_norm()
         if self.config.error_if_nonfinite and not bool(built.buffers.finite):
             built.buffers.skipped.sub_(1)  # raised, not skipped: the counter counts skips only
-            built.binder.forget(self.optimizer, built.binder.created)  # and no state was created
+            built.binder.forget(opts.items, built.binder.created)  # and no state was created
             raise RuntimeError(
                 f"The total norm of order {self.config.norm_type} of the gradients is non-finite "
                 f"({float(built.buffers.total)}); nothing was updated. Pass error_if_nonfinite=False to skip "
@@ -142,14 +158,12 @@ class FusedStep:
         # step raises in backward instead of using the new values.
         torch.autograd.graph.increment_version(built.binder.params)
         if self.offload_optimizer_state:
-            storage.offload_out(built.groups, built.buffers)
+            offload.offload_out(built.groups, built.buffers)
         self._fp8.store()
-        # LR schedulers wrap optimizer.step to record that it ran and warn otherwise; FusedStep is
-        # that step, so record it the same way (torch.optim.lr_scheduler's ``_opt_called``).
-        self.optimizer._opt_called = True
+        opts.mark_stepped()
         # Weights changed: FP8 weights TransformerEngine cached on the first microbatch are stale.
         self.first_microbatch.reset()
-        _run_optimizer_hooks(self.optimizer, "post")
+        opts.run_hooks("post")
         return built.buffers.total[0].clone()  # the buffer is overwritten by the next step
 
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -162,13 +176,11 @@ class FusedStep:
         """
         built = self._built
         if set_to_none or built is None:
-            self.optimizer.zero_grad(set_to_none=set_to_none)
+            self._optimizers.zero_grad(set_to_none)
             return
         if not built.binder.grads_unchanged():
-            self.optimizer.zero_grad(set_to_none=False)  # zeroes grads that are not the views too
-        for gb in built.groups:
-            gb.grads.zero_()
-            gb.zero_external_grads()
+            self._optimizers.zero_grad(False)  # zeroes grads that are not the views too
+        built.binder.zero_grads()
 
     def accumulate(self, num_microbatches: int):
         """Context manager for one step's gradient accumulation over ``num_microbatches``.
@@ -252,8 +264,10 @@ class FusedStep:
     # ------------------------------------------------------------------ build
 
     def _build(self, variants: list) -> _Built:
-        opt, dist, config = self.optimizer, self.distributed, self.config
-        param_lists = [group["params"] for group in opt.param_groups]
+        opts, dist, config = self._optimizers, self.distributed, self.config
+        param_lists = [group["params"] for group in opts.groups()]
+        rules = opts.group_rules()
+        matrix_groups = frozenset(i for i, rule in enumerate(rules) if rule.KIND == MATRIX)
         ddp_params = ddp.bucket_view_params(dist.model_parts)
         external = ddp.external_grads(param_lists, ddp_params)
         plan = planning.build_plan(
@@ -261,9 +275,11 @@ class FusedStep:
             expert_ids=experts.expert_param_ids(dist.model_parts, dist.ep_axis_name), ep=self._ep_group,
             ep_axis_name=dist.ep_axis_name, pp=self._pp_group, bucket_size=config.bucket_size,
             pack_threshold=config.pack_threshold, flat_params=config.flat_params, fp8_ids=self._fp8.ids,
-            own_storages=self._own_storages(), external_grads=frozenset(external))
+            own_storages=self._own_storages(), external_grads=frozenset(external), matrix_groups=matrix_groups,
+            group_labels=opts.labels())
         _refuse_partial_params(plan)
-        _refuse_state_of_another_dtype(plan, opt.state)
+        owners = opts.owners()
+        _refuse_state_of_another_dtype(plan, [opts.items[owners[g.key.param_group]].state for g in plan.groups])
         plan = self._agree(plan)
         if self._built is not None:
             self._built.binder.release()  # the old plan's grad hooks
@@ -272,17 +288,20 @@ class FusedStep:
             if g is not None:
                 binding.check_grad(p, g, name)
         outputs = self._outputs_on(plan.device)
-        groups = [storage.GroupBuffers(g, self.rule.state_keys(variants[g.key.param_group]),
-                                       offload=self.offload_optimizer_state, external_grads=external)
-                  for g in plan.groups]
-        buffers = storage.StepBuffers(plan, self.rule, self._kind, config.max_grad_norm, outputs,
-                                      offload=self.offload_optimizer_state)
-        binder = binding.Binder(plan, groups, buffers, self.rule, param_lists, variants, ddp_params)
-        binder.install(previous)
-        binder.bind_state(opt)
+        group_rules = [rules[g.key.param_group] for g in plan.groups]  # per sharding group
         group_variants = [variants[g.key.param_group] for g in plan.groups]
+        groups = [storage.GroupBuffers(g, rule.state_keys(var), offload=self.offload_optimizer_state,
+                                       external_grads=external)
+                  for g, rule, var in zip(plan.groups, group_rules, group_variants)]
+        lr_ratios = [[rule.lr_ratio(st.shape, var.adjust_lr_fn) for st in g.stacks]
+                     for g, rule, var in zip(plan.groups, group_rules, group_variants)]
+        buffers = storage.StepBuffers(plan, group_rules, self._kind, config.max_grad_norm, outputs,
+                                      offload=self.offload_optimizer_state, lr_ratios=lr_ratios)
+        binder = binding.Binder(plan, groups, buffers, rules, owners, param_lists, variants, ddp_params)
+        binder.install(previous)
+        binder.bind_state(opts.items)
         fp8 = self._fp8.calls(plan, buffers) if self._fp8 else None
-        prog = program.build(plan, groups, buffers, self.rule, group_variants, self._kind, self._compiler,
+        prog = program.build(plan, groups, buffers, group_rules, group_variants, self._kind, self._compiler,
                              self._fillers, fp8)
         capture = config.cuda_graphs and not self.offload_optimizer_state
         self._built = _Built(plan, groups, buffers, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
@@ -330,12 +349,12 @@ class FusedStep:
     # ------------------------------------------------------------------ bind
 
     def _bind(self, values: list[list], scales: tuple) -> _Built:
-        opt = self.optimizer
-        variants = [self.rule.variant(group) for group in opt.param_groups]
+        opts = self._optimizers
+        variants = opts.variants()
         built = self._built
         if built is not None:
             built.binder.created.clear()  # state created by this step only (see step())
-        if built is None or not built.binder.unchanged(opt, variants):
+        if built is None or not built.binder.unchanged(opts.groups(), variants):
             built = self._build(variants)
         try:
             active_changed = built.binder.bind_grads()
@@ -346,8 +365,8 @@ class FusedStep:
             self._warned_copy = True
             warnings.warn(_copy_warning(built.binder.copied, named=bool(self.distributed.model_parts)),
                           stacklevel=_user_stacklevel())
-        if active_changed or not built.binder.state_unchanged(opt):
-            built.binder.bind_state(opt)
+        if active_changed or not built.binder.state_unchanged(opts.items):
+            built.binder.bind_state(opts.items)
         base, expert = scales
         rows = []
         for group in built.plan.groups:
@@ -355,14 +374,6 @@ class FusedStep:
             rows.append([expert if group.key.is_expert else base, values[index][0], *values[index][1]])
         built.binder.write_hyperparameters(rows)
         return built
-
-    def _hyperparameters(self) -> list[tuple[float, list]]:
-        """Per param group: (sign, the rule's validated values). Raises before anything changes."""
-        out = []
-        for index, group in enumerate(self.optimizer.param_groups):
-            values = self.rule.group_values(self.optimizer, group, f"param_groups[{index}]")
-            out.append((-1.0 if group.get("maximize", False) else 1.0, values))
-        return out
 
     def _scales(self, grad_scale, num_label_tokens, dp_group_size) -> tuple:
         """The grad scale of plain and of expert params: floats, or 0-d float64 tensors."""
@@ -408,7 +419,7 @@ class FusedStep:
 
     def __repr__(self) -> str:
         c = self.config
-        lines = [f"FusedStep({type(self.optimizer).__name__}, max_grad_norm={c.max_grad_norm}, "
+        lines = [f"FusedStep({self._optimizers.type_names()}, max_grad_norm={c.max_grad_norm}, "
                  f"norm_type={c.norm_type}, compile={c.compile}, flat_params={c.flat_params}, "
                  f"bucket_size={c.bucket_size}, cuda_graphs={c.cuda_graphs})"]
         if self._built is None:
@@ -450,14 +461,14 @@ def _copy_warning(copied: list[tuple[str, str]], named: bool) -> str:
             "don't assign p.grad. fused.last_step_copied_grads lists the copies of the last step. (Shown once.)")
 
 
-def _refuse_state_of_another_dtype(plan: planning.Plan, state) -> None:
+def _refuse_state_of_another_dtype(plan: planning.Plan, states: list[dict]) -> None:
     """Raise where a param's optimizer state has another floating dtype than the param.
 
     That happens when ``model.to(dtype)`` runs after the state was created; ``torch.optim`` raises
     at its next step too (``load_state_dict`` casts state to the param's dtype, so a loaded
     checkpoint never gets here). Casting the state silently would change the run's numerics.
     """
-    for group in plan.groups:
+    for group, state in zip(plan.groups, states):  # states[g]: the optimizer.state of group g's optimizer
         for p, name in zip(group.params, group.names):
             for key, value in state.get(p, {}).items():
                 if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
@@ -489,17 +500,3 @@ def _check_grad_scale(grad_scale) -> float | torch.Tensor:
     if not math.isfinite(grad_scale):
         raise ValueError(f"grad_scale must be finite, got {grad_scale}")
     return float(grad_scale)
-
-
-def _run_optimizer_hooks(optimizer: torch.optim.Optimizer, when: str) -> None:
-    """Run the step hooks that ``optimizer.step()`` would run (``register_step_pre_hook`` /
-    ``register_step_post_hook``, global and per instance), with empty args since FusedStep's step
-    takes none of the optimizer's. A pre-hook's replacement args are therefore ignored."""
-    from torch.optim import optimizer as optim_module
-
-    if when == "pre":
-        hooks = [*optim_module._global_optimizer_pre_hooks.values(), *optimizer._optimizer_step_pre_hooks.values()]
-    else:
-        hooks = [*optimizer._optimizer_step_post_hooks.values(), *optim_module._global_optimizer_post_hooks.values()]
-    for hook in hooks:
-        hook(optimizer, (), {})

@@ -23,6 +23,10 @@ A group's tensors live in flat buffers of ``ROW``-element rows (``storage.py`` a
     (DistributedDataParallel's bucket views, ``gradient_as_bucket_view=True``). External params
     come last, in buckets of their own, and take no rows of the grad buffer;
 
+* a group whose rule updates whole matrices (Muon, ``rules.MATRIX``) keeps every param in the flat
+  regions, ordered by shape so that same-shape matrices follow each other in whole rows: each run
+  of them is a *stack*, a strided ``[n, rows, cols]`` view of the buffers that one compiled call
+  updates. Each stack's slots start at a multiple of ``SLOT_ALIGN``;
 * each param has a *slot*: an index into the per-tensor vectors (step counts, "has a grad", the
   per-tensor scalar table). The flat region's rows carry the slot of the param they belong to;
   each bucket owns ``bucket_size`` consecutive slots (the last one padded with scratch slots).
@@ -160,6 +164,18 @@ class Entry:
     external: bool = False  # the grad lives outside the grad buffer (see the module docstring)
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Same-shape matrices of a matrix group, one after the other in whole rows of the flat buffers."""
+
+    shape: tuple[int, int]
+    strides: tuple[int, int]  # each matrix's strides (the params' own layout)
+    first_row: int
+    rows_per_matrix: int
+    members: tuple[int, ...]  # indices into ShardingGroup.params, in buffer order
+    first_slot: int  # the members' slots are first_slot, first_slot + 1, ...
+
+
 @dataclass
 class ShardingGroup:
     key: GroupKey
@@ -170,6 +186,7 @@ class ShardingGroup:
     bucketed: list[int | None] = field(default_factory=list)  # indices of the bucketed params, buffer order
     # (None: padding that makes the external params start a bucket)
     external: list[int] = field(default_factory=list)  # those of them with external grads (the last buckets)
+    stacks: list[Stack] = field(default_factory=list)  # a matrix group's same-shape runs (else empty)
     flat_rows: int = 0  # rows of the param buffer (the flat regions come first in every buffer)
     rows: int = 0  # rows of the state buffers
     grad_rows: int = 0  # rows of the grad buffer: every param's but the external ones, which come last
@@ -178,6 +195,7 @@ class ShardingGroup:
     bucket_count: int = 0
     bucket_stride: int = 0  # slots per bucket: bucket_size rounded up to SLOT_ALIGN
     slots: int = 0  # align(flat_slots) + bucket_count * bucket_stride
+    label: str = ""  # the param group, e.g. "param_groups[0]" or "optimizers[1].param_groups[0]"
 
     def bucket_first_slot(self, b: int) -> int:
         return self.first_slot + align(self.flat_slots) + b * self.bucket_stride
@@ -191,7 +209,7 @@ class ShardingGroup:
             where += f", DeviceMesh {k.mesh_key[1]} of shape {k.mesh_key[2]}, placements {k.mesh_key[3]}"
         counts = {r: sum(e.region == r for e in self.entries) for r in (ALIASED, STAGED, BUCKETED)}
         parts = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
-        return (f"param_groups[{k.param_group}], {where}, expert={k.is_expert}"
+        return (f"{self.label}, {where}, expert={k.is_expert}"
                 f"{', fp8' if k.fp8 else ''}: {len(self.params)} params ({parts}), "
                 f"{sum(e.numel for e in self.entries):,} local elements in {self.rows} rows")
 
@@ -252,20 +270,23 @@ def _on_ep_mesh(p: torch.Tensor, ep_axis_name: str | None) -> bool:
     return bool(ep_axis_name) and is_dtensor(p) and ep_axis_name in (p.device_mesh.mesh_dim_names or ())
 
 
-def check_params(param_lists, names: dict[int, str]) -> None:
-    """Raise ``ValueError`` for a param listed twice or params on more than one device, ``TypeError``
-    for complex, sparse or integer params."""
+def check_params(param_lists, names: dict[int, str], labels: list[str] | None = None) -> None:
+    """Raise ``ValueError`` for a param listed twice (in one optimizer or in two) or params on more
+    than one device, ``TypeError`` for complex, sparse or integer params. ``labels[i]`` names param
+    group i (default ``param_groups[i]``)."""
+    labels = labels or [f"param_groups[{i}]" for i in range(len(param_lists))]
     seen: dict[int, tuple[int, int]] = {}
     devices = {}
     for index, params in enumerate(param_lists):
         for position, p in enumerate(params):
             where = seen.get(id(p))
             if where is not None:
-                name = names.get(id(p), f"param_groups[{where[0]}][{where[1]}]")
+                first, second = f"{labels[where[0]]}[{where[1]}]", f"{labels[index]}[{position}]"
+                holder = "optimizers" if labels[0].startswith("optimizers") else "optimizer"
                 raise ValueError(
-                    f"{name} is listed twice in the optimizer (param_groups[{where[0]}][{where[1]}] and "
-                    f"param_groups[{index}][{position}]); its grad would count twice in the norm and it "
-                    "would be updated twice. List every param once."
+                    f"{names.get(id(p), first)} is listed twice in the {holder} ({first} and {second}); its grad "
+                    "would count twice in the norm and it would be updated twice. List every param once, in "
+                    "one optimizer."
                 )
             seen[id(p)] = (index, position)
             if p.is_complex():
@@ -274,7 +295,7 @@ def check_params(param_lists, names: dict[int, str]) -> None:
                 raise TypeError("FusedStep does not support sparse params")
             if not p.is_floating_point():
                 raise TypeError(f"FusedStep needs floating-point params, got {p.dtype}")
-            devices.setdefault(local_tensor(p).device, names.get(id(p), f"param_groups[{index}][{position}]"))
+            devices.setdefault(local_tensor(p).device, names.get(id(p), f"{labels[index]}[{position}]"))
     if len(devices) > 1:
         found = ", ".join(f"{d} ({name})" for d, name in devices.items())
         raise ValueError(f"FusedStep needs every param on one device; found {found}")
@@ -307,6 +328,8 @@ def build_plan(
     fp8_ids: frozenset[int] = frozenset(),
     own_storages: frozenset[int] = frozenset(),
     external_grads: frozenset[int] = frozenset(),
+    matrix_groups: frozenset[int] = frozenset(),
+    group_labels: list[str] | None = None,
 ) -> Plan:
     """Group *all* params (not only those with grads) so every rank issues the same collectives.
 
@@ -327,12 +350,14 @@ def build_plan(
         own_storages: ``_cdata`` of the storages of FusedStep's aliased params (each has a storage of
             its own over a flat buffer): they are aliased already, whatever else references them.
         external_grads: ``id()`` of params whose grads are read where they are (``lifecycle/ddp.py``).
+        matrix_groups: indices of the param groups whose rule updates whole matrices (Muon).
+        group_labels: how messages name each param group (default ``param_groups[i]``).
 
     Raises ``ValueError`` for a param listed twice, params on several devices and DTensor shards
     that are not stored densely.
     """
     names = names or {}
-    check_params(param_lists, names)
+    check_params(param_lists, names, group_labels)
     groups: dict[GroupKey, ShardingGroup] = {}
     for index, params in enumerate(param_lists):
         for position, p in enumerate(params):
@@ -340,13 +365,17 @@ def build_plan(
             is_expert = id(p) in expert_ids or _on_ep_mesh(p, ep_axis_name)
             key = GroupKey(index, local.device, p.dtype, grad_dtype_of(p), mesh_key_of(p), is_expert,
                            fp8=id(p) in fp8_ids)
-            group = groups.setdefault(key, ShardingGroup(key))
+            label = group_labels[index] if group_labels else f"param_groups[{index}]"
+            group = groups.setdefault(key, ShardingGroup(key, label=label))
             group.params.append(p)
-            group.names.append(names.get(id(p), f"param_groups[{index}][{position}]"))
+            group.names.append(names.get(id(p), f"{group.label}[{position}]"))
     ordered = list(groups.values())
     slot = 0
     for group in ordered:
-        slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, own_storages, external_grads)
+        if group.key.param_group in matrix_groups:
+            slot = _lay_out_matrices(group, slot, flat_params, own_storages)
+        else:
+            slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, own_storages, external_grads)
     device = ordered[0].key.device if ordered else torch.device("cpu")
     reductions, pp_reduction = _reductions(ordered, ep, ep_axis_name, pp)
     return Plan(params_signature(param_lists), ordered, device, bucket_size, slot, reductions, pp_reduction)
@@ -398,6 +427,44 @@ def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_thres
     group.grad_rows = row if grad_rows is None else grad_rows
     group.bucket_count = -(-len(group.bucketed) // bucket_size)
     group.slots = align(group.flat_slots) + group.bucket_count * group.bucket_stride
+    group.entries = [entries[i] for i in range(len(group.params))]
+    return first_slot + group.slots
+
+
+def _lay_out_matrices(group: ShardingGroup, first_slot: int, flat_params: bool, own_storages: frozenset[int]) -> int:
+    """A matrix group: every param in the flat regions, same shapes together (stacks); returns the next slot."""
+    for p, name in zip(group.params, group.names):
+        if p.ndim != 2:
+            raise ValueError(f"{name}: a matrix rule (Muon) updates 2-D params only, got shape {tuple(p.shape)}")
+        if is_dtensor(p) and any(pl.is_shard() for pl in p.placements):
+            raise ValueError(f"{name}: Muon needs whole matrices; this param is sharded ({p.placements}). Sharded "
+                             "Muon is not supported yet.")
+        if group.key.fp8:
+            raise ValueError(f"{name}: FP8 weights are not supported with Muon")
+    order = sorted(range(len(group.params)), key=lambda i: (tuple(group.params[i].shape),
+                                                             dense_strides(local_tensor(group.params[i])), i))
+    entries: dict[int, Entry] = {}
+    row, slot = 0, first_slot
+    runs: dict[tuple, list[int]] = {}
+    for i in order:
+        local = local_tensor(group.params[i])
+        runs.setdefault((tuple(local.shape), dense_strides(local)), []).append(i)
+    for (shape, strides), members in runs.items():
+        slot = align(slot)
+        per = rows_for(shape[0] * shape[1])
+        group.stacks.append(Stack(shape, strides, row, per, tuple(members), slot))
+        for i in members:
+            p = group.params[i]
+            region = ALIASED if flat_params and type(p) in (torch.Tensor, torch.nn.Parameter) and \
+                _owns_storage(p, own_storages) else STAGED
+            entries[i] = Entry(i, region, row, shape[0] * shape[1], slot)
+            row += per
+            slot += 1
+    group.flat = [i for s in group.stacks for i in s.members]
+    group.flat_rows = group.rows = group.grad_rows = row
+    group.first_slot, group.flat_slots = first_slot, slot - first_slot
+    group.bucket_stride = align(1)
+    group.slots = align(group.flat_slots)
     group.entries = [entries[i] for i in range(len(group.params))]
     return first_slot + group.slots
 

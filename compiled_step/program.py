@@ -25,10 +25,11 @@ from typing import Callable
 
 import torch
 
-from compiled_step import buckets, compiling, storage
+from compiled_step import buckets, collectives, compiling, storage
 from compiled_step.norm import finish as finish_module
 from compiled_step.norm import partials as partials_module
 from compiled_step.norm.kinds import NormKind, combine
+from compiled_step.rules import state_kwargs
 
 COMPILED, EAGER, COLLECTIVE = "compiled", "eager", "collective"
 
@@ -103,70 +104,159 @@ def _function_name(fn: Callable) -> str:
     return f"{module}.{fn.__name__}"
 
 
-def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rule, variants: list,
+def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rules: list, variants: list,
           kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None) -> Program:
-    """The program of one plan. ``variants[g]`` is group g's rule variant; ``fp8`` the FP8 weights'
-    calls (``Fp8Weights.calls``), appended to the update."""
+    """The program of one plan. ``rules[g]`` and ``variants[g]`` are group g's update rule and its
+    variant; ``fp8`` the FP8 weights' calls (``Fp8Weights.calls``), appended to the update."""
     norm: list[Call] = []
-    update: list[Call] = []
-    partial_fn = compiler.get(partials_module.partial_of_buffer)
     for g, gb in enumerate(groups):
-        if gb.group.grad_rows == 0:  # nothing in the grad buffer (e.g. an empty shard): its partial is zero,
-            norm.append(Call(f"zero the partial norm of group {g} (no local elements)", EAGER,  # every step,
-                             buffers.partial_rows[g].zero_))  # as the collectives reduce the row in place
-        else:
-            dtype = gb.grads.dtype
-            norm.append(Call(
-                f"Phase A partial norm, group {g}", COMPILED, partial_fn,
-                (gb.grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]),
-                dict(kind=kind.kind, p=kind.p), _function_name(partials_module.partial_of_buffer),
-                ("norm", kind.kind, dtype, plan.device.type)))
-        norm += _external_partials(plan, g, gb, buffers, kind, compiler, fillers)
+        norm += _partials(plan, g, gb, buffers, kind, compiler, fillers)
     norm += _collectives(plan, buffers, kind)
-    finish_fn = compiler.get(finish_module.finish)
-    partials = buffers.pp_partial if plan.pp is not None else buffers.partials
-    norm.append(Call(
-        "finish: total norm, clip coefficient, finite flag, per-tensor scalars", COMPILED, finish_fn,
-        (partials, buffers.order, buffers.max_norm, buffers.hp, buffers.slot_group, buffers.counts, buffers.active,
-         buffers.total, buffers.finite, buffers.skipped, buffers.table),
-        dict(kind=kind.kind, p=kind.p, rule=rule),
-        _function_name(finish_module.finish), ("finish", kind.kind, rule.NAME, plan.device.type)))
-
-    flat_fn, bucket_fn = compiler.get(rule.update_flat), compiler.get(rule.update_bucket)
+    norm.append(_finish(plan, buffers, rules, kind, compiler))
+    update: list[Call] = []
     for g, gb in enumerate(groups):
-        group, var = gb.group, variants[g]
-        dtypes = (group.key.dtype, group.key.grad_dtype, plan.device.type)
-        if gb.staged:
-            update.append(Call(f"copy {len(gb.staged)} staged params in, group {g}", EAGER,
-                               storage.copy_staged_in, (gb,)))
-        if group.flat_slots:
-            update.append(Call(
-                f"Phase B flat update, group {g} ({len(group.flat)} params, {group.flat_rows} rows)", COMPILED,
-                flat_fn, gb.flat_args(rule, var, buffers), {}, _function_name(rule.update_flat),
-                ("update_flat", rule.NAME, var) + dtypes))
-        if gb.staged:
-            update.append(Call(f"copy {len(gb.staged)} staged params out, group {g}", EAGER,
-                               storage.copy_staged_out, (gb,)))
-        for b, args in enumerate(gb.bucket_args(rule, var, buffers, fillers)):
-            update.append(Call(
-                f"Phase B bucket update, group {g}, bucket {b}", COMPILED, bucket_fn, args, {},
-                _function_name(rule.update_bucket), ("update_bucket", rule.NAME, var, group.key.fp8) + dtypes))
+        update += _updates(plan, g, gb, buffers, rules[g], variants[g], compiler, fillers)
     for kind_, label, fn, args in fp8 or ():
         update.append(Call(label, kind_, fn, args))
     return Program(norm, update, compiler)
 
 
-def _external_partials(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, kind: NormKind,
-                       compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
-    """Phase A over a group's external grads: one call per bucket, combined into the group's partial."""
-    if not gb.group.external:
-        return []
-    fn = compiler.get(partials_module.add_partial_of_list)
-    return [Call(f"Phase A partial norm, group {g}, external grads {b}", COMPILED, fn,
-                 (grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]), dict(kind=kind.kind, p=kind.p),
-                 _function_name(partials_module.add_partial_of_list),
-                 ("norm_external", kind.kind, gb.grads.dtype, plan.device.type))
-            for b, grads in enumerate(gb.external_grad_buckets(plan.bucket_size, fillers))]
+def _partials(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, kind: NormKind,
+              compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
+    """Phase A of one group: its grad buffer in one call, then its external grads bucket by bucket."""
+    if gb.group.grad_rows == 0:  # nothing in the grad buffer (e.g. an empty shard): its partial is zero,
+        calls = [Call(f"zero the partial norm of group {g} (no local elements)", EAGER,  # every step, as the
+                      buffers.partial_rows[g].zero_)]  # collectives reduce the row in place
+    else:
+        calls = [Call(
+            f"Phase A partial norm, group {g}", COMPILED, compiler.get(partials_module.partial_of_buffer),
+            (gb.grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]),
+            dict(kind=kind.kind, p=kind.p), _function_name(partials_module.partial_of_buffer),
+            ("norm", kind.kind, gb.grads.dtype, plan.device.type))]
+    if gb.group.external:
+        fn = compiler.get(partials_module.add_partial_of_list)
+        calls += [Call(f"Phase A partial norm, group {g}, external grads {b}", COMPILED, fn,
+                       (grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]),
+                       dict(kind=kind.kind, p=kind.p), _function_name(partials_module.add_partial_of_list),
+                       ("norm_external", kind.kind, gb.grads.dtype, plan.device.type))
+                  for b, grads in enumerate(_external_grad_buckets(gb, plan.bucket_size, fillers))]
+    return calls
+
+
+def _finish(plan, buffers: storage.StepBuffers, rules: list, kind: NormKind, compiler: compiling.Compiler) -> Call:
+    distinct = tuple(dict.fromkeys(rules))  # one rule: the graph of a one-optimizer step, unchanged
+    rule = distinct[0] if len(distinct) == 1 else distinct
+    kwargs = dict(kind=kind.kind, p=kind.p, rule=rule)
+    if len(distinct) > 1:
+        kwargs["slot_rule"] = buffers.slot_rule
+    partials = buffers.pp_partial if plan.pp is not None else buffers.partials
+    return Call(
+        "finish: total norm, clip coefficient, finite flag, per-tensor scalars", COMPILED,
+        compiler.get(finish_module.finish),
+        (partials, buffers.order, buffers.max_norm, buffers.hp, buffers.slot_group, buffers.counts, buffers.active,
+         buffers.total, buffers.finite, buffers.skipped, buffers.table), kwargs,
+        _function_name(finish_module.finish), ("finish", kind.kind, tuple(r.NAME for r in distinct), plan.device.type))
+
+
+def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var,
+             compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
+    """Phase B of one group: staged params in, the flat update or the matrix stacks, staged params
+    out, then the buckets."""
+    group = gb.group
+    dtypes = (group.key.dtype, group.key.grad_dtype, plan.device.type)
+    calls = []
+    if gb.staged:
+        calls.append(Call(f"copy {len(gb.staged)} staged params in, group {g}", EAGER, copy_staged_in, (gb,)))
+    if group.stacks:
+        fn = compiler.get(rule.update_matrices)
+        for k, stack in enumerate(group.stacks):
+            shape = "x".join(map(str, stack.shape))
+            calls.append(Call(
+                f"Phase B matrix update, group {g}, {len(stack.members)} matrices {shape}", COMPILED, fn,
+                _matrix_args(gb, g, k, buffers), dict(variant=var, **state_kwargs(rule, var, gb.stack_state[k])),
+                _function_name(rule.update_matrices),
+                ("update_matrices", rule.NAME, var) + dtypes))
+    elif group.flat_slots:
+        calls.append(Call(
+            f"Phase B flat update, group {g} ({len(group.flat)} params, {group.flat_rows} rows)", COMPILED,
+            compiler.get(rule.update_flat), (gb.params, gb.grads[:group.flat_rows].detach()),
+            _flat_kwargs(gb, buffers, rule, var), _function_name(rule.update_flat),
+            ("update_flat", rule.NAME, var) + dtypes))
+    if gb.staged:
+        calls.append(Call(f"copy {len(gb.staged)} staged params out, group {g}", EAGER, copy_staged_out, (gb,)))
+    bucket_fn = compiler.get(rule.update_bucket) if group.bucket_count else None
+    for b, (args, kwargs) in enumerate(_bucket_args(gb, rule, var, buffers, fillers)):
+        calls.append(Call(
+            f"Phase B bucket update, group {g}, bucket {b}", COMPILED, bucket_fn, args, kwargs,
+            _function_name(rule.update_bucket), ("update_bucket", rule.NAME, var, group.key.fp8) + dtypes))
+    return calls
+
+
+# ---------------------------------------------------------------------- the calls' arguments
+
+
+def _flat_kwargs(gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var) -> dict:
+    group = gb.group
+    rows = group.flat_rows
+    slots = slice(group.first_slot, group.first_slot + group.flat_slots)
+    state = {k: buf[:rows].detach() for k, buf in gb.state.items()}
+    return dict(row_slot=gb.row_slot, table=buffers.table[slots].detach(), counts=buffers.counts[slots].detach(),
+                **state_kwargs(rule, var, state))
+
+
+def _matrix_args(gb: storage.GroupBuffers, g: int, k: int, buffers: storage.StepBuffers) -> tuple:
+    stack = gb.group.stacks[k]
+    slots = slice(stack.first_slot, stack.first_slot + len(stack.members))
+    return (gb.stack_params[k], gb.stack_grads[k], buffers.hp_rows[g], buffers.table[slots].detach(),
+            buffers.lr_ratios[g][k])
+
+
+def _bucket_args(gb: storage.GroupBuffers, rule, var, buffers: storage.StepBuffers,
+                 fillers: buckets.Fillers) -> list[tuple[tuple, dict]]:
+    """Prebuilt (args, kwargs) of every bucket call of the group: lists padded to ``bucket_size``."""
+    group, size = gb.group, buffers.plan.bucket_size
+    keys = rule.state_keys(var) if group.bucket_count else ()
+    key = group.key
+    dtypes = {"params": key.dtype, "grads": key.grad_dtype, "external_grads": key.grad_dtype,
+              **{k: key.dtype for k in keys}}
+    calls = []
+    for b in range(group.bucket_count):
+        members = [i for i in group.bucketed[b * size:(b + 1) * size] if i is not None]
+        entries = [group.entries[i] for i in members]
+        external = bool(entries) and entries[0].external  # a bucket is all external or none
+        params = [storage.flat_alias(gb.locals[i]) for i in members]
+        grads = [gb.external_flat[i] if external else storage.flat_slice(gb.grads, e.row, e.numel)
+                 for i, e in zip(members, entries)]
+        state = {k: [storage.flat_slice(gb.state[k], e.row, e.numel) for e in entries] for k in keys}
+        if len(members) < size:
+            filler = fillers.get(key.device, dtypes, size)
+            params = buckets.padded(params, filler["params"], size)
+            grads = buckets.padded(grads, filler["external_grads" if external else "grads"], size)
+            state = {k: buckets.padded(v, filler[k], size) for k, v in state.items()}
+        first = group.bucket_first_slot(b)
+        slots = slice(first, first + size)
+        amax = buffers.amax[slots].detach() if key.fp8 else None
+        calls.append(((params, grads), dict(table=buffers.table[slots].detach(), counts=buffers.counts[slots].detach(),
+                                            amax=amax, **state_kwargs(rule, var, state))))
+    return calls
+
+
+def _external_grad_buckets(gb: storage.GroupBuffers, size: int, fillers: buckets.Fillers) -> list[list[torch.Tensor]]:
+    """A group's external grads in lists of ``size`` (the last one padded), for Phase A."""
+    grads = [gb.external_flat[i] for i in gb.group.external]
+    filler = fillers.get(gb.group.key.device, {"external_grads": gb.group.key.grad_dtype}, size)
+    return [buckets.padded(grads[r.start:r.stop], filler["external_grads"], size)
+            for r in buckets.chunk(len(grads), size)]
+
+
+def copy_staged_in(gb: storage.GroupBuffers) -> None:
+    """Before the flat update: the staged params' current values into their rows of the param buffer."""
+    torch._foreach_copy_([gb.param_views[i] for i in gb.staged], [gb.locals[i] for i in gb.staged])
+
+
+def copy_staged_out(gb: storage.GroupBuffers) -> None:
+    """After it: the updated rows back into the staged params."""
+    torch._foreach_copy_([gb.locals[i] for i in gb.staged], [gb.param_views[i] for i in gb.staged])
 
 
 def _collectives(plan, buffers: storage.StepBuffers, kind: NormKind) -> list[Call]:
@@ -179,12 +269,12 @@ def _collectives(plan, buffers: storage.StepBuffers, kind: NormKind) -> list[Cal
         shape = f"f64[{len(members)}, {storage.PARTIAL_WIDTH}]"
         calls.append(Call(
             f"all_reduce({op}) over {reduction.label!r}: {shape} (partial norms of groups {members})", COLLECTIVE,
-            storage.reduce_partials_over, (reduction, kind, buffers.partials, index, buffers.order)))
+            collectives.reduce_partials_over, (reduction, kind, buffers.partials, index, buffers.order)))
     if plan.pp is not None:
         calls.append(Call("combine the groups' partials", EAGER, _combine_into,
                           (kind, buffers.partials, buffers.pp_partial, buffers.order)))
         calls.append(Call(f"all_reduce({op}) over 'pp': f64[1, {storage.PARTIAL_WIDTH}] (combined partial norm)",
-                          COLLECTIVE, storage.reduce_partials_over,
+                          COLLECTIVE, collectives.reduce_partials_over,
                           (plan.pp, kind, buffers.pp_partial, None, buffers.order)))
     return calls
 

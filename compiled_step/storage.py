@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from compiled_step import buckets, collectives
 from compiled_step.norm import NormKind
-from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, dense_strides, \
+from compiled_step.rules.common import STEPS
+from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, Stack, dense_strides, \
     is_dtensor, local_tensor
 
 
@@ -63,7 +63,7 @@ def _view(buffer: torch.Tensor, row: int, local: torch.Tensor) -> torch.Tensor:
     return buffer.as_strided(local.shape, dense_strides(local), buffer.storage_offset() + row * ROW)
 
 
-def _flat(buffer: torch.Tensor, row: int, numel: int) -> torch.Tensor:
+def flat_slice(buffer: torch.Tensor, row: int, numel: int) -> torch.Tensor:
     """A 1-D alias of ``numel`` elements of ``buffer`` from ``row``: not a view for Dynamo (no ``_base``
     to guard on), so every tensor of any shape hits the same bucket graph."""
     return buffer.view(-1)[row * ROW: row * ROW + numel].detach()
@@ -95,6 +95,13 @@ def own_storage_alias(view: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("torch.from_dlpack did not alias the flat buffer as expected (data_ptr, storage size or "
                            f"strides differ) on torch {torch.__version__}; pass flat_params=False")
     return alias
+
+
+def _stack_view(buffer: torch.Tensor, stack: Stack) -> torch.Tensor:
+    """``[n, rows, cols]`` view of a stack's matrices in ``buffer`` (``[R, ROW]``), each from its first row."""
+    shape = (len(stack.members), *stack.shape)
+    strides = (stack.rows_per_matrix * ROW, *stack.strides)
+    return buffer.as_strided(shape, strides, buffer.storage_offset() + stack.first_row * ROW).detach()
 
 
 def _wrap_like(p: torch.Tensor, local_view: torch.Tensor) -> torch.Tensor:
@@ -148,84 +155,21 @@ class GroupBuffers:
         rows = [e.slot - group.first_slot for e in entries if e.region != BUCKETED
                 for _ in range(-(-e.numel // ROW))]
         self.row_slot = torch.tensor(rows, dtype=torch.int32).to(device)
-
-    # ---------------------------------------------------------------- install (at build)
-
-    def install(self, previous_grads: list[torch.Tensor | None]) -> None:
-        """Move aliased params into the param buffer and grads into the grad buffer (values copied).
-
-        ``previous_grads[i]`` is param i's grad before the build (None: no grad; it stays None).
-        """
-        with torch.no_grad():
-            for i in self.aliased:
-                p, view = self.group.params[i], self.param_views[i]
-                view.copy_(p.data)
-                alias = own_storage_alias(view)
-                p.data = alias
-                self.locals[i] = alias
-            for i, (p, g) in enumerate(zip(self.group.params, previous_grads)):
-                if g is None or g is self.grad_views[i]:
-                    continue  # no grad, or an external grad read where it is
-                self.grad_locals[i].copy_(local_tensor(g))
-                p.grad = self.grad_views[i]
-
-    def zero_external_grads(self) -> None:
-        """Zero the external grads where they are (``fused.zero_grad()``)."""
-        if self.group.external:
-            torch._foreach_zero_([self.grad_locals[i] for i in self.group.external])
-
-    # ---------------------------------------------------------------- bucket arguments
-
-    def bucket_args(self, rule, variant, buffers: "StepBuffers", fillers: buckets.Fillers) -> list[tuple]:
-        """Prebuilt arguments of every bucket call of the group: lists padded to ``bucket_size``."""
-        group, size = self.group, buffers.plan.bucket_size
-        keys = rule.state_keys(variant)
-        key = group.key
-        dtypes = {"params": key.dtype, "grads": key.grad_dtype, "external_grads": key.grad_dtype,
-                  **{k: key.dtype for k in keys}}
-        calls = []
-        for b in range(group.bucket_count):
-            members = [i for i in group.bucketed[b * size:(b + 1) * size] if i is not None]
-            entries = [group.entries[i] for i in members]
-            external = bool(entries) and entries[0].external  # a bucket is all external or none
-            params = [flat_alias(self.locals[i]) for i in members]
-            grads = [self.external_flat[i] if external else _flat(self.grads, e.row, e.numel)
-                     for i, e in zip(members, entries)]
-            state = {k: [_flat(self.state[k], e.row, e.numel) for e in entries] for k in keys}
-            if len(members) < size:
-                filler = fillers.get(key.device, dtypes, size)
-                params = buckets.padded(params, filler["params"], size)
-                grads = buckets.padded(grads, filler["external_grads" if external else "grads"], size)
-                state = {k: buckets.padded(v, filler[k], size) for k, v in state.items()}
-            first = group.bucket_first_slot(b)
-            slots = slice(first, first + size)
-            amax = buffers.amax[slots].detach() if group.key.fp8 else None
-            state_args = rule.state_for_update(variant, state)
-            calls.append((params, grads, *state_args, buffers.table[slots].detach(),
-                          buffers.counts[slots].detach(), amax))
-        return calls
-
-    def external_grad_buckets(self, size: int, fillers: buckets.Fillers) -> list[list[torch.Tensor]]:
-        """The external grads in lists of ``size`` (the last one padded), for Phase A."""
-        grads = [self.external_flat[i] for i in self.group.external]
-        filler = fillers.get(self.group.key.device, {"external_grads": self.group.key.grad_dtype}, size)
-        return [buckets.padded(grads[r.start:r.stop], filler["external_grads"], size)
-                for r in buckets.chunk(len(grads), size)]
-
-    def flat_args(self, rule, variant, buffers: "StepBuffers") -> tuple:
-        group = self.group
-        rows = group.flat_rows
-        state = {k: buf[:rows].detach() for k, buf in self.state.items()}
-        slots = slice(group.first_slot, group.first_slot + group.flat_slots)
-        return (self.params, self.grads[:rows].detach(), *rule.state_for_update(variant, state), self.row_slot,
-                buffers.table[slots].detach(), buffers.counts[slots].detach())
-
+        # A matrix group's stacks as [n, rows, cols] views: params, grads and state, matrix by matrix.
+        self.stack_params = [_stack_view(self.params, st) for st in group.stacks]
+        self.stack_grads = [_stack_view(self.grads, st) for st in group.stacks]
+        self.stack_state = [{k: _stack_view(buf, st) for k, buf in self.state.items()} for st in group.stacks]
 
 class StepBuffers:
-    """The plan-wide vectors and 0-d tensors the compiled calls read and write."""
+    """The plan-wide vectors and 0-d tensors the compiled calls read and write.
 
-    def __init__(self, plan: Plan, rule, kind: NormKind, max_norm: float | None,
-                 outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offload: bool = False):
+    ``rules[g]`` is group g's update rule: the per-slot table and the hyperparameter rows are as
+    wide as the widest rule's columns (padded to 16 bytes), each rule reading its own columns.
+    """
+
+    def __init__(self, plan: Plan, rules: list, kind: NormKind, max_norm: float | None,
+                 outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], offload: bool = False,
+                 lr_ratios: list[list[float]] | None = None):
         device = plan.device
         self.plan = plan
         groups = plan.groups
@@ -238,10 +182,17 @@ class StepBuffers:
                 slot_group[s] = g
         self.slot_group = _buffer((n_slots,), torch.int32, device)
         self.slot_group.copy_(torch.tensor(slot_group, dtype=torch.int32))
+        # With several rules (several optimizers): which of the distinct rules each slot's group has.
+        distinct = list(dict.fromkeys(rules))
+        self.slot_rule = _buffer((n_slots,), torch.int32, device)
+        self.slot_rule.copy_(torch.tensor([distinct.index(rules[g]) for g in slot_group], dtype=torch.int32))
         # Table columns and hyperparameter columns padded so that every row starts 16-byte aligned.
-        self.table = _buffer((n_slots, padded(len(rule.TABLE_COLUMNS), 4)), torch.float32, device)
-        self.hp = _buffer((len(groups), padded(len(rule.HP_COLUMNS), 2)), torch.float64, device)
+        widest_table = max((len(r.TABLE_COLUMNS) for r in rules), default=2)
+        widest_hp = max((len(r.HP_COLUMNS) for r in rules), default=2)
+        self.table = _buffer((n_slots, padded(widest_table, 4)), torch.float32, device)
+        self.hp = _buffer((len(groups), padded(widest_hp, 2)), torch.float64, device)
         self.scales = [self.hp[g, 0].detach() for g in range(len(groups))]  # the SCALE column
+        self.hp_rows = [self.hp[g].detach() for g in range(len(groups))]
         self.partials = _buffer((len(groups), PARTIAL_WIDTH), torch.float64, device)
         self.partial_rows = [self.partials[g].detach() for g in range(len(groups))]
         self.pp_partial = _buffer((1, PARTIAL_WIDTH), torch.float64, device)
@@ -250,48 +201,17 @@ class StepBuffers:
         self.max_norm = torch.tensor(threshold, dtype=torch.float64).to(device)
         self.total, self.finite, self.skipped = outputs  # FusedStep's: they outlive a plan
         self.amax = _buffer((n_slots,), torch.float32, device)
+        # Matrix stacks' lr ratios (one [1] float64 each, in rows of 16 bytes), per group.
+        ratios = [r for per_group in (lr_ratios or []) for r in per_group]
+        table = _buffer((max(len(ratios), 1), 2), torch.float64, device)
+        table[:len(ratios), 0].copy_(torch.tensor(ratios, dtype=torch.float64))
+        self.lr_ratios, k = [], 0
+        for per_group in lr_ratios or []:
+            self.lr_ratios.append([table[k + j, :1].detach() for j in range(len(per_group))])
+            k += len(per_group)
         # Adam's state["step"] are 0-d views of the counts (of their host copy when offloading).
         self.offloaded = offload and device.type != "cpu"
         self.counts_home = (_buffer((n_slots,), torch.float32, torch.device("cpu"), pin=True) if self.offloaded
                             else self.counts)
-        self.count_views = [self.counts_home[s] for s in range(n_slots)] if rule.COUNTS_ARE_STEPS else None
-
-
-def copy_staged_in(gb: GroupBuffers) -> None:
-    torch._foreach_copy_([gb.param_views[i] for i in gb.staged], [gb.locals[i] for i in gb.staged])
-
-
-def copy_staged_out(gb: GroupBuffers) -> None:
-    torch._foreach_copy_([gb.locals[i] for i in gb.staged], [gb.param_views[i] for i in gb.staged])
-
-
-def reduce_partials_over(reduction, kind: NormKind, partials: torch.Tensor, members: torch.Tensor | None,
-                         order: torch.Tensor) -> None:
-    """Reduce the member groups' rows of ``partials`` in place over one process group."""
-    if members is None:
-        partials.copy_(collectives.reduce_stacked(kind, partials, reduction, order))
-    else:
-        stacked = partials.index_select(0, members)
-        partials.index_copy_(0, members, collectives.reduce_stacked(kind, stacked, reduction, order))
-
-
-def offload_in(groups: list[GroupBuffers], buffers: StepBuffers) -> None:
-    """Before a step with offloaded state: allocate the device state and fill it from the host copy."""
-    for gb in groups:
-        if gb.offloaded:
-            for key, work in gb.state.items():
-                work.untyped_storage().resize_(work.numel() * work.element_size())
-                work.copy_(gb.state_home[key], non_blocking=True)
-    if buffers.offloaded:
-        buffers.counts.copy_(buffers.counts_home, non_blocking=True)
-
-
-def offload_out(groups: list[GroupBuffers], buffers: StepBuffers) -> None:
-    """After the step: copy the state back to the host (blocking: it is read right after) and free it."""
-    for gb in groups:
-        if gb.offloaded:
-            for key, work in gb.state.items():
-                gb.state_home[key].copy_(work)
-                work.untyped_storage().resize_(0)
-    if buffers.offloaded:
-        buffers.counts_home.copy_(buffers.counts)
+        any_steps = any(r.COUNTS == STEPS for r in rules)
+        self.count_views = [self.counts_home[s] for s in range(n_slots)] if any_steps else None

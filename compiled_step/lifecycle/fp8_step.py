@@ -24,12 +24,12 @@ from compiled_step.lifecycle.fp8 import (
 class Fp8Weights:
     """The FP8 weights of a FusedStep and the scales it computes for them."""
 
-    def __init__(self, model_parts, fp8_weights, fp8_dtype: torch.dtype, optimizer: torch.optim.Optimizer):
+    def __init__(self, model_parts, fp8_weights, fp8_dtype: torch.dtype, param_groups: list[dict]):
         # torchao float8 FSDP weights found in model_parts (their scales are stored where torchao's
         # all-gather reads them), or an explicit list of params (scales only exposed).
         self.targets = find_float8_fsdp_weights(model_parts)
         weights = [t.weight for t in self.targets] if fp8_weights is None else list(fp8_weights)
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = {id(p) for group in param_groups for p in group["params"]}
         stray = [i for i, w in enumerate(weights) if id(w) not in held]
         if stray:
             raise ValueError(f"fp8_weights[{stray[0]}] is not a param of the optimizer; FP8 scales are computed "

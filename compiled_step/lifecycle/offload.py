@@ -179,3 +179,28 @@ class ScopedModuleOffloading:
         if self.enabled:
             move_to_device(self.model, self.offload_device)
         return False  # never swallow the body's exception
+
+
+# ---------------------------------------------------------------------- FusedStep's optimizer-state offload
+
+
+def offload_in(groups: list, buffers) -> None:
+    """Before a step with offloaded state: allocate the device state and fill it from the host copy."""
+    for gb in groups:
+        if gb.offloaded:
+            for key, work in gb.state.items():
+                work.untyped_storage().resize_(work.numel() * work.element_size())
+                work.copy_(gb.state_home[key], non_blocking=True)
+    if buffers.offloaded:
+        buffers.counts.copy_(buffers.counts_home, non_blocking=True)
+
+
+def offload_out(groups: list, buffers) -> None:
+    """After the step: copy the state back to the host (blocking: it is read right after) and free it."""
+    for gb in groups:
+        if gb.offloaded:
+            for key, work in gb.state.items():
+                gb.state_home[key].copy_(work)
+                work.untyped_storage().resize_(0)
+    if buffers.offloaded:
+        buffers.counts_home.copy_(buffers.counts)

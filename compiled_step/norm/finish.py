@@ -31,7 +31,8 @@ def finish(
     table: torch.Tensor,  # [S, K'] float32: written with every slot's scalars (K' >= K: padding columns)
     kind: str,  # graph constant: NormKind.kind
     p: float,  # graph constant: NormKind.p
-    rule,  # graph constant: the rule module (its slot_table)
+    rule,  # graph constant: the rule module (its slot_table), or a tuple of them (several optimizers)
+    slot_rule: torch.Tensor | None = None,  # [S] int32: with several rules, which one each slot's is
 ) -> None:
     norm_order = order if kind == "scaled" else p
     t = total_from(kind, combine(kind, partials, norm_order), norm_order)
@@ -43,5 +44,15 @@ def finish(
     finite.copy_(ok.reshape(1))
     skipped.copy_(skipped + (~ok).to(skipped.dtype))
     slot_hp = hp[slot_group.long()]  # [S, H]
-    scalars = rule.slot_table(slot_hp, counts, ok & active, coef)
-    table.copy_(torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])))
+    if not isinstance(rule, tuple):
+        scalars = rule.slot_table(slot_hp, counts, ok & active, coef)
+        table.copy_(torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])))
+        return
+    # Several rules: every rule's table for every slot (a few columns per slot), each slot keeping its own.
+    which = slot_rule[:, None]
+    out = torch.zeros_like(table)
+    for index, r in enumerate(rule):
+        scalars = r.slot_table(slot_hp, counts, ok & active, coef)
+        out = torch.where(which == index, torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])),
+                          out)
+    table.copy_(out)

@@ -1,50 +1,106 @@
 """Update rules, one module per optimizer family, each matching ``torch.optim`` numerics.
 
-A rule is the glue between an ordinary ``torch.optim`` optimizer and the compiled update; each
-module satisfies ``UpdateRule``:
+A rule is the glue between an ordinary ``torch.optim`` optimizer and the compiled update. Everything
+that differs between rules is data or a function on the rule module, never a branch in shared code:
 
+* ``HP_COLUMNS``/``TABLE_COLUMNS``: the group hyperparameters it reads (after SCALE and SIGN) and the
+  per-tensor scalars its update reads (after APPLY and GRAD_COEF);
+* ``STATE_KEYS``: every state tensor it may keep, in torch's names (``state_keys(variant)``: those a
+  variant keeps); the update functions take them as keyword arguments of those names, None where
+  the variant keeps none;
+* ``COUNTS``: what the per-tensor counts are to it (``STEPS``: torch's ``state["step"]``, a 0-d view
+  of the count; ``FIRST_STEP_FLAGS``: 1.0 for state FusedStep creates, 0.0 for state it adopts;
+  ``NO_COUNTS``);
+* ``KIND``: ``ELEMENTWISE`` rules update flat buffers and buckets of tensors (``update_flat``,
+  ``update_bucket``); ``MATRIX`` rules update stacks of whole same-shape matrices
+  (``update_matrices``);
 * ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
-  (every step, before anything changes) into the rule's ``HP_COLUMNS`` (after SCALE and SIGN);
-* ``variant(group)`` names the structural flags that change the graphs (few, fixed per run), and
-  ``state_keys(variant)`` the per-param state tensors in torch's format;
-* ``slot_table(hp, counts, apply, coef)`` computes every tensor's scalars (``TABLE_COLUMNS``) inside
-  the finish graph, from the group hyperparameters, the per-tensor counts (Adam's step, SGD's
-  first-step flag) and whether the tensor is updated this step;
-* ``update_flat(...)`` updates a group's flat buffers row by row, ``update_bucket(...)`` a list of
-  tensors; both advance the counts of the tensors they write, in the same graph.
+  every step, before anything changes; ``variant(group)`` names the structural options that change
+  the graphs; ``slot_table(hp, counts, apply, coef)`` computes every tensor's scalars inside the
+  finish graph.
+
+``conformance_errors(rule)`` checks a rule module against this contract (names, kinds and the update
+functions' signatures); tests run it over every registered rule.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Hashable
 from typing import Protocol
 
 import torch
 
-from compiled_step.rules import adam, sgd
+from compiled_step.rules import adam, muon, sgd
+from compiled_step.rules.common import ELEMENTWISE, FIRST_STEP_FLAGS, MATRIX, NO_COUNTS, STEPS
 
 
 class UpdateRule(Protocol):
     NAME: str
-    COUNTS_ARE_STEPS: bool
+    KIND: str  # ELEMENTWISE or MATRIX
+    COUNTS: str  # STEPS, FIRST_STEP_FLAGS or NO_COUNTS
     HP_COLUMNS: tuple[str, ...]
     TABLE_COLUMNS: tuple[str, ...]
+    STATE_KEYS: tuple[str, ...]
 
-    def variant(self, group: dict): ...
+    def variant(self, group: dict) -> Hashable: ...
 
-    def state_keys(self, variant) -> tuple[str, ...]: ...
+    def state_keys(self, variant: Hashable) -> tuple[str, ...]: ...
 
     def group_values(self, optimizer: torch.optim.Optimizer, group: dict, where: str) -> list: ...
 
     def slot_table(self, hp: torch.Tensor, counts: torch.Tensor, apply: torch.Tensor,
                    coef: torch.Tensor) -> torch.Tensor: ...
 
-    def advance(self, counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor: ...
 
-    def update_flat(self, *args) -> None: ...
+class ElementwiseRule(UpdateRule, Protocol):
+    def update_flat(self, params: torch.Tensor, grads: torch.Tensor, row_slot: torch.Tensor, table: torch.Tensor,
+                    counts: torch.Tensor, **state: torch.Tensor | None) -> None: ...
 
-    def update_bucket(self, *args) -> None: ...
+    def update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], table: torch.Tensor,
+                      counts: torch.Tensor, amax: torch.Tensor | None, **state: list[torch.Tensor] | None) -> None: ...
 
-    def state_for_update(self, variant, state: dict) -> tuple: ...
+
+class MatrixRule(UpdateRule, Protocol):
+    def update_matrices(self, params: torch.Tensor, grads: torch.Tensor, hp: torch.Tensor, table: torch.Tensor,
+                        lr_ratio: torch.Tensor, variant: Hashable, **state: torch.Tensor) -> None: ...
+
+
+_UPDATES = {ELEMENTWISE: ("update_flat", "update_bucket"), MATRIX: ("update_matrices",)}
+
+
+def conformance_errors(rule) -> list[str]:
+    """What in ``rule`` breaks the contract above (empty when it conforms)."""
+    errors = []
+    for name, kind in UpdateRule.__annotations__.items():
+        if not hasattr(rule, name):
+            errors.append(f"missing {name}")
+    for name in ("variant", "state_keys", "group_values", "slot_table"):
+        if not callable(getattr(rule, name, None)):
+            errors.append(f"missing function {name}")
+    if errors:
+        return errors
+    if rule.KIND not in _UPDATES:
+        errors.append(f"KIND {rule.KIND!r} is not one of {sorted(_UPDATES)}")
+        return errors
+    if rule.COUNTS not in (STEPS, FIRST_STEP_FLAGS, NO_COUNTS):
+        errors.append(f"COUNTS {rule.COUNTS!r} is not one of steps, first_step_flags, none")
+    if rule.HP_COLUMNS[:2] != ("scale", "sign") or rule.TABLE_COLUMNS[:2] != ("apply", "grad_coef"):
+        errors.append("HP_COLUMNS must start with scale, sign and TABLE_COLUMNS with apply, grad_coef")
+    protocol = ElementwiseRule if rule.KIND == ELEMENTWISE else MatrixRule
+    for name in _UPDATES[rule.KIND]:
+        fn = getattr(rule, name, None)
+        if not callable(fn):
+            errors.append(f"missing function {name}")
+            continue
+        expected = {p for p in inspect.signature(getattr(protocol, name)).parameters if p not in ("self", "state")}
+        params = inspect.signature(fn).parameters.values()
+        got = {p.name for p in params}
+        variadic = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if variadic or got != expected | set(rule.STATE_KEYS):
+            errors.append(f"{name}{tuple(p.name for p in params)}: expected the parameters {sorted(expected)} "
+                          f"and one per STATE_KEYS {rule.STATE_KEYS}, each named (no *args/**kwargs)")
+    return errors
 
 
 # Exact types only: a subclass may override ``step`` and we would silently do something else.
@@ -52,6 +108,7 @@ RULES: dict[type, UpdateRule] = {
     torch.optim.Adam: adam,
     torch.optim.AdamW: adam,
     torch.optim.SGD: sgd,
+    torch.optim.Muon: muon,
 }
 
 
@@ -67,4 +124,11 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
     return rule
 
 
-__all__ = ["RULES", "UpdateRule", "rule_for", "adam", "sgd"]
+def state_kwargs(rule, variant, by_key: dict) -> dict:
+    """The update's state keyword arguments: ``by_key[k]`` for the keys the variant keeps, else None."""
+    kept = rule.state_keys(variant)
+    return {k: (by_key[k] if k in kept else None) for k in rule.STATE_KEYS}
+
+
+__all__ = ["RULES", "UpdateRule", "ElementwiseRule", "MatrixRule", "ELEMENTWISE", "MATRIX", "STEPS",
+           "FIRST_STEP_FLAGS", "NO_COUNTS", "conformance_errors", "rule_for", "state_kwargs", "adam", "muon", "sgd"]

@@ -30,6 +30,8 @@ import torch
 
 from compiled_step.rules.common import (
     APPLY,
+    ELEMENTWISE,
+    STEPS,
     GRAD_COEF,
     SCALE,
     SIGN,
@@ -40,7 +42,8 @@ from compiled_step.rules.common import (
 )
 
 NAME = "adam"
-COUNTS_ARE_STEPS = True  # the per-tensor counts are torch's state["step"] (views into one vector)
+KIND = ELEMENTWISE
+COUNTS = STEPS  # the per-tensor counts are torch's state["step"] (views into one vector)
 
 # Group hyperparameters (float64, one row per sharding group); SCALE and SIGN come first for every rule.
 HP_COLUMNS = ("scale", "sign", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled")
@@ -188,8 +191,3 @@ def update_bucket(
     counts.copy_(advance(counts, table[:, APPLY]))
     if amax is not None:
         amax.copy_(torch.stack(amaxes))
-
-
-def state_for_update(var: Variant, state: dict[str, object]) -> tuple:
-    """The update functions' state arguments, in order, from per-key buffers (None where absent)."""
-    return (state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if var.amsgrad else None)

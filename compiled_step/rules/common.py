@@ -7,6 +7,11 @@ import numbers
 
 import torch
 
+# A rule's KIND: how its update reads the params (see rules/__init__.py) ...
+ELEMENTWISE, MATRIX = "elementwise", "matrix"
+# ... and its COUNTS: what the per-tensor counts are to it.
+STEPS, FIRST_STEP_FLAGS, NO_COUNTS = "steps", "first_step_flags", "none"
+
 # Leading columns of every rule's group hyperparameter row (float64) ...
 SCALE, SIGN = 0, 1  # the group's grad scale (PP/EP/grad_scale) and -1 for ``maximize``
 # ... and of every rule's per-tensor table (float32).

@@ -24,6 +24,8 @@ import torch
 
 from compiled_step.rules.common import (
     APPLY,
+    ELEMENTWISE,
+    FIRST_STEP_FLAGS,
     GRAD_COEF,
     SCALE,
     SIGN,
@@ -34,7 +36,8 @@ from compiled_step.rules.common import (
 )
 
 NAME = "sgd"
-COUNTS_ARE_STEPS = False  # the counts are FusedStep's own first-step flags; torch's SGD keeps no step
+KIND = ELEMENTWISE
+COUNTS = FIRST_STEP_FLAGS  # the counts are FusedStep's own first-step flags; torch's SGD keeps no step
 
 HP_COLUMNS = ("scale", "sign", "lr", "momentum", "dampening", "weight_decay", "nesterov")
 _LR, _MOMENTUM, _DAMPENING, _WD, _NESTEROV = range(2, len(HP_COLUMNS))
@@ -42,6 +45,9 @@ _LR, _MOMENTUM, _DAMPENING, _WD, _NESTEROV = range(2, len(HP_COLUMNS))
 TABLE_COLUMNS = ("apply", "grad_coef", "neg_lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov",
                  "first")
 _NEG_LR, _T_WD, _T_MOMENTUM, _ONE_MINUS_DAMPENING, _T_NESTEROV, _FIRST = range(2, 8)
+
+
+STATE_KEYS = ("momentum_buffer",)
 
 
 class Variant(NamedTuple):
@@ -57,7 +63,7 @@ def variant(group: dict) -> Variant:
 
 def state_keys(var: Variant) -> tuple[str, ...]:
     """torch keeps SGD state only for the momentum buffer."""
-    return ("momentum_buffer",) if var.momentum else ()
+    return STATE_KEYS if var.momentum else ()
 
 
 def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> list:
@@ -154,7 +160,3 @@ def update_bucket(
     counts.copy_(advance(counts, table[:, APPLY]))
     if amax is not None:
         amax.copy_(torch.stack(amaxes))
-
-
-def state_for_update(var: Variant, state: dict[str, object]) -> tuple:
-    return (state["momentum_buffer"] if var.momentum else None,)

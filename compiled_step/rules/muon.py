@@ -1,0 +1,169 @@
+"""Muon (``torch.optim.Muon``), matching torch's numerics, on stacks of same-shape matrices.
+
+torch's reference math per 2-D param (``torch/optim/_muon.py``, single-tensor path)::
+
+    buf    = buf.lerp(g, 1 - momentum)                     # momentum_buffer, zeros at first
+    update = g.lerp(buf, momentum) if nesterov else buf
+    O      = NS(update)                                    # Newton-Schulz, in bfloat16
+    p      = p * (1 - lr * weight_decay)                   # decoupled weight decay
+    p      = p - lr * ratio(shape, adjust_lr_fn) * O
+
+    NS(X):  X = X.bfloat16(); X = X.T if rows > cols; X = X / max(||X||_F, eps)
+            repeat ns_steps: G = X @ X.T; G' = c * G @ G + b * G; X = G' @ X + a * X
+            (the transpose undone)
+
+FusedStep runs it for every same-shape matrix of a param group at once (``update_matrices``: one
+compiled call per shape, batched matmuls, as nanochat stacks them), with the clip coefficient and
+the grad scale folded into the same code that forms the Newton-Schulz input: the grads are read
+once. The matrices live in the group's flat buffers, each in whole rows, so a stack is a strided 3-D
+view of the buffer (``planning``'s matrix stacks).
+
+Structural options (``Variant``): ``ns_steps``, ``ns_coefficients`` (graph constants: the loop count
+and the matmul coefficients) and ``adjust_lr_fn`` (the per-shape lr ratio, computed on the host at
+build). lr, weight_decay, momentum, nesterov and eps are tensors read every step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from compiled_step.rules.common import (
+    APPLY,
+    GRAD_COEF,
+    MATRIX,
+    NO_COUNTS,
+    SCALE,
+    check_range,
+    hyperparameter,
+    reject_common_options,
+    store_where,
+)
+
+NAME = "muon"
+KIND = MATRIX
+COUNTS = NO_COUNTS  # torch's Muon keeps no step; its momentum buffer starts at zero
+
+HP_COLUMNS = ("scale", "sign", "lr", "weight_decay", "momentum", "nesterov", "eps")
+_LR, _WD, _MOMENTUM, _NESTEROV, _EPS = range(2, len(HP_COLUMNS))
+
+TABLE_COLUMNS = ("apply", "grad_coef", "decay", "momentum", "one_minus_momentum", "nesterov", "eps")
+_T_DECAY, _T_MOMENTUM, _ONE_MINUS_MOMENTUM, _T_NESTEROV, _T_EPS = range(2, len(TABLE_COLUMNS))
+
+STATE_KEYS = ("momentum_buffer",)
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+class Variant(NamedTuple):
+    """Structural options: each distinct value compiles its own update graph."""
+
+    ns_steps: int
+    ns_coefficients: tuple[float, float, float]
+    adjust_lr_fn: str | None
+
+
+def variant(group: dict) -> Variant:
+    return Variant(int(group["ns_steps"]), tuple(float(c) for c in group["ns_coefficients"]), group["adjust_lr_fn"])
+
+
+def state_keys(var: Variant) -> tuple[str, ...]:
+    return STATE_KEYS
+
+
+def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> list:
+    """The group's hyperparameters in ``HP_COLUMNS[2:]`` order; raises ``ValueError`` for what
+    ``torch.optim.Muon`` refuses (at construction or in ``step``), before anything changes."""
+    reject_common_options(group, type(optimizer).__name__)
+    lr = hyperparameter(group["lr"], "lr", where)
+    wd = hyperparameter(group["weight_decay"], "weight_decay", where)
+    momentum = hyperparameter(group["momentum"], "momentum", where)
+    eps = hyperparameter(group["eps"], "eps", where)
+    check_range(lr, "lr", where, low=0.0)
+    check_range(wd, "weight_decay", where, low=0.0)
+    check_range(momentum, "momentum", where, low=0.0)
+    steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
+        raise ValueError(f"{where}: ns_steps must be an int in [0, 100) (torch.optim.Muon's bound), got {steps!r}. "
+                         "Nothing was updated.")
+    if len(coefficients) != 3:
+        raise ValueError(f"{where}: ns_coefficients must be 3 numbers (a, b, c), got {coefficients!r}. Nothing was "
+                         "updated.")
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"{where}: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}. "
+                         "Nothing was updated.")
+    return [lr, wd, momentum, 1.0 if group["nesterov"] else 0.0, eps]
+
+
+def lr_ratio(shape: tuple[int, int], adjust_lr_fn: str | None) -> float:
+    """torch's ``_adjust_lr`` ratio for a matrix of ``shape`` (computed on the host, in Python floats)."""
+    rows, cols = shape
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols))  # "match_rms_adamw"
+
+
+def slot_table(
+    hp: torch.Tensor,  # [S, len(HP_COLUMNS)] float64: each slot's group hyperparameters
+    counts: torch.Tensor,  # [S] float32: unused (Muon keeps no count)
+    apply: torch.Tensor,  # [S] bool: the matrix is updated this step (finite norm and a grad)
+    coef: torch.Tensor,  # [] float64: the clip coefficient
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] float32
+    momentum = hp[:, _MOMENTUM]
+    columns = [
+        apply.double(),
+        coef * hp[:, SCALE],  # Muon has no maximize: the SIGN column is always 1
+        1.0 - hp[:, _LR] * hp[:, _WD],
+        momentum,
+        1.0 - momentum,
+        hp[:, _NESTEROV],
+        hp[:, _EPS],
+    ]
+    return torch.stack(columns, dim=1).to(torch.float32)
+
+
+def newton_schulz(x: torch.Tensor, eps: torch.Tensor, var: Variant) -> torch.Tensor:
+    """torch's ``_zeropower_via_newtonschulz`` for a stack ``[n, A, B]`` (bfloat16 out, as torch's).
+
+    ``eps``: ``[n, 1, 1]``. The transpose for tall matrices depends on the shape only, so it is a
+    graph guard, not a branch on values.
+    """
+    a, b, c = var.ns_coefficients
+    ortho = x.bfloat16()
+    tall = x.size(1) > x.size(2)
+    if tall:
+        ortho = ortho.mT
+    norm = torch.linalg.vector_norm(ortho, dim=(1, 2), keepdim=True)  # bf16, as torch's Tensor.norm() of bf16
+    ortho = ortho / torch.maximum(norm, eps.to(norm.dtype))
+    for _ in range(var.ns_steps):
+        gram = ortho @ ortho.mT
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        ortho = torch.baddbmm(ortho, gram_update, ortho, beta=a)
+    return ortho.mT if tall else ortho
+
+
+def update_matrices(
+    params: torch.Tensor,  # [n, A, B] same-shape matrices of one param group (param dtype); mutated
+    grads: torch.Tensor,  # [n, A, B] their grads; read only
+    hp: torch.Tensor,  # [H] float64: the group's hyperparameter row (lr and weight decay, as torch's floats)
+    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32: the matrices' slots' scalars
+    lr_ratio: torch.Tensor,  # [1] float64: torch's lr adjustment for this shape
+    variant: Variant,  # graph constant
+    momentum_buffer: torch.Tensor,  # [n, A, B] momentum buffers (param dtype); mutated
+) -> None:
+    def col(k):
+        return table[:, k, None, None]  # [n, 1, 1]
+
+    g = grads.float() * col(GRAD_COEF)
+    buf32 = momentum_buffer.float()
+    buf_new = torch.lerp(buf32, g, col(_ONE_MINUS_MOMENTUM))
+    update = torch.where(col(_T_NESTEROV) != 0, torch.lerp(g, buf_new, col(_T_MOMENTUM)), buf_new)
+    ortho = newton_schulz(update, col(_T_EPS), variant)
+    # torch: p.add_(O, alpha=-lr * ratio) with the Python float rounded to the param's precision once.
+    neg_lr = (-(hp[_LR] * lr_ratio)).to(torch.float32)
+    p32 = params.float()
+    p_new = p32 * col(_T_DECAY) + neg_lr * ortho.float()
+    keep = col(APPLY) != 0
+    store_where(keep, [(params, p_new, p32), (momentum_buffer, buf_new, buf32)])
