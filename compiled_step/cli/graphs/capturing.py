@@ -263,11 +263,19 @@ def _events(program, steps: _Steps) -> tuple[list[Event], dict[int, int]]:
         graph = ran.graph
         if graph.function == "?":
             graph.function = call.function
-            graph.constants = ", ".join(f"{k}={_constant(v)}" for k, v in call.kwargs.items())
+            # Keyword arguments that are tensors (or lists of them) are graph inputs, not constants.
+            graph.constants = ", ".join(f"{k}={_constant(v)}" for k, v in call.kwargs.items()
+                                        if not _holds_tensors(v))
         events.append(Event("compiled", call.label, local.setdefault(graph.index, len(local))))
     for index in steps.compiled_in_step1:
         local.setdefault(index, len(local))
     return events, local
+
+
+def _holds_tensors(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)
 
 
 def _check_first_call_sizes(ref: Reference, sess: CaptureSession, local: dict[int, int],
