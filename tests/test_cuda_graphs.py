@@ -67,14 +67,18 @@ def _pair(**options):
     return ours, fused, ref, torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
 
 
-def _step_both(ours, fused, ref, ref_opt, step):
-    grads = make_grads(ours, step)
-    set_grads(ref, grads)
-    for p, g in zip(ours, grads):
+def _write_grads(params, grads):
+    for p, g in zip(params, grads):
         if p.grad is None:
             p.grad = g.clone()
         else:
             p.grad.copy_(g)  # into FusedStep's persistent grad buffers
+
+
+def _step_both(ours, fused, ref, ref_opt, step):
+    grads = make_grads(ours, step)
+    set_grads(ref, grads)
+    _write_grads(ours, grads)
     norm = fused.step()
     ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
     ref_opt.step()
@@ -271,3 +275,57 @@ def test_a_graph_torch_reports_empty_is_an_error():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cuda_graphs.check_capture_warnings([], calls)
+
+
+# ---------------------------------------------------------------------- no per-step host-to-device copy
+
+
+class _OpsOn:
+    """Records every op whose arguments include ``tensor`` (by identity)."""
+
+    def __init__(self, tensor):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        target = tensor
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if any(a is target for a in args) or any(v is target for v in (kwargs or {}).values()):
+                    self.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.mode.ops
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_a_cpu_grad_scale_tensor_is_read_on_the_host_never_copied_to_the_device():
+    """On CUDA params a CPU tensor turned into a device operand costs a blocking host-to-device copy
+    every step. Read on the host (free for a CPU tensor) it is a number: the only op it may see is
+    the read itself (``_local_scalar_dense``). Reference for the values: the same step with the float."""
+    ours, fused, _, _ = _pair(compile=False)  # compile=False: torch.compile refuses a dispatch mode
+    twin_params = make_params()
+    twin = FusedStep(torch.optim.AdamW(twin_params, lr=1e-2, weight_decay=0.1), max_grad_norm=1.0,
+                     bucket_size=BUCKET, pack_threshold=PACK, compile=False)
+    for step in range(3):
+        grads = make_grads(ours, step)
+        _write_grads(ours, grads)
+        _write_grads(twin_params, grads)
+        scale = torch.tensor(0.25)
+        with _OpsOn(scale) as ops:
+            norm = fused.step(grad_scale=scale)
+        assert set(ops) <= {"aten._local_scalar_dense.default"}, ops
+        assert torch.equal(norm, twin.step(grad_scale=0.25))  # same arithmetic: bit equality
+        fused.zero_grad()
+        twin.zero_grad()
+    for a, b in zip(ours, twin_params):
+        assert torch.equal(a, b)
