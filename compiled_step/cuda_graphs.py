@@ -97,8 +97,9 @@ def _touches_elements(value) -> bool:
 
 
 def _launches_work(calls: list[Call]) -> bool:
-    """Whether any call has a non-empty tensor to work on. A segment that has none (a rank whose
-    shards are all empty) rightly captures nothing: it is not captured, rather than reported empty."""
+    """Whether any call has a non-empty tensor to work on, among what the program's calls carry (their
+    args, kwargs, or the tensor of a bound method such as ``row.zero_``). A segment that has none (a rank
+    whose shards are all empty) rightly captures nothing: it is not captured, rather than reported empty."""
     return any(_touches_elements([getattr(c.fn, "__self__", None), c.args, c.kwargs]) for c in calls)
 
 

@@ -256,6 +256,29 @@ def test_a_segment_without_elements_is_not_captured():
     assert cuda_graphs._launches_work([program.Call("bucket", program.COMPILED, print, ([empty, [full]],))])
 
 
+def test_captured_is_true_only_when_a_graph_replaces_calls(no_collectives):
+    """A program whose only calls touch no element (a rank with empty shards) captures nothing: the
+    runner agrees, keeps running the calls, and does not claim to be captured."""
+    empty, counter = torch.empty(0), torch.zeros(())
+    calls = [program.Call("zero an empty row", program.EAGER, empty.zero_)]
+    counted = program.Call("count", program.EAGER, torch.Tensor.add_, (counter, 1))
+    prog = program.Program(norm=calls, update=[counted], compiler=_Compiler(False))
+    capture = FakeCapture()
+    runner = cuda_graphs.Runner(prog, torch.device("cpu"), True, capture)
+    for _ in range(3):
+        runner.run_norm()
+        runner.run_update()
+    assert [entry[0] for entry in capture.log] == ["capture", "replay", "replay"]  # only the update half
+    assert capture.log[0] == ("capture", ["count"])
+    assert runner.graphs == 1 and runner.captured and counter.item() == 3  # run, then two replays
+    runner = cuda_graphs.Runner(program.Program(norm=calls, update=list(calls), compiler=_Compiler(False)),
+                                torch.device("cpu"), True, FakeCapture())
+    for _ in range(3):
+        runner.run_norm()
+        runner.run_update()
+    assert runner.graphs == 0 and not runner.captured and runner.capture is False  # tried once, nothing to capture
+
+
 # ---------------------------------------------------------------------- the empty-graph check
 
 
