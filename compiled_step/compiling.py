@@ -29,9 +29,36 @@ import torch
 log = logging.getLogger("compiled_step")
 
 
-# Inductor settings for the step's graphs; ``compile_settings`` says why each is there. A dotted name
-# is a sub-config (``triton.autotune_pointwise``). Settings this torch lacks are left out (see
-# ``inductor_settings``): the ones here exist in torch 2.13 and 2.14.
+# Inductor settings for the step's graphs (``compile_settings``), and why:
+#
+# * ``cpp.dynamic_threads``: with symbolic sizes the CPU backend's parallel-depth heuristic finds no
+#   usable size hint and emits *serial* loops (measured: the fp64 norm of 16 x 1M floats took 3.4 ms
+#   serial vs 1.75 ms with both cores). This makes every loop an OpenMP region the runtime splits.
+# * ``assume_aligned_inputs`` (GPU only: Inductor ignores it on the CPU): under ``dynamic=True`` every
+#   storage offset is a symbol, so Inductor cannot prove an input 16-byte aligned (``tensor_is_aligned``)
+#   and its Triton pointers lose ``tt.divisibility=16``: scalar loads instead of 128-bit ones
+#   (pytorch#176653: 1.5-3.4x slower). Our buffers all start 16-byte aligned (``storage.LEAD``, rows
+#   and slots on 16-byte boundaries). Inductor checks ``data_ptr() % 16`` on every call and copies an
+#   input that is not aligned (writing mutations back): a misaligned tensor (a user's grad in the
+#   functional API, a param that is a view at an odd offset) costs a copy, never a wrong result.
+# * no autotuning at the first run: ``triton.autotune_pointwise=False`` (pointwise kernels),
+#   ``test_configs.force_filter_reduction_configs`` (reductions, persistent reductions, scans: one
+#   config each, the filter of Inductor's deterministic mode), max-autotune and coordinate descent off
+#   even if the user turned them on, combo kernels untuned. A kernel with several Triton configs is
+#   benchmarked on its first run, and ``CachingAutotuner`` clones every argument it mutates for each
+#   benchmark (near the memory limit it copies them to pinned host memory instead): params and
+#   optimizer state, 12 B/param for fp32 AdamW. With one config nothing is benchmarked or cloned, and
+#   the reduction order of the fp64 partial norms no longer depends on timing.
+# * combo kernels, pointwise only, untuned (Triton only: Inductor leaves CPU kernels out of them). A
+#   bucket update is one pointwise kernel per tensor; Inductor combines up to
+#   ``combo_kernel_max_num_nodes`` independent kernels of a graph (and at most 250 arguments) into one
+#   launch, so a bucket of 16 tensors with its step counts is one launch instead of 17. Reductions stay
+#   out: a combo of persistent reductions over a symbolic size raises in Inductor ("Dynamic shape on
+#   reduction dimension is not supported"), and the FP8 bucket update's amax is such a reduction.
+#   Read from Inductor's source (2.13, 2.14); not yet run on a GPU.
+#
+# A dotted name is a sub-config. Settings this torch lacks are left out (``inductor_settings``): all of
+# these exist in torch 2.13 and 2.14.
 _INDUCTOR_SETTINGS = {
     "cpp.dynamic_threads": True,
     "assume_aligned_inputs": True,
@@ -46,9 +73,10 @@ _INDUCTOR_SETTINGS = {
     "benchmark_combo_kernel": False,
     "combo_kernel_max_num_nodes": 64,
 }
-# Combo kernels are enabled only where every setting that keeps them safe here exists (see below).
+# Combo kernels are turned on only where every setting that keeps them safe here exists.
 _COMBO_SETTINGS = ("combo_kernels", "combo_kernels_pointwise_only", "combo_kernels_autotune",
                    "benchmark_combo_kernel", "combo_kernel_max_num_nodes")
+_MISSING_LOGGED = False  # the missing settings are logged once per process
 
 
 def _has_setting(config, dotted: str) -> bool:
@@ -63,24 +91,21 @@ def _has_setting(config, dotted: str) -> bool:
 def inductor_settings() -> dict[str, object]:
     """The Inductor settings ``compile_settings`` applies: ``_INDUCTOR_SETTINGS`` less those this torch lacks.
 
-    The one version-aware place for them. A missing setting is logged once at INFO (what it would
-    have done is in ``compile_settings``); combo kernels are left off unless all of their settings exist.
+    The one version-aware place for them. Missing settings are logged once at INFO on the
+    ``compiled_step`` logger; combo kernels stay off unless all of their settings exist.
     """
     import torch._inductor.config as inductor_config
 
+    global _MISSING_LOGGED
     present = {k: v for k, v in _INDUCTOR_SETTINGS.items() if _has_setting(inductor_config, k)}
     if any(k not in present for k in _COMBO_SETTINGS):
         present = {k: v for k, v in present.items() if k not in _COMBO_SETTINGS}
     missing = sorted(set(_INDUCTOR_SETTINGS) - set(present))
-    global _MISSING_LOGGED
     if missing and not _MISSING_LOGGED:
         _MISSING_LOGGED = True
         log.info("torch %s's Inductor lacks %s: compiling the step's graphs without them", torch.__version__,
                  ", ".join(missing))
     return present
-
-
-_MISSING_LOGGED = False
 
 
 @contextlib.contextmanager
@@ -101,34 +126,7 @@ def compile_settings():
       (optimizer rule x amsgrad x dtype x norm kind) share code objects; past the default limit
       of 8 Dynamo would silently fall back to eager. We would rather fail loudly.
 
-    Inductor (``inductor_settings``):
-
-    * ``cpp.dynamic_threads``: with symbolic sizes the CPU backend's parallel-depth heuristic finds
-      no usable size hint and emits *serial* loops (measured: the fp64 norm of 16 x 1M floats took
-      3.4 ms serial vs 1.75 ms with both cores). This makes every loop an OpenMP region and lets the
-      runtime split it.
-    * ``assume_aligned_inputs`` (GPU only; Inductor ignores it on the CPU): with ``dynamic=True``
-      every storage offset is a symbol, so Inductor cannot prove that an input is 16-byte aligned
-      (``tensor_is_aligned``) and its Triton pointers lose ``tt.divisibility=16``: scalar loads
-      instead of 128-bit ones (pytorch#176653: 1.5-3.4x slower). Every buffer of ours starts
-      16-byte aligned (``storage.LEAD``, rows and slots on 16-byte boundaries). Inductor checks
-      ``data_ptr() % 16`` on every call and copies an input that is not aligned (writing mutations
-      back), so a misaligned tensor (a user's grad in the functional API) costs a copy, never a
-      wrong result.
-    * no autotuning at the first run (``triton.autotune_pointwise=False`` for pointwise kernels,
-      ``test_configs.force_filter_reduction_configs`` for reductions, persistent reductions and
-      scans, max-autotune and coordinate descent off even if the user turned them on, combo
-      kernels untuned): with more than one Triton config a kernel is benchmarked on its first run,
-      and ``CachingAutotuner`` clones every argument the kernel mutates for each benchmark (or,
-      near the memory limit, copies it to pinned host memory): params and optimizer state, 12
-      B/param for fp32 AdamW. One config per kernel: nothing is benchmarked, nothing cloned. The
-      reduction filter also makes the reduction order (fp64 partial norms) independent of timing.
-    * combo kernels, pointwise only, untuned (Triton only: Inductor leaves CPU kernels out of
-      them): a bucket update is one pointwise kernel per tensor; these combine up to
-      ``combo_kernel_max_num_nodes`` independent kernels of a graph into one launch, so a bucket
-      of 16 tensors is one launch instead of 17. Reductions are kept out: a combo of persistent
-      reductions with a symbolic reduction size raises in Inductor ("Dynamic shape on reduction
-      dimension is not supported"), and the FP8 bucket update's amax is such a reduction.
+    Inductor: ``inductor_settings()`` (the comment above ``_INDUCTOR_SETTINGS`` says why each).
     """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
@@ -146,10 +144,10 @@ def static_widths(args) -> None:
     The step's functions are written so that only a tensor's leading dim depends on the model: the
     flat buffers are ``[rows, ROW]``, the table ``[slots, K]``, the hyperparameters ``[groups, H]``,
     the partials ``[groups, 2]``, and bucket members are 1-D. Under ``dynamic=True`` the widths would
-    be symbols too; as constants, Inductor indexes a row with ``x0 * 256`` (no ``index // ks`` per
-    element), vectorises whole rows without a masked tail, hoists a row's table reads and bounds
-    check out of its vector loop, and can prove 16-byte alignment of ``x0 * 256``. Each width is
-    a constant by design (``planning.ROW``, the rule's columns), so no model compiles another graph.
+    be symbols too; as constants, Inductor indexes a row with ``x0 * 256`` and the table with
+    ``slot * K`` (no ``index // ks`` per element on a GPU), the CPU loop over a row is 16 full
+    vectors with no masked tail, and ``256 * rows`` is provably a multiple of 16. Each width is a
+    constant by design (``planning.ROW``, the rule's columns), so no model compiles another graph.
     """
     for arg in args:
         if isinstance(arg, torch.Tensor):
