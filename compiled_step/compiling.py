@@ -56,6 +56,11 @@ log = logging.getLogger("compiled_step")
 #   out: a combo of persistent reductions over a symbolic size raises in Inductor ("Dynamic shape on
 #   reduction dimension is not supported"), and the FP8 bucket update's amax is such a reduction.
 #   Read from Inductor's source (2.13, 2.14); not yet run on a GPU.
+# * ``emulate_precision_casts``: a bfloat16 intermediate is rounded to bfloat16 as eager rounds it,
+#   instead of staying in fp32 inside a fused kernel. Muon's Newton-Schulz runs in bfloat16 as
+#   torch's does; with this its batched, compiled form gives torch's values bit for bit (measured on
+#   the CPU). The other rules compute in fp32 and round once at the store, so they have no bfloat16
+#   intermediates for it to act on.
 #
 # A dotted name is a sub-config. Settings this torch lacks are left out (``inductor_settings``): all of
 # these exist in torch 2.13 and 2.14.
@@ -72,6 +77,7 @@ _INDUCTOR_SETTINGS = {
     "combo_kernels_autotune": 0,
     "benchmark_combo_kernel": False,
     "combo_kernel_max_num_nodes": 64,
+    "emulate_precision_casts": True,
 }
 # Combo kernels are turned on only where every setting that keeps them safe here exists.
 _COMBO_SETTINGS = ("combo_kernels", "combo_kernels_pointwise_only", "combo_kernels_autotune",
@@ -241,14 +247,17 @@ class Compiler:
         self.notice = notice
         self._seen: set = set()
 
-    def get(self, fn: Callable) -> Callable:
+    def get(self, fn: Callable, static_widths: bool = True) -> Callable:
+        """``fn`` compiled (or ``fn`` itself with ``compile=False``). ``static_widths=False`` leaves every
+        dim symbolic: for stacks of matrices, whose widths are the model's (one graph for all shapes)."""
         if not self.enabled:
             return fn
-        key = (fn, self.backend)
+        key = (fn, self.backend, static_widths)
         compiled = Compiler._cache.get(key)
         if compiled is None:
-            compiled = _with_static_widths(
-                torch.compile(fn, backend=_RecordingBackend(self.backend), dynamic=True, fullgraph=True))
+            compiled = torch.compile(fn, backend=_RecordingBackend(self.backend), dynamic=True, fullgraph=True)
+            if static_widths:
+                compiled = _with_static_widths(compiled)
             Compiler._cache[key] = compiled
         return compiled
 

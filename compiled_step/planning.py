@@ -451,7 +451,9 @@ def _lay_out_matrices(group: ShardingGroup, first_slot: int, flat_params: bool, 
         runs.setdefault((tuple(local.shape), dense_strides(local)), []).append(i)
     for (shape, strides), members in runs.items():
         slot = align(slot)
-        per = rows_for(shape[0] * shape[1])
+        # At least one padding element after each matrix, so no stack is contiguous: Dynamo would
+        # otherwise compile one graph for stacks whose matrices fill whole rows and one for the rest.
+        per = rows_for(shape[0] * shape[1] + 1)
         group.stacks.append(Stack(shape, strides, row, per, tuple(members), slot))
         for i in members:
             p = group.params[i]

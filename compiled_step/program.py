@@ -168,7 +168,7 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
     if gb.staged:
         calls.append(Call(f"copy {len(gb.staged)} staged params in, group {g}", EAGER, copy_staged_in, (gb,)))
     if group.stacks:
-        fn = compiler.get(rule.update_matrices)
+        fn = compiler.get(rule.update_matrices, static_widths=False)  # a graph for every shape, not one each
         for k, stack in enumerate(group.stacks):
             shape = "x".join(map(str, stack.shape))
             calls.append(Call(

@@ -131,12 +131,13 @@ def newton_schulz(x: torch.Tensor, eps: torch.Tensor, var: Variant) -> torch.Ten
     graph guard, not a branch on values.
     """
     a, b, c = var.ns_coefficients
-    ortho = x.bfloat16()
+    x16 = x.bfloat16()
+    # The Frobenius norm does not depend on the transpose: taken before it (bf16, as torch's norm of bf16).
+    norm = torch.linalg.vector_norm(x16, dim=(1, 2), keepdim=True)
+    ortho = x16 / torch.maximum(norm, eps.to(norm.dtype))
     tall = x.size(1) > x.size(2)
     if tall:
         ortho = ortho.mT
-    norm = torch.linalg.vector_norm(ortho, dim=(1, 2), keepdim=True)  # bf16, as torch's Tensor.norm() of bf16
-    ortho = ortho / torch.maximum(norm, eps.to(norm.dtype))
     for _ in range(var.ns_steps):
         gram = ortho @ ortho.mT
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -156,14 +157,17 @@ def update_matrices(
     def col(k):
         return table[:, k, None, None]  # [n, 1, 1]
 
+    keep = col(APPLY) != 0
     g = grads.float() * col(GRAD_COEF)
     buf32 = momentum_buffer.float()
-    buf_new = torch.lerp(buf32, g, col(_ONE_MINUS_MOMENTUM))
-    update = torch.where(col(_T_NESTEROV) != 0, torch.lerp(g, buf_new, col(_T_MOMENTUM)), buf_new)
+    momentum_buffer.copy_(torch.where(keep, torch.lerp(buf32, g, col(_ONE_MINUS_MOMENTUM)), buf32))
+    # The Newton-Schulz input reads the buffer as stored, in its dtype, as torch's does (and this
+    # order keeps Inductor's CPU outer-loop fusion away from a KeyError it raises in torch 2.13 when
+    # the new buffer is both stored and read by the norm's reduction).
+    stored = momentum_buffer.float()
+    update = torch.where(col(_T_NESTEROV) != 0, torch.lerp(g, stored, col(_T_MOMENTUM)), stored)
     ortho = newton_schulz(update, col(_T_EPS), variant)
     # torch: p.add_(O, alpha=-lr * ratio) with the Python float rounded to the param's precision once.
-    neg_lr = (-(hp[_LR] * lr_ratio)).to(torch.float32)
+    neg_lr = (-(hp[_LR] * lr_ratio[0])).to(torch.float32)
     p32 = params.float()
-    p_new = p32 * col(_T_DECAY) + neg_lr * ortho.float()
-    keep = col(APPLY) != 0
-    store_where(keep, [(params, p_new, p32), (momentum_buffer, buf_new, buf32)])
+    store_where(keep, [(params, p32 * col(_T_DECAY) + neg_lr * ortho.float(), p32)])

@@ -1,0 +1,199 @@
+"""Muon (``torch.optim.Muon``) in FusedStep, alone and next to AdamW under one global norm.
+
+Reference: ``clip_grad_norm_`` over every param, then ``torch.optim.Muon.step()`` (and
+``torch.optim.AdamW.step()``), eager, on copies of the params.
+
+Tolerances, and why:
+
+* Without clipping the Newton-Schulz input is the same on both sides, and FusedStep's batched,
+  compiled Newton-Schulz gives torch's bfloat16 values bit for bit (Inductor's
+  ``emulate_precision_casts``); what remains is the last update ``p * (1 - lr*wd) - lr*ratio*O``,
+  rounded once instead of twice: ``rtol=1e-6`` (a few fp32 ulps).
+* With clipping, FusedStep's clip coefficient comes from an fp64 norm and torch's from an fp32 one:
+  they differ in the last fp32 bits, which can flip the bfloat16 rounding of a Newton-Schulz input
+  element, and torch's Newton-Schulz resolves its output to bfloat16 (8 bits). Such a flip moves an
+  output element by about one bfloat16 ulp, so a param moves by ``lr * ratio * 2**-7`` at most (|O|
+  entries stay below 2): ``atol = steps * lr * max_ratio * 2**-7``. The momentum buffers, which never
+  go through bfloat16, and AdamW's params stay within the fp32 tolerance of test_parity.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from compiled_step import FusedStep
+from compiled_step.rules import RULES, conformance_errors, muon
+
+# Tall, wide and square matrices, some shapes repeated (one stack each).
+SHAPES = [(16, 32), (32, 16), (16, 32), (24, 24), (32, 16), (8, 40), (24, 24)]
+STEPS = 6
+
+
+def _matrices(seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def _grads(params, step, scale=3.0):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=gen) * scale for p in params]
+
+
+def _set(params, grads):
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
+def _max_ratio(params, adjust_lr_fn):
+    return max(muon.lr_ratio(tuple(p.shape), adjust_lr_fn) for p in params)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["unclipped", "clipped"])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_torch(nesterov, adjust_lr_fn, clip):
+    ours, ref = _matrices(), _matrices()
+    kwargs = dict(lr=2e-2, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    opt, ref_opt = torch.optim.Muon(ours, **kwargs), torch.optim.Muon(ref, **kwargs)
+    fused = FusedStep(opt, max_grad_norm=clip, compile_notice=False)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    for step in range(STEPS):
+        grads = _grads(ours, step)
+        _set(ours, grads)
+        _set(ref, grads)
+        norm = fused.step()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip is not None else math.inf)
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
+    tol = dict(rtol=1e-6, atol=1e-6) if clip is None else \
+        dict(rtol=0, atol=STEPS * 2e-2 * _max_ratio(ours, adjust_lr_fn) * 2 ** -7)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, **tol)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-5 if clip else 1e-6)
+    assert len(fused.program.calls) == 2 + 4  # Phase A, finish, one call per shape (4 shapes)
+
+
+def test_state_loaded_into_torch_muon_continues_identically():
+    """FusedStep trains 3 steps; torch's Muon takes over its state and params for 3 more, eagerly,
+    next to FusedStep going on: unclipped, the two are the same to fp32 rounding."""
+    ours = _matrices()
+    opt = torch.optim.Muon(ours, lr=2e-2, weight_decay=0.1)
+    fused = FusedStep(opt, compile_notice=False)
+    for step in range(3):
+        _set(ours, _grads(ours, step))
+        fused.step()
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    ref_opt = torch.optim.Muon(ref, lr=2e-2, weight_decay=0.1)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for step in range(3, 6):
+        grads = _grads(ours, step)
+        _set(ours, grads)
+        _set(ref, grads)
+        fused.step()
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def _mixed(seed=0):
+    """Muon on the matrices, AdamW on the rest (an embedding-like matrix, biases, a norm scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    matrices = _matrices(seed)
+    others = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(64, 16), (16,), (32,), (1,)]]
+    return matrices, others
+
+
+def test_muon_and_adamw_share_one_norm_and_a_nan_step_skips_both():
+    (m_ours, a_ours), (m_ref, a_ref) = _mixed(), _mixed()
+    muon_opt, adamw = torch.optim.Muon(m_ours, lr=2e-2), torch.optim.AdamW(a_ours, lr=1e-2, weight_decay=0.1)
+    ref_muon, ref_adamw = torch.optim.Muon(m_ref, lr=2e-2), torch.optim.AdamW(a_ref, lr=1e-2, weight_decay=0.1)
+    fused = FusedStep([muon_opt, adamw], max_grad_norm=1.0, compile_notice=False)
+    assert fused.optimizers == (muon_opt, adamw)
+    ours, ref = m_ours + a_ours, m_ref + a_ref
+    for step in range(STEPS):
+        grads = _grads(ours, step)
+        _set(ours, grads)
+        _set(ref, grads)
+        if step == 3:
+            a_ours[1].grad[0] = float("nan")
+            before = [p.detach().clone() for p in ours]
+            state = copy.deepcopy((muon_opt.state_dict(), adamw.state_dict()))
+            fused.step()
+            assert not bool(fused.last_step_finite) and int(fused.skipped_steps) == 1
+            assert all(torch.equal(p, b) for p, b in zip(ours, before))
+            _assert_same_state(muon_opt.state_dict(), state[0])
+            _assert_same_state(adamw.state_dict(), state[1])
+            continue
+        norm = fused.step()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_muon.step()
+        ref_adamw.step()
+        assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
+    atol = STEPS * 2e-2 * _max_ratio(m_ours, None) * 2 ** -7  # see the module docstring
+    for p, q in zip(m_ours, m_ref):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol)
+    for p, q in zip(a_ours, a_ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert float(adamw.state[a_ours[0]]["step"]) == STEPS - 1  # the skipped step counted nowhere
+
+
+def _assert_same_state(a: dict, b: dict):
+    for k, st in b["state"].items():
+        for key, v in st.items():
+            assert torch.equal(a["state"][k][key], v), (k, key)
+
+
+def test_a_param_held_by_two_optimizers_is_refused():
+    matrices, others = _mixed()
+    with pytest.raises(ValueError, match=r"listed twice in the optimizers \(optimizers\[0\]\.param_groups\[0\]\[0\] "
+                                         r"and optimizers\[1\]\.param_groups\[0\]\[4\]\)"):
+        FusedStep([torch.optim.Muon(matrices), torch.optim.AdamW(others + matrices[:1])])
+
+
+def test_every_registered_rule_satisfies_the_protocol():
+    for optimizer_type, rule in RULES.items():
+        assert conformance_errors(rule) == [], optimizer_type
+    broken = type("Broken", (), dict(vars(muon)))  # a rule whose update takes *args
+    broken.update_matrices = staticmethod(lambda *args: None)
+    assert conformance_errors(broken), "a rule with an *args update must not conform"
+
+
+def _compiled_frames(n_per_shape: int) -> tuple[int, int]:
+    """Frames compiled by the first step, and by all 50 steps of a cosine LR schedule."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    shapes = [(16, 32), (32, 16), (24, 24), (8, 40)] * n_per_shape
+    params = _matrices(shapes=shapes)
+    opt = torch.optim.Muon(params, lr=2e-2)
+    fused = FusedStep(opt, max_grad_norm=1.0, backend=counter, compile_notice=False)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+    first = None
+    for step in range(50):
+        _set(params, _grads(params, step))
+        fused.step()
+        sched.step()
+        first = counter.frame_count if first is None else first
+    return first, counter.frame_count
+
+
+def test_compile_count_is_flat_in_the_number_of_matrices_and_an_lr_schedule_recompiles_nothing():
+    """16 and 256 matrices of 4 shapes compile the same graphs, once, over a 50-step cosine schedule."""
+    few, many = _compiled_frames(4), _compiled_frames(64)
+    assert few == many, (few, many)
+    first, after_schedule = few
+    assert first == after_schedule  # nothing recompiled by the schedule
+    # Phase A, the finish, and the matrix update for wide and for tall matrices (a shape guard): not one per shape.
+    assert first <= 4, first
