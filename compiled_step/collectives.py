@@ -57,6 +57,18 @@ def reduce_stacked(kind: NormKind, stacked: torch.Tensor, reduction, order: torc
     return torch.stack([global_max, global_sum], dim=1)
 
 
+def exchange(exchange, send: torch.Tensor, receive: torch.Tensor) -> None:
+    """All-to-all of ``send`` into ``receive`` (``[W, L]`` each: block q goes to rank q, block r comes from
+    rank r) over a row-sharded matrix group's process group (``planning.Exchange``)."""
+    dist = _dist()
+    if send.device.type == exchange.device_type:
+        dist.all_to_all_single(receive, send, group=exchange.process_group)
+        return
+    out = torch.empty_like(receive, device=exchange.device_type)
+    dist.all_to_all_single(out, send.to(exchange.device_type), group=exchange.process_group)
+    receive.copy_(out)
+
+
 def reduce_partials_over(reduction, kind: NormKind, partials: torch.Tensor, members: torch.Tensor | None,
                          order: torch.Tensor) -> None:
     """Reduce the member groups' rows of ``partials`` in place over one process group (a program call)."""

@@ -108,6 +108,11 @@ class FusedStep:
         return self._optimizers.items
 
     @property
+    def rules(self) -> tuple:
+        """The update rule of every param group, the optimizers' groups in order (``rules.UpdateRule``)."""
+        return tuple(self._optimizers.group_rules())
+
+    @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The optimizer this FusedStep steps (with several, use ``optimizers``)."""
         if len(self._optimizers) != 1:
@@ -293,8 +298,8 @@ class FusedStep:
         groups = [storage.GroupBuffers(g, rule.state_keys(var), offload=self.offload_optimizer_state,
                                        external_grads=external)
                   for g, rule, var in zip(plan.groups, group_rules, group_variants)]
-        lr_ratios = [[rule.lr_ratio(st.shape, var.adjust_lr_fn) for st in g.stacks]
-                     for g, rule, var in zip(plan.groups, group_rules, group_variants)]
+        lr_ratios = [[rule.lr_ratio((st.global_rows or st.shape[0], st.shape[1]), var.adjust_lr_fn)
+                      for st in g.stacks] for g, rule, var in zip(plan.groups, group_rules, group_variants)]
         buffers = storage.StepBuffers(plan, group_rules, self._kind, config.max_grad_norm, outputs,
                                       offload=self.offload_optimizer_state, lr_ratios=lr_ratios)
         binder = binding.Binder(plan, groups, buffers, rules, owners, param_lists, variants, ddp_params)

@@ -174,6 +174,30 @@ class Stack:
     rows_per_matrix: int
     members: tuple[int, ...]  # indices into ShardingGroup.params, in buffer order
     first_slot: int  # the members' slots are first_slot, first_slot + 1, ...
+    # Row-sharded matrices (FSDP2's Shard(0)): each rank holds ``shape`` = (its rows, cols) of matrices
+    # of ``global_rows`` rows, in chunks of ``chunk`` rows over ``world`` ranks (torch.chunk's split).
+    global_rows: int | None = None
+    chunk: int = 0
+    world: int = 1
+
+    @property
+    def per_owner(self) -> int:
+        """Matrices each rank orthogonalizes for this stack (matrix k's owner is rank k % world)."""
+        return -(-len(self.members) // self.world)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The all-to-all of a row-sharded matrix group: whole matrices to their owners and back.
+
+    Shaped like a ``Reduction`` where the program's collectives are inspected (``process_group``,
+    ``device_type``, ``label``).
+    """
+
+    process_group: object
+    device_type: str
+    label: str
+    world: int
 
 
 @dataclass
@@ -187,6 +211,7 @@ class ShardingGroup:
     # (None: padding that makes the external params start a bucket)
     external: list[int] = field(default_factory=list)  # those of them with external grads (the last buckets)
     stacks: list[Stack] = field(default_factory=list)  # a matrix group's same-shape runs (else empty)
+    exchange: Exchange | None = None  # a row-sharded matrix group's all-to-all
     flat_rows: int = 0  # rows of the param buffer (the flat regions come first in every buffer)
     rows: int = 0  # rows of the state buffers
     grad_rows: int = 0  # rows of the grad buffer: every param's but the external ones, which come last
@@ -209,9 +234,15 @@ class ShardingGroup:
             where += f", DeviceMesh {k.mesh_key[1]} of shape {k.mesh_key[2]}, placements {k.mesh_key[3]}"
         counts = {r: sum(e.region == r for e in self.entries) for r in (ALIASED, STAGED, BUCKETED)}
         parts = ", ".join(f"{n} {r}" for r, n in counts.items() if n)
-        return (f"{self.label}, {where}, expert={k.is_expert}"
+        text = (f"{self.label}, {where}, expert={k.is_expert}"
                 f"{', fp8' if k.fp8 else ''}: {len(self.params)} params ({parts}), "
                 f"{sum(e.numel for e in self.entries):,} local elements in {self.rows} rows")
+        if self.stacks:
+            text += f", {len(self.stacks)} matrix stacks"
+        if self.exchange is not None:
+            text += (f"; whole matrices through 2 all_to_all over {self.exchange.label!r} per step (to their owners "
+                     "and back)")
+        return text
 
 
 @dataclass
@@ -433,14 +464,7 @@ def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_thres
 
 def _lay_out_matrices(group: ShardingGroup, first_slot: int, flat_params: bool, own_storages: frozenset[int]) -> int:
     """A matrix group: every param in the flat regions, same shapes together (stacks); returns the next slot."""
-    for p, name in zip(group.params, group.names):
-        if p.ndim != 2:
-            raise ValueError(f"{name}: a matrix rule (Muon) updates 2-D params only, got shape {tuple(p.shape)}")
-        if is_dtensor(p) and any(pl.is_shard() for pl in p.placements):
-            raise ValueError(f"{name}: Muon needs whole matrices; this param is sharded ({p.placements}). Sharded "
-                             "Muon is not supported yet.")
-        if group.key.fp8:
-            raise ValueError(f"{name}: FP8 weights are not supported with Muon")
+    sharding = _matrix_sharding(group)
     order = sorted(range(len(group.params)), key=lambda i: (tuple(group.params[i].shape),
                                                              dense_strides(local_tensor(group.params[i])), i))
     entries: dict[int, Entry] = {}
@@ -448,13 +472,15 @@ def _lay_out_matrices(group: ShardingGroup, first_slot: int, flat_params: bool, 
     runs: dict[tuple, list[int]] = {}
     for i in order:
         local = local_tensor(group.params[i])
-        runs.setdefault((tuple(local.shape), dense_strides(local)), []).append(i)
-    for (shape, strides), members in runs.items():
+        runs.setdefault((tuple(group.params[i].shape), tuple(local.shape), dense_strides(local)), []).append(i)
+    for (global_shape, shape, strides), members in runs.items():
         slot = align(slot)
         # At least one padding element after each matrix, so no stack is contiguous: Dynamo would
         # otherwise compile one graph for stacks whose matrices fill whole rows and one for the rest.
         per = rows_for(shape[0] * shape[1] + 1)
-        group.stacks.append(Stack(shape, strides, row, per, tuple(members), slot))
+        shard = {} if sharding is None else dict(global_rows=global_shape[0], chunk=-(-global_shape[0] // sharding.world),
+                                                 world=sharding.world)
+        group.stacks.append(Stack(shape, strides, row, per, tuple(members), slot, **shard))
         for i in members:
             p = group.params[i]
             region = ALIASED if flat_params and type(p) in (torch.Tensor, torch.nn.Parameter) and \
@@ -462,6 +488,7 @@ def _lay_out_matrices(group: ShardingGroup, first_slot: int, flat_params: bool, 
             entries[i] = Entry(i, region, row, shape[0] * shape[1], slot)
             row += per
             slot += 1
+    group.exchange = sharding
     group.flat = [i for s in group.stacks for i in s.members]
     group.flat_rows = group.rows = group.grad_rows = row
     group.first_slot, group.flat_slots = first_slot, slot - first_slot
@@ -469,6 +496,34 @@ def _lay_out_matrices(group: ShardingGroup, first_slot: int, flat_params: bool, 
     group.slots = align(group.flat_slots)
     group.entries = [entries[i] for i in range(len(group.params))]
     return first_slot + group.slots
+
+
+def _matrix_sharding(group: ShardingGroup) -> Exchange | None:
+    """The all-to-all of a matrix group whose params are row-sharded (one Shard(0), the rest
+    Replicate); None for whole matrices. Raises ``ValueError`` for what Muon cannot update."""
+    exchange = None
+    for p, name in zip(group.params, group.names):
+        if p.ndim != 2:
+            raise ValueError(f"{name}: a matrix rule (Muon) updates 2-D params only, got shape {tuple(p.shape)}")
+        if group.key.fp8:
+            raise ValueError(f"{name}: FP8 weights are not supported with Muon")
+        if not is_dtensor(p) or not any(pl.is_shard() for pl in p.placements):
+            continue
+        shards = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
+        if len(shards) != 1 or p.placements[shards[0]].dim != 0 or any(pl.is_partial() for pl in p.placements):
+            raise ValueError(f"{name}: Muon needs whole matrices; it gathers row-sharded ones (one Shard(0) mesh "
+                             f"dim, as FSDP2 shards), but this param has placements {p.placements}")
+        mesh, dim = p.device_mesh, shards[0]
+        world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+        chunk = -(-p.shape[0] // world)
+        rows = max(0, min(chunk, p.shape[0] - rank * chunk))
+        if tuple(local_tensor(p).shape) != (rows, p.shape[1]):
+            raise ValueError(f"{name}: Muon expects torch.chunk's row split ({rows} of {p.shape[0]} rows on this "
+                             f"rank), got a local shard of shape {tuple(local_tensor(p).shape)}")
+        names = mesh.mesh_dim_names
+        exchange = Exchange(mesh.get_group(mesh_dim=dim), mesh.device_type,
+                            names[dim] if names else f"mesh dim {dim}", world)
+    return exchange
 
 
 def _reductions(groups: list[ShardingGroup], ep, ep_axis_name, pp):

@@ -167,7 +167,9 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
     calls = []
     if gb.staged:
         calls.append(Call(f"copy {len(gb.staged)} staged params in, group {g}", EAGER, copy_staged_in, (gb,)))
-    if group.stacks:
+    if group.exchange is not None:
+        calls += _sharded_matrix_calls(plan, g, gb, buffers, rule, var, compiler, dtypes)
+    elif group.stacks:
         fn = compiler.get(rule.update_matrices, static_widths=False)  # a graph for every shape, not one each
         for k, stack in enumerate(group.stacks):
             shape = "x".join(map(str, stack.shape))
@@ -189,6 +191,38 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
         calls.append(Call(
             f"Phase B bucket update, group {g}, bucket {b}", COMPILED, bucket_fn, args, kwargs,
             _function_name(rule.update_bucket), ("update_bucket", rule.NAME, var, group.key.fp8) + dtypes))
+    return calls
+
+
+def _sharded_matrix_calls(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var,
+                          compiler: compiling.Compiler, dtypes: tuple) -> list[Call]:
+    """Row-sharded matrices (see ``rules.muon``): each stack's rows into the outbox, the all-to-all, the
+    owned matrices orthogonalized whole, the all-to-all back, each stack's rows of the result applied."""
+    group, exchange = gb.group, gb.group.exchange
+    prepare = compiler.get(rule.prepare_matrices, static_widths=False)
+    orthogonalize = compiler.get(rule.orthogonalize, static_widths=False)
+    apply = compiler.get(rule.apply_matrices, static_widths=False)
+    shape = f"bf16{list(gb.outbox.shape)}"
+    calls = []
+    for k, stack in enumerate(group.stacks):
+        slots = buffers.table[stack.first_slot:stack.first_slot + len(stack.members)].detach()
+        calls.append(Call(f"Muon: rows of {len(stack.members)} matrices into the outbox, group {g}", COMPILED,
+                          prepare, (gb.stack_grads[k], slots, gb.outboxes[k]), state_kwargs(rule, var, gb.stack_state[k]),
+                          _function_name(rule.prepare_matrices), ("prepare_matrices", rule.NAME) + dtypes))
+    calls.append(Call(f"all_to_all over {exchange.label!r}: {shape} (matrices to their owners)", COLLECTIVE,
+                      collectives.exchange, (exchange, gb.outbox, gb.inbox)))
+    for k, stack in enumerate(group.stacks):
+        calls.append(Call(
+            f"Muon: orthogonalize the owned {stack.global_rows}x{stack.shape[1]} matrices, group {g}", COMPILED,
+            orthogonalize, (gb.inboxes[k], buffers.hp_rows[g]), dict(whole=rule.Whole(stack.global_rows), variant=var),
+            _function_name(rule.orthogonalize), ("orthogonalize", rule.NAME, var, plan.device.type)))
+    calls.append(Call(f"all_to_all over {exchange.label!r}: {shape} (their rows back)", COLLECTIVE,
+                      collectives.exchange, (exchange, gb.inbox, gb.outbox)))
+    for k, stack in enumerate(group.stacks):
+        slots = buffers.table[stack.first_slot:stack.first_slot + len(stack.members)].detach()
+        calls.append(Call(f"Muon: apply the rows of {len(stack.members)} matrices, group {g}", COMPILED, apply,
+                          (gb.stack_params[k], buffers.hp_rows[g], slots, buffers.lr_ratios[g][k], gb.outboxes[k]),
+                          {}, _function_name(rule.apply_matrices), ("apply_matrices", rule.NAME) + dtypes))
     return calls
 
 

@@ -104,6 +104,14 @@ def _stack_view(buffer: torch.Tensor, stack: Stack) -> torch.Tensor:
     return buffer.as_strided(shape, strides, buffer.storage_offset() + stack.first_row * ROW).detach()
 
 
+def _box(buffer: torch.Tensor, stack: Stack, offset: int) -> torch.Tensor:
+    """A stack's ``[W, n_own, chunk, cols]`` box in an all-to-all buffer ``[W, L]``, from ``offset``."""
+    cols = stack.shape[1]
+    shape = (stack.world, stack.per_owner, stack.chunk, cols)
+    strides = (buffer.stride(0), stack.chunk * cols, cols, 1)
+    return buffer.as_strided(shape, strides, buffer.storage_offset() + offset).detach()
+
+
 def _wrap_like(p: torch.Tensor, local_view: torch.Tensor) -> torch.Tensor:
     """``local_view`` as what torch.optim would hold for ``p``: a DTensor for a DTensor param."""
     if not is_dtensor(p):
@@ -159,6 +167,18 @@ class GroupBuffers:
         self.stack_params = [_stack_view(self.params, st) for st in group.stacks]
         self.stack_grads = [_stack_view(self.grads, st) for st in group.stacks]
         self.stack_state = [{k: _stack_view(buf, st) for k, buf in self.state.items()} for st in group.stacks]
+        # A row-sharded matrix group's all-to-all buffers (bfloat16 [W, L]: one block per rank) and each
+        # stack's box in them (see ``rules.muon``): ``outbox`` what this rank sends, ``inbox`` receives.
+        self.outboxes, self.inboxes = [], []
+        if group.exchange is not None:
+            sizes = [padded(st.per_owner * st.chunk * st.shape[1], 8) for st in group.stacks]  # 16-byte blocks
+            self.outbox = _buffer((group.exchange.world, max(sum(sizes), 8)), torch.bfloat16, device)
+            self.inbox = _buffer((group.exchange.world, max(sum(sizes), 8)), torch.bfloat16, device)
+            offset = 0
+            for st, size in zip(group.stacks, sizes):
+                self.outboxes.append(_box(self.outbox, st, offset))
+                self.inboxes.append(_box(self.inbox, st, offset))
+                offset += size
 
 class StepBuffers:
     """The plan-wide vectors and 0-d tensors the compiled calls read and write.

@@ -62,11 +62,27 @@ class ElementwiseRule(UpdateRule, Protocol):
 
 
 class MatrixRule(UpdateRule, Protocol):
+    """Whole matrices: ``update_matrices`` for stacks a rank holds whole; for row-sharded stacks,
+    ``prepare_matrices`` (this rank's rows of the orthogonalization input, into an all-to-all box),
+    ``orthogonalize`` (the matrices this rank owns, whole) and ``apply_matrices`` (this rank's rows of
+    the result), with the all-to-alls between them."""
+
     def update_matrices(self, params: torch.Tensor, grads: torch.Tensor, hp: torch.Tensor, table: torch.Tensor,
                         lr_ratio: torch.Tensor, variant: Hashable, **state: torch.Tensor) -> None: ...
 
+    def prepare_matrices(self, grads: torch.Tensor, table: torch.Tensor, box: torch.Tensor,
+                         **state: torch.Tensor) -> None: ...
 
-_UPDATES = {ELEMENTWISE: ("update_flat", "update_bucket"), MATRIX: ("update_matrices",)}
+    def orthogonalize(self, box: torch.Tensor, hp: torch.Tensor, whole: Hashable, variant: Hashable) -> None: ...
+
+    def apply_matrices(self, params: torch.Tensor, hp: torch.Tensor, table: torch.Tensor, lr_ratio: torch.Tensor,
+                       box: torch.Tensor) -> None: ...
+
+
+# Each kind's update functions, and whether each takes the state tensors (by their names).
+_UPDATES = {ELEMENTWISE: {"update_flat": True, "update_bucket": True},
+            MATRIX: {"update_matrices": True, "prepare_matrices": True, "orthogonalize": False,
+                     "apply_matrices": False}}
 
 
 def conformance_errors(rule) -> list[str]:
@@ -88,7 +104,7 @@ def conformance_errors(rule) -> list[str]:
     if rule.HP_COLUMNS[:2] != ("scale", "sign") or rule.TABLE_COLUMNS[:2] != ("apply", "grad_coef"):
         errors.append("HP_COLUMNS must start with scale, sign and TABLE_COLUMNS with apply, grad_coef")
     protocol = ElementwiseRule if rule.KIND == ELEMENTWISE else MatrixRule
-    for name in _UPDATES[rule.KIND]:
+    for name, takes_state in _UPDATES[rule.KIND].items():
         fn = getattr(rule, name, None)
         if not callable(fn):
             errors.append(f"missing function {name}")
@@ -97,9 +113,10 @@ def conformance_errors(rule) -> list[str]:
         params = inspect.signature(fn).parameters.values()
         got = {p.name for p in params}
         variadic = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if variadic or got != expected | set(rule.STATE_KEYS):
-            errors.append(f"{name}{tuple(p.name for p in params)}: expected the parameters {sorted(expected)} "
-                          f"and one per STATE_KEYS {rule.STATE_KEYS}, each named (no *args/**kwargs)")
+        if variadic or got != expected | (set(rule.STATE_KEYS) if takes_state else set()):
+            state = f" and one per STATE_KEYS {rule.STATE_KEYS}" if takes_state else ""
+            errors.append(f"{name}{tuple(p.name for p in params)}: expected the parameters {sorted(expected)}"
+                          f"{state}, each named (no *args/**kwargs)")
     return errors
 
 

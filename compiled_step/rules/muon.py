@@ -26,6 +26,7 @@ build). lr, weight_decay, momentum, nesterov and eps are tensors read every step
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -154,20 +155,89 @@ def update_matrices(
     variant: Variant,  # graph constant
     momentum_buffer: torch.Tensor,  # [n, A, B] momentum buffers (param dtype); mutated
 ) -> None:
-    def col(k):
-        return table[:, k, None, None]  # [n, 1, 1]
+    """Whole matrices: momentum, Newton-Schulz and the update in one call."""
+    update = _momentum(grads, table, momentum_buffer)
+    _apply(params, hp, table, lr_ratio, newton_schulz(update, _col(table, _T_EPS), variant))
 
-    keep = col(APPLY) != 0
-    g = grads.float() * col(GRAD_COEF)
+
+# Row-sharded matrices (FSDP2): every rank forms the Newton-Schulz input of its rows; an all-to-all
+# sends each matrix's rows to the rank that owns the matrix (matrix k: rank k % W), which
+# orthogonalizes it whole; a second all-to-all sends each rank its rows of the result.
+# ``box``: a stack's region of the all-to-all buffer, [W, n_own, chunk, B] bfloat16: [q, j] holds
+# rows of matrix j * W + q (to or from its owner q), zero-padded to ``chunk`` rows, and zero matrices
+# past the last.
+
+
+def prepare_matrices(
+    grads: torch.Tensor,  # [n, a, B] this rank's rows of n matrices; read only
+    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32
+    box: torch.Tensor,  # [W, n_own, chunk, B] bfloat16: written with this rank's rows of each Newton-Schulz input
+    momentum_buffer: torch.Tensor,  # [n, a, B] this rank's rows of the momentum buffers; mutated
+) -> None:
+    update = _momentum(grads, table, momentum_buffer).bfloat16()  # what Newton-Schulz casts first
+    world, n_own, rows = box.size(0), box.size(1), update.size(1)
+    padded = torch.nn.functional.pad(update, (0, 0, 0, 0, 0, world * n_own - update.size(0)))
+    box[:, :, :rows].copy_(padded.view(n_own, world, rows, update.size(2)).transpose(0, 1))
+
+
+@dataclass(frozen=True)
+class Whole:
+    """Graph constant: the row count of a stack's whole matrices (a plain int would be traced as a
+    size Dynamo cannot guard on, and the transpose for tall matrices needs that guard)."""
+
+    rows: int
+
+
+def orthogonalize(
+    box: torch.Tensor,  # [W, n_own, chunk, B] bfloat16: rank q's rows of the matrices this rank owns; overwritten
+    hp: torch.Tensor,  # [H] float64: the group's hyperparameter row (eps)
+    whole: Whole,  # graph constant: the matrices' row count
+    variant: Variant,  # graph constant
+) -> None:
+    """Newton-Schulz of the owned matrices, whole (the padding rows cropped); the result replaces them."""
+    world, n_own, chunk, cols = box.shape
+    rows = whole.rows
+    # narrow, not [:, :rows]: a slice of a symbolic size has an unknown length (min(rows, size)) that the
+    # transpose test below could not guard on; narrow checks rows <= size once and has length rows.
+    whole = box.transpose(0, 1).reshape(n_own, world * chunk, cols).narrow(1, 0, rows)
+    ortho = newton_schulz(whole, hp[_EPS].to(torch.float32).reshape(1, 1, 1), variant)
+    ortho = torch.nn.functional.pad(ortho, (0, 0, 0, world * chunk - rows))
+    box.copy_(ortho.view(n_own, world, chunk, cols).transpose(0, 1))
+
+
+def apply_matrices(
+    params: torch.Tensor,  # [n, a, B] this rank's rows of the matrices (param dtype); mutated
+    hp: torch.Tensor,  # [H] float64
+    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32
+    lr_ratio: torch.Tensor,  # [1] float64: torch's lr adjustment for the whole matrices' shape
+    box: torch.Tensor,  # [W, n_own, chunk, B] bfloat16: this rank's rows of each Newton-Schulz output
+) -> None:
+    world, n_own, chunk, cols = box.shape
+    mine = box.transpose(0, 1).reshape(world * n_own, chunk, cols).narrow(0, 0, params.size(0)).narrow(1, 0, params.size(1))
+    _apply(params, hp, table, lr_ratio, mine)
+
+
+def _col(table: torch.Tensor, k: int) -> torch.Tensor:
+    return table[:, k, None, None]  # [n, 1, 1]
+
+
+def _momentum(grads: torch.Tensor, table: torch.Tensor, momentum_buffer: torch.Tensor) -> torch.Tensor:
+    """The momentum buffer updated in place (where applied); returns the Newton-Schulz input, fp32."""
+    keep = _col(table, APPLY) != 0
+    g = grads.float() * _col(table, GRAD_COEF)
     buf32 = momentum_buffer.float()
-    momentum_buffer.copy_(torch.where(keep, torch.lerp(buf32, g, col(_ONE_MINUS_MOMENTUM)), buf32))
+    momentum_buffer.copy_(torch.where(keep, torch.lerp(buf32, g, _col(table, _ONE_MINUS_MOMENTUM)), buf32))
     # The Newton-Schulz input reads the buffer as stored, in its dtype, as torch's does (and this
     # order keeps Inductor's CPU outer-loop fusion away from a KeyError it raises in torch 2.13 when
     # the new buffer is both stored and read by the norm's reduction).
     stored = momentum_buffer.float()
-    update = torch.where(col(_T_NESTEROV) != 0, torch.lerp(g, stored, col(_T_MOMENTUM)), stored)
-    ortho = newton_schulz(update, col(_T_EPS), variant)
+    return torch.where(_col(table, _T_NESTEROV) != 0, torch.lerp(g, stored, _col(table, _T_MOMENTUM)), stored)
+
+
+def _apply(params: torch.Tensor, hp: torch.Tensor, table: torch.Tensor, lr_ratio: torch.Tensor,
+           ortho: torch.Tensor) -> None:
+    """Decoupled weight decay and the orthogonalized step, where applied (bit-identical elsewhere)."""
     # torch: p.add_(O, alpha=-lr * ratio) with the Python float rounded to the param's precision once.
     neg_lr = (-(hp[_LR] * lr_ratio[0])).to(torch.float32)
     p32 = params.float()
-    store_where(keep, [(params, p32 * col(_T_DECAY) + neg_lr * ortho.float(), p32)])
+    store_where(_col(table, APPLY) != 0, [(params, p32 * _col(table, _T_DECAY) + neg_lr * ortho.float(), p32)])

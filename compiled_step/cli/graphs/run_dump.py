@@ -102,14 +102,15 @@ def _write_nothing_compiled(out: Path, *, compiled: bool, run_lines: list[str]) 
 def _selections(fused) -> dict[tuple, dict]:
     """The run's groups by graph selection, (update variant, dtype, grad dtype, device, FP8): each with its
     param group, the run's group indices, and the sizes of its first flat region and first bucket."""
-    plan, optimizer = fused.plan, fused.optimizer
+    plan = fused.plan
+    param_groups = [pg for optimizer in fused.optimizers for pg in optimizer.param_groups]
     selections: dict[tuple, dict] = {}
     for g, group in enumerate(plan.groups):
         key = group.key
-        pg = optimizer.param_groups[key.param_group]
+        pg, rule = param_groups[key.param_group], fused.rules[key.param_group]
         sel = selections.setdefault(
-            (fused.rule.variant(pg), key.dtype, key.grad_dtype, str(key.device), key.fp8),
-            dict(pg=pg, variant=fused.rule.variant(pg), dtype=key.dtype, grad_dtype=key.grad_dtype, device=key.device,
+            (rule.variant(pg), key.dtype, key.grad_dtype, str(key.device), key.fp8),
+            dict(pg=pg, variant=rule.variant(pg), dtype=key.dtype, grad_dtype=key.grad_dtype, device=key.device,
                  fp8=key.fp8, param_groups=[], groups=[], flat=None, bucket=None))
         sel["param_groups"].append(key.param_group)
         sel["groups"].append(g)
