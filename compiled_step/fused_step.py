@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
+from compiled_step import wrappers
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
 from compiled_step.lifecycle import fp8 as fp8_lifecycle
 from compiled_step.lifecycle.fp8_step import Fp8Weights
@@ -55,7 +56,9 @@ class FusedStep:
     schedulers and switching to ``optimizer.step()`` at any step keep working.
 
     Args:
-        optimizer: a ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exact types).
+        optimizer: a ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exact types). Trainers' wrappers
+            (``AcceleratedOptimizer``, ``LightningOptimizer``, torchtitan's ``OptimizersContainer``) and
+            ``FusedOptimizer`` are refused with what to pass instead (``wrappers.py``).
         config: a ``FusedStepConfig``, or pass its fields as keywords (``max_grad_norm=1.0``...).
         distributed: a ``DistributedConfig``, or pass its fields as keywords (``model_parts``,
             ``device_mesh``, ``pp_axis_name``, ``moe_mesh``, ``ep_axis_name``,
@@ -74,6 +77,7 @@ class FusedStep:
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                  first_microbatch_flag: fp8_lifecycle.FirstMicrobatchFlag | None = None,
                  offload_optimizer_state: bool = False, **options):
+        wrappers.refuse_wrapped(optimizer, "FusedStep")  # a trainer's wrapper: say what to pass instead
         self.rule = rule_for(optimizer)
         self.config, self.distributed = split_options(options, config, distributed)
         if not isinstance(offload_optimizer_state, bool):
@@ -209,6 +213,13 @@ class FusedStep:
     def cuda_graph_captured(self) -> bool:
         """Whether the current plan's step is replayed as CUDA graphs (CUDA params, after two steps)."""
         return self._built is not None and self._built.runner.captured
+
+    @property
+    def grads_copied_last_step(self) -> int:
+        """How many grads the last ``step()`` copied into the grad buffers because ``p.grad`` was not
+        FusedStep's view (a new tensor after ``optimizer.zero_grad()``, or an assigned one): 0 when autograd
+        accumulated into the buffers. Grads that exist when a plan is built are moved in once, uncounted."""
+        return len(self._built.binder.copied) if self._built is not None else 0
 
     @property
     def skipped_steps(self) -> torch.Tensor | None:
