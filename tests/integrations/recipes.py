@@ -90,16 +90,41 @@ def prelude() -> dict:
 
 
 def run_script(code: str, where: str, directory: Path, namespace: dict | None = None) -> dict:
-    """Execute ``code`` in ``directory`` (scripts write checkpoints next to them); returns its namespace."""
+    """Execute ``code`` in ``directory`` (scripts write checkpoints next to them); returns its namespace.
+
+    An exception the script raises is kept in the namespace: what the script assigned before it stays
+    checkable, and ``result()`` re-raises it for what it did not get to assign.
+    """
     namespace = {**prelude(), "__directory__": directory, **(namespace or {})}
     directory.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(directory)
     try:
         exec(compile(code, where, "exec"), namespace)
+    except Exception as error:  # noqa: BLE001 -- re-raised by result()
+        namespace["__error__"] = error
     finally:
         os.chdir(cwd)
     return namespace
+
+
+def run_both(name: str, tmp_path_factory) -> tuple[Recipe, dict, dict, "Observed", "Observed"]:
+    """Run recipe ``name``'s script before the change, then after it, each watched (``Observed``)."""
+    recipe_ = recipe(name)
+    eager, fused = Observed(), Observed()
+    with eager.watching():
+        before = run_script(recipe_.before, f"README.md:{recipe_.line} (before)", tmp_path_factory.mktemp("eager"))
+    with fused.watching():
+        after = run_script(recipe_.after, f"README.md:{recipe_.line} (after)", tmp_path_factory.mktemp("fused"))
+    return recipe_, before, after, eager, fused
+
+
+def result(namespace: dict, name: str):
+    """``namespace[name]``, or the exception that stopped the script before it assigned ``name``."""
+    if name not in namespace:
+        error = namespace.get("__error__")
+        raise AssertionError(f"the recipe script stopped before assigning {name!r}: {error!r}") from error
+    return namespace[name]
 
 
 class Observed:

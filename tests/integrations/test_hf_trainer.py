@@ -21,13 +21,7 @@ from . import recipes  # noqa: E402
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    recipe = recipes.recipe("hf_trainer")
-    eager, fused = recipes.Observed(), recipes.Observed()
-    with eager.watching():
-        before = recipes.run_script(recipe.before, f"README.md:{recipe.line} (before)", tmp_path_factory.mktemp("eager"))
-    with fused.watching():
-        after = recipes.run_script(recipe.after, f"README.md:{recipe.line} (after)", tmp_path_factory.mktemp("fused"))
-    return recipe, before, after, eager, fused
+    return recipes.run_both("hf_trainer", tmp_path_factory)
 
 
 def _logged(trainer, key):
@@ -41,8 +35,9 @@ def test_recipe_changes_at_most_three_lines(runs):
 
 def test_fused_trainer_matches_eager_trainer(runs):
     _, before, after, _, _ = runs
-    eager, fused = before["trainer"], after["trainer"]
-    assert isinstance(fused.optimizer.optimizer, FusedOptimizer) and eager.state.global_step == fused.state.global_step == 6
+    eager, fused = recipes.result(before, "trainer"), recipes.result(after, "trainer")
+    assert isinstance(fused.optimizer.optimizer, FusedOptimizer)
+    assert eager.state.global_step == fused.state.global_step == 6
     eager_norms, fused_norms = _logged(eager, "grad_norm"), _logged(fused, "grad_norm")
     assert len(eager_norms) == len(fused_norms) == 6
     assert min(eager_norms) > 0.5, "the recipe's max_grad_norm must clip every step for this test to mean something"
@@ -73,7 +68,7 @@ def test_checkpoint_holds_adamw_moments_and_fused_counters(runs):
 
 def test_resume_restores_adamw_moments(runs):
     _, before, after, _, _ = runs
-    full, resumed = after["trainer"], after["resumed"]
+    full, resumed = recipes.result(after, "trainer"), recipes.result(after, "resumed")
     assert resumed.state.global_step == 6
     # Bit-identical: the same steps on the same state and data (Trainer's own resume is bit-identical too).
     # Moments restarted at the resume would differ at once.
@@ -81,6 +76,6 @@ def test_resume_restores_adamw_moments(runs):
     assert recipes.max_moment_difference(recipes.adam_moments(resumed.optimizer, resumed.model), full_moments) == 0.0
     assert recipes.max_param_difference(resumed.model, full.model) == 0.0
     # and the same resume with Trainer as the reference
-    eager_resumed = before["resumed"]
+    eager_resumed = recipes.result(before, "resumed")
     assert recipes.max_param_difference(resumed.model, eager_resumed.model) <= recipes.RTOL
 

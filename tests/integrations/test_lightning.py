@@ -23,13 +23,7 @@ from . import recipes  # noqa: E402
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    recipe = recipes.recipe("lightning")
-    eager, fused = recipes.Observed(), recipes.Observed()
-    with eager.watching():
-        before = recipes.run_script(recipe.before, f"README.md:{recipe.line} (before)", tmp_path_factory.mktemp("eager"))
-    with fused.watching():
-        after = recipes.run_script(recipe.after, f"README.md:{recipe.line} (after)", tmp_path_factory.mktemp("fused"))
-    return recipe, before, after, eager, fused
+    return recipes.run_both("lightning", tmp_path_factory)
 
 
 def _logged_norms(namespace, trainer) -> list[float]:
@@ -43,7 +37,8 @@ def test_recipe_changes_at_most_three_lines(runs):
 
 def test_callback_matches_lightning_clipping(runs):
     _, before, after, eager, fused = runs
-    (eager_trainer, eager_module), (fused_trainer, fused_module) = before["full"], after["full"]
+    eager_trainer, eager_module = recipes.result(before, "full")
+    fused_trainer, fused_module = recipes.result(after, "full")
     assert eager_trainer.global_step == fused_trainer.global_step == 6
     assert all(isinstance(o, FusedOptimizer) for o in fused_trainer.optimizers)
     eager_norms = eager.clip_norms[:6]  # the full run's clips: what Lightning's clip_grad_norm_ returned
@@ -71,11 +66,13 @@ def test_resume_through_ckpt_path_counts_steps_and_restores_moments(runs):
     resumed from its checkpoint must reach what the Trainer-clipping side resumed from its own reaches.
     Moments not restored would differ at the first resumed step."""
     _, before, after, _, _ = runs
-    (full, _), (resumed, resumed_module) = after["full"], after["resumed"]
+    full, _ = recipes.result(after, "full")
+    resumed, resumed_module = recipes.result(after, "resumed")
     assert full.global_step == 6 and resumed.global_step == 6 and resumed.optimizers[0].steps == 3
-    eager_resumed, eager_module = before["resumed"]
-    assert recipes.max_moment_difference(recipes.adam_moments(resumed.optimizers[0], resumed_module),
-                                         recipes.adam_moments(eager_resumed.optimizers[0], eager_module)) <= recipes.RTOL
+    eager_resumed, eager_module = recipes.result(before, "resumed")
+    moments = recipes.adam_moments(resumed.optimizers[0], resumed_module)
+    eager_moments = recipes.adam_moments(eager_resumed.optimizers[0], eager_module)
+    assert recipes.max_moment_difference(moments, eager_moments) <= recipes.RTOL
     assert recipes.max_param_difference(resumed_module, eager_module) <= recipes.RTOL
     checkpoint = torch.load(after["__directory__"] / "full/epoch=0-step=3.ckpt", weights_only=False)
     state = checkpoint["optimizer_states"][0]
@@ -84,7 +81,7 @@ def test_resume_through_ckpt_path_counts_steps_and_restores_moments(runs):
     assert set(state["fused_step"]) == {"skipped_steps", "last_step_finite"}
     # Lightning 2.6.6 resumes this end-of-epoch checkpoint with one more batch of epoch 0 from a new
     # iterator (batch_idx 3 = the first batch again), so neither side equals its uninterrupted run.
-    assert recipes.max_param_difference(eager_module, before["full"][1]) > 1e-3
+    assert recipes.max_param_difference(eager_module, recipes.result(before, "full")[1]) > 1e-3
 
 
 def test_configure_optimizers_may_return_a_fused_optimizer(tmp_path):
