@@ -4,7 +4,8 @@ What a steady-state step costs here (the common case: ``fused.zero_grad()`` betw
 scheduler change to the structure) is a few identity checks per param in C-level loops:
 
 * the optimizer still holds the same params in the same groups, with the same structural options;
-* aliased params still live in the flat buffers (their ``data_ptr``), DTensor shards are the same;
+* plain params still live where they were (their ``data_ptr``: in the flat buffers for aliased
+  params), DTensor shards are the same objects;
 * every ``p.grad`` is the view FusedStep installed (or still None);
 * every state tensor in ``optimizer.state`` is FusedStep's view;
 
@@ -25,6 +26,8 @@ from itertools import repeat
 import torch
 
 from compiled_step import collectives
+from compiled_step.grad_restore import GradRestoreHooks
+from compiled_step.lifecycle import ddp
 from compiled_step.planning import Plan, is_dtensor, local_tensor
 from compiled_step.storage import GroupBuffers, StepBuffers
 
@@ -51,11 +54,21 @@ def check_grad(p: torch.Tensor, g: torch.Tensor, where: str, grad_dtype: torch.d
         raise Rebuild(f"{where}: grad dtype changed to {g.dtype}")
 
 
+def _why_foreign(g: torch.Tensor) -> str:
+    """Why a grad is not FusedStep's view, for the copy warning."""
+    g = local_tensor(g)
+    base = g._base if g._is_view() else None
+    if base is not None and base.numel() > g.numel():
+        return ("re-pointed at another buffer, as DistributedDataParallel(gradient_as_bucket_view=True) does "
+                "in every backward")
+    return "a new tensor: assigned to p.grad, or made by autograd or FSDP where p.grad was None"
+
+
 class Binder:
     """The per-step binding of one built plan."""
 
     def __init__(self, plan: Plan, groups: list[GroupBuffers], buffers: StepBuffers, rule, param_lists,
-                 variants: list):
+                 variants: list, bucket_view_params: frozenset[int] = frozenset()):
         self.plan, self.groups, self.buffers, self.rule = plan, groups, buffers, rule
         self.param_lists = [list(params) for params in param_lists]
         self.variants = variants
@@ -63,8 +76,9 @@ class Binder:
         self.names = [n for gb in groups for n in gb.group.names]
         self.where = [(gb, i) for gb in groups for i in range(len(gb.group.params))]
         self.grad_views = [v for gb in groups for v in gb.grad_views]
-        self.aliased = [gb.group.params[i] for gb in groups for i in gb.aliased]
-        self.alias_ptrs: list[int] = []  # set by install_grads, once the params live in the buffers
+        # Plain params (aliased, staged or bucketed): a replaced ``.data`` shows as a new data_ptr.
+        self.plain = [p for p in self.params if not is_dtensor(p)]
+        self.plain_ptrs: list[int] = []  # set by install, once the aliased params live in the buffers
         self.sharded = [p for p in self.params if is_dtensor(p)]
         self.sharded_locals = [p._local_tensor for p in self.sharded]
         self.slots = [gb.group.entries[i].slot for gb in groups for i in range(len(gb.group.params))]
@@ -74,12 +88,16 @@ class Binder:
         self.installed: list[tuple[str, list, list]] = []  # (key, state dicts, views) to check each step
         self.hp_values: list | None = None  # the hyperparameter rows last written
         self.created: list[torch.Tensor] = []  # params whose state bind_state created in this step
-        self.copied: list[str] = []  # names of the params whose grads the last bind_grads copied in
+        # Params of DDP modules with gradient_as_bucket_view=True: a bucket view as their grad is read
+        # where it is (lifecycle/ddp.py), so a new one rebuilds the plan instead of being copied.
+        self.bucket_view_params = bucket_view_params
+        self.copied: list[tuple[str, str]] = []  # (name, why) of each grad the last bind_grads copied in
+        self.restore_hooks: GradRestoreHooks | None = None  # set by install
 
     # ---------------------------------------------------------------- structure
 
     def unchanged(self, optimizer: torch.optim.Optimizer, variants: list) -> bool:
-        """Same params in the same groups, same variants, aliased params and shards not replaced."""
+        """Same params in the same groups, same variants, no ``.data`` and no shard replaced."""
         groups = optimizer.param_groups
         if len(groups) != len(self.param_lists) or variants != self.variants:
             return False
@@ -87,8 +105,8 @@ class Binder:
             params = group["params"]
             if len(params) != len(expected) or not all(map(_IS, params, expected)):
                 return False
-        if list(map(_DATA_PTR, self.aliased)) != self.alias_ptrs:
-            return False  # p.data was replaced (model.to(), a user's assignment): move it in again
+        if list(map(_DATA_PTR, self.plain)) != self.plain_ptrs:
+            return False  # p.data was replaced (model.to(), a user's assignment): build the plan anew
         return all(map(_IS, (p._local_tensor for p in self.sharded), self.sharded_locals))
 
     # ---------------------------------------------------------------- grads
@@ -113,10 +131,12 @@ class Binder:
             gb, j = self.where[i]
             p = self.params[i]
             check_grad(p, g, self.names[i], gb.group.key.grad_dtype)
+            if id(p) in self.bucket_view_params and ddp.is_bucket_view(g):
+                raise Rebuild(f"{self.names[i]}: DDP re-pointed the grad at another bucket view")
             if is_dtensor(g):
                 g = collectives.match_grad_placement(p, g)
             foreign.append((i, g))
-        self.copied = [self.names[i] for i, _ in foreign]
+        self.copied = [(self.names[i], _why_foreign(g)) for i, g in foreign]
         changed = False
         with torch.no_grad():
             for i, g in enumerate(grads):
@@ -142,6 +162,18 @@ class Binder:
             self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
         return changed
 
+    def restore_grad(self, i: int) -> None:
+        """Point param i's unset grad at its zeroed buffer view (called by its hook in backward)."""
+        gb, j = self.where[i]
+        with torch.no_grad():
+            gb.grad_locals[j].zero_()
+        self.params[i].grad = self.grad_views[i]
+
+    def release(self) -> None:
+        """Remove the grad hooks (the plan is being replaced)."""
+        if self.restore_hooks is not None:
+            self.restore_hooks.remove()
+
     def _set_active(self, i: int, value: bool) -> bool:
         slot = self.slots[i]
         if self.active[slot] == value:
@@ -160,7 +192,8 @@ class Binder:
             n = len(gb.group.params)
             gb.install(previous[start:start + n])
             start += n
-        self.alias_ptrs = list(map(_DATA_PTR, self.aliased))
+        self.plain_ptrs = list(map(_DATA_PTR, self.plain))
+        self.restore_hooks = GradRestoreHooks(self)
         self.expected_grads = [self.grad_views[i] if g is not None else None for i, g in enumerate(previous)]
         for i, g in enumerate(previous):
             self._set_active(i, g is not None)

@@ -29,8 +29,9 @@ class Fillers:
     """Scratch tensors that pad a bucket to ``size``, made once per (device, dtypes, kinds, size).
 
     Each slot gets its own tensors: Dynamo guards on which inputs alias, so reusing one tensor would
-    compile another graph. ``"params"`` fillers are allocations of their own (storage offset 0, like
-    most param shards); the others start a row of a slab, like the views of FusedStep's grad and
+    compile another graph. ``"params"`` and ``"external_grads"`` fillers are allocations of their own
+    (storage offset 0, like most param shards and the aliases of external grads); the others start a
+    row of a slab, like the views of FusedStep's grad and
     state buffers they stand in for (storage offsets >= 2: Dynamo specialises offsets 0 and 1).
     """
 
@@ -43,7 +44,7 @@ class Fillers:
         if made is None:
             made = {}
             for kind, dtype in dtypes.items():
-                if kind == "params":
+                if kind in ("params", "external_grads"):  # allocations of their own, as they are
                     made[kind] = [torch.zeros(1, dtype=dtype, device=device) for _ in range(size)]
                 else:
                     slab = row_slab(size, dtype, device)

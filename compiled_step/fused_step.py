@@ -29,6 +29,7 @@ import torch
 from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
 from compiled_step import wrappers
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
+from compiled_step.lifecycle import ddp
 from compiled_step.lifecycle import fp8 as fp8_lifecycle
 from compiled_step.lifecycle.fp8_step import Fp8Weights
 from compiled_step.lifecycle.fsdp import GradAccumulation
@@ -140,6 +141,10 @@ class FusedStep:
                 f"({float(built.buffers.total)}); nothing was updated. Pass error_if_nonfinite=False to skip "
                 "such steps.")
         built.runner.run_update()
+        # The params changed in place through the buffers, which autograd cannot see: bump their version
+        # counters as torch.optim's in-place update does, so a graph that saved a param before the
+        # step raises in backward instead of using the new values.
+        torch.autograd.graph.increment_version(built.binder.params)
         if self.offload_optimizer_state:
             storage.offload_out(built.groups, built.buffers)
         self._fp8.store()
@@ -154,8 +159,10 @@ class FusedStep:
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the grads in place (default), so autograd and FSDP2 accumulate into the same buffers.
 
-        ``set_to_none=True`` is ``optimizer.zero_grad()``: the next backward allocates new grads,
-        which the next ``step()`` copies into its buffers (an extra read and write of every grad).
+        ``set_to_none=True`` is ``optimizer.zero_grad()``: grads become None. In the next backward,
+        a hook on each param points the grad back at its zeroed view of the buffers before autograd
+        writes it (see ``grad_restore.py``), so nothing is copied; FSDP2's sharded grads, which
+        FSDP2 assigns itself, are copied in by the next ``step()``.
         """
         built = self._built
         if set_to_none or built is None:
@@ -165,6 +172,7 @@ class FusedStep:
             self.optimizer.zero_grad(set_to_none=False)  # zeroes grads that are not the views too
         for gb in built.groups:
             gb.grads.zero_()
+            gb.zero_external_grads()
 
     def accumulate(self, num_microbatches: int):
         """Context manager for one step's gradient accumulation over ``num_microbatches``.
@@ -198,6 +206,12 @@ class FusedStep:
         """The token count of the last ``accumulate()`` block, which the next ``step()`` uses as its
         ``num_label_tokens`` (None once a step consumed it, or when no block ended normally)."""
         return self._accumulation.num_label_tokens if self._accumulation is not None else None
+
+    @property
+    def last_step_copied_grads(self) -> tuple[str, ...]:
+        """Names of the params whose grads the last ``step()`` copied into the grad buffers (grads that
+        were not FusedStep's views: assigned, re-pointed by DDP, or made by FSDP2). Empty when none."""
+        return tuple(name for name, _ in self._built.binder.copied) if self._built is not None else ()
 
     @property
     def plan(self) -> planning.Plan | None:
@@ -251,24 +265,30 @@ class FusedStep:
     def _build(self, variants: list) -> _Built:
         opt, dist, config = self.optimizer, self.distributed, self.config
         param_lists = [group["params"] for group in opt.param_groups]
+        ddp_params = ddp.bucket_view_params(dist.model_parts)
+        external = ddp.external_grads(param_lists, ddp_params)
         plan = planning.build_plan(
             param_lists, names=experts.param_names(dist.model_parts),
             expert_ids=experts.expert_param_ids(dist.model_parts, dist.ep_axis_name), ep=self._ep_group,
             ep_axis_name=dist.ep_axis_name, pp=self._pp_group, bucket_size=config.bucket_size,
             pack_threshold=config.pack_threshold, flat_params=config.flat_params, fp8_ids=self._fp8.ids,
-            own_storages=self._own_storages())
+            own_storages=self._own_storages(), external_grads=frozenset(external))
         _refuse_partial_params(plan)
+        _refuse_state_of_another_dtype(plan, opt.state)
         plan = self._agree(plan)
+        if self._built is not None:
+            self._built.binder.release()  # the old plan's grad hooks
         previous = [p.grad for p in plan.params]
         for p, g, name in zip(plan.params, previous, [n for gr in plan.groups for n in gr.names]):
             if g is not None:
                 binding.check_grad(p, g, name)
         outputs = self._outputs_on(plan.device)
         groups = [storage.GroupBuffers(g, self.rule.state_keys(variants[g.key.param_group]),
-                                       offload=self.offload_optimizer_state) for g in plan.groups]
+                                       offload=self.offload_optimizer_state, external_grads=external)
+                  for g in plan.groups]
         buffers = storage.StepBuffers(plan, self.rule, self._kind, config.max_grad_norm, outputs,
                                       offload=self.offload_optimizer_state)
-        binder = binding.Binder(plan, groups, buffers, self.rule, param_lists, variants)
+        binder = binding.Binder(plan, groups, buffers, self.rule, param_lists, variants, ddp_params)
         binder.install(previous)
         binder.bind_state(opt)
         group_variants = [variants[g.key.param_group] for g in plan.groups]
@@ -298,7 +318,8 @@ class FusedStep:
     def _own_storages(self) -> frozenset[int]:
         if self._built is None:
             return frozenset()
-        return frozenset(gb.params.untyped_storage()._cdata for gb in self._built.groups)
+        # Aliased params have storages of their own over the flat buffers (storage.own_storage_alias).
+        return frozenset(gb.locals[i].untyped_storage()._cdata for gb in self._built.groups for i in gb.aliased)
 
     def _outputs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The total norm, finite flag and skip counter (``[1]`` tensors): kept across plan rebuilds.
@@ -334,13 +355,8 @@ class FusedStep:
             active_changed = built.binder.bind_grads()
         if built.binder.copied and not self._warned_copy:
             self._warned_copy = True
-            copied = built.binder.copied
-            warnings.warn(
-                f"FusedStep copied the grad of {copied[0]}" + (f" and {len(copied) - 1} other param(s)" if len(copied) > 1
-                                                              else "")
-                + " into its grad buffers: those grads were new tensors (after optimizer.zero_grad(), or assigned), "
-                "which costs an extra read and write of each. Zero grads with fused.zero_grad() to keep autograd "
-                "accumulating into FusedStep's buffers. (Shown once.)", stacklevel=_user_stacklevel())
+            warnings.warn(_copy_warning(built.binder.copied, named=bool(self.distributed.model_parts)),
+                          stacklevel=_user_stacklevel())
         if active_changed or not built.binder.state_unchanged(opt):
             built.binder.bind_state(opt)
         base, expert = scales
@@ -432,6 +448,36 @@ def _user_stacklevel() -> int:
             return level
         frame, level = frame.f_back, level + 1
     return 1
+
+
+def _copy_warning(copied: list[tuple[str, str]], named: bool) -> str:
+    """The once-per-FusedStep warning about grads copied into the grad buffers: which, and why."""
+    name, why = copied[0]
+    others = f" and {len(copied) - 1} other param(s)" if len(copied) > 1 else ""
+    hint = "" if named else " (pass model_parts=[model] to FusedStep to see param names)"
+    return (f"FusedStep copied the grad of {name}{others}{hint} into its grad buffers, an extra read and write "
+            f"of each: the grad was {why}. FusedStep's buffers are the grads: zero them with fused.zero_grad() "
+            "(grads set to None by zero_grad() are re-pointed at the buffers in backward, at no cost), and "
+            "don't assign p.grad. fused.last_step_copied_grads lists the copies of the last step. (Shown once.)")
+
+
+def _refuse_state_of_another_dtype(plan: planning.Plan, state) -> None:
+    """Raise where a param's optimizer state has another floating dtype than the param.
+
+    That happens when ``model.to(dtype)`` runs after the state was created; ``torch.optim`` raises
+    at its next step too (``load_state_dict`` casts state to the param's dtype, so a loaded
+    checkpoint never gets here). Casting the state silently would change the run's numerics.
+    """
+    for group in plan.groups:
+        for p, name in zip(group.params, group.names):
+            for key, value in state.get(p, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
+                        and value.dtype != p.dtype:
+                    raise ValueError(
+                        f"{name} is {p.dtype} but its optimizer state {key!r} is {value.dtype}: the param's dtype "
+                        "changed after its state was created (model.to(dtype)?). torch.optim raises at its next "
+                        "step too. Cast before creating the optimizer, or load the state again with "
+                        "optimizer.load_state_dict(), which casts it to the params' dtype. Nothing was changed.")
 
 
 def _refuse_partial_params(plan: planning.Plan) -> None:

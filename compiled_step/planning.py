@@ -18,6 +18,10 @@ A group's tensors live in flat buffers of ``ROW``-element rows (``storage.py`` a
     after it (cheap for small params, and one call for a thousand of them);
   - ``bucketed``: a large param that stays where it is (FSDP2's sharded params, FP8 weights). It is
     updated in fixed-length buckets of ``bucket_size`` tensors, one compiled call per bucket;
+  - a bucketed param may have an *external* grad: one that lives in another framework's persistent
+    buffer, read there by Phase A and the update instead of being copied into the grad buffer
+    (DistributedDataParallel's bucket views, ``gradient_as_bucket_view=True``). External params
+    come last, in buckets of their own, and take no rows of the grad buffer;
 
 * each param has a *slot*: an index into the per-tensor vectors (step counts, "has a grad", the
   per-tensor scalar table). The flat region's rows carry the slot of the param they belong to;
@@ -153,6 +157,7 @@ class Entry:
     row: int  # first row in the group's grad and state buffers (and param buffer, for the flat regions)
     numel: int  # elements of the local shard
     slot: int  # global slot: index into the per-tensor vectors
+    external: bool = False  # the grad lives outside the grad buffer (see the module docstring)
 
 
 @dataclass
@@ -162,9 +167,12 @@ class ShardingGroup:
     names: list[str] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # one per param, same order as ``params``
     flat: list[int] = field(default_factory=list)  # indices of the aliased and staged params, buffer order
-    bucketed: list[int] = field(default_factory=list)  # indices of the bucketed params, buffer order
+    bucketed: list[int | None] = field(default_factory=list)  # indices of the bucketed params, buffer order
+    # (None: padding that makes the external params start a bucket)
+    external: list[int] = field(default_factory=list)  # those of them with external grads (the last buckets)
     flat_rows: int = 0  # rows of the param buffer (the flat regions come first in every buffer)
-    rows: int = 0  # rows of the grad and state buffers
+    rows: int = 0  # rows of the state buffers
+    grad_rows: int = 0  # rows of the grad buffer: every param's but the external ones, which come last
     first_slot: int = 0  # the group's slots are [first_slot, first_slot + slots)
     flat_slots: int = 0  # slots of the flat regions (one per param), then the buckets' slots
     bucket_count: int = 0
@@ -273,7 +281,9 @@ def check_params(param_lists, names: dict[int, str]) -> None:
 
 
 def _region(p: torch.Tensor, local: torch.Tensor, fp8: bool, flat_params: bool, pack_threshold: int,
-            own_storages: frozenset[int]) -> str:
+            own_storages: frozenset[int], external: bool) -> str:
+    if external:
+        return BUCKETED  # its grad is read where it is, so its update is a bucket call
     if fp8 and local.numel() > 0:
         return BUCKETED  # the update computes each FP8 weight's amax, a per-tensor reduction
     if flat_params and not fp8 and type(p) in (torch.Tensor, torch.nn.Parameter) and _owns_storage(p, own_storages):
@@ -296,6 +306,7 @@ def build_plan(
     flat_params: bool = False,
     fp8_ids: frozenset[int] = frozenset(),
     own_storages: frozenset[int] = frozenset(),
+    external_grads: frozenset[int] = frozenset(),
 ) -> Plan:
     """Group *all* params (not only those with grads) so every rank issues the same collectives.
 
@@ -313,8 +324,9 @@ def build_plan(
             are staged through the flat buffer instead of bucketed.
         flat_params: alias plain params into the flat param buffers.
         fp8_ids: ``id()`` of FP8 weights, whose amax the update computes.
-        own_storages: ``_cdata`` of the storages of FusedStep's current flat param buffers: params
-            in them are aliased already (their storage is shared by design).
+        own_storages: ``_cdata`` of the storages of FusedStep's aliased params (each has a storage of
+            its own over a flat buffer): they are aliased already, whatever else references them.
+        external_grads: ``id()`` of params whose grads are read where they are (``lifecycle/ddp.py``).
 
     Raises ``ValueError`` for a param listed twice, params on several devices and DTensor shards
     that are not stored densely.
@@ -334,19 +346,21 @@ def build_plan(
     ordered = list(groups.values())
     slot = 0
     for group in ordered:
-        slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, own_storages)
+        slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, own_storages, external_grads)
     device = ordered[0].key.device if ordered else torch.device("cpu")
     reductions, pp_reduction = _reductions(ordered, ep, ep_axis_name, pp)
     return Plan(params_signature(param_lists), ordered, device, bucket_size, slot, reductions, pp_reduction)
 
 
 def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_threshold: int, flat_params: bool,
-             own_storages: frozenset[int]) -> int:
+             own_storages: frozenset[int], external_grads: frozenset[int]) -> int:
     """Assign regions, rows and slots; returns the next free slot."""
-    regions = []
-    for p, name in zip(group.params, group.names):
+    regions, external = [], set()
+    for i, (p, name) in enumerate(zip(group.params, group.names)):
         local = local_tensor(p)
-        region = _region(p, local, group.key.fp8, flat_params, pack_threshold, own_storages)
+        if id(p) in external_grads:
+            external.add(i)
+        region = _region(p, local, group.key.fp8, flat_params, pack_threshold, own_storages, i in external)
         if region == BUCKETED and not is_dense(local):
             raise ValueError(
                 f"{name}: FusedStep needs params stored densely (no gaps or overlaps) when it cannot move them; "
@@ -354,7 +368,12 @@ def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_thres
             )
         regions.append(region)
     group.flat = [i for i, r in enumerate(regions) if r != BUCKETED]
-    group.bucketed = [i for i, r in enumerate(regions) if r == BUCKETED]
+    internal = [i for i, r in enumerate(regions) if r == BUCKETED and i not in external]
+    group.external = sorted(external)
+    # External params start a bucket of their own: a bucket's grads are all in the grad buffer or all
+    # outside it, so each kind of bucket is one graph.
+    pad = (-len(internal) % bucket_size) if group.external else 0
+    group.bucketed = internal + [None] * pad + group.external
     entries: dict[int, Entry] = {}
     row, slot = 0, first_slot
     for i in group.flat:
@@ -365,12 +384,18 @@ def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_thres
     group.flat_rows = row
     group.first_slot, group.flat_slots = first_slot, slot - first_slot
     group.bucket_stride = align(bucket_size)
+    grad_rows = None
     for position, i in enumerate(group.bucketed):
+        if i is None:
+            continue  # padding before the external buckets
+        if i in external and grad_rows is None:
+            grad_rows = row  # the external params come last and take no grad rows
         numel = local_tensor(group.params[i]).numel()
         b, j = divmod(position, bucket_size)
-        entries[i] = Entry(i, BUCKETED, row, numel, group.bucket_first_slot(b) + j)
+        entries[i] = Entry(i, BUCKETED, row, numel, group.bucket_first_slot(b) + j, external=i in external)
         row += rows_for(numel)
     group.rows = row
+    group.grad_rows = row if grad_rows is None else grad_rows
     group.bucket_count = -(-len(group.bucketed) // bucket_size)
     group.slots = align(group.flat_slots) + group.bucket_count * group.bucket_stride
     group.entries = [entries[i] for i in range(len(group.params))]

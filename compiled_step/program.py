@@ -3,7 +3,8 @@
 Every call's arguments are persistent tensors (``storage.py``), fixed when the program is built, so
 running the program is a plain loop over the calls. The list is, in order:
 
-1. Phase A: one compiled partial-norm call per sharding group (its flat grad buffer);
+1. Phase A: one compiled partial-norm call per sharding group (its flat grad buffer), and one per
+   bucket of grads read where another framework keeps them (external grads, ``planning.py``);
 2. the collectives: one per process group (two for a norm order other than 1, 2 and inf), in place
    on the partials; with PP, the groups are combined and reduced over the pipeline axis;
 3. the finish: one compiled call (total norm, clip coefficient, finite flag, skip counter, every
@@ -110,15 +111,17 @@ def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers
     update: list[Call] = []
     partial_fn = compiler.get(partials_module.partial_of_buffer)
     for g, gb in enumerate(groups):
-        if gb.group.rows == 0:  # nothing local (e.g. an empty shard): its partial is zero, every step,
-            norm.append(Call(f"zero the partial norm of group {g} (no local elements)", EAGER,  # since the
-                             buffers.partial_rows[g].zero_))  # collectives reduce the row in place
-            continue
-        dtype = gb.grads.dtype
-        norm.append(Call(
-            f"Phase A partial norm, group {g}", COMPILED, partial_fn,
-            (gb.grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]), dict(kind=kind.kind, p=kind.p),
-            _function_name(partials_module.partial_of_buffer), ("norm", kind.kind, dtype, plan.device.type)))
+        if gb.group.grad_rows == 0:  # nothing in the grad buffer (e.g. an empty shard): its partial is zero,
+            norm.append(Call(f"zero the partial norm of group {g} (no local elements)", EAGER,  # every step,
+                             buffers.partial_rows[g].zero_))  # as the collectives reduce the row in place
+        else:
+            dtype = gb.grads.dtype
+            norm.append(Call(
+                f"Phase A partial norm, group {g}", COMPILED, partial_fn,
+                (gb.grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]),
+                dict(kind=kind.kind, p=kind.p), _function_name(partials_module.partial_of_buffer),
+                ("norm", kind.kind, dtype, plan.device.type)))
+        norm += _external_partials(plan, g, gb, buffers, kind, compiler, fillers)
     norm += _collectives(plan, buffers, kind)
     finish_fn = compiler.get(finish_module.finish)
     partials = buffers.pp_partial if plan.pp is not None else buffers.partials
@@ -151,6 +154,19 @@ def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers
     for kind_, label, fn, args in fp8 or ():
         update.append(Call(label, kind_, fn, args))
     return Program(norm, update, compiler)
+
+
+def _external_partials(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, kind: NormKind,
+                       compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
+    """Phase A over a group's external grads: one call per bucket, combined into the group's partial."""
+    if not gb.group.external:
+        return []
+    fn = compiler.get(partials_module.add_partial_of_list)
+    return [Call(f"Phase A partial norm, group {g}, external grads {b}", COMPILED, fn,
+                 (grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]), dict(kind=kind.kind, p=kind.p),
+                 _function_name(partials_module.add_partial_of_list),
+                 ("norm_external", kind.kind, gb.grads.dtype, plan.device.type))
+            for b, grads in enumerate(gb.external_grad_buckets(plan.bucket_size, fillers))]
 
 
 def _collectives(plan, buffers: storage.StepBuffers, kind: NormKind) -> list[Call]:

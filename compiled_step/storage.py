@@ -76,6 +76,27 @@ def flat_alias(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset()).detach()
 
 
+def own_storage_alias(view: torch.Tensor) -> torch.Tensor:
+    """``view``'s elements as a tensor with a storage object of its own, over the same memory.
+
+    Why: checkpoint tools see tensors through their storages. ``torch.save`` writes a view's whole
+    storage (the whole flat buffer for one param); safetensors' ``save_model``/``load_model`` refuse
+    a storage that no tensor covers entirely; Accelerate's ``clean_state_dict_for_safetensors``
+    keeps one name per storage and drops the rest, so views of one flat buffer would save one
+    weight of the model. A DLPack round trip gives a new storage object that starts at the view's
+    first element and spans exactly its bytes: writes land in the buffer (the flat update keeps
+    its one pass), and the DLPack capsule keeps the buffer alive as long as the alias lives.
+    """
+    alias = torch.from_dlpack(view)
+    storage = alias.untyped_storage()
+    span = 1 + sum((n - 1) * s for n, s in zip(view.shape, view.stride())) if view.numel() else 0
+    if alias.data_ptr() != view.data_ptr() or storage.data_ptr() != view.data_ptr() or \
+            storage.nbytes() != span * view.element_size() or alias.stride() != view.stride():
+        raise RuntimeError("torch.from_dlpack did not alias the flat buffer as expected (data_ptr, storage size or "
+                           f"strides differ) on torch {torch.__version__}; pass flat_params=False")
+    return alias
+
+
 def _wrap_like(p: torch.Tensor, local_view: torch.Tensor) -> torch.Tensor:
     """``local_view`` as what torch.optim would hold for ``p``: a DTensor for a DTensor param."""
     if not is_dtensor(p):
@@ -89,12 +110,14 @@ def _wrap_like(p: torch.Tensor, local_view: torch.Tensor) -> torch.Tensor:
 class GroupBuffers:
     """One sharding group's buffers and the views into them, in the group's param order."""
 
-    def __init__(self, group: ShardingGroup, state_keys: tuple[str, ...], offload: bool = False):
+    def __init__(self, group: ShardingGroup, state_keys: tuple[str, ...], offload: bool = False,
+                 external_grads: dict[int, torch.Tensor] | None = None):
+        """``external_grads``: param id -> its grad, for the group's external params (``planning``)."""
         self.group = group
         key = group.key
         device = key.device
         self.params = _row_buffer(group.flat_rows, key.dtype, device)
-        self.grads = _row_buffer(group.rows, key.grad_dtype, device)
+        self.grads = _row_buffer(group.grad_rows, key.grad_dtype, device)
         self.state = {k: _row_buffer(group.rows, key.dtype, device) for k in state_keys}
         # With offload_optimizer_state on an accelerator, the state users see (and that the binder
         # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
@@ -107,8 +130,15 @@ class GroupBuffers:
         # param_views: aliased -> the new p.data; staged -> the staging area; bucketed -> None
         self.param_views = [_view(self.params, e.row, t) if e.region != BUCKETED else None
                             for e, t in zip(entries, self.locals)]
-        self.grad_locals = [_view(self.grads, e.row, t) for e, t in zip(entries, self.locals)]
-        self.grad_views = [_wrap_like(p, v) for p, v in zip(group.params, self.grad_locals)]
+        external = {i: (external_grads or {})[id(group.params[i])] for i in group.external}
+        self.grad_locals = [local_tensor(external[i]) if e.external else _view(self.grads, e.row, t)
+                            for i, (e, t) in enumerate(zip(entries, self.locals))]
+        self.grad_views = [external[i] if e.external else _wrap_like(p, v)
+                           for i, (p, e, v) in enumerate(zip(group.params, entries, self.grad_locals))]
+        # What the compiled calls read of the external grads: 1-D aliases with storages of their own,
+        # so that Dynamo sees the same input kind whatever their offsets in the other framework's
+        # buffer (it specialises storage offsets 0 and 1, and guards on which inputs share a storage).
+        self.external_flat = {i: own_storage_alias(flat_alias(self.grad_locals[i])) for i in group.external}
         self.state_locals = {k: [_view(buf, e.row, t) for e, t in zip(entries, self.locals)]
                              for k, buf in self.state_home.items()}
         self.state_views = {k: [_wrap_like(p, v) for p, v in zip(group.params, views)]
@@ -130,13 +160,19 @@ class GroupBuffers:
             for i in self.aliased:
                 p, view = self.group.params[i], self.param_views[i]
                 view.copy_(p.data)
-                p.data = view
-                self.locals[i] = view
+                alias = own_storage_alias(view)
+                p.data = alias
+                self.locals[i] = alias
             for i, (p, g) in enumerate(zip(self.group.params, previous_grads)):
-                if g is None:
-                    continue
+                if g is None or g is self.grad_views[i]:
+                    continue  # no grad, or an external grad read where it is
                 self.grad_locals[i].copy_(local_tensor(g))
                 p.grad = self.grad_views[i]
+
+    def zero_external_grads(self) -> None:
+        """Zero the external grads where they are (``fused.zero_grad()``)."""
+        if self.group.external:
+            torch._foreach_zero_([self.grad_locals[i] for i in self.group.external])
 
     # ---------------------------------------------------------------- bucket arguments
 
@@ -145,18 +181,21 @@ class GroupBuffers:
         group, size = self.group, buffers.plan.bucket_size
         keys = rule.state_keys(variant)
         key = group.key
-        dtypes = {"params": key.dtype, "grads": key.grad_dtype, **{k: key.dtype for k in keys}}
+        dtypes = {"params": key.dtype, "grads": key.grad_dtype, "external_grads": key.grad_dtype,
+                  **{k: key.dtype for k in keys}}
         calls = []
         for b in range(group.bucket_count):
-            members = group.bucketed[b * size:(b + 1) * size]
+            members = [i for i in group.bucketed[b * size:(b + 1) * size] if i is not None]
             entries = [group.entries[i] for i in members]
+            external = bool(entries) and entries[0].external  # a bucket is all external or none
             params = [flat_alias(self.locals[i]) for i in members]
-            grads = [_flat(self.grads, e.row, e.numel) for e in entries]
+            grads = [self.external_flat[i] if external else _flat(self.grads, e.row, e.numel)
+                     for i, e in zip(members, entries)]
             state = {k: [_flat(self.state[k], e.row, e.numel) for e in entries] for k in keys}
             if len(members) < size:
                 filler = fillers.get(key.device, dtypes, size)
                 params = buckets.padded(params, filler["params"], size)
-                grads = buckets.padded(grads, filler["grads"], size)
+                grads = buckets.padded(grads, filler["external_grads" if external else "grads"], size)
                 state = {k: buckets.padded(v, filler[k], size) for k, v in state.items()}
             first = group.bucket_first_slot(b)
             slots = slice(first, first + size)
@@ -165,6 +204,13 @@ class GroupBuffers:
             calls.append((params, grads, *state_args, buffers.table[slots].detach(),
                           buffers.counts[slots].detach(), amax))
         return calls
+
+    def external_grad_buckets(self, size: int, fillers: buckets.Fillers) -> list[list[torch.Tensor]]:
+        """The external grads in lists of ``size`` (the last one padded), for Phase A."""
+        grads = [self.external_flat[i] for i in self.group.external]
+        filler = fillers.get(self.group.key.device, {"external_grads": self.group.key.grad_dtype}, size)
+        return [buckets.padded(grads[r.start:r.stop], filler["external_grads"], size)
+                for r in buckets.chunk(len(grads), size)]
 
     def flat_args(self, rule, variant, buffers: "StepBuffers") -> tuple:
         group = self.group

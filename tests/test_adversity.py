@@ -161,6 +161,8 @@ class _HookCalls:
     (torch.optim.AdamW, "betas", (0.9, 1.5), "invalid betas\\[1\\] 1.5"),
     (torch.optim.AdamW, "betas", (1.0, 0.999), "invalid betas\\[0\\] 1.0"),
     (torch.optim.AdamW, "betas", (-0.1, 0.999), "invalid betas\\[0\\] -0.1"),
+    (torch.optim.AdamW, "betas", (0.9,), "betas must be a pair"),
+    (torch.optim.Adam, "betas", (0.9, 0.99, 0.999), "betas must be a pair"),
     (torch.optim.Adam, "lr", -1e-3, "invalid lr -0.001"),
     (torch.optim.AdamW, "eps", -1e-8, "invalid eps"),
     (torch.optim.AdamW, "weight_decay", -0.1, "invalid weight_decay"),

@@ -73,7 +73,7 @@ def test_repr_shows_the_optimizer_options_and_the_plan_once_built():
     assert "program: 3 calls" in text, text
 
 
-def test_copied_grads_warn_once_at_the_callers_line_and_name_the_param():
+def test_copied_grads_warn_once_at_the_callers_line_and_name_the_param_and_the_cause():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     fused = FusedStep(torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=1.0, model_parts=[model])
     model(torch.randn(2, 4)).sum().backward()
@@ -81,8 +81,10 @@ def test_copied_grads_warn_once_at_the_callers_line_and_name_the_param():
         warnings.simplefilter("always")
         fused.step()  # the first step installs the buffers: no warning of ours
     assert not [w for w in caught if "FusedStep copied" in str(w.message)]
-    fused.optimizer.zero_grad()  # set_to_none: the next backward makes new grads
+    fused.optimizer.zero_grad()  # set_to_none: the hooks put the buffers back in backward, no copy
     model(torch.randn(2, 4)).sum().backward()
+    for p in model.parameters():
+        p.grad = p.grad.clone()  # assigned: these must be copied in
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         line = sys._getframe().f_lineno + 1
@@ -91,13 +93,16 @@ def test_copied_grads_warn_once_at_the_callers_line_and_name_the_param():
     assert len(ours) == 1, [str(w.message) for w in caught]
     w = ours[0]
     assert w.filename == __file__ and w.lineno == line, (w.filename, w.lineno)
-    assert "FusedStep copied the grad of 0.weight and 1 other param(s)" in str(w.message)
-    fused.optimizer.zero_grad()
+    assert "FusedStep copied the grad of 0.weight and 1 other param(s) into" in str(w.message)
+    assert "the grad was a new tensor: assigned to p.grad" in str(w.message)
+    assert fused.last_step_copied_grads == ("0.weight", "0.bias")
     model(torch.randn(2, 4)).sum().backward()
+    model[0].weight.grad = model[0].weight.grad.clone()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused.step()
     assert not [w for w in caught if "FusedStep copied" in str(w.message)]  # once per FusedStep
+    assert fused.last_step_copied_grads == ("0.weight",)
 
 
 def test_first_compile_announces_itself_once_per_process_on_stderr():

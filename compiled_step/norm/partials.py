@@ -6,7 +6,9 @@ Two forms of the same math:
   whole rows, zeros in the padding), one call per group whatever the number of tensors. FusedStep
   uses it: the grads live in its persistent buffers.
 * ``partial_of_list``: a fixed-length list of grads wherever they are (one call per bucket), for
-  the functional API, which norms and clips the user's own grads in place.
+  the functional API, which norms and clips the user's own grads in place;
+  ``add_partial_of_list`` combines it into a group's partial, for grads FusedStep reads where
+  another framework keeps them (external grads, ``planning.py``).
 
 Both scale the partial by the group's factor ``s`` (PP/EP scaling, ``grad_scale``), i.e. they return
 the partial of ``s * g`` without multiplying any grad.
@@ -72,6 +74,22 @@ def partial_of_list(
         return combine_scaled(torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs]), order)
     terms = torch.stack([_terms(kind, p, g) for g in grads])
     return (terms.sum() if kind == "sum" else terms.amax()).reshape(1)
+
+
+def add_partial_of_list(
+    grads: list[torch.Tensor],  # B x [n_i] grads read where they are (external grads), any float dtype
+    scale: torch.Tensor,  # [] float64: the group's grad scale
+    order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
+    out: torch.Tensor,  # [2] float64: the group's partial so far; combined with this bucket's in place
+    kind: str,  # graph constant
+    p: float,  # graph constant
+) -> None:
+    from compiled_step.norm.kinds import combine
+
+    partial = _scaled(kind, p, partial_of_list(grads, order, kind, p), scale)
+    if kind != "scaled":
+        partial = torch.cat([partial, torch.zeros_like(partial)])
+    out.copy_(combine(kind, torch.stack([out, partial]), order if kind == "scaled" else p))
 
 
 def scale_partial(kind: str, p, partial: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -76,6 +76,9 @@ def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> l
     """
     reject_common_options(group, type(optimizer).__name__)
     lr = hyperparameter(group["lr"], "lr", where)
+    betas = group["betas"]
+    if isinstance(betas, torch.Tensor) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}. Nothing was updated.")
     beta1 = hyperparameter(group["betas"][0], "betas[0]", where)
     beta2 = hyperparameter(group["betas"][1], "betas[1]", where)
     eps = hyperparameter(group["eps"], "eps", where)
