@@ -229,13 +229,6 @@ class FusedStep:
         return self._built is not None and self._built.runner.captured
 
     @property
-    def grads_copied_last_step(self) -> int:
-        """How many grads the last ``step()`` copied into the grad buffers because ``p.grad`` was not
-        FusedStep's view (a new tensor after ``optimizer.zero_grad()``, or an assigned one): 0 when autograd
-        accumulated into the buffers. Grads that exist when a plan is built are moved in once, uncounted."""
-        return len(self._built.binder.copied) if self._built is not None else 0
-
-    @property
     def skipped_steps(self) -> torch.Tensor | None:
         """int64 0-d tensor: steps skipped for a non-finite norm (updated in place)."""
         return self._outputs[2][0] if self._outputs is not None else None

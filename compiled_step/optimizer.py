@@ -160,9 +160,13 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the grads **in place, whatever** ``set_to_none`` **says**: FusedStep's flat grad buffers are the
-        grads (``p.grad`` is a view of them and autograd accumulates into it), so they persist. Grads set to
-        None would make the next backward allocate new ones for the next step to copy in. ``set_to_none`` is
-        accepted because trainers pass it (Accelerate's ``zero_grad`` passes True)."""
+        grads (``p.grad`` is a view of them and autograd accumulates into it), so they persist between steps.
+        ``set_to_none`` is accepted because trainers pass it (Accelerate's ``zero_grad`` passes True).
+
+        As with torch's ``set_to_none=False``, a param that gets no grad in the next backward then has a zero
+        grad and is stepped (weight decay, moment decay), where ``set_to_none=True`` would skip it. To skip
+        such params, set the grads to None another way (``model.zero_grad()``): FusedStep points them back at
+        its buffers when the backward writes them."""
         self.fused.zero_grad(set_to_none=False)
 
     # ------------------------------------------------------------------ checkpoints

@@ -134,7 +134,7 @@ class Observed:
     (what Lightning, Accelerate and HF Trainer call for their clipping and their logged norm; torch's
     ``clip_grad_norm_`` calls ``get_total_norm`` through its own module, so a clip counts once);
     ``clip_norms`` holds the norms ``clip_grad_norm_`` returned. ``copies`` holds
-    ``fused.grads_copied_last_step`` after every ``FusedStep.step()``.
+    ``len(fused.last_step_copied_grads)`` after every ``FusedStep.step()``.
     """
 
     def __init__(self):
@@ -159,7 +159,7 @@ class Observed:
 
         def step_spy(fused, *args, **kwargs):
             out = step(fused, *args, **kwargs)
-            self.copies.append(fused.grads_copied_last_step)
+            self.copies.append(len(fused.last_step_copied_grads))
             return out
 
         utils.clip_grad_norm_, utils.get_total_norm, FusedStep.step = clip_spy, total_spy, step_spy

@@ -24,8 +24,9 @@ def _snapshot(namespace: dict, name: str) -> dict:
             "moments": recipes.adam_moments(optimizer, model), "history": history}
 
 
-def _bucket_view_copies(config, batches) -> list[int]:
-    """gradient_as_bucket_view=True: DDP points p.grad at its buckets in every backward (FusedStep copies)."""
+def _bucket_view_copies(config, batches, *, named: bool) -> list[int]:
+    """gradient_as_bucket_view=True: DDP points p.grad at its buckets in every backward. With the DDP module
+    in model_parts FusedStep reads the grads there; without, it copies them in at every step."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import LlamaForCausalLM
 
@@ -33,13 +34,14 @@ def _bucket_view_copies(config, batches) -> list[int]:
 
     torch.manual_seed(0)
     model = DDP(LlamaForCausalLM(config), gradient_as_bucket_view=True)
-    optimizer = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=0.5)
+    optimizer = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=0.5,
+                               model_parts=[model] if named else ())
     copies = []
-    for batch in batches[:3]:
+    for batch in batches[:4]:
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        copies.append(optimizer.fused.grads_copied_last_step)
+        copies.append(len(optimizer.fused.last_step_copied_grads))
     return copies
 
 
@@ -53,7 +55,9 @@ def _worker(rank: int, world_size: int, directory: str) -> dict:
                                            Path(directory) / side)
         out[side] = {name: _snapshot(namespace, name) for name in ("full", "resumed")}
         out[side]["observed"] = (observed.norm_calls, observed.copies)
-    out["bucket_view_copies"] = _bucket_view_copies(recipes.tiny_config(), recipes.prelude()["batches"])
+    batches = recipes.prelude()["batches"]
+    out["bucket_view_copies"] = [_bucket_view_copies(recipes.tiny_config(), batches, named=named)
+                                 for named in (False, True)]
     return out
 
 
@@ -88,10 +92,12 @@ def test_no_second_norm_pass_and_no_grad_copies(ranks):
         assert copies == [0] * 12, copies  # the reducer copies into FusedStep's views (gradient_as_bucket_view=False)
 
 
-def test_gradient_as_bucket_view_makes_fused_step_copy_every_grad(ranks):
-    """What the README says about gradient_as_bucket_view=True: every step after the first copies 21 grads."""
+def test_gradient_as_bucket_view_needs_the_model_in_model_parts(ranks):
+    """What the README says about gradient_as_bucket_view=True: without model_parts every step after the
+    first copies the 21 grads in; with model_parts=[model] none."""
     for rank in ranks:
-        assert rank["bucket_view_copies"][1:] == [21, 21], rank["bucket_view_copies"]
+        unnamed, named = rank["bucket_view_copies"]
+        assert unnamed[1:] == [21, 21, 21] and named[1:] == [0, 0, 0], (unnamed, named)
 
 
 def test_resume_from_torch_save_checkpoint_restores_adamw_moments(ranks):

@@ -93,10 +93,10 @@ def test_zero_grad_keeps_the_grads_whatever_set_to_none_says():
         assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
         _loss(model, 1).backward()
         opt.step()
-        assert opt.fused.grads_copied_last_step == 0  # autograd accumulated into FusedStep's buffers
+        assert len(opt.fused.last_step_copied_grads) == 0  # autograd accumulated into FusedStep's buffers
     model[0].weight.grad = torch.ones_like(model[0].weight)  # a grad that is not FusedStep's: copied in
     opt.step()
-    assert opt.fused.grads_copied_last_step == 1
+    assert len(opt.fused.last_step_copied_grads) == 1
 
 
 def test_step_hooks_on_the_wrapper_run_once_around_the_step():
