@@ -79,3 +79,29 @@ def test_resume_restores_adamw_moments(runs):
     eager_resumed = recipes.result(before, "resumed")
     assert recipes.max_param_difference(resumed.model, eager_resumed.model) <= recipes.RTOL
 
+
+
+def _trainer(tmp_path, optimizer_for=None):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(recipes.tiny_config())
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to="none")
+    optimizers = (optimizer_for(model), None) if optimizer_for else (None, None)
+    return FusedTrainer(model=model, args=args, train_dataset=recipes.prelude()["train_dataset"], optimizers=optimizers)
+
+
+def test_optimizer_passed_in_is_wrapped_and_a_conflicting_max_grad_norm_refused(tmp_path):
+    trainer = _trainer(tmp_path, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3))
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, FusedOptimizer) and optimizer.fused.config.max_grad_norm == 1.0  # args' default
+    trainer = _trainer(tmp_path, lambda model: FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3)))
+    with pytest.raises(ValueError, match=r"clips at max_grad_norm=None, but TrainingArguments\(max_grad_norm=1.0\)"):
+        trainer.create_optimizer()
+
+
+def test_fused_trainer_refuses_a_transformers_without_the_overridden_methods(tmp_path, monkeypatch):
+    monkeypatch.delattr(Trainer, "_get_grad_norm")
+    with pytest.raises(RuntimeError, match=r"overrides Trainer\._get_grad_norm\(self, model, grad_norm\).*lacks.*"
+                                           r"transformers==5\.25\.0"):
+        _trainer(tmp_path)
