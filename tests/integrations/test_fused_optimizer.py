@@ -169,16 +169,19 @@ def test_failed_load_changes_nothing():
     assert int(opt.fused.skipped_steps) == 1 and len(opt.param_groups) == 1
 
 
-def test_grad_scaler_unscales_and_skips_inside_the_step():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (never run on the CPU-only development machines)"))])
+def test_grad_scaler_unscales_and_skips_inside_the_step(device):
     """Reference: GradScaler's own path, unscale_ + clip_grad_norm_ + scaler.step on AdamW."""
-    model, reference = _model(), _model()
+    model, reference = _model().to(device), _model().to(device)
     opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
     eager = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    scaler, eager_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2))
+    scaler, eager_scaler = (torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2) for _ in range(2))
     for step in range(5):
         for m, o, s in ((model, opt, scaler), (reference, eager, eager_scaler)):
             o.zero_grad()
-            s.scale(_loss(m, step)).backward()
+            x, y = _batch(step)
+            s.scale(torch.nn.functional.mse_loss(m(x.to(device)), y.to(device)) * 50).backward()
             if step == 2:
                 next(m.parameters()).grad.view(-1)[0] = float("inf")  # an overflow: both skip the step
             if o is eager:
