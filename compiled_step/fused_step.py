@@ -115,7 +115,7 @@ class FusedStep:
                 (``pp_axis_name``) grads are divided by ``num_label_tokens / dp_group_size``; with
                 ``moe_mesh`` given, expert grads are further divided by ``(dp_group_size /
                 ep_shard_size) * expert_tp_replication_factor``. ``num_label_tokens`` may be a 0-d
-                device tensor.
+                device tensor. A CPU tensor (``grad_scale`` too) is read on the host, like a number.
 
         Returns:
             The total norm of the (scaled) grads before clipping: a float64 0-d tensor on the
@@ -288,7 +288,7 @@ class FusedStep:
         fp8 = self._fp8.calls(plan, buffers) if self._fp8 else None
         prog = program.build(plan, groups, buffers, self.rule, group_variants, self._kind, self._compiler,
                              self._fillers, fp8)
-        capture = config.cuda_graphs and not self.offload_optimizer_state
+        capture = config.cuda_graphs and not self.offload_optimizer_state and plan.device.type == "cuda"
         self._built = _Built(plan, groups, buffers, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
         return self._built
 
@@ -371,6 +371,9 @@ class FusedStep:
     def _scales(self, grad_scale, num_label_tokens, dp_group_size) -> tuple:
         """The grad scale of plain and of expert params: floats, or 0-d float64 tensors."""
         base = _check_grad_scale(grad_scale)
+        if isinstance(num_label_tokens, torch.Tensor) and num_label_tokens.device.type == "cpu" \
+                and num_label_tokens.numel() == 1:
+            num_label_tokens = num_label_tokens.item()  # free on the host; as a tensor, a blocking copy per step
         divisor = experts.pp_divisor(self._pp_group is not None, num_label_tokens, dp_group_size)
         if divisor is not None:
             base = base / (divisor.double() if isinstance(divisor, torch.Tensor) else divisor)
@@ -487,7 +490,9 @@ def _check_grad_scale(grad_scale) -> float | torch.Tensor:
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1:
             raise ValueError(f"grad_scale must be a scalar, got shape {tuple(grad_scale.shape)}")
-        return grad_scale.detach().reshape(()).to(torch.float64)
+        if grad_scale.device.type != "cpu":
+            return grad_scale.detach().reshape(()).to(torch.float64)  # used on its device, never read
+        grad_scale = grad_scale.item()  # free on the host; as a tensor, a blocking copy to the device per step
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
         raise TypeError(f"grad_scale must be a number or a 0-d tensor, got {type(grad_scale).__name__}")
     if not math.isfinite(grad_scale):
