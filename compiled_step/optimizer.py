@@ -67,8 +67,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     Raises ``TypeError``/``ValueError`` as ``FusedStep`` does, before anything changes.
     """
 
-    # GradScaler hands its scale and inf flag to step() instead of unscaling the grads and syncing the
-    # host on the flag; the step folds 1/scale into its grad scale (see _amp_grad_scale).
+    # GradScaler hands its scale to step() instead of unscaling the grads and syncing the host on its
+    # inf flag; the step folds 1/scale into its grad scale (see _amp_grad_scale).
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, config=None, distributed=None, **options):
@@ -141,7 +141,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         then norm, clip and update in one pass. Returns the closure's loss (None without a closure).
 
         ``num_label_tokens``/``dp_group_size``: FusedStep's PP/EP scaling. Under a ``GradScaler``, its scale
-        and inf flag are applied here (the step is skipped on inf, as GradScaler skips it). The step hooks
+        is applied here, and a step whose grads hold an inf or NaN is skipped, as GradScaler skips it. The step hooks
         registered on this object run around it (``register_step_pre_hook``: return ``(args, kwargs)`` to
         replace them, ``args`` starting with the optimizer, as torch.optim does); those registered on the
         wrapped optimizer and the global ones run inside ``FusedStep.step()``.
@@ -228,12 +228,14 @@ def _fused_step(optimizer: FusedOptimizer, closure=None, *, num_label_tokens=Non
 
 
 def _amp_grad_scale(optimizer: FusedOptimizer) -> torch.Tensor | None:
-    """The factor FusedStep multiplies the grads by under a ``GradScaler`` (None without one).
+    """The factor FusedStep multiplies the grads by under a ``GradScaler`` (None without one, or when
+    ``unscale_`` already ran).
 
-    ``GradScaler.step`` sets ``optimizer.grad_scale`` (its scale, None when ``unscale_`` already ran) and
-    ``optimizer.found_inf`` for optimizers with ``_step_supports_amp_scaling``. The factor is 1/scale,
-    made NaN when the scaler found an inf: the norm is then NaN and FusedStep skips the step, exactly
-    the steps GradScaler skips, without reading the flag on the host.
+    ``GradScaler.step`` sets ``optimizer.grad_scale`` (its scale; None after ``unscale_``) and
+    ``optimizer.found_inf`` for optimizers with ``_step_supports_amp_scaling``. The factor is 1/scale.
+    ``found_inf`` is not read: GradScaler computed it from the same grads the step norms, so a grad with
+    an inf or NaN makes the step's norm non-finite and the step skips itself (``skipped_steps`` counts it),
+    exactly the steps GradScaler skips, without reading the flag on the host.
     """
     scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
     if scale is None and found_inf is None:
@@ -241,13 +243,7 @@ def _amp_grad_scale(optimizer: FusedOptimizer) -> torch.Tensor | None:
     if optimizer.fused.config.error_if_nonfinite:
         raise ValueError("error_if_nonfinite=True raises on the overflowing steps a GradScaler expects to skip; "
                          "use the default error_if_nonfinite=False with a GradScaler")
-    if scale is not None:
-        factor = torch.as_tensor(scale).to(torch.float64).reciprocal()
-    else:
-        factor = torch.ones((), dtype=torch.float64, device=found_inf.device)
-    if found_inf is not None:
-        factor = torch.where(found_inf.to(factor.device) != 0, torch.nan, factor)
-    return factor.reshape(())
+    return None if scale is None else torch.as_tensor(scale).to(torch.float64).reciprocal().reshape(())
 
 
 def _params_device(optimizer: torch.optim.Optimizer) -> torch.device:
