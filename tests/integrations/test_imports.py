@@ -17,7 +17,8 @@ TRAINERS = ("transformers", "accelerate", "pytorch_lightning", "lightning", "saf
 
 
 def _loaded_after(code: str) -> list[str]:
-    code += f"\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(TRAINERS)!r})))"
+    trainers = set(TRAINERS)
+    code += f"\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {trainers!r})))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
