@@ -59,7 +59,9 @@ class FusedStep:
     Args:
         optimizer: a ``torch.optim.AdamW``, ``Adam``, ``SGD`` or ``Muon`` (exact types), or a list or
             tuple of them (e.g. ``[muon, adamw]``): one total norm over all their params clips all of
-            them, and each is updated by its own rule in the same prepared step.
+            them, and each is updated by its own rule in the same prepared step. Trainers' wrappers
+            (``AcceleratedOptimizer``, ``LightningOptimizer``, torchtitan's ``OptimizersContainer``) and
+            ``FusedOptimizer`` are refused with what to pass instead (``wrappers.py``).
         config: a ``FusedStepConfig``, or pass its fields as keywords (``max_grad_norm=1.0``...).
         distributed: a ``DistributedConfig``, or pass its fields as keywords (``model_parts``,
             ``device_mesh``, ``pp_axis_name``, ``moe_mesh``, ``ep_axis_name``,
@@ -78,7 +80,7 @@ class FusedStep:
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                  first_microbatch_flag: fp8_lifecycle.FirstMicrobatchFlag | None = None,
                  offload_optimizer_state: bool = False, **options):
-        self._optimizers = Optimizers(optimizer)
+        self._optimizers = Optimizers(optimizer)  # refuses trainers' wrappers, saying what to pass instead
         self.config, self.distributed = split_options(options, config, distributed)
         if not isinstance(offload_optimizer_state, bool):
             raise TypeError("offload_optimizer_state must be a bool")

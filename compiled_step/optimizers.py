@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from compiled_step import wrappers
 from compiled_step.rules import rule_for
 
 
@@ -19,6 +20,7 @@ class Optimizers:
     """One or several ``torch.optim`` optimizers, each with its update rule."""
 
     def __init__(self, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]):
+        wrappers.refuse_wrapped(optimizers, "FusedStep")  # a trainer's wrapper: say what to pass instead
         if isinstance(optimizers, torch.optim.Optimizer):
             items = (optimizers,)
         elif isinstance(optimizers, (list, tuple)) and optimizers:
@@ -27,6 +29,7 @@ class Optimizers:
             raise TypeError("FusedStep takes a torch.optim optimizer or a non-empty list or tuple of them, got "
                             f"{type(optimizers).__name__}")
         for position, item in enumerate(items):
+            wrappers.refuse_wrapped(item, "FusedStep")
             if any(item is other for other in items[:position]):
                 raise ValueError(f"optimizers[{position}] is listed twice; list each optimizer once")
         self.items = items
