@@ -15,8 +15,12 @@ else is the wrapped optimizer's own, shared rather than copied:
 * ``zero_grad()`` zeroes in place (FusedStep's buffers are the grads).
 
 A class of its own rather than ``FusedStep.as_optimizer()``: the trainers' recipes need one expression
-(``FusedOptimizer(torch.optim.AdamW(...), max_grad_norm=1.0)``) where users build the optimizer, and
-the ``optimizer`` argument leaves room for a list of optimizers under one grad norm later.
+(``FusedOptimizer(torch.optim.AdamW(...), max_grad_norm=1.0)``) where users build the optimizer.
+
+Several optimizers under one grad norm (``FusedOptimizer([muon, adamw], max_grad_norm=1.0)``) look like
+one to a trainer: ``param_groups`` lists every optimizer's groups in order (the same dicts, so an LR
+scheduler built on the wrapper drives them all), ``state`` is a read-only view of every optimizer's
+state, and ``state_dict()`` holds each optimizer's under ``"optimizers"``.
 
 Lightning's ``LightningOptimizer`` subclasses the class of what it wraps and forwards missing attributes,
 so methods here may run with a ``LightningOptimizer`` as ``self``: they never assign to ``self`` (what a
@@ -26,6 +30,7 @@ step records lives in ``_record``).
 from __future__ import annotations
 
 from collections import OrderedDict
+from types import MappingProxyType
 
 import torch
 
@@ -33,6 +38,7 @@ from compiled_step import wrappers
 from compiled_step.fused_step import FusedStep
 
 FUSED_STATE_KEY = "fused_step"  # FusedStep's counters in FusedOptimizer.state_dict()
+OPTIMIZERS_KEY = "optimizers"  # with several optimizers, their state dicts, in order
 
 
 class _Record:
@@ -55,9 +61,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose ``step()`` is ``FusedStep``'s: clip + update of ``optimizer`` in one pass.
 
     Args:
-        optimizer: a ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exact types). Wrap it *before* handing it to a
-            trainer (``accelerator.prepare``, ``Trainer(optimizers=...)``, ``configure_optimizers``); wrappers
-            trainers return are refused with what to pass instead.
+        optimizer: a ``torch.optim.AdamW``, ``Adam``, ``SGD`` or ``Muon`` (exact types), or a list of them
+            (one grad norm over all). Wrap it *before* handing it to a trainer (``accelerator.prepare``,
+            ``Trainer(optimizers=...)``, ``configure_optimizers``); wrappers trainers return are refused with
+            what to pass instead.
         config, distributed, **options: as for ``FusedStep`` (``max_grad_norm=1.0``, ``model_parts=[model]``...).
 
     The trainer's own clipping must be off (FusedStep clips): ``compiled_step.integrations`` has the
@@ -71,11 +78,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # inf flag; the step folds 1/scale into its grad scale (see _amp_grad_scale).
     _step_supports_amp_scaling = True
 
-    def __init__(self, optimizer: torch.optim.Optimizer, config=None, distributed=None, **options):
-        if isinstance(optimizer, (list, tuple)):
-            raise TypeError("FusedOptimizer wraps one optimizer; several optimizers under one grad norm are not "
-                            "supported yet")
-        wrappers.refuse_wrapped(optimizer, "FusedOptimizer")
+    def __init__(self, optimizer, config=None, distributed=None, **options):
+        for item in optimizer if isinstance(optimizer, (list, tuple)) else (optimizer,):
+            wrappers.refuse_wrapped(item, "FusedOptimizer")
         self.fused = FusedStep(optimizer, config, distributed, **options)  # validates everything first
         self._record = _Record()
         # torch.optim.Optimizer.__init__ would build param groups of its own; only its hook tables are kept.
@@ -90,36 +95,57 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped ``torch.optim`` optimizer."""
+        """The wrapped ``torch.optim`` optimizer (with several, ``optimizers``)."""
         return self.fused.optimizer
 
     @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The wrapped optimizers, in order."""
+        return self.fused.optimizers
+
+    @property
     def param_groups(self) -> list[dict]:
-        return self.fused.optimizer.param_groups
+        """The wrapped optimizer's ``param_groups`` (with several, all their groups in order: the same dicts)."""
+        optimizers = self.fused.optimizers
+        if len(optimizers) == 1:
+            return optimizers[0].param_groups
+        return [group for o in optimizers for group in o.param_groups]
 
     @param_groups.setter
     def param_groups(self, value: list[dict]) -> None:
-        self.fused.optimizer.param_groups = value
+        self._single("param_groups are set").param_groups = value
 
     @property
     def state(self):
-        return self.fused.optimizer.state
+        """The wrapped optimizer's ``state`` (with several, a read-only view of all of theirs)."""
+        optimizers = self.fused.optimizers
+        if len(optimizers) == 1:
+            return optimizers[0].state
+        return MappingProxyType({p: st for o in optimizers for p, st in o.state.items()})
 
     @state.setter
     def state(self, value) -> None:
-        self.fused.optimizer.state = value
+        self._single("state is set").state = value
 
     @property
     def defaults(self) -> dict:
-        return self.fused.optimizer.defaults
+        """The wrapped optimizer's ``defaults`` (with several, the first's)."""
+        return self.fused.optimizers[0].defaults
 
     @defaults.setter
     def defaults(self, value: dict) -> None:
-        self.fused.optimizer.defaults = value
+        self._single("defaults are set").defaults = value
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the wrapped optimizer; the next step rebuilds FusedStep's plan around it."""
-        self.fused.optimizer.add_param_group(param_group)
+        self._single("a param group is added").add_param_group(param_group)
+
+    def _single(self, what: str) -> torch.optim.Optimizer:
+        optimizers = self.fused.optimizers
+        if len(optimizers) != 1:
+            raise TypeError(f"this FusedOptimizer wraps {len(optimizers)} optimizers: the {what} on one of them "
+                            "(fused_optimizer.optimizers[k])")
+        return optimizers[0]
 
     # ------------------------------------------------------------------ step
 
@@ -129,7 +155,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         before the first step. It is **one tensor updated in place** by every step (no host sync), so a
         reference taken before ``step()`` reads that step's norm after it; ``clone()`` it to keep a value."""
         record = self._record
-        return record.norm if record.norm is not None else record.norm_on(_params_device(self.fused.optimizer))
+        return record.norm if record.norm is not None else record.norm_on(_params_device(self.param_groups))
 
     @property
     def steps(self) -> int:
@@ -176,7 +202,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         finite flag. Plain containers of tensors and numbers, so ``torch.load(weights_only=True)`` reads it."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        state_dict = dict(self.fused.optimizer.state_dict())
+        optimizers = self.fused.optimizers
+        if len(optimizers) == 1:
+            state_dict = dict(optimizers[0].state_dict())
+        else:
+            state_dict = {OPTIMIZERS_KEY: [o.state_dict() for o in optimizers]}
         state_dict[FUSED_STATE_KEY] = self.fused.state_dict()
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -193,13 +223,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         own = state_dict.pop(FUSED_STATE_KEY, None)
+        optimizers = self.fused.optimizers
+        parts = [state_dict] if len(optimizers) == 1 else state_dict.get(OPTIMIZERS_KEY)
+        if not isinstance(parts, list) or len(parts) != len(optimizers):
+            raise ValueError(f"this FusedOptimizer wraps {len(optimizers)} optimizers; the state dict holds "
+                             f"{'one optimizer' if OPTIMIZERS_KEY not in state_dict else len(parts)}")
         before = self.fused.state_dict()
+        saved = [o.state_dict() for o in optimizers] if len(optimizers) > 1 else None
         if own is not None:
             self.fused.load_state_dict(own)  # validates before changing anything
         try:
-            self.fused.optimizer.load_state_dict(state_dict)  # raises before changing anything
+            for o, part in zip(optimizers, parts):
+                o.load_state_dict(part)  # each raises before changing anything
         except BaseException:
             self.fused.load_state_dict(before)
+            for o, part in zip(optimizers, saved or ()):
+                o.load_state_dict(part)  # the ones already loaded, back as they were
             raise
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -209,7 +248,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         "buffers); save state_dict() and load it into a new FusedOptimizer")
 
     def __repr__(self) -> str:
-        inner = repr(self.fused.optimizer).replace("\n", "\n  ")
+        inner = ",\n  ".join(repr(o).replace("\n", "\n  ") for o in self.fused.optimizers)
         c = self.fused.config
         return f"FusedOptimizer(max_grad_norm={c.max_grad_norm}, norm_type={c.norm_type},\n  {inner})"
 
@@ -246,8 +285,8 @@ def _amp_grad_scale(optimizer: FusedOptimizer) -> torch.Tensor | None:
     return None if scale is None else torch.as_tensor(scale).to(torch.float64).reciprocal().reshape(())
 
 
-def _params_device(optimizer: torch.optim.Optimizer) -> torch.device:
-    for group in optimizer.param_groups:
+def _params_device(param_groups: list[dict]) -> torch.device:
+    for group in param_groups:
         for p in group["params"]:
             return p.device
     return torch.device("cpu")

@@ -194,10 +194,57 @@ def test_grad_scaler_unscales_and_skips_inside_the_step(device):
     assert int(opt.fused.skipped_steps) == 1 and opt.steps == 5
 
 
-def test_list_pickle_and_nonfinite_errors_are_refused():
+def _muon_and_adamw(model):
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    others = [p for p in model.parameters() if p.ndim != 2]
+    return torch.optim.Muon(matrices, lr=2e-2), torch.optim.AdamW(others, lr=1e-2, weight_decay=0.1)
+
+
+def test_a_list_of_optimizers_is_one_optimizer_to_schedulers_and_checkpoints():
+    """FusedOptimizer([muon, adamw]): one LR scheduler drives both (the same group dicts), state_dict holds
+    both and round-trips into a fresh wrapper bit-identically; the steps match eager clip over both +
+    muon.step() + adamw.step() without clipping (the Muon tolerance of tests/test_muon.py: fp32 ulps)."""
+    model, reference, resumed_model = _model(), _model(), _model()
+    muon, adamw = _muon_and_adamw(model)
+    opt = FusedOptimizer([muon, adamw])
+    assert opt.optimizers == (muon, adamw) and opt.param_groups == muon.param_groups + adamw.param_groups
+    with pytest.raises(AttributeError, match="use .optimizers"):
+        opt.optimizer
+    with pytest.raises(TypeError, match="wraps 2 optimizers"):
+        opt.add_param_group({"params": []})
+    eager = _muon_and_adamw(reference)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+    eager_schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in eager]
+    for step in range(4):
+        if step == 2:
+            saved = copy.deepcopy(opt.state_dict())
+            resumed = FusedOptimizer(list(_muon_and_adamw(resumed_model)))  # a resume builds everything first,
+            resumed_scheduler = torch.optim.lr_scheduler.LambdaLR(resumed, lambda s: 1 / (1 + s))  # then loads
+            resumed_model.load_state_dict(model.state_dict())
+            resumed.load_state_dict(saved)
+            resumed_scheduler.load_state_dict(scheduler.state_dict())
+        for net, o in ((model, opt), (reference, None)) + (((resumed_model, resumed),) if step >= 2 else ()):
+            _loss(net, step).backward()
+            if o is None:
+                for e in eager:
+                    e.step()
+                    e.zero_grad()
+            else:
+                o.step()
+                o.zero_grad()
+        scheduler.step()
+        if step >= 2:
+            resumed_scheduler.step()
+        for s in eager_schedulers:
+            s.step()
+    assert set(opt.state) == {p for o in (muon, adamw) for p in o.state}
+    assert _close(model, reference, rtol=1e-6)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for o in eager for g in o.param_groups]
+
+
+def test_pickle_and_nonfinite_errors_are_refused():
     params = list(_model().parameters())
-    with pytest.raises(TypeError, match="one optimizer"):
-        FusedOptimizer([torch.optim.AdamW(params)])
     opt = FusedOptimizer(torch.optim.AdamW(params), error_if_nonfinite=True)
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(opt)
