@@ -103,12 +103,10 @@ def _function_name(fn: Callable) -> str:
     return f"{module}.{fn.__name__}"
 
 
-def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rule, variants: list,
-          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None) -> Program:
-    """The program of one plan. ``variants[g]`` is group g's rule variant; ``fp8`` the FP8 weights'
-    calls (``Fp8Weights.calls``), appended to the update."""
+def norm_calls(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rule, kind: NormKind,
+               compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
+    """The norm half: Phase A, the collectives and the finish."""
     norm: list[Call] = []
-    update: list[Call] = []
     partial_fn = compiler.get(partials_module.partial_of_buffer)
     for g, gb in enumerate(groups):
         if gb.group.grad_rows == 0:  # nothing in the grad buffer (e.g. an empty shard): its partial is zero,
@@ -131,7 +129,18 @@ def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers
          buffers.total, buffers.finite, buffers.skipped, buffers.table),
         dict(kind=kind.kind, p=kind.p, rule=rule),
         _function_name(finish_module.finish), ("finish", kind.kind, rule.NAME, plan.device.type)))
+    return norm
 
+
+def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rule, variants: list,
+          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None,
+          norm: list[Call] | None = None) -> Program:
+    """The program of one plan. ``variants[g]`` is group g's rule variant; ``fp8`` the FP8 weights'
+    calls (``Fp8Weights.calls``), appended to the update; ``norm`` the norm half when the
+    training-health options build it (``health_program.norm_calls``), else ``norm_calls``'s."""
+    if norm is None:
+        norm = norm_calls(plan, groups, buffers, rule, kind, compiler, fillers)
+    update: list[Call] = []
     flat_fn, bucket_fn = compiler.get(rule.update_flat), compiler.get(rule.update_bucket)
     for g, gb in enumerate(groups):
         group, var = gb.group, variants[g]
