@@ -2,7 +2,9 @@
 
 Compiled inside the health finish (``finish.finish_with_health``). Every decision is a tensor
 (``torch.where``, masks), every state tensor is ``[1]`` or ``[W]`` and written in place only where a
-step is applied, so a skipped step leaves it bit-identical and nothing is read on the host.
+step is applied, so a skipped step leaves it bit-identical and nothing is read on the host. ``[1]``
+tensors are read as ``t[0]`` before any arithmetic with a ``[W]`` one: under the step's compile
+settings (``backed_size_oblivious``) a broadcast ``[1]`` would be indexed as if it had ``W`` elements.
 
 **Spike window** (``skip_spike_sigma``), after OLMo-core's ``SkipStepOptimizer``: a ring of the last
 ``W`` values (total norms, or losses) of applied steps. A value is a spike when the ring is full and
@@ -73,7 +75,9 @@ def push(
     take: torch.Tensor,  # [] bool: the step is applied (and x is to be kept)
 ) -> None:
     size = window.values.shape[0]
-    position = window.count % size  # [1]
+    # count[0], never the [1] tensor itself: sizes are symbolic (backed_size_oblivious), and a [1]
+    # tensor broadcast against [W] is compiled as if it had W elements.
+    position = window.count[0] % size
     slot = torch.arange(size, device=x.device) == position
     window.values.copy_(torch.where(slot & take, x, window.values))
     window.count.copy_(window.count + take.to(window.count.dtype))
