@@ -94,21 +94,21 @@ class TrainingHealthAPI:
         if self._health is not None and self._health.tensors.loss is not None:
             self._health.set_loss(loss)
 
-    def _health_state_dict(self) -> dict[str, torch.Tensor]:
-        if not self.config.health or (self.config.skip_spike_sigma is None and self.config.adaptive_clip is None):
-            return {}
-        state = self._health or HealthState(self.config, torch.device("cpu"))
-        return state.state_dict()
+    @property
+    def _has_health_state(self) -> bool:
+        return self.config.skip_spike_sigma is not None or self.config.adaptive_clip is not None
 
-    def _check_health_state_dict(self, state_dict: dict) -> dict:
-        """Validated values, before anything changes (``KeyError``/``TypeError``/``ValueError``)."""
-        if not self._health_state_dict():
+    def _health_state_dict(self) -> dict[str, torch.Tensor]:
+        if not self._has_health_state:
             return {}
-        state = self._health or HealthState(self.config, torch.device("cpu"))
-        return state.check_state_dict(state_dict)
+        return (self._health or HealthState(self.config, torch.device("cpu"))).state_dict()
+
+    def _check_health_state_dict(self, state_dict: dict) -> None:
+        """Raise ``KeyError``/``TypeError``/``ValueError`` for a bad state dict, before anything changes."""
+        if self._has_health_state:
+            (self._health or HealthState(self.config, torch.device("cpu"))).check_state_dict(state_dict)
 
     def _load_health_state_dict(self, state_dict: dict) -> None:
-        if not self._health_state_dict():
-            return
-        self._health_on(self._health.device if self._health is not None else torch.device("cpu"))
-        self._health.load_state_dict(state_dict)
+        if self._has_health_state:
+            self._health_on(self._health.device if self._health is not None else torch.device("cpu"))
+            self._health.load_state_dict(state_dict)

@@ -8,6 +8,11 @@ One call per step, between the collectives and Phase B. It writes, in place:
 
 Nothing is read on the host: a non-finite norm turns every ``apply`` to 0 and the updates keep every
 value bit-identical.
+
+``finish_with_health`` is the finish when a training-health option is on (``param_norms``,
+``skip_spike_sigma``, ``adaptive_clip``): the same outputs, plus the spike checks, ZClip's clip
+coefficient and statistics (``norm/health.py``) and the per-param norms; ``finish`` itself, the default
+step's, is left as it is.
 """
 
 from __future__ import annotations
