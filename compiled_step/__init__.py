@@ -1,12 +1,15 @@
 """compiled_step: one torch.compile'd optimizer step (norm, clip, scaling and update fused).
 
-``FusedStep`` replaces ``clip_grad_norm_`` + ``optimizer.step()``; NeMo Automodel's functions
-(``components.training.utils``) are available under the same names.
+``FusedStep`` replaces ``clip_grad_norm_`` + ``optimizer.step()``; ``FusedOptimizer`` is the same step
+shaped as a ``torch.optim.Optimizer`` for trainers (adapters in ``compiled_step.integrations``, imported
+only on demand); NeMo Automodel's functions (``components.training.utils``) are available under the
+same names.
 """
 
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN, mark_experts
 from compiled_step.config import DistributedConfig, FusedStepConfig
 from compiled_step.fused_step import FusedStep
+from compiled_step.optimizer import FusedOptimizer
 from compiled_step.lifecycle import (
     FirstMicrobatchFlag,
     GradAccumulation,
@@ -27,6 +30,7 @@ from compiled_step.padding import count_tail_padding, count_tail_padding_tensor
 
 __all__ = [
     "FusedStep",
+    "FusedOptimizer",
     "FusedStepConfig",
     "DistributedConfig",
     "mark_experts",

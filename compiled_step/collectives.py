@@ -104,7 +104,8 @@ def process_group_of(mesh, axis_name: str) -> tuple:
 def agree(payload: object) -> list[object]:
     """Every rank's ``payload`` (one ``all_gather_object`` over the default group), in rank order.
 
-    Called once per plan build, on every rank, when the plan has collectives.
+    Called on every rank once per plan build (the plan's collectives), and once per CUDA-graph capture
+    (its outcome, ``cuda_graphs.py``), in a distributed run of more than one rank.
     """
     dist = _dist()
     gathered: list[object] = [None] * dist.get_world_size()

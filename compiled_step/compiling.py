@@ -29,12 +29,94 @@ import torch
 log = logging.getLogger("compiled_step")
 
 
+# Inductor settings for the step's graphs (``compile_settings``), and why:
+#
+# * ``cpp.dynamic_threads``: with symbolic sizes the CPU backend's parallel-depth heuristic finds no
+#   usable size hint and emits *serial* loops (measured: the fp64 norm of 16 x 1M floats took 3.4 ms
+#   serial vs 1.75 ms with both cores). This makes every loop an OpenMP region the runtime splits.
+# * ``assume_aligned_inputs`` (GPU only: Inductor ignores it on the CPU): under ``dynamic=True`` every
+#   storage offset is a symbol, so Inductor cannot prove an input 16-byte aligned (``tensor_is_aligned``)
+#   and its Triton pointers lose ``tt.divisibility=16``: scalar loads instead of 128-bit ones
+#   (pytorch#176653: 1.5-3.4x slower). Our buffers all start 16-byte aligned (``storage.LEAD``, rows
+#   and slots on 16-byte boundaries). Inductor checks ``data_ptr() % 16`` on every call and copies an
+#   input that is not aligned (writing mutations back): a misaligned tensor (a user's grad in the
+#   functional API, a param that is a view at an odd offset) costs a copy, never a wrong result.
+# * no autotuning at the first run: ``triton.autotune_pointwise=False`` (pointwise kernels),
+#   ``test_configs.force_filter_reduction_configs`` (reductions, persistent reductions, scans: one
+#   config each, the filter of Inductor's deterministic mode), max-autotune and coordinate descent off
+#   even if the user turned them on, combo kernels untuned. A kernel with several Triton configs is
+#   benchmarked on its first run, and ``CachingAutotuner`` clones every argument it mutates for each
+#   benchmark (near the memory limit it copies them to pinned host memory instead): params and
+#   optimizer state, 12 B/param for fp32 AdamW. With one config nothing is benchmarked or cloned, and
+#   the reduction order of the fp64 partial norms no longer depends on timing.
+# * combo kernels, pointwise only, untuned (Triton only: Inductor leaves CPU kernels out of them). A
+#   bucket update is one pointwise kernel per tensor; Inductor combines up to
+#   ``combo_kernel_max_num_nodes`` independent kernels of a graph (and at most 250 arguments) into one
+#   launch, so a bucket of 16 tensors with its step counts is one launch instead of 17. Reductions stay
+#   out: a combo of persistent reductions over a symbolic size raises in Inductor ("Dynamic shape on
+#   reduction dimension is not supported"), and the FP8 bucket update's amax is such a reduction.
+#   Read from Inductor's source (2.13, 2.14); not yet run on a GPU.
+#
+# A dotted name is a sub-config. Settings this torch lacks are left out (``inductor_settings``): all of
+# these exist in torch 2.13 and 2.14.
+_INDUCTOR_SETTINGS = {
+    "cpp.dynamic_threads": True,
+    "assume_aligned_inputs": True,
+    "triton.autotune_pointwise": False,
+    "test_configs.force_filter_reduction_configs": True,
+    "max_autotune": False,
+    "max_autotune_pointwise": False,
+    "coordinate_descent_tuning": False,
+    "combo_kernels": True,
+    "combo_kernels_pointwise_only": True,
+    "combo_kernels_autotune": 0,
+    "benchmark_combo_kernel": False,
+    "combo_kernel_max_num_nodes": 64,
+}
+# Combo kernels are turned on only where every setting that keeps them safe here exists.
+_COMBO_SETTINGS = ("combo_kernels", "combo_kernels_pointwise_only", "combo_kernels_autotune",
+                   "benchmark_combo_kernel", "combo_kernel_max_num_nodes")
+_MISSING_LOGGED = False  # the missing settings are logged once per process
+
+
+def _has_setting(config, dotted: str) -> bool:
+    owner = config
+    for part in dotted.split("."):
+        if not hasattr(owner, part):
+            return False
+        owner = getattr(owner, part)
+    return True
+
+
+def inductor_settings() -> dict[str, object]:
+    """The Inductor settings ``compile_settings`` applies: ``_INDUCTOR_SETTINGS`` less those this torch lacks.
+
+    The one version-aware place for them. Missing settings are logged once at INFO on the
+    ``compiled_step`` logger; combo kernels stay off unless all of their settings exist.
+    """
+    import torch._inductor.config as inductor_config
+
+    global _MISSING_LOGGED
+    present = {k: v for k, v in _INDUCTOR_SETTINGS.items() if _has_setting(inductor_config, k)}
+    if any(k not in present for k in _COMBO_SETTINGS):
+        present = {k: v for k, v in present.items() if k not in _COMBO_SETTINGS}
+    missing = sorted(set(_INDUCTOR_SETTINGS) - set(present))
+    if missing and not _MISSING_LOGGED:
+        _MISSING_LOGGED = True
+        log.info("torch %s's Inductor lacks %s: compiling the step's graphs without them", torch.__version__,
+                 ", ".join(missing))
+    return present
+
+
 @contextlib.contextmanager
 def compile_settings():
-    """Dynamo/ShapeEnv settings for the step's graphs, applied at the call site (no global side effects).
+    """Dynamo/ShapeEnv/Inductor settings for the step's graphs, applied at the call site (no global side effects).
 
     Entered only around calls that go through Dynamo (the first step after a plan is built); the
-    replayed calls of later steps enter nothing.
+    replayed calls of later steps enter nothing. ``Compiler.get`` adds the one per-argument setting:
+    every dim of a tensor argument after the first is static (see ``static_widths``).
+
+    ShapeEnv and Dynamo:
 
     * ``use_duck_shape=False``: by default two inputs of equal size share one size symbol, and a
       later call with a different equality pattern recompiles.
@@ -43,10 +125,8 @@ def compile_settings():
     * ``recompile_limit`` raised and ``fail_on_recompile_limit_hit``: the few structural variants
       (optimizer rule x amsgrad x dtype x norm kind) share code objects; past the default limit
       of 8 Dynamo would silently fall back to eager. We would rather fail loudly.
-    * Inductor's ``cpp.dynamic_threads``: with symbolic sizes the CPU backend's parallel-depth
-      heuristic finds no usable size hint and emits *serial* loops (measured: the fp64 norm of
-      16 x 1M floats took 3.4 ms serial vs 1.75 ms with both cores). This makes every loop an
-      OpenMP region and lets the runtime split it.
+
+    Inductor: ``inductor_settings()`` (the comment above ``_INDUCTOR_SETTINGS`` says why each).
     """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
@@ -54,8 +134,27 @@ def compile_settings():
 
     with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True), dynamo_config.patch(
         recompile_limit=64, accumulated_recompile_limit=4096, fail_on_recompile_limit_hit=True
-    ), inductor_config.patch({"cpp.dynamic_threads": True}):
+    ), inductor_config.patch(inductor_settings()):
         yield
+
+
+def static_widths(args) -> None:
+    """Mark every dim after the first of every tensor in ``args`` (nested lists too) static for Dynamo.
+
+    The step's functions are written so that only a tensor's leading dim depends on the model: the
+    flat buffers are ``[rows, ROW]``, the table ``[slots, K]``, the hyperparameters ``[groups, H]``,
+    the partials ``[groups, 2]``, and bucket members are 1-D. Under ``dynamic=True`` the widths would
+    be symbols too; as constants, Inductor indexes a row with ``x0 * 256`` and the table with
+    ``slot * K`` (no ``index // ks`` per element on a GPU), the CPU loop over a row is 16 full
+    vectors with no masked tail, and ``256 * rows`` is provably a multiple of 16. Each width is a
+    constant by design (``planning.ROW``, the rule's columns), so no model compiles another graph.
+    """
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.dim() > 1:
+                torch._dynamo.mark_static(arg, list(range(1, arg.dim())))
+        elif isinstance(arg, (list, tuple)):
+            static_widths(arg)
 
 
 class Recording:
@@ -110,6 +209,19 @@ class _RecordingBackend:
         return _Replayable(compiled)
 
 
+def _with_static_widths(compiled: Callable) -> Callable:
+    """``compiled``, marking its arguments' widths static first (``static_widths``). Only calls that go
+    through Dynamo pay for it: replays call the recorded graph directly."""
+
+    def call(*args, **kwargs):
+        static_widths(args)
+        static_widths(kwargs.values())
+        return compiled(*args, **kwargs)
+
+    call.__wrapped__ = compiled
+    return call
+
+
 _ANNOUNCED = False  # the one-line stderr notice is printed once per process
 
 
@@ -135,7 +247,8 @@ class Compiler:
         key = (fn, self.backend)
         compiled = Compiler._cache.get(key)
         if compiled is None:
-            compiled = torch.compile(fn, backend=_RecordingBackend(self.backend), dynamic=True, fullgraph=True)
+            compiled = _with_static_widths(
+                torch.compile(fn, backend=_RecordingBackend(self.backend), dynamic=True, fullgraph=True))
             Compiler._cache[key] = compiled
         return compiled
 

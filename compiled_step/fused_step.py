@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
+from compiled_step import wrappers
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
 from compiled_step.health_api import TrainingHealthAPI
 from compiled_step.lifecycle import ddp
@@ -57,7 +58,9 @@ class FusedStep(TrainingHealthAPI):
     schedulers and switching to ``optimizer.step()`` at any step keep working.
 
     Args:
-        optimizer: a ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exact types).
+        optimizer: a ``torch.optim.AdamW``, ``Adam`` or ``SGD`` (exact types). Trainers' wrappers
+            (``AcceleratedOptimizer``, ``LightningOptimizer``, torchtitan's ``OptimizersContainer``) and
+            ``FusedOptimizer`` are refused with what to pass instead (``wrappers.py``).
         config: a ``FusedStepConfig``, or pass its fields as keywords (``max_grad_norm=1.0``...).
         distributed: a ``DistributedConfig``, or pass its fields as keywords (``model_parts``,
             ``device_mesh``, ``pp_axis_name``, ``moe_mesh``, ``ep_axis_name``,
@@ -76,6 +79,7 @@ class FusedStep(TrainingHealthAPI):
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                  first_microbatch_flag: fp8_lifecycle.FirstMicrobatchFlag | None = None,
                  offload_optimizer_state: bool = False, **options):
+        wrappers.refuse_wrapped(optimizer, "FusedStep")  # a trainer's wrapper: say what to pass instead
         self.rule = rule_for(optimizer)
         self.config, self.distributed = split_options(options, config, distributed)
         if not isinstance(offload_optimizer_state, bool):
@@ -113,7 +117,7 @@ class FusedStep(TrainingHealthAPI):
                 (``pp_axis_name``) grads are divided by ``num_label_tokens / dp_group_size``; with
                 ``moe_mesh`` given, expert grads are further divided by ``(dp_group_size /
                 ep_shard_size) * expert_tp_replication_factor``. ``num_label_tokens`` may be a 0-d
-                device tensor.
+                device tensor. A CPU tensor (``grad_scale`` too) is read on the host, like a number.
             loss: with ``skip_spike_sigma``, this step's loss (a one-element tensor, read on the device,
                 or a number): the step is also skipped when it is a spike of the losses of the last
                 ``spike_window`` applied steps given one. Pass the same value on every rank.
@@ -294,7 +298,7 @@ class FusedStep(TrainingHealthAPI):
                                        self._fillers) if config.health else None
         prog = program.build(plan, groups, buffers, self.rule, group_variants, self._kind, self._compiler,
                              self._fillers, fp8, norm)
-        capture = config.cuda_graphs and not self.offload_optimizer_state
+        capture = config.cuda_graphs and not self.offload_optimizer_state and plan.device.type == "cuda"
         self._built = _Built(plan, groups, buffers, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
         return self._built
 
@@ -377,6 +381,9 @@ class FusedStep(TrainingHealthAPI):
     def _scales(self, grad_scale, num_label_tokens, dp_group_size) -> tuple:
         """The grad scale of plain and of expert params: floats, or 0-d float64 tensors."""
         base = _check_grad_scale(grad_scale)
+        if isinstance(num_label_tokens, torch.Tensor) and num_label_tokens.device.type == "cpu" \
+                and num_label_tokens.numel() == 1:
+            num_label_tokens = num_label_tokens.item()  # free on the host; as a tensor, a blocking copy per step
         divisor = experts.pp_divisor(self._pp_group is not None, num_label_tokens, dp_group_size)
         if divisor is not None:
             base = base / (divisor.double() if isinstance(divisor, torch.Tensor) else divisor)
@@ -497,7 +504,9 @@ def _check_grad_scale(grad_scale) -> float | torch.Tensor:
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1:
             raise ValueError(f"grad_scale must be a scalar, got shape {tuple(grad_scale.shape)}")
-        return grad_scale.detach().reshape(()).to(torch.float64)
+        if grad_scale.device.type != "cpu":
+            return grad_scale.detach().reshape(()).to(torch.float64)  # used on its device, never read
+        grad_scale = grad_scale.item()  # free on the host; as a tensor, a blocking copy to the device per step
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
         raise TypeError(f"grad_scale must be a number or a 0-d tensor, got {type(grad_scale).__name__}")
     if not math.isfinite(grad_scale):

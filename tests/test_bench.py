@@ -265,6 +265,49 @@ def test_quick_run_tiny_rows_run_on_one_thread(quick_run):
     assert torch.get_num_threads() >= 1  # the bench ran in a subprocess; nothing to restore here
 
 
+def test_quick_run_counts_fused_compiled_calls_and_has_an_fsdp2_row(quick_run):
+    _, out, _, methods = quick_run
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    data = json.loads((out / "results.json").read_text())
+    for r in rows:
+        # Only FusedStep has a program of compiled calls; the anchors' column is empty.
+        assert (r["compiled_calls"] != "") == r["method"].startswith("fused"), r
+    if "fused" in methods:
+        plain = next(r for r in rows if r["row"] == "adamw" and r["method"] == "fused")
+        sharded = next(r for r in rows if r["row"] == "fsdp2" and r["method"] == "fused")
+        assert int(plain["compiled_calls"]) > 0 and int(sharded["compiled_calls"]) > 0
+        # Same layout; as FSDP2 shards the norm needs its all-reduce over the mesh (a collective call).
+        assert plain["n_params"] == sharded["n_params"]
+        fsdp2 = next(r for r in data["rows"] if r["key"] == "fsdp2")
+        assert any("fused:" in n and "collective" in n for n in fsdp2["notes"]), fsdp2["notes"]
+
+
+def test_fsdp2_shards_are_staged_or_bucketed_and_counted_as_compiled_calls():
+    """The FSDP2 row's params (one rank, gloo): DTensors FusedStep cannot move, so its program has a
+    Phase A call per group, the finish, a flat update per group with staged params, and a call per bucket."""
+    from compiled_step import FusedStep
+    from compiled_step.cli.bench import fsdp
+    from compiled_step.planning import BUCKETED, STAGED
+
+    layout = L.gpt_layout(d_model=16, n_layers=2, vocab=64, seq_len=8)
+    with fsdp.single_process_group(torch.device("cpu")) as mesh:
+        params = fsdp.shard(layout, L.make_params(layout), mesh)
+        assert all(type(p).__name__ == "DTensor" and p.placements[0].is_shard() for p in params)
+        grads = L.make_grads(layout)
+        for p, g in zip(params, grads):
+            p.grad = fsdp.sharded_grad(p, g)
+        fused = FusedStep(bench_methods.make_optimizer("adamw", L.param_groups(layout, params)), max_grad_norm=1.0,
+                          compile=False, pack_threshold=64, bucket_size=4)
+        fused.step()
+        regions = {e.region for g in fused.plan.groups for e in g.entries}
+        assert regions == {STAGED, BUCKETED}
+        expected = sum(1 + bool(g.flat_slots) + g.bucket_count for g in fused.plan.groups) + 1
+        assert sum(c.kind == "compiled" for c in fused.program.calls) == expected
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the row's process group is gone with the row
+
+
 def test_num_threads_is_restored():
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError), bench_measure.num_threads(1):

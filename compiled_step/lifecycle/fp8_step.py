@@ -38,6 +38,11 @@ class Fp8Weights:
         self.weights = weights
         self.amax: torch.Tensor | None = None  # float32 [n]: max |w| of each FP8 weight after the last step
         self.scales: torch.Tensor | None = None  # float32 [n]: their scales
+        # Built with the plan (``calls``): the torchao targets ``store`` writes, and the int64 index of
+        # their scales in ``scales``, on its device. Indexing with a Python list instead costs a
+        # blocking host-to-device copy of the index every step.
+        self.store_targets: list = []
+        self.store_index: torch.Tensor | None = None
 
     @property
     def ids(self) -> frozenset[int]:
@@ -65,6 +70,10 @@ class Fp8Weights:
             self.amax = torch.zeros(len(self.weights), dtype=torch.float32, device=device)
             self.scales = torch.zeros(len(self.weights), dtype=torch.float32, device=device)
         amax, scales = self.amax, self.scales
+        position = {id(w): i for i, w in enumerate(self.weights)}
+        self.store_targets = [t for t in self.targets if id(t.weight) in position]
+        self.store_index = torch.tensor([position[id(t.weight)] for t in self.store_targets], dtype=torch.int64,
+                                        device=device)
         calls = [("eager", f"FP8: gather the amax of {len(self.weights)} FP8 weights", _gather, (buffers.amax, slots, amax))]
         for reduction in plan.reductions:
             if not reduction.over_shards:
@@ -79,12 +88,11 @@ class Fp8Weights:
         return calls
 
     def store(self) -> None:
-        """Hand the scales to torchao's FSDP2 float8 all-gather (0-d views of ``self.scales``)."""
-        if not self.targets or self.scales is None:
+        """Hand the scales to torchao's FSDP2 float8 all-gather (0-d views of one gather of
+        ``self.scales`` in the targets' order, by the index built with the plan: no host transfer)."""
+        if not self.store_targets or self.scales is None:
             return
-        position = {id(w): i for i, w in enumerate(self.weights)}
-        targets = [t for t in self.targets if id(t.weight) in position]
-        store_fp8_scales_for_fsdp(targets, self.scales[[position[id(t.weight)] for t in targets]])
+        store_fp8_scales_for_fsdp(self.store_targets, self.scales.index_select(0, self.store_index))
 
 
 def _gather(per_slot: torch.Tensor, slots: torch.Tensor, amax: torch.Tensor) -> None:

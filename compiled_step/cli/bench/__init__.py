@@ -36,7 +36,18 @@ What is measured, and how:
   ``torch.profiler``: the number of ATen ops the profiler records (every ``aten::`` event, nested ones
   included: the eager dispatcher work of the step), and on CUDA the number of kernel launches
   (``cudaLaunchKernel``/``cuLaunchKernel`` events and their ``Ex`` variants) plus CUDA-graph launches
-  (``cudaGraphLaunch``), which are also shown on their own.
+  (``cudaGraphLaunch``), which are also shown on their own. For FusedStep also its **compiled calls per
+  step**: the calls of compiled graphs in its program (``fused.program``; each runs once per step). On the
+  CPU that is what there is to count instead of launches: each call runs one Inductor-generated C++
+  function, whose loops run one after the other in the same call (no launch per loop or per tensor).
+  On CUDA each call launches its graph's Triton kernels (one launch per kernel, or one per captured
+  CUDA graph when the step is replayed).
+* **FSDP2 row** (``fsdp2``): the GPT layout's params as ``fully_shard`` DTensors (one FSDP unit per
+  block and the root), in the bench's own process on a gloo process group of world size 1 (so each
+  shard is the whole tensor and no timing includes a real collective). FusedStep cannot move FSDP2's
+  params into its flat buffer: params of at most ``pack_threshold`` elements are staged through it, the
+  rest are updated in buckets of ``bucket_size``, as on N ranks. The row shows what each method issues
+  for sharded params; anchor C is compared on the plain GPT row only.
 * **Peak memory.** One extra step per method, after timing. On CPU every c10 allocator event is recorded
   with ``torch.profiler(profile_memory=True)`` and the peak of the running sum of allocations minus
   frees is the step's peak extra memory (RSS is too coarse and noisy for this). The profiler does not

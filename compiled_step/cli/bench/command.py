@@ -15,6 +15,7 @@ import torch
 
 from compiled_step.cli import layouts as L
 from compiled_step.cli.bench.compile_time import measure_compile_times
+from compiled_step.cli.bench.fsdp import single_process_group
 from compiled_step.cli.bench.goals import evaluate_goals
 from compiled_step.cli.bench.machine import machine_info, wait_idle
 from compiled_step.cli.bench.measure import (
@@ -114,6 +115,15 @@ def _run_rows(args, machine: dict, log: Callable[[str], None]) -> list[RowResult
 
 def _profile_methods(row_spec: RowSpec, args, log) -> None:
     """Op-level profile of B and the fused method(s) on this row, to show where the step spends time."""
+    device = args.device_obj
+    if row_spec.fsdp2:
+        with single_process_group(device) as mesh:
+            _profile_methods_on(row_spec, args, log, mesh)
+    else:
+        _profile_methods_on(row_spec, args, log, None)
+
+
+def _profile_methods_on(row_spec: RowSpec, args, log, mesh) -> None:
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     device = args.device_obj
@@ -122,7 +132,7 @@ def _profile_methods(row_spec: RowSpec, args, log) -> None:
     for name in [m for m in row_spec.methods if m == "B" or m.startswith("fused")]:
         m = build_method(name, optimizer=row_spec.optimizer, layout=row_spec.layout, dtype=row_spec.dtype,
                          device=device, ref_grads=ref_grads, compile_fused=not args.no_compile,
-                         bucket_size=args.bucket_of.get(name))
+                         bucket_size=args.bucket_of.get(name), mesh=mesh)
         for _ in range(args.warmup):
             restore_grads(m, ref_grads)
             m.step()

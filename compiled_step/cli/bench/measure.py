@@ -182,8 +182,14 @@ def unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the FSDP2 row: one rank, so the whole tensor), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b))
+    return max(float((local_shard(x).detach().float() - local_shard(y).detach().float()).abs().max())
+               for x, y in zip(a, b))
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from compiled_step.cli import layouts as L
+from compiled_step.cli.bench.measure import local_shard
 
 ANCHORS = ("A", "B", "C", "D")
 PARAM_NORMS = "fused+norms"  # FusedStep with param_norms=True: what the option costs, beside "fused"
@@ -129,10 +130,19 @@ def build_method(
     ref_grads: list[torch.Tensor],
     compile_fused: bool,
     bucket_size: int | None,
+    mesh=None,
 ) -> Method:
+    """Method ``name`` stepping its own copy of ``layout``'s params (FSDP2 shards on ``mesh`` if given)."""
     params = L.make_params(layout, dtype=dtype, device=device, seed=0)
-    for p, g in zip(params, ref_grads):
-        p.grad = g.clone()
+    if mesh is not None:
+        from compiled_step.cli.bench import fsdp  # noqa: PLC0415 -- torch.distributed only for this row
+
+        params = fsdp.shard(layout, params, mesh)
+        for p, g in zip(params, ref_grads):
+            p.grad = fsdp.sharded_grad(p, g.clone())
+    else:
+        for p, g in zip(params, ref_grads):
+            p.grad = g.clone()
     groups = L.param_groups(layout, params, weight_decay=WEIGHT_DECAY)
     if name == "A":
         opt = make_optimizer(optimizer, groups, foreach=True)
@@ -163,6 +173,7 @@ def build_method(
 
 
 def restore_grads(m: Method, ref_grads: list[torch.Tensor]) -> None:
-    """Copy the reference grads back into the method's ``.grad`` (the anchors clip them in place)."""
+    """Copy the reference grads back into the method's ``.grad`` (the anchors clip them in place); into
+    the local shards of DTensor grads (the FSDP2 row: one rank, so the whole tensor)."""
     with torch.no_grad():
-        torch._foreach_copy_([p.grad for p in m.params], ref_grads)
+        torch._foreach_copy_([local_shard(p.grad) for p in m.params], ref_grads)

@@ -205,9 +205,13 @@ def row_specs(args) -> list[RowSpec]:
             methods.remove("C")
             notes.append("Anchor C skipped on this layout: its compile time grows linearly with the "
                          "tensor count (pass --small-with-c to include it).")
+        if family == "fsdp2" and "C" in methods:
+            methods.remove("C")
+            notes.append("Anchor C skipped on the FSDP2 row: the row shows what each method issues for FSDP2 "
+                         "shards; the compiled-optimizer recipe is compared on the plain GPT row.")
         if family == "tiny":
             layout, threads = L.many_small_layout(TINY_ROWS[key], TINY_NUMEL), TINY_THREADS
         else:
-            layout, threads = (gpt if family == "gpt" else small), None
-        specs.append(RowSpec(key, opt, dtype, layout, tuple(methods), tuple(notes), threads))
+            layout, threads = (gpt if family in ("gpt", "fsdp2") else small), None
+        specs.append(RowSpec(key, opt, dtype, layout, tuple(methods), tuple(notes), threads, fsdp2=family == "fsdp2"))
     return specs

@@ -52,8 +52,8 @@ def markdown_tables(rows: list[RowResult], compile_results: list[CompileResult],
             f"= {ms_text(r.floor_s)} ms. {len(r.methods[0].times_s)} rounds.{threads}\n")
         launches_head, launches_rule = (" kernel launches/step |", "---:|") if cuda else ("", "")
         out.append("| method | median ms | IQR ms | min ms | speedup vs B (t_B/t) | fraction of roofline | "
-                   f"peak extra MiB | max abs diff vs B | ATen ops/step |{launches_head}\n"
-                   f"|---|---:|---:|---:|---:|---:|---:|---:|---:|{launches_rule}")
+                   f"peak extra MiB | max abs diff vs B | ATen ops/step | compiled calls/step |{launches_head}\n"
+                   f"|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{launches_rule}")
         for m in r.methods:
             launches = ""
             if cuda:
@@ -62,7 +62,7 @@ def markdown_tables(rows: list[RowResult], compile_results: list[CompileResult],
             out.append(
                 f"| {m.method} | {ms_text(m.median_s)} | {ms_text(m.iqr_s)} | {ms_text(min(m.times_s))} | {m.speedup_vs_b:.2f}x | "
                 f"{m.roofline_fraction:.2f} | {_mib(m.peak_extra_bytes)} | {m.max_abs_diff_vs_b:.1e} | "
-                f"{_fmt_num(m.aten_ops)} |{launches}")
+                f"{_fmt_num(m.aten_ops)} | {_fmt_num(m.compiled_calls)} |{launches}")
         out += [f"\n_{n}_" for n in r.notes]
         out.append("")
     if compile_results:
@@ -91,7 +91,7 @@ RESULT_FIELDS = [
     "stream_triad_gbps", "in_place_triad_gbps", "best_bandwidth_gbps", "best_round_roofline_fraction",
     "best_round_speedup_vs_b",
     "peak_extra_bytes", "max_abs_diff_vs_b", "graphs_compiled", "graphs_during_timing", "threads",
-    "aten_ops", "kernel_launches", "graph_launches",
+    "aten_ops", "compiled_calls", "kernel_launches", "graph_launches",
 ]
 
 
@@ -111,7 +111,7 @@ def result_records(rows: list[RowResult], device: torch.device) -> list[dict]:
                 roofline_fraction=m.roofline_fraction, peak_extra_bytes=m.peak_extra_bytes,
                 max_abs_diff_vs_b=m.max_abs_diff_vs_b, graphs_compiled=m.graphs_compiled,
                 graphs_during_timing=m.graphs_during_timing, threads=r.threads, aten_ops=m.aten_ops,
-                kernel_launches=m.kernel_launches, graph_launches=m.graph_launches,
+                compiled_calls=m.compiled_calls, kernel_launches=m.kernel_launches, graph_launches=m.graph_launches,
             ))
     return recs
 

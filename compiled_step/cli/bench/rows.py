@@ -38,6 +38,7 @@ ROW_KINDS = {
     "small": ("adamw", torch.float32, "small"),
     "tiny100": ("adamw", torch.float32, "tiny"),
     "tiny1000": ("adamw", torch.float32, "tiny"),
+    "fsdp2": ("adamw", torch.float32, "fsdp2"),  # the GPT layout as FSDP2 shards (one process, one rank)
 }
 # Tiny-tensor rows: tensor count, and one intra-op thread so the step time is host work only.
 TINY_ROWS = {"tiny100": 100, "tiny1000": 1000}
@@ -59,6 +60,7 @@ class MethodResult:
     aten_ops: int | None = None  # ATen ops in one steady-state step (profiler, nested included)
     kernel_launches: int | None = None  # CUDA only: kernel + graph launches in that step
     graph_launches: int | None = None  # CUDA only: of which CUDA-graph launches
+    compiled_calls: int | None = None  # FusedStep only: calls of compiled graphs per step (its program's)
 
     @property
     def median_s(self) -> float:
@@ -112,29 +114,30 @@ class RowSpec:
     methods: tuple[str, ...]
     notes: tuple[str, ...] = ()
     threads: int | None = None  # torch.set_num_threads for this row; None: leave as is
+    fsdp2: bool = False  # the params are FSDP2 shards (``fsdp.py``)
 
 
-def run_row(
-    spec: RowSpec,
-    *,
-    device: torch.device,
-    triad: Triad,
-    flusher: CacheFlusher,
-    rounds: int,
-    warmup: int,
-    compile_fused: bool,
-    bucket_sizes: dict[str, int | None],
-    measure_memory: bool,
-    log: Callable[[str], None],
-) -> RowResult:
+def run_row(spec: RowSpec, **kwargs) -> RowResult:
     """Warm up every method of the row, time them interleaved round by round, then compare each to B and
-    count its peak memory and ops in one more step each."""
+    count its peak memory and ops in one more step each (keywords: ``_run_row``'s). The FSDP2 row runs
+    inside a one-rank process group."""
+    if not spec.fsdp2:
+        return _run_row(spec, **kwargs)
+    from compiled_step.cli.bench import fsdp  # noqa: PLC0415 -- torch.distributed only for this row
+
+    with fsdp.single_process_group(kwargs["device"]) as mesh:
+        return _run_row(spec, mesh=mesh, **kwargs)
+
+
+def _run_row(spec: RowSpec, *, device: torch.device, triad: Triad, flusher: CacheFlusher, rounds: int, warmup: int,
+             compile_fused: bool, bucket_sizes: dict[str, int | None], measure_memory: bool,
+             log: Callable[[str], None], mesh=None) -> RowResult:
     ref_grads = L.make_grads(spec.layout, dtype=spec.dtype, device=device, seed=1)
     row = _new_row(spec, ref_grads)
-    log(f"[{spec.key}] {spec.layout.describe()}, {spec.dtype}, grad norm {row.grad_norm:.1f}, "
-        f"{row.threads} thread(s); methods {', '.join(spec.methods)}")
+    log(f"[{spec.key}] {spec.layout.describe()}{' as FSDP2 shards' if spec.fsdp2 else ''}, {spec.dtype}, "
+        f"grad norm {row.grad_norm:.1f}, {row.threads} thread(s); methods {', '.join(spec.methods)}")
     methods, compiled_counts = _warm_up(spec, ref_grads, device=device, warmup=warmup, compile_fused=compile_fused,
-                                        bucket_sizes=bucket_sizes, log=log)
+                                        bucket_sizes=bucket_sizes, log=log, mesh=mesh)
     times, triad_bw, graphs_during = _timed_rounds(methods, ref_grads, device=device, triad=triad,
                                                    flusher=flusher, rounds=rounds)
     _set_bandwidth(row, triad_bw, spec.layout.n_params)
@@ -152,7 +155,9 @@ def run_row(
     for res in row.methods:
         log(f"  {res.method:>10}: median {res.median_s * 1e3:8.3f} ms  "
             f"x{res.speedup_vs_b:5.2f} vs B  roofline {res.roofline_fraction:5.2f}  "
-            f"{res.aten_ops} ATen ops/step" + _launches_text(res))
+            f"{res.aten_ops} ATen ops/step"
+            + (f", {res.compiled_calls} compiled calls/step" if res.compiled_calls is not None else "")
+            + _launches_text(res))
     return row
 
 
@@ -174,7 +179,7 @@ def _new_row(spec: RowSpec, ref_grads: list[torch.Tensor]) -> RowResult:
 
 def _warm_up(spec: RowSpec, ref_grads: list[torch.Tensor], *, device: torch.device, warmup: int,
              compile_fused: bool, bucket_sizes: dict[str, int | None],
-             log: Callable[[str], None]) -> tuple[list[Method], dict[str, int]]:
+             log: Callable[[str], None], mesh=None) -> tuple[list[Method], dict[str, int]]:
     """Build each method and warm it up in isolation: the first steps compile (C, fused) and allocate
     optimizer state. Returns the methods and the Dynamo graphs each compiled."""
     methods: list[Method] = []
@@ -183,7 +188,7 @@ def _warm_up(spec: RowSpec, ref_grads: list[torch.Tensor], *, device: torch.devi
         t0 = time.perf_counter()
         m = build_method(
             name, optimizer=spec.optimizer, layout=spec.layout, dtype=spec.dtype, device=device,
-            ref_grads=ref_grads, compile_fused=compile_fused, bucket_size=bucket_sizes.get(name),
+            ref_grads=ref_grads, compile_fused=compile_fused, bucket_size=bucket_sizes.get(name), mesh=mesh,
         )
         before = unique_graphs()
         for _ in range(warmup):
@@ -255,6 +260,7 @@ def _measure_one_step(row: RowResult, methods: list[Method], ref_grads: list[tor
             kinds = {}
             for call in program.calls:
                 kinds[call.kind] = kinds.get(call.kind, 0) + 1
+            res.compiled_calls = kinds.get("compiled", 0)  # every call of the program runs once per step
             row.notes.append(f"{m.name}: {len(program.calls)} calls per step ("
                              + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + "), each a whole sharding "
                              "group or bucket: on the CPU the compiled ones run Inductor's C++ kernels directly, on "

@@ -1,0 +1,243 @@
+"""FusedOptimizer: a torch.optim.Optimizer whose step is FusedStep's; and the wrappers FusedStep refuses.
+
+References: eager torch.optim.AdamW/SGD after torch.nn.utils.clip_grad_norm_ (and torch.amp.GradScaler's
+own unscale_ + step), the uninterrupted run for checkpoint round trips, torch's own LR schedulers.
+Tolerance: 1e-6 relative per step against eager (FusedStep's fp64 norm and fused update differ from
+eager by an ulp or two, README "Known differences"); resumes are bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+
+from compiled_step import FusedOptimizer, FusedStep
+
+RTOL = 1e-6
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(5, 6, generator=gen), torch.randn(5, 3, generator=gen)
+
+
+def _loss(model, step):
+    x, y = _batch(step)
+    return torch.nn.functional.mse_loss(model(x), y) * 50  # large grads: a max_grad_norm of 1 clips
+
+
+def _close(a, b, rtol=RTOL):
+    return all(float((p - q).norm()) <= rtol * float(q.norm()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_is_an_optimizer_sharing_the_wrapped_optimizers_objects():
+    inner = torch.optim.AdamW(_model().parameters(), lr=1e-2)
+    opt = FusedOptimizer(inner, max_grad_norm=1.0)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.optimizer is inner and opt.fused.optimizer is inner
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    inner.load_state_dict(inner.state_dict())  # torch replaces inner.state and inner.param_groups
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    assert math.isnan(float(opt.grad_norm)) and opt.grad_norm.dtype == torch.float64 and opt.steps == 0
+
+
+def test_closure_step_with_schedulers_matches_eager_clip_and_adamw():
+    """Schedulers on the wrapper and on the optimizer inside both drive the lr FusedStep reads."""
+    model, reference = _model(), _model()
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), max_grad_norm=1.0)
+    eager = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)),
+                  torch.optim.lr_scheduler.StepLR(opt.optimizer, 2, 0.5)]
+    eager_schedulers = [torch.optim.lr_scheduler.LambdaLR(eager, lambda s: 1 / (1 + s)),
+                        torch.optim.lr_scheduler.StepLR(eager, 2, 0.5)]
+    live_norm = opt.grad_norm
+    for step in range(6):
+        def closure():
+            opt.zero_grad()
+            loss = _loss(model, step)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        eager.zero_grad()
+        eager_loss = _loss(reference, step)
+        eager_loss.backward()
+        eager_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        eager.step()
+        for s in schedulers + eager_schedulers:
+            s.step()
+        assert torch.equal(loss, eager_loss) and loss.requires_grad  # evaluated under enable_grad
+        assert eager_norm > 1.0 and abs(float(live_norm) - float(eager_norm)) <= RTOL * float(eager_norm)
+        assert live_norm is opt.grad_norm  # one tensor, written in place by every step
+        assert _close(model, reference), step
+    assert opt.steps == 6 and opt.param_groups[0]["lr"] == eager.param_groups[0]["lr"]
+
+
+def test_zero_grad_keeps_the_grads_whatever_set_to_none_says():
+    model = _model()
+    opt = FusedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), max_grad_norm=1.0)
+    _loss(model, 0).backward()
+    opt.step()
+    grads = [p.grad for p in model.parameters()]
+    for set_to_none in (True, False):
+        opt.zero_grad(set_to_none=set_to_none)
+        assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+        _loss(model, 1).backward()
+        opt.step()
+        assert len(opt.fused.last_step_copied_grads) == 0  # autograd accumulated into FusedStep's buffers
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # a grad that is not FusedStep's: copied in
+    opt.step()
+    assert len(opt.fused.last_step_copied_grads) == 1
+
+
+def test_step_hooks_on_the_wrapper_run_once_around_the_step():
+    model = _model()
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt, float(o.grad_norm))))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt, float(o.grad_norm))))
+    inner_calls = []
+    opt.optimizer.register_step_post_hook(lambda o, args, kwargs: inner_calls.append(o))
+    _loss(model, 0).backward()
+    opt.step()
+    assert [c[:2] for c in calls] == [("pre", True), ("post", True)] and inner_calls == [opt.optimizer]
+    assert math.isnan(calls[0][2]) and calls[1][2] > 0
+
+
+def _train(opt, model, steps, nan_at=None):
+    for step in steps:
+        opt.zero_grad()
+        _loss(model, step).backward()
+        if step == nan_at:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")  # a skipped step, counted
+        opt.step()
+
+
+def test_state_dict_round_trip_through_torch_save_into_a_fresh_wrapper():
+    model = _model()
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    _train(opt, model, range(4), nan_at=2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buffer)
+    _train(opt, model, range(4, 7))
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # what HF Trainer and Lightning load with
+    assert int(saved["optim"]["fused_step"]["skipped_steps"]) == 1 and len(saved["optim"]["state"]) == 4
+    resumed_model = _model(seed=1)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = FusedOptimizer(torch.optim.AdamW(resumed_model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    resumed.load_state_dict(saved["optim"])  # before any step
+    assert int(resumed.fused.skipped_steps) == 1
+    _train(resumed, resumed_model, range(4, 7))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert all(torch.equal(opt.state[p][k], resumed.state[q][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_state_dicts_load_across_eager_and_fused():
+    """A plain AdamW loads a FusedOptimizer's dict (it ignores "fused_step") and the other way round."""
+    model = _model()
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    _train(opt, model, range(2))
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    plain.load_state_dict(opt.state_dict())
+    assert all(torch.equal(plain.state[p]["exp_avg"], opt.state[p]["exp_avg"]) for p in model.parameters())
+    other = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), compile_notice=False)
+    other.load_state_dict(plain.state_dict())
+    assert int(other.state_dict()["fused_step"]["skipped_steps"]) == 0
+
+
+def test_failed_load_changes_nothing():
+    model = _model()
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    _train(opt, model, range(2), nan_at=1)
+    state = opt.state_dict()
+    bad = {**copy.deepcopy(state), "fused_step": {"skipped_steps": 7, "last_step_finite": True}}
+    bad["param_groups"] = bad["param_groups"] * 2  # two groups for an optimizer with one
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt.load_state_dict(bad)
+    assert int(opt.fused.skipped_steps) == 1 and len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (never run on the CPU-only development machines)"))])
+def test_grad_scaler_unscales_and_skips_inside_the_step(device):
+    """Reference: GradScaler's own path, unscale_ + clip_grad_norm_ + scaler.step on AdamW."""
+    model, reference = _model().to(device), _model().to(device)
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    eager = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    scaler, eager_scaler = (torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2) for _ in range(2))
+    for step in range(5):
+        for m, o, s in ((model, opt, scaler), (reference, eager, eager_scaler)):
+            o.zero_grad()
+            x, y = _batch(step)
+            s.scale(torch.nn.functional.mse_loss(m(x.to(device)), y.to(device)) * 50).backward()
+            if step == 2:
+                next(m.parameters()).grad.view(-1)[0] = float("inf")  # an overflow: both skip the step
+            if o is eager:
+                s.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+            s.step(o)
+            s.update()
+        assert scaler.get_scale() == eager_scaler.get_scale()
+        assert _close(model, reference), step
+    assert int(opt.fused.skipped_steps) == 1 and opt.steps == 5
+
+
+def test_list_pickle_and_nonfinite_errors_are_refused():
+    params = list(_model().parameters())
+    with pytest.raises(TypeError, match="one optimizer"):
+        FusedOptimizer([torch.optim.AdamW(params)])
+    opt = FusedOptimizer(torch.optim.AdamW(params), error_if_nonfinite=True)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(opt)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)  # as GradScaler.step sets them
+    with pytest.raises(ValueError, match="GradScaler"):
+        opt.step()
+
+
+def test_fused_optimizer_and_fused_step_refuse_a_fused_optimizer():
+    opt = FusedOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
+    for cls in (FusedStep, FusedOptimizer):
+        with pytest.raises(TypeError, match=r"got a FusedOptimizer.*fused_optimizer\.optimizer \(the SGD inside\)"):
+            cls(opt)
+
+
+def test_accelerated_optimizer_is_refused_with_what_to_pass():
+    accelerate = pytest.importorskip("accelerate")
+    inner = torch.optim.AdamW(_model().parameters(), lr=1e-2)
+    prepared = accelerate.Accelerator(cpu=True).prepare(inner)
+    for cls in (FusedStep, FusedOptimizer):
+        with pytest.raises(TypeError, match=rf"{cls.__name__} got an AcceleratedOptimizer \(wrapping AdamW\).*"
+                                            r"Wrap before prepare: optimizer = FusedOptimizer\(AdamW\(\.\.\.\).*"
+                                            r"pass optimizer\.optimizer"):
+            cls(prepared)
+    FusedStep(prepared.optimizer)  # what the message says to pass
+
+
+def test_lightning_optimizer_is_refused_with_what_to_pass():
+    pl = pytest.importorskip("pytorch_lightning")
+    inner = torch.optim.SGD(_model().parameters(), lr=0.1)
+    wrapped = pl.core.optimizer.LightningOptimizer(inner)
+    for cls in (FusedStep, FusedOptimizer):
+        with pytest.raises(TypeError, match=r"got a LightningOptimizer \(wrapping SGD\).*global_step.*"
+                                            r"configure_optimizers.*FusedStepCallback"):
+            cls(wrapped)
+
+
+def test_other_subclasses_keep_the_exact_type_message():
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    with pytest.raises(TypeError, match="exact types"):
+        FusedOptimizer(MyAdamW(_model().parameters()))
