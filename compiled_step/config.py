@@ -24,6 +24,14 @@ class FusedStepConfig:
     cuda_graphs: bool = True  # on CUDA, capture the step after its first run and replay it
     verbose: bool = False  # print every compile to stderr (they are always logged at INFO)
     compile_notice: bool = True  # one line on stderr before the first compile of the process
+    # Training health (see the README's "Training health" section); all off by default.
+    param_norms: bool = False  # fused.param_norms: each param's pre-clip grad norm, from Phase A
+    skip_spike_sigma: float | None = None  # skip a step whose norm (or loss=) exceeds mean + sigma * std
+    spike_window: int = 128  # ... of the last this many applied steps' norms (losses)
+    adaptive_clip: str | None = None  # "zclip": ZClip's z-score clipping with adaptive scaling
+    zclip_alpha: float = 0.97  # ZClip's EMA smoothing factor
+    zclip_z: float = 2.5  # ZClip's z-score threshold
+    zclip_warmup: int = 25  # norms collected before ZClip's EMA starts
 
     def __post_init__(self):
         mgn = self.max_grad_norm
@@ -41,9 +49,43 @@ class FusedStepConfig:
             raise ValueError(f"bucket_size must be an int >= 1, got {self.bucket_size!r}")
         if isinstance(self.pack_threshold, bool) or not isinstance(self.pack_threshold, int) or self.pack_threshold < 0:
             raise ValueError(f"pack_threshold must be an int >= 0, got {self.pack_threshold!r}")
-        for name in ("error_if_nonfinite", "compile", "flat_params", "cuda_graphs", "verbose", "compile_notice"):
+        for name in ("error_if_nonfinite", "compile", "flat_params", "cuda_graphs", "verbose", "compile_notice",
+                     "param_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        _check_health_options(self)
+
+    @property
+    def health(self) -> bool:
+        """Whether any training-health option is on (the step then runs the health finish)."""
+        return self.param_norms or self.skip_spike_sigma is not None or self.adaptive_clip is not None
+
+
+def _real(value, name: str, low: float, high: float | None = None) -> None:
+    """A finite real number in the open interval (low, high)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be a finite number in ({low}, {'inf' if high is None else high}), got {value}")
+
+
+def _int_at_least(value, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_health_options(config: "FusedStepConfig") -> None:
+    """The training-health options (``TypeError``/``ValueError``)."""
+    if config.skip_spike_sigma is not None:
+        _real(config.skip_spike_sigma, "skip_spike_sigma", 0.0)
+    _int_at_least(config.spike_window, "spike_window", 2)  # an unbiased std needs two values
+    if config.adaptive_clip is not None and config.adaptive_clip != "zclip":
+        raise ValueError(f"adaptive_clip must be None or 'zclip', got {config.adaptive_clip!r}")
+    _real(config.zclip_alpha, "zclip_alpha", 0.0, 1.0)
+    _real(config.zclip_z, "zclip_z", 0.0)
+    _int_at_least(config.zclip_warmup, "zclip_warmup", 1)
 
 
 @dataclass(frozen=True, kw_only=True)

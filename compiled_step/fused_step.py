@@ -28,6 +28,7 @@ import torch
 
 from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
+from compiled_step.health_api import TrainingHealthAPI
 from compiled_step.lifecycle import ddp, offload
 from compiled_step.lifecycle import fp8 as fp8_lifecycle
 from compiled_step.lifecycle.fp8_step import Fp8Weights
@@ -49,7 +50,7 @@ class _Built:
     runner: cuda_graphs.Runner
 
 
-class FusedStep:
+class FusedStep(TrainingHealthAPI):
     """One compiled step replacing ``clip_grad_norm_(params, max_grad_norm, norm_type)`` + ``optimizer.step()``.
 
     The optimizer stays the source of truth: hyperparameters are read from ``param_groups`` every
@@ -123,7 +124,8 @@ class FusedStep:
 
     @torch.no_grad()
     def step(self, *, grad_scale: float | torch.Tensor | None = None,
-             num_label_tokens: int | torch.Tensor | None = None, dp_group_size: int | None = None) -> torch.Tensor:
+             num_label_tokens: int | torch.Tensor | None = None, dp_group_size: int | None = None,
+             loss: float | torch.Tensor | None = None) -> torch.Tensor:
         """Scale, norm, clip and update in one pass over memory; returns the pre-clip total norm.
 
         Args:
@@ -134,6 +136,9 @@ class FusedStep:
                 ``moe_mesh`` given, expert grads are further divided by ``(dp_group_size /
                 ep_shard_size) * expert_tp_replication_factor``. ``num_label_tokens`` may be a 0-d
                 device tensor. A CPU tensor (``grad_scale`` too) is read on the host, like a number.
+            loss: with ``skip_spike_sigma``, this step's loss (a one-element tensor, read on the device,
+                or a number): the step is also skipped when it is a spike of the losses of the last
+                ``spike_window`` applied steps given one. Pass the same value on every rank.
 
         Returns:
             The total norm of the (scaled) grads before clipping: a float64 0-d tensor on the
@@ -144,11 +149,13 @@ class FusedStep:
         if num_label_tokens is None and self._accumulation is not None:
             num_label_tokens = self._accumulation.num_label_tokens  # counted by accumulate()
         scales = self._scales(grad_scale, num_label_tokens, dp_group_size)  # validates, changes nothing
+        loss = self._check_loss(loss)
         opts = self._optimizers
         opts.hyperparameters()  # validates before the hooks run
         self._accumulation = None
         opts.run_hooks("pre")
         built = self._bind(opts.hyperparameters(), scales)  # read again: a pre-hook may change them
+        self._bind_loss(loss)
         if self.offload_optimizer_state:
             offload.offload_in(built.groups, built.buffers)
         built.runner.run_norm()
@@ -250,7 +257,8 @@ class FusedStep:
 
     @property
     def last_step_finite(self) -> torch.Tensor | None:
-        """bool 0-d tensor: whether the last step was applied (updated in place)."""
+        """bool 0-d tensor: whether the last total norm was finite (updated in place); with
+        ``skip_spike_sigma`` a finite step may still be skipped (``spike_skipped_steps``)."""
         return self._outputs[1][0] if self._outputs is not None else None
 
     @property
@@ -308,8 +316,10 @@ class FusedStep:
         binder.install(previous)
         binder.bind_state(opts.items)
         fp8 = self._fp8.calls(plan, buffers) if self._fp8 else None
+        norm = self._health_norm_calls(plan, groups, buffers, param_lists, group_rules, self._kind, self._compiler,
+                                       self._fillers) if config.health else None
         prog = program.build(plan, groups, buffers, group_rules, group_variants, self._kind, self._compiler,
-                             self._fillers, fp8)
+                             self._fillers, fp8, norm)
         capture = config.cuda_graphs and not self.offload_optimizer_state and plan.device.type == "cuda"
         self._built = _Built(plan, groups, buffers, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
         return self._built
@@ -396,7 +406,8 @@ class FusedStep:
         return base, base if ratio is None else base / ratio
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """FusedStep's own state: the skip counter and the last step's finite flag (0-d tensors).
+        """FusedStep's own state: the skip counter and the last step's finite flag (0-d tensors), and the
+        training-health options' state (spike windows and counter, ZClip's statistics).
 
         The optimizer's state is ``optimizer.state_dict()``; with both, a run resumes bit-identically.
         FusedStep is a ``torch.distributed.checkpoint`` ``Stateful``: pass it to ``dcp.save``/``dcp.load``
@@ -404,8 +415,9 @@ class FusedStep:
         """
         if self._outputs is None:
             return {"skipped_steps": torch.zeros((), dtype=torch.int64),
-                    "last_step_finite": torch.ones((), dtype=torch.bool)}
-        return {"skipped_steps": self._outputs[2][0].clone(), "last_step_finite": self._outputs[1][0].clone()}
+                    "last_step_finite": torch.ones((), dtype=torch.bool), **self._health_state_dict()}
+        return {"skipped_steps": self._outputs[2][0].clone(), "last_step_finite": self._outputs[1][0].clone(),
+                **self._health_state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what ``state_dict()`` returned. Raises ``KeyError``/``TypeError`` before changing anything."""
@@ -422,10 +434,12 @@ class FusedStep:
             else:
                 raise TypeError(f"FusedStep state_dict[{key!r}] must be a one-element tensor or a number, got "
                                 f"{type(value).__name__}")
+        self._check_health_state_dict(state_dict)
         device = self._outputs[0].device if self._outputs is not None else torch.device("cpu")
         total, finite, skipped = self._outputs_on(device)
         skipped.copy_(values["skipped_steps"])
         finite.copy_(values["last_step_finite"])
+        self._load_health_state_dict(state_dict)
 
     def __repr__(self) -> str:
         c = self.config

@@ -104,15 +104,26 @@ def _function_name(fn: Callable) -> str:
     return f"{module}.{fn.__name__}"
 
 
-def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rules: list, variants: list,
-          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None) -> Program:
-    """The program of one plan. ``rules[g]`` and ``variants[g]`` are group g's update rule and its
-    variant; ``fp8`` the FP8 weights' calls (``Fp8Weights.calls``), appended to the update."""
+def norm_calls(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rules: list, kind: NormKind,
+               compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
+    """The norm half: Phase A, the collectives and the finish. ``rules[g]``: group g's update rule."""
     norm: list[Call] = []
     for g, gb in enumerate(groups):
         norm += _partials(plan, g, gb, buffers, kind, compiler, fillers)
     norm += _collectives(plan, buffers, kind)
     norm.append(_finish(plan, buffers, rules, kind, compiler))
+    return norm
+
+
+def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rules: list, variants: list,
+          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None,
+          norm: list[Call] | None = None) -> Program:
+    """The program of one plan. ``rules[g]`` and ``variants[g]`` are group g's update rule and its
+    variant; ``fp8`` the FP8 weights' calls (``Fp8Weights.calls``), appended to the update; ``norm``
+    the norm half when the training-health options build it (``health_program.norm_calls``), else
+    ``norm_calls``'s."""
+    if norm is None:
+        norm = norm_calls(plan, groups, buffers, rules, kind, compiler, fillers)
     update: list[Call] = []
     for g, gb in enumerate(groups):
         update += _updates(plan, g, gb, buffers, rules[g], variants[g], compiler, fillers)
@@ -139,23 +150,28 @@ def _partials(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffe
                        (grads, buffers.scales[g], buffers.order, buffers.partial_rows[g]),
                        dict(kind=kind.kind, p=kind.p), _function_name(partials_module.add_partial_of_list),
                        ("norm_external", kind.kind, gb.grads.dtype, plan.device.type))
-                  for b, grads in enumerate(_external_grad_buckets(gb, plan.bucket_size, fillers))]
+                  for b, grads in enumerate(external_grad_buckets(gb, plan.bucket_size, fillers))]
     return calls
 
 
-def _finish(plan, buffers: storage.StepBuffers, rules: list, kind: NormKind, compiler: compiling.Compiler) -> Call:
+def rule_kwargs(rules: list, buffers: storage.StepBuffers) -> tuple[dict, tuple[str, ...]]:
+    """A finish's rule arguments (the rule, or every distinct rule and each slot's) and the rules' names."""
     distinct = tuple(dict.fromkeys(rules))  # one rule: the graph of a one-optimizer step, unchanged
-    rule = distinct[0] if len(distinct) == 1 else distinct
-    kwargs = dict(kind=kind.kind, p=kind.p, rule=rule)
-    if len(distinct) > 1:
-        kwargs["slot_rule"] = buffers.slot_rule
+    if len(distinct) == 1:
+        return dict(rule=distinct[0]), (distinct[0].NAME,)
+    return dict(rule=distinct, slot_rule=buffers.slot_rule), tuple(r.NAME for r in distinct)
+
+
+def _finish(plan, buffers: storage.StepBuffers, rules: list, kind: NormKind, compiler: compiling.Compiler) -> Call:
+    rule_args, names = rule_kwargs(rules, buffers)
+    kwargs = dict(kind=kind.kind, p=kind.p, **rule_args)
     partials = buffers.pp_partial if plan.pp is not None else buffers.partials
     return Call(
         "finish: total norm, clip coefficient, finite flag, per-tensor scalars", COMPILED,
         compiler.get(finish_module.finish),
         (partials, buffers.order, buffers.max_norm, buffers.hp, buffers.slot_group, buffers.counts, buffers.active,
          buffers.total, buffers.finite, buffers.skipped, buffers.table), kwargs,
-        _function_name(finish_module.finish), ("finish", kind.kind, tuple(r.NAME for r in distinct), plan.device.type))
+        _function_name(finish_module.finish), ("finish", kind.kind, names, plan.device.type))
 
 
 def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var,
@@ -275,7 +291,7 @@ def _bucket_args(gb: storage.GroupBuffers, rule, var, buffers: storage.StepBuffe
     return calls
 
 
-def _external_grad_buckets(gb: storage.GroupBuffers, size: int, fillers: buckets.Fillers) -> list[list[torch.Tensor]]:
+def external_grad_buckets(gb: storage.GroupBuffers, size: int, fillers: buckets.Fillers) -> list[list[torch.Tensor]]:
     """A group's external grads in lists of ``size`` (the last one padded), for Phase A."""
     grads = [gb.external_flat[i] for i in gb.group.external]
     filler = fillers.get(gb.group.key.device, {"external_grads": gb.group.key.grad_dtype}, size)

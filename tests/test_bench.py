@@ -443,3 +443,19 @@ def test_compile_time_subprocess_plumbing(tmp_path):
     assert rec["n_tensors"] == "4" and rec["compiled"] == "False" and rec["error"] == ""
     assert float(rec["cold_s"]) > 0 and float(rec["warm_s"]) > 0
     assert not math.isnan(float(rec["steady_ms"]))
+
+
+def test_param_norms_cost_goal_is_the_ratio_of_medians():
+    cpu = torch.device("cpu")
+    name = bench_methods.PARAM_NORMS
+
+    def goal(times):
+        goals = bench_goals.evaluate_goals([_row("adamw", times)], [], cpu, "fused", 10_000_000)
+        return next(g for g in goals if g.name.startswith("param_norms=True costs"))
+
+    cheap, costly = goal({"B": 0.1, "fused": 0.050, name: 0.051}), goal({"B": 0.1, "fused": 0.050, name: 0.0525})
+    assert (cheap.status, cheap.measured.split(" ")[0]) == ("met", "1.020")
+    assert (costly.status, costly.measured.split(" ")[0]) == ("gap", "1.050")
+    assert goal({"B": 0.1, "fused": 0.05}).status == "not measured"
+    assert name in bench_options.build_parser().format_help()
+    assert bench_methods.describe_method(name).endswith("from the same Phase A read)")

@@ -271,22 +271,36 @@ class _HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# The training-health options (issue 18): per-param norms, spike windows with a loss, ZClip; all together.
+_HEALTH = {
+    "default": {},
+    "health": dict(param_norms=True, skip_spike_sigma=3.0, spike_window=2, adaptive_clip="zclip", zclip_warmup=2),
+}
+
+
+@pytest.mark.parametrize("health", list(_HEALTH))
 @pytest.mark.parametrize("cls,kwargs", [(torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
                                         (torch.optim.SGD, dict(lr=1e-2, momentum=0.9))])
-def test_step_reads_no_tensor_value_on_the_host(cls, kwargs):
+def test_step_reads_no_tensor_value_on_the_host(cls, kwargs, health):
     # The orchestration (plan, norm stage, tables, state, counters) is the same with compile=False;
     # a mode cannot see inside compiled graphs, which cannot sync anyway.
     params = make_params()
     opt = cls(params, **kwargs)
-    stepper = FusedStep(opt, max_grad_norm=1.0, compile=False, bucket_size=BUCKET, pack_threshold=PACK)
-    for step in range(3):
-        grads = make_grads(params, step)
+    stepper = FusedStep(opt, max_grad_norm=1.0, compile=False, bucket_size=BUCKET, pack_threshold=PACK,
+                        **_HEALTH[health])
+    for step in range(6):  # windows full from step 2, ZClip's EMA from step 2: every path of the finish
+        grads = make_grads(params, step, scale=30.0 if step == 4 else 3.0)  # step 4: a spike
         if step == 1:
             grads[0].view(-1)[0] = math.nan  # the skip path, too
         set_grads(params, grads)
+        loss = dict(loss=torch.tensor(1.0 + step) if step % 2 else 2.5) if health != "default" else {}
         with _HostReads() as reads:
-            stepper.step(grad_scale=torch.tensor(0.5))
+            # A number: a CPU grad_scale tensor is read on the host on purpose (main, 26a6eee: no per-step
+            # copy for CUDA params), which the mode would count though it is no device sync.
+            stepper.step(grad_scale=0.5, **loss)
         assert reads.calls == [], f"step {step} read tensor values on the host: {reads.calls}"
+    if health != "default":
+        assert stepper.skipped_steps.item() == 1 and stepper.spike_skipped_steps.item() >= 1
     # The mode does see such reads (a check that can fail):
     with _HostReads() as reads:
         stepper.skipped_steps.item()

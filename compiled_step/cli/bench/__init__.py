@@ -59,6 +59,9 @@ What is measured, and how:
 * **Profiler noise.** torch's profiler (kineto) prints ``USDT: ... profiler_start`` and
   ``profiler_stop`` on stderr for every session it starts. While the bench profiles, native stderr
   is captured and replayed without those two lines; everything else (errors included) is kept.
+* **What ``param_norms=True`` costs.** Method ``fused+norms`` is FusedStep with ``param_norms=True`` (each
+  param's grad norm, computed by the Phase A call that reads the grads), timed interleaved with
+  ``fused``; the goal is the ratio of their medians on the headline layout.
 * **``--quick``** runs tiny layouts for a few rounds to check the plumbing. Its figures are reported,
   but no goal gets a met/gap verdict: at those sizes and round counts the ratios swing from run to run.
 

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import torch
 
 from compiled_step.cli.bench.compile_time import CompileResult
+from compiled_step.cli.bench.methods import PARAM_NORMS
 from compiled_step.cli.bench.rows import TINY_ROWS, MethodResult, RowResult
 
 # Goals from the performance issue. CPU: this 2-core machine; CUDA: >= 100 M params on one GPU.
 # tiny_speedup_b: t_B / t_FusedStep on the tiny rows (a CPU goal; on CUDA the figure is shown without one).
 GOALS = {
     "cpu": dict(roofline=0.90, speedup_b=1.3, cold_s=20.0, warm_s=5.0, overhead_ms=2.0, peak_frac=0.01,
-                tiny_speedup_b=2.0),
+                tiny_speedup_b=2.0, param_norms_cost=1.03),
     "cuda": dict(roofline=0.85, speedup_b=1.5, cold_s=20.0, warm_s=5.0, overhead_ms=2.0, peak_frac=0.01,
-                 tiny_speedup_b=None),
+                 tiny_speedup_b=None, param_norms_cost=1.03),
 }
 NO_VERDICT = "no verdict (--quick)"
 
@@ -60,6 +61,7 @@ def _goals(rows: list[RowResult], compile_results: list[CompileResult], device: 
     fused = head.method(fused_name) if head else None
     return [
         *_headline_goals(head, fused, g, headline_min_params),
+        _param_norms_goal(head, fused, g),
         *(_compile_goal(compile_results, g, kind, key) for kind, key in (("cold", "cold_s"), ("warm", "warm_s"))),
         _overhead_goal(next((r for r in rows if r.key == "small"), None), fused_name, g),
         *(_tiny_goal(next((r for r in rows if r.key == key), None), n, fused_name, g) for key, n in TINY_ROWS.items()),
@@ -89,6 +91,18 @@ def _headline_goals(head: RowResult | None, fused: MethodResult | None, g: dict,
         + ("" if best is None or math.isnan(best[1]) else f" (best rounds: {best[1]:.2f}x)"),
         _status(None if fused is None or math.isnan(fused.speedup_vs_b) else fused.speedup_vs_b >= g["speedup_b"]))
     return [size, roofline, speedup]
+
+
+def _param_norms_goal(head: RowResult | None, fused: MethodResult | None, g: dict) -> Goal:
+    """What ``param_norms=True`` costs on the headline: its step time over FusedStep's (medians)."""
+    with_norms = head.method(PARAM_NORMS) if head else None
+    name = f"param_norms=True costs on the headline (t_{PARAM_NORMS} / t_fused, medians)"
+    target = f"<= {g['param_norms_cost']:.2f}"
+    if fused is None or with_norms is None:
+        return Goal(name, target, "-", "not measured")
+    ratio = with_norms.median_s / fused.median_s
+    return Goal(name, target, f"{ratio:.3f} ({ms_text(with_norms.median_s)} ms vs {ms_text(fused.median_s)} ms)",
+                _status(ratio <= g["param_norms_cost"]))
 
 
 def _compile_goal(compile_results: list[CompileResult], g: dict, kind: str, key: str) -> Goal:

@@ -16,6 +16,7 @@ from compiled_step.cli import layouts as L
 from compiled_step.cli.bench.measure import local_shard
 
 ANCHORS = ("A", "B", "C", "D")
+PARAM_NORMS = "fused+norms"  # FusedStep with param_norms=True: what the option costs, beside "fused"
 # One line per method: the legend of bench.md, BENCHMARKS.md and bench.png.
 METHOD_DESCRIPTIONS = {
     "A": "clip_grad_norm_(foreach=True) + optimizer(foreach=True)",
@@ -24,6 +25,7 @@ METHOD_DESCRIPTIONS = {
          "(PyTorch's compiled-optimizer recipe)",
     "D": "NeMo Automodel's eager path: g.div_(s) on every grad, a norm per param group, clip, optimizer.step() (foreach)",
     "fused": "FusedStep.step(): norm + clip + update in one compiled step",
+    PARAM_NORMS: "FusedStep.step() with param_norms=True (each param's grad norm, from the same Phase A read)",
 }
 MAX_GRAD_NORM = 1.0
 # NeMo Automodel divides grads by num_label_tokens / dp_group_size before clipping; any s != 1 costs the same
@@ -38,6 +40,8 @@ def describe_method(name: str, *, compiled: bool = True) -> str:
     """The legend line of a method name as the tables use it (A-D, fused, fused[b=N])."""
     if name in ANCHORS:
         return METHOD_DESCRIPTIONS[name]
+    if name == PARAM_NORMS:
+        return METHOD_DESCRIPTIONS[name] + ("" if compiled else ", compile=False (eager)")
     if name.startswith("fused"):
         text = METHOD_DESCRIPTIONS["fused"] if compiled else "FusedStep.step() with compile=False (eager)"
         bucket = re.fullmatch(r"fused\[b=(\d+)\]", name)
@@ -159,7 +163,8 @@ def build_method(
     if name.startswith("fused"):
         FusedStep = load_fused_step()
         opt = make_optimizer(optimizer, groups)
-        kwargs = dict(max_grad_norm=MAX_GRAD_NORM, norm_type=2.0, compile=compile_fused)
+        kwargs = dict(max_grad_norm=MAX_GRAD_NORM, norm_type=2.0, compile=compile_fused,
+                      param_norms=name == PARAM_NORMS)
         if bucket_size is not None:
             kwargs["bucket_size"] = bucket_size
         fused = FusedStep(opt, **kwargs)

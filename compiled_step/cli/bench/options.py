@@ -9,7 +9,7 @@ import torch
 
 from compiled_step.cli import layouts as L
 from compiled_step.cli.bench.compile_time import DEFAULT_COMPILE_SIZES
-from compiled_step.cli.bench.methods import ANCHORS, BenchError, load_fused_step
+from compiled_step.cli.bench.methods import ANCHORS, PARAM_NORMS, BenchError, load_fused_step
 from compiled_step.cli.bench.rows import ROW_KINDS, TINY_NUMEL, TINY_ROWS, TINY_THREADS, RowSpec
 
 # Sizes per mode. CPU full: the >= 10 M-param goal layout. CUDA full: the >= 100 M-param goal layout.
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of rows out of {','.join(ROW_KINDS)} (default all; tiny100/tiny1000: "
                    f"{TINY_NUMEL}-element tensors on {TINY_THREADS} thread, host work only)")
     p.add_argument("--methods", default=None,
-                   help="comma list out of A,B,C,D,fused (default all; B is required: ratios are to B)")
+                   help=f"comma list out of A,B,C,D,fused,{PARAM_NORMS} (default all; B is required: ratios are "
+                   f"to B; {PARAM_NORMS} is FusedStep with param_norms=True, its cost is judged against fused)")
     p.add_argument("--bucket-size", default=None,
                    help="FusedStep bucket_size; a comma list benches one fused method per size "
                    "(default: FusedStep's own default)")
@@ -150,10 +151,10 @@ def _resolve_device(text: str) -> torch.device:
 def _resolve_methods(args: argparse.Namespace) -> list[str]:
     """--methods checked (B is required), without C under --no-compile (noted in args.notes)."""
     explicit_methods = args.methods is not None
-    methods = _csv_list(args.methods, "--methods") if explicit_methods else [*ANCHORS, "fused"]
-    bad = [m for m in methods if m not in (*ANCHORS, "fused")]
+    methods = _csv_list(args.methods, "--methods") if explicit_methods else [*ANCHORS, "fused", PARAM_NORMS]
+    bad = [m for m in methods if m not in (*ANCHORS, "fused", PARAM_NORMS)]
     if bad:
-        raise BenchError(f"--methods: unknown {bad}; choose from A,B,C,D,fused")
+        raise BenchError(f"--methods: unknown {bad}; choose from A,B,C,D,fused,{PARAM_NORMS}")
     if "B" not in methods:
         raise BenchError("--methods must include B: every ratio in the table is to anchor B")
     args.notes = []
@@ -184,10 +185,11 @@ def _expand_fused_methods(args: argparse.Namespace, methods: list[str]) -> None:
             args.bucket_of[name] = b
             expanded.append(name)
     args.method_names = expanded
-    fused_names = [m for m in expanded if m.startswith("fused")]
+    args.bucket_of[PARAM_NORMS] = buckets[0]  # beside the first fused method, whose cost it adds to
+    fused_names = [m for m in expanded if m.startswith("fused") and m != PARAM_NORMS]
     # Goals are judged on the first fused method (the first --bucket-size).
     args.fused_name = fused_names[0] if fused_names else "fused"
-    if fused_names:
+    if fused_names or PARAM_NORMS in expanded:
         load_fused_step()  # fail now with a clear message, not after minutes of anchors
 
 

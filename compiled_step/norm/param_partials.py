@@ -1,0 +1,130 @@
+"""Phase A with per-param partial norms (``param_norms=True``), compiled. Nothing is written to the grads.
+
+The same read of the grads as ``partials.py``, reduced in two stages: each ``ROW``-element row of the
+flat grad buffer to a row partial, then the rows of each param (every param starts a row) to the
+param's partial, with the row -> param index the layout builds (``health.ParamNormRows``). The group's
+partial is reduced from the row partials directly, in one deterministic reduction, so the total norm,
+the clip coefficient and the update never depend on the order of the per-param scatter (an atomic
+add on a GPU).
+
+A partial row is ``[value, 0]`` (sum, max) or ``[max, scaled sum]`` (scaled kind), as in ``kinds.py``;
+the group's and every param's are scaled by the group's grad scale ``s``: they are the partials of
+``s * g``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiled_step.norm.kinds import combine, combine_scaled
+
+
+def _scaled_rows(kind: str, p, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``[k, 2]`` partials of ``g`` -> those of ``scale * g``."""
+    magnitude = scale.abs()
+    if kind == "sum":
+        return rows * (magnitude if p == 1.0 else magnitude * magnitude)
+    if kind == "max":
+        return rows * magnitude
+    return torch.stack([rows[:, 0] * magnitude, rows[:, 1]], dim=1)
+
+
+def _segments(
+    kind: str,
+    order,  # the norm order p (a tensor for the scaled kind)
+    maxes: torch.Tensor | None,  # [k] float64 per-part maxima (scaled kind), or None
+    values: torch.Tensor,  # [k] float64 per-part sums (sum), maxima (max) or scaled sums (scaled)
+    segment: torch.Tensor,  # [k] int64: the param each part belongs to
+    n: int,  # params
+) -> torch.Tensor:  # [n, 2] float64: each param's partial
+    zeros = torch.zeros(n, dtype=torch.float64, device=values.device)
+    if kind == "sum":
+        return torch.stack([zeros.index_add(0, segment, values), zeros], dim=1)
+    if kind == "max":
+        return torch.stack([zeros.scatter_reduce(0, segment, values, "amax"), zeros], dim=1)
+    top = zeros.scatter_reduce(0, segment, maxes, "amax")
+    top_of_part = top[segment]
+    safe_top = torch.where(top_of_part > 0, top_of_part, torch.ones_like(top_of_part))
+    weights = torch.where(maxes > 0, (maxes / safe_top).pow(order), torch.zeros_like(maxes))
+    return torch.stack([top, zeros.index_add(0, segment, weights * values)], dim=1)
+
+
+def partials_of_buffer_by_param(
+    grads: torch.Tensor,  # [rows, ROW] a group's grads, each param from a row start, zeros elsewhere
+    row_param: torch.Tensor,  # [rows] int32: the group's param (0 <= i < n) each row belongs to
+    scale: torch.Tensor,  # [] float64: the group's grad scale
+    order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
+    out: torch.Tensor,  # [2] float64: written with the group's scaled partial
+    out_params: torch.Tensor,  # [n, 2] float64: written with each param's scaled partial
+    kind: str,  # graph constant: "sum", "max" or "scaled"
+    p: float,  # graph constant: 1.0 or 2.0 for "sum", inf for "max" (the scaled kind reads ``order``)
+) -> None:
+    segment = row_param.long()
+    n = out_params.shape[0]
+    if kind == "scaled":
+        a = grads.double().abs()
+        row_max = a.amax(1)
+        safe = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+        row_sum = (a / safe[:, None]).pow(order).sum(1)
+        group = combine_scaled(row_max, row_sum, order)[None]
+        per_param = _segments(kind, order, row_max, row_sum, segment, n)
+    else:
+        if kind == "sum":
+            x = grads.double()
+            rows = (x.square() if p == 2.0 else x.abs()).sum(1)
+            total = rows.sum()
+        else:
+            rows = grads.abs().amax(1).double()  # NaN propagates
+            total = rows.amax()
+        group = torch.stack([total, torch.zeros_like(total)])[None]
+        per_param = _segments(kind, p, None, rows, segment, n)
+    out.copy_(_scaled_rows(kind, p, group, scale)[0])
+    out_params.copy_(_scaled_rows(kind, p, per_param, scale))
+
+
+def _tensor_terms(kind: str, p, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, scaled sum) of one tensor for the scaled kind; (value, 0) for sum and max; float64."""
+    if kind == "sum":
+        x = g.double()
+        value = (x.square() if p == 2.0 else x.abs()).sum()
+        return value, torch.zeros_like(value)
+    if kind == "max":
+        value = g.abs().amax().double()
+        return value, torch.zeros_like(value)
+    a = g.double().abs()
+    m = a.amax()
+    safe_m = torch.where(m > 0, m, torch.ones_like(m))
+    return m, (a / safe_m).pow(p).sum()
+
+
+def add_partials_of_list_by_param(
+    grads: list[torch.Tensor],  # B x [n_i] grads read where they are (external grads), any float dtype
+    scale: torch.Tensor,  # [] float64: the group's grad scale
+    order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
+    out: torch.Tensor,  # [2] float64: the group's partial so far; combined with this bucket's in place
+    out_params: torch.Tensor,  # [B, 2] float64: written with each grad's scaled partial
+    kind: str,  # graph constant
+    p: float,  # graph constant
+) -> None:
+    norm_order = order if kind == "scaled" else p
+    terms = [_tensor_terms(kind, norm_order, g) for g in grads]
+    per_param = torch.stack([torch.stack(pair) for pair in terms])  # [B, 2]
+    if kind == "scaled":
+        bucket = combine_scaled(per_param[:, 0], per_param[:, 1], order)
+    else:
+        bucket = combine(kind, per_param, p)
+    bucket = _scaled_rows(kind, p, bucket[None], scale)[0]
+    out.copy_(combine(kind, torch.stack([out, bucket]), norm_order))
+    out_params.copy_(_scaled_rows(kind, p, per_param, scale))
+
+
+def norms_of_rows(
+    kind: str,
+    rows: torch.Tensor,  # [k, 2] float64: fully reduced partials
+    p,  # the norm order (a tensor for the scaled kind)
+) -> torch.Tensor:  # [k] float64: the norm of each
+    if kind == "sum":
+        return rows[:, 0].sqrt() if p == 2.0 else rows[:, 0]
+    if kind == "max":
+        return rows[:, 0]
+    return rows[:, 0] * rows[:, 1].pow(1.0 / p)
