@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from compiled_step import collectives
+from compiled_step import checks, collectives
 from compiled_step.program import COLLECTIVE, COMPILED, Call, Program
 
 log = logging.getLogger("compiled_step")
@@ -272,8 +272,6 @@ def _agree_on_capture(error: str | None, device: torch.device) -> list[tuple[int
 
 
 def _warn_capture_failed(failures: list[tuple[int, str]]) -> None:
-    from compiled_step.fused_step import _user_stacklevel  # here: fused_step imports this module
-
     where = collectives.world()
     if where is None or where[1] == 1:
         what, scope = failures[0][1], ""
@@ -281,4 +279,4 @@ def _warn_capture_failed(failures: list[tuple[int, str]]) -> None:
         what = "; ".join(f"rank {rank}: {error}" for rank, error in failures)
         scope = " on every rank (NCCL requires capture to be uniform across the ranks)"
     warnings.warn(f"compiled_step: capturing the step as CUDA graphs failed ({what}); this plan runs without "
-                  f"CUDA graphs{scope}. Pass cuda_graphs=False to silence.", stacklevel=_user_stacklevel())
+                  f"CUDA graphs{scope}. Pass cuda_graphs=False to silence.", stacklevel=checks.user_stacklevel())

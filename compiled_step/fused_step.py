@@ -17,16 +17,13 @@ through ``collectives.py``.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from compiled_step import agreement, binding, buckets, collectives, compiling, cuda_graphs, experts, planning, program, storage
+from compiled_step import agreement, binding, buckets, checks, collectives, compiling, cuda_graphs, experts, planning, \
+    program, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
 from compiled_step.health_api import TrainingHealthAPI
 from compiled_step.lifecycle import ddp, offload
@@ -283,7 +280,10 @@ class FusedStep(TrainingHealthAPI):
         param_lists = [group["params"] for group in opts.groups()]
         rules = opts.group_rules()
         matrix_groups = frozenset(i for i, rule in enumerate(rules) if rule.KIND == MATRIX)
-        ddp_params = ddp.bucket_view_params(dist.model_parts)
+        # DDP's bucket views are read in place by bucket updates; a matrix rule needs whole matrices in its
+        # stacks, so Muon's params keep FusedStep's grads (and DDP's re-pointing costs a copy per step).
+        in_matrix_groups = {id(p) for i in matrix_groups for p in param_lists[i]}
+        ddp_params = frozenset(ddp.bucket_view_params(dist.model_parts) - in_matrix_groups)
         external = ddp.external_grads(param_lists, ddp_params)
         plan = planning.build_plan(
             param_lists, names=experts.param_names(dist.model_parts),
@@ -292,9 +292,10 @@ class FusedStep(TrainingHealthAPI):
             pack_threshold=config.pack_threshold, flat_params=config.flat_params, fp8_ids=self._fp8.ids,
             own_storages=self._own_storages(), external_grads=frozenset(external), matrix_groups=matrix_groups,
             group_labels=opts.labels())
-        _refuse_partial_params(plan)
+        checks.refuse_partial_params(plan)
         owners = opts.owners()
-        _refuse_state_of_another_dtype(plan, [opts.items[owners[g.key.param_group]].state for g in plan.groups])
+        checks.refuse_state_of_another_dtype(plan, [opts.items[owners[g.key.param_group]].state
+                                                    for g in plan.groups])
         plan = self._agree(plan)
         if self._built is not None:
             self._built.binder.release()  # the old plan's grad hooks
@@ -380,8 +381,8 @@ class FusedStep(TrainingHealthAPI):
             active_changed = built.binder.bind_grads()
         if built.binder.copied and not self._warned_copy:
             self._warned_copy = True
-            warnings.warn(_copy_warning(built.binder.copied, named=bool(self.distributed.model_parts)),
-                          stacklevel=_user_stacklevel())
+            warnings.warn(checks.copy_warning(built.binder.copied, named=bool(self.distributed.model_parts)),
+                          stacklevel=checks.user_stacklevel())
         if active_changed or not built.binder.state_unchanged(opts.items):
             built.binder.bind_state(opts.items)
         base, expert = scales
@@ -394,7 +395,7 @@ class FusedStep(TrainingHealthAPI):
 
     def _scales(self, grad_scale, num_label_tokens, dp_group_size) -> tuple:
         """The grad scale of plain and of expert params: floats, or 0-d float64 tensors."""
-        base = _check_grad_scale(grad_scale)
+        base = checks.check_grad_scale(grad_scale)
         if isinstance(num_label_tokens, torch.Tensor) and num_label_tokens.device.type == "cpu" \
                 and num_label_tokens.numel() == 1:
             num_label_tokens = num_label_tokens.item()  # free on the host; as a tensor, a blocking copy per step
@@ -453,76 +454,3 @@ class FusedStep(TrainingHealthAPI):
             lines.append(f"  program: {len(self._built.program.calls)} calls"
                          f"{', captured as CUDA graphs' if self._built.runner.captured else ''}")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first frame outside compiled_step and torch
-    (``step()`` runs under torch's ``no_grad`` decorator, whose frames would otherwise be blamed)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not (path.startswith(_PACKAGE_DIR) or path.startswith(_TORCH_DIR)):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
-
-
-def _copy_warning(copied: list[tuple[str, str]], named: bool) -> str:
-    """The once-per-FusedStep warning about grads copied into the grad buffers: which, and why."""
-    name, why = copied[0]
-    others = f" and {len(copied) - 1} other param(s)" if len(copied) > 1 else ""
-    hint = "" if named else " (pass model_parts=[model] to FusedStep to see param names)"
-    return (f"FusedStep copied the grad of {name}{others}{hint} into its grad buffers, an extra read and write "
-            f"of each: the grad was {why}. FusedStep's buffers are the grads: zero them with fused.zero_grad() "
-            "(grads set to None by zero_grad() are re-pointed at the buffers in backward, at no cost), and "
-            "don't assign p.grad. fused.last_step_copied_grads lists the copies of the last step. (Shown once.)")
-
-
-def _refuse_state_of_another_dtype(plan: planning.Plan, states: list[dict]) -> None:
-    """Raise where a param's optimizer state has another floating dtype than the param.
-
-    That happens when ``model.to(dtype)`` runs after the state was created; ``torch.optim`` raises
-    at its next step too (``load_state_dict`` casts state to the param's dtype, so a loaded
-    checkpoint never gets here). Casting the state silently would change the run's numerics.
-    """
-    for group, state in zip(plan.groups, states):  # states[g]: the optimizer.state of group g's optimizer
-        for p, name in zip(group.params, group.names):
-            for key, value in state.get(p, {}).items():
-                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
-                        and value.dtype != p.dtype:
-                    raise ValueError(
-                        f"{name} is {p.dtype} but its optimizer state {key!r} is {value.dtype}: the param's dtype "
-                        "changed after its state was created (model.to(dtype)?). torch.optim raises at its next "
-                        "step too. Cast before creating the optimizer, or load the state again with "
-                        "optimizer.load_state_dict(), which casts it to the params' dtype. Nothing was changed.")
-
-
-def _refuse_partial_params(plan: planning.Plan) -> None:
-    for group in plan.groups:
-        for p, name in zip(group.params, group.names):
-            if planning.is_dtensor(p) and any(pl.is_partial() for pl in p.placements):
-                raise ValueError(f"{name} is a DTensor with a Partial placement: its value is a sum over ranks, "
-                                 "which an optimizer update cannot be applied to. Redistribute it first.")
-
-
-def _check_grad_scale(grad_scale) -> float | torch.Tensor:
-    if grad_scale is None:
-        return 1.0
-    if isinstance(grad_scale, torch.Tensor):
-        if grad_scale.numel() != 1:
-            raise ValueError(f"grad_scale must be a scalar, got shape {tuple(grad_scale.shape)}")
-        if grad_scale.device.type != "cpu":
-            return grad_scale.detach().reshape(()).to(torch.float64)  # used on its device, never read
-        grad_scale = grad_scale.item()  # free on the host; as a tensor, a blocking copy to the device per step
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
-        raise TypeError(f"grad_scale must be a number or a 0-d tensor, got {type(grad_scale).__name__}")
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
-    return float(grad_scale)

@@ -23,10 +23,8 @@ A group's tensors live in flat buffers of ``ROW``-element rows (``storage.py`` a
     (DistributedDataParallel's bucket views, ``gradient_as_bucket_view=True``). External params
     come last, in buckets of their own, and take no rows of the grad buffer;
 
-* a group whose rule updates whole matrices (Muon, ``rules.MATRIX``) keeps every param in the flat
-  regions, ordered by shape so that same-shape matrices follow each other in whole rows: each run
-  of them is a *stack*, a strided ``[n, rows, cols]`` view of the buffers that one compiled call
-  updates. Each stack's slots start at a multiple of ``SLOT_ALIGN``;
+* a group whose rule updates whole matrices (Muon, ``rules.MATRIX``) is laid out by ``matrices.py``:
+  every param in the flat regions, same-shape matrices in *stacks* that one compiled call updates;
 * each param has a *slot*: an index into the per-tensor vectors (step counts, "has a grad", the
   per-tensor scalar table). The flat region's rows carry the slot of the param they belong to;
   each bucket owns ``bucket_size`` consecutive slots (the last one padded with scratch slots).
@@ -164,42 +162,6 @@ class Entry:
     external: bool = False  # the grad lives outside the grad buffer (see the module docstring)
 
 
-@dataclass(frozen=True)
-class Stack:
-    """Same-shape matrices of a matrix group, one after the other in whole rows of the flat buffers."""
-
-    shape: tuple[int, int]
-    strides: tuple[int, int]  # each matrix's strides (the params' own layout)
-    first_row: int
-    rows_per_matrix: int
-    members: tuple[int, ...]  # indices into ShardingGroup.params, in buffer order
-    first_slot: int  # the members' slots are first_slot, first_slot + 1, ...
-    # Row-sharded matrices (FSDP2's Shard(0)): each rank holds ``shape`` = (its rows, cols) of matrices
-    # of ``global_rows`` rows, in chunks of ``chunk`` rows over ``world`` ranks (torch.chunk's split).
-    global_rows: int | None = None
-    chunk: int = 0
-    world: int = 1
-
-    @property
-    def per_owner(self) -> int:
-        """Matrices each rank orthogonalizes for this stack (matrix k's owner is rank k % world)."""
-        return -(-len(self.members) // self.world)
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """The all-to-all of a row-sharded matrix group: whole matrices to their owners and back.
-
-    Shaped like a ``Reduction`` where the program's collectives are inspected (``process_group``,
-    ``device_type``, ``label``).
-    """
-
-    process_group: object
-    device_type: str
-    label: str
-    world: int
-
-
 @dataclass
 class ShardingGroup:
     key: GroupKey
@@ -210,8 +172,8 @@ class ShardingGroup:
     bucketed: list[int | None] = field(default_factory=list)  # indices of the bucketed params, buffer order
     # (None: padding that makes the external params start a bucket)
     external: list[int] = field(default_factory=list)  # those of them with external grads (the last buckets)
-    stacks: list[Stack] = field(default_factory=list)  # a matrix group's same-shape runs (else empty)
-    exchange: Exchange | None = None  # a row-sharded matrix group's all-to-all
+    stacks: list = field(default_factory=list)  # a matrix group's matrices.Stack runs (else empty)
+    exchange: object = None  # a row-sharded matrix group's matrices.Exchange (its all-to-all)
     flat_rows: int = 0  # rows of the param buffer (the flat regions come first in every buffer)
     rows: int = 0  # rows of the state buffers
     grad_rows: int = 0  # rows of the grad buffer: every param's but the external ones, which come last
@@ -404,7 +366,9 @@ def build_plan(
     slot = 0
     for group in ordered:
         if group.key.param_group in matrix_groups:
-            slot = _lay_out_matrices(group, slot, flat_params, own_storages)
+            from compiled_step import matrices  # it builds on this module's helpers
+
+            slot = matrices.lay_out(group, slot, flat_params, own_storages)
         else:
             slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, own_storages, external_grads)
     device = ordered[0].key.device if ordered else torch.device("cpu")
@@ -460,70 +424,6 @@ def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_thres
     group.slots = align(group.flat_slots) + group.bucket_count * group.bucket_stride
     group.entries = [entries[i] for i in range(len(group.params))]
     return first_slot + group.slots
-
-
-def _lay_out_matrices(group: ShardingGroup, first_slot: int, flat_params: bool, own_storages: frozenset[int]) -> int:
-    """A matrix group: every param in the flat regions, same shapes together (stacks); returns the next slot."""
-    sharding = _matrix_sharding(group)
-    order = sorted(range(len(group.params)), key=lambda i: (tuple(group.params[i].shape),
-                                                             dense_strides(local_tensor(group.params[i])), i))
-    entries: dict[int, Entry] = {}
-    row, slot = 0, first_slot
-    runs: dict[tuple, list[int]] = {}
-    for i in order:
-        local = local_tensor(group.params[i])
-        runs.setdefault((tuple(group.params[i].shape), tuple(local.shape), dense_strides(local)), []).append(i)
-    for (global_shape, shape, strides), members in runs.items():
-        slot = align(slot)
-        # At least one padding element after each matrix, so no stack is contiguous: Dynamo would
-        # otherwise compile one graph for stacks whose matrices fill whole rows and one for the rest.
-        per = rows_for(shape[0] * shape[1] + 1)
-        shard = {} if sharding is None else dict(global_rows=global_shape[0], chunk=-(-global_shape[0] // sharding.world),
-                                                 world=sharding.world)
-        group.stacks.append(Stack(shape, strides, row, per, tuple(members), slot, **shard))
-        for i in members:
-            p = group.params[i]
-            region = ALIASED if flat_params and type(p) in (torch.Tensor, torch.nn.Parameter) and \
-                _owns_storage(p, own_storages) else STAGED
-            entries[i] = Entry(i, region, row, shape[0] * shape[1], slot)
-            row += per
-            slot += 1
-    group.exchange = sharding
-    group.flat = [i for s in group.stacks for i in s.members]
-    group.flat_rows = group.rows = group.grad_rows = row
-    group.first_slot, group.flat_slots = first_slot, slot - first_slot
-    group.bucket_stride = align(1)
-    group.slots = align(group.flat_slots)
-    group.entries = [entries[i] for i in range(len(group.params))]
-    return first_slot + group.slots
-
-
-def _matrix_sharding(group: ShardingGroup) -> Exchange | None:
-    """The all-to-all of a matrix group whose params are row-sharded (one Shard(0), the rest
-    Replicate); None for whole matrices. Raises ``ValueError`` for what Muon cannot update."""
-    exchange = None
-    for p, name in zip(group.params, group.names):
-        if p.ndim != 2:
-            raise ValueError(f"{name}: a matrix rule (Muon) updates 2-D params only, got shape {tuple(p.shape)}")
-        if group.key.fp8:
-            raise ValueError(f"{name}: FP8 weights are not supported with Muon")
-        if not is_dtensor(p) or not any(pl.is_shard() for pl in p.placements):
-            continue
-        shards = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
-        if len(shards) != 1 or p.placements[shards[0]].dim != 0 or any(pl.is_partial() for pl in p.placements):
-            raise ValueError(f"{name}: Muon needs whole matrices; it gathers row-sharded ones (one Shard(0) mesh "
-                             f"dim, as FSDP2 shards), but this param has placements {p.placements}")
-        mesh, dim = p.device_mesh, shards[0]
-        world, rank = mesh.size(dim), mesh.get_local_rank(dim)
-        chunk = -(-p.shape[0] // world)
-        rows = max(0, min(chunk, p.shape[0] - rank * chunk))
-        if tuple(local_tensor(p).shape) != (rows, p.shape[1]):
-            raise ValueError(f"{name}: Muon expects torch.chunk's row split ({rows} of {p.shape[0]} rows on this "
-                             f"rank), got a local shard of shape {tuple(local_tensor(p).shape)}")
-        names = mesh.mesh_dim_names
-        exchange = Exchange(mesh.get_group(mesh_dim=dim), mesh.device_type,
-                            names[dim] if names else f"mesh dim {dim}", world)
-    return exchange
 
 
 def _reductions(groups: list[ShardingGroup], ep, ep_axis_name, pp):

@@ -28,7 +28,8 @@ import torch
 
 from compiled_step.norm import NormKind
 from compiled_step.rules.common import STEPS
-from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, Stack, dense_strides, \
+from compiled_step.matrices import Stack
+from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, dense_strides, \
     is_dtensor, local_tensor
 
 

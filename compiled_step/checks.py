@@ -1,0 +1,83 @@
+"""What FusedStep refuses or warns about, checked before anything changes, and where its warnings point."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import sys
+
+import torch
+
+from compiled_step import planning
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside compiled_step and torch
+    (``step()`` runs under torch's ``no_grad`` decorator, whose frames would otherwise be blamed)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(_PACKAGE_DIR) or path.startswith(_TORCH_DIR)):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
+def copy_warning(copied: list[tuple[str, str]], named: bool) -> str:
+    """The once-per-FusedStep warning about grads copied into the grad buffers: which, and why."""
+    name, why = copied[0]
+    others = f" and {len(copied) - 1} other param(s)" if len(copied) > 1 else ""
+    hint = "" if named else " (pass model_parts=[model] to FusedStep to see param names)"
+    return (f"FusedStep copied the grad of {name}{others}{hint} into its grad buffers, an extra read and write "
+            f"of each: the grad was {why}. FusedStep's buffers are the grads: zero them with fused.zero_grad() "
+            "(grads set to None by zero_grad() are re-pointed at the buffers in backward, at no cost), and "
+            "don't assign p.grad. fused.last_step_copied_grads lists the copies of the last step. (Shown once.)")
+
+
+def refuse_state_of_another_dtype(plan: planning.Plan, states: list[dict]) -> None:
+    """Raise where a param's optimizer state has another floating dtype than the param.
+
+    That happens when ``model.to(dtype)`` runs after the state was created; ``torch.optim`` raises
+    at its next step too (``load_state_dict`` casts state to the param's dtype, so a loaded
+    checkpoint never gets here). Casting the state silently would change the run's numerics.
+    """
+    for group, state in zip(plan.groups, states):  # states[g]: the optimizer.state of group g's optimizer
+        for p, name in zip(group.params, group.names):
+            for key, value in state.get(p, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
+                        and value.dtype != p.dtype:
+                    raise ValueError(
+                        f"{name} is {p.dtype} but its optimizer state {key!r} is {value.dtype}: the param's dtype "
+                        "changed after its state was created (model.to(dtype)?). torch.optim raises at its next "
+                        "step too. Cast before creating the optimizer, or load the state again with "
+                        "optimizer.load_state_dict(), which casts it to the params' dtype. Nothing was changed.")
+
+
+def refuse_partial_params(plan: planning.Plan) -> None:
+    """Raise where a DTensor param has a Partial placement (its value is a sum over ranks)."""
+    for group in plan.groups:
+        for p, name in zip(group.params, group.names):
+            if planning.is_dtensor(p) and any(pl.is_partial() for pl in p.placements):
+                raise ValueError(f"{name} is a DTensor with a Partial placement: its value is a sum over ranks, "
+                                 "which an optimizer update cannot be applied to. Redistribute it first.")
+
+
+def check_grad_scale(grad_scale) -> float | torch.Tensor:
+    """``step()``'s ``grad_scale`` validated: a float, or a 0-d float64 tensor on an accelerator."""
+    if grad_scale is None:
+        return 1.0
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.numel() != 1:
+            raise ValueError(f"grad_scale must be a scalar, got shape {tuple(grad_scale.shape)}")
+        if grad_scale.device.type != "cpu":
+            return grad_scale.detach().reshape(()).to(torch.float64)  # used on its device, never read
+        grad_scale = grad_scale.item()  # free on the host; as a tensor, a blocking copy to the device per step
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"grad_scale must be a number or a 0-d tensor, got {type(grad_scale).__name__}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+    return float(grad_scale)
