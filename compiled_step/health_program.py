@@ -21,8 +21,8 @@ from compiled_step.health import HealthState, ParamNormRows
 from compiled_step.norm import finish as finish_module
 from compiled_step.norm import param_partials
 from compiled_step.norm.kinds import NormKind
-from compiled_step.program import COLLECTIVE, COMPILED, EAGER, Call, _collectives, _function_name, \
-    external_grad_buckets, rule_kwargs
+from compiled_step.program import COLLECTIVE, COMPILED, EAGER, OP_NAMES, Call, _collectives, _function_name, \
+    external_grad_buckets, members_index, rule_kwargs
 from compiled_step.program import norm_calls as default_norm_calls
 
 
@@ -88,11 +88,9 @@ def _collectives_with_params(plan, buffers: storage.StepBuffers, kind: NormKind,
     """The collectives of ``program._collectives``, each also carrying the member groups' per-param rows
     where the reduction is over their shards; PP as there (per-param partials are whole on a stage)."""
     calls = []
-    n_groups = len(plan.groups)
-    op = {"sum": "SUM", "max": "MAX", "scaled": "MAX then SUM"}[kind.kind]
+    op = OP_NAMES[kind.kind]
     for reduction in plan.reductions:
-        members = reduction.members
-        index = None if members == list(range(n_groups)) else torch.tensor(members, device=plan.device)
+        members, index = reduction.members, members_index(plan, reduction)
         param_rows = [r for m in members for r in rows.region(plan, m)] if reduction.over_shards else []
         param_index = torch.tensor(param_rows, dtype=torch.int64, device=plan.device) if param_rows else None
         shape = f"f64[{len(members)} + {len(param_rows)}, {storage.PARTIAL_WIDTH}]"

@@ -309,13 +309,20 @@ def copy_staged_out(gb: storage.GroupBuffers) -> None:
     torch._foreach_copy_([gb.locals[i] for i in gb.staged], [gb.param_views[i] for i in gb.staged])
 
 
+OP_NAMES = {"sum": "SUM", "max": "MAX", "scaled": "MAX then SUM"}  # the collectives of a norm kind, for labels
+
+
+def members_index(plan, reduction) -> torch.Tensor | None:
+    """The rows of the partials a reduction reduces: None for all of them (no index_select needed)."""
+    members = reduction.members
+    return None if members == list(range(len(plan.groups))) else torch.tensor(members, device=plan.device)
+
+
 def _collectives(plan, buffers: storage.StepBuffers, kind: NormKind) -> list[Call]:
     calls = []
-    n_groups = len(plan.groups)
-    op = {"sum": "SUM", "max": "MAX", "scaled": "MAX then SUM"}[kind.kind]
+    op = OP_NAMES[kind.kind]
     for reduction in plan.reductions:
-        members = reduction.members
-        index = None if members == list(range(n_groups)) else torch.tensor(members, device=plan.device)
+        members, index = reduction.members, members_index(plan, reduction)
         shape = f"f64[{len(members)}, {storage.PARTIAL_WIDTH}]"
         calls.append(Call(
             f"all_reduce({op}) over {reduction.label!r}: {shape} (partial norms of groups {members})", COLLECTIVE,

@@ -21,18 +21,9 @@ import pytest
 import torch
 
 from compiled_step import FusedStep
+from test_replay import _eager_step, _loss, _model  # the same model, batches and eager reference
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-
-
-def _loss(model, step):
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(100 + step))
-    return (model(x) ** 2).mean() * 50  # clipping at 1.0 is active
 
 
 def _pair(**options):
@@ -40,11 +31,6 @@ def _pair(**options):
     fused = FusedStep(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), max_grad_norm=1.0,
                       model_parts=[model], compile_notice=False, **options)
     return model, fused, ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
-
-
-def _eager_step(ref, ref_opt):
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-    ref_opt.step()
 
 
 def _assert_close(model, ref):

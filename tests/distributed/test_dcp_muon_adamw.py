@@ -12,19 +12,7 @@ from __future__ import annotations
 import torch
 
 from .harness import run_distributed
-
-
-def _model(mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
-                                torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+from .test_dcp import _model  # the same FSDP2 model as the one-optimizer DCP test
 
 
 def _optimizers(model):
