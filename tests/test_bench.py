@@ -21,17 +21,16 @@ import sys
 from pathlib import Path
 
 import compiled_step
+from test_bench_muon import muon_row_tolerance
 from compiled_step.cli import bench
 from compiled_step.cli import layouts as L
 from compiled_step.cli.bench import compile_time as bench_compile_time
 from compiled_step.cli.bench import goals as bench_goals
 from compiled_step.cli.bench import measure as bench_measure
 from compiled_step.cli.bench import methods as bench_methods
-from compiled_step.cli.bench import muon as bench_muon
 from compiled_step.cli.bench import options as bench_options
 from compiled_step.cli.bench import report as bench_report
 from compiled_step.cli.bench import rows as bench_rows
-from compiled_step.rules import muon as muon_rule
 
 REPO_ROOT = Path(compiled_step.__file__).resolve().parent.parent
 
@@ -226,30 +225,9 @@ def test_quick_run_numbers_are_consistent(quick_run):
             # Same init, grads and step count: every method stays on B's trajectory.
             tol = 5e-2 if r["dtype"] == "bfloat16" else 1e-4
             if row_key == bench_methods.MUON_ADAMW:
-                tol = _muon_row_tolerance(int(r["n_params"]))
+                tol = muon_row_tolerance(int(r["n_params"]))
             assert float(r["max_abs_diff_vs_b"]) <= tol, (row_key, m)
         assert float(recs["B"]["speedup_vs_b"]) == 1.0
-
-
-def _quick_layout() -> L.Layout:
-    sizes = bench_options._SIZES["quick"]
-    return L.gpt_layout(sizes["d_model"], sizes["n_layers"], sizes["vocab"], sizes["seq_len"])
-
-
-def _muon_row_tolerance(n_params: int) -> float:
-    """The Muon + AdamW row's distance to B after the quick run's steps (warmup, rounds, the memory
-    step and the op-count step), as tests/test_muon.py bounds it: each step's Newton-Schulz output
-    may differ by about one bfloat16 ulp of its entries (|O| < 2: 2**-7) where the clip coefficients
-    (or D's pre-scaled grads) differ in their last fp32 bits, so a Muon param moves by at most
-    lr * ratio * 2**-7 more per step. The quick run's FusedStep runs eagerly (compile=False), where
-    the bfloat16 Gram polynomial is one baddbmm rounded once instead of torch's three roundings: the
-    same per-step bound holds it (measured: 2e-4 against 2.2e-3). AdamW's params stay far inside it."""
-    layout = _quick_layout()
-    assert layout.n_params == n_params  # the row ran on this layout
-    sizes = bench_options._SIZES["quick"]
-    steps = sizes["warmup"] + sizes["rounds"] + 2
-    ratio = max(muon_rule.lr_ratio(s.shape, None) for s in layout.specs if s.hidden_matrix)
-    return steps * bench_methods.MUON_HP["lr"] * ratio * 2 ** -7
 
 
 def test_quick_run_reports_figures_without_verdicts(quick_run):
@@ -485,73 +463,3 @@ def test_param_norms_cost_goal_is_the_ratio_of_medians():
     assert name in bench_options.build_parser().format_help()
     assert bench_methods.describe_method(name).endswith("from the same Phase A read)")
 
-
-# ------------------------------------------------------------------------------------ Muon + AdamW row
-
-
-def test_muon_adamw_groups_split_the_headline_layout():
-    layout = L.gpt_layout()
-    params = L.make_params(layout)
-    muon_groups, adamw_groups = L.muon_adamw_groups(layout, params)
-    hidden = {id(p) for g in muon_groups for p in g["params"]}
-    # Muon: the 4 projection weights of each of the 4 blocks, every one 2-D; embeddings go to AdamW.
-    assert len(hidden) == 16 and all(p.ndim == 2 for g in muon_groups for p in g["params"])
-    by_name = {s.name: p for s, p in zip(layout.specs, params)}
-    assert id(by_name["wte"]) not in hidden and id(by_name["wpe"]) not in hidden
-    assert id(by_name["h3.mlp.c_proj.weight"]) in hidden
-    rest = [p for g in adamw_groups for p in g["params"]]
-    assert len(rest) + len(hidden) == layout.n_tensors and not hidden & {id(p) for p in rest}
-    assert [g["weight_decay"] for g in adamw_groups] == [0.1, 0.0]
-    opts = bench_methods.make_optimizers(bench_methods.MUON_ADAMW, layout, params)
-    assert [type(o) for o in opts] == [torch.optim.Muon, torch.optim.AdamW]
-
-
-def test_muon_adamw_floor_and_newton_schulz_work():
-    layout = L.gpt_layout()
-    d, muon = 512, 4 * 12 * 512 * 512  # per block: 3d*d + d*d + 4d*d + d*4d hidden-matrix elements
-    # Muon keeps one state tensor (24 B/param in fp32), AdamW two (32 B/param).
-    expected = (24 * muon + 32 * (layout.n_params - muon)) / layout.n_params
-    assert bench_methods.floor_bytes_per_param("muon_adamw", torch.float32, layout) == pytest.approx(expected)
-    # Per Newton-Schulz step on X of s x l: X X^T, G G and G' X: 4 s^2 l + 2 s^3 flops; 5 steps.
-    per_block = sum(5 * (4 * d * d * l + 2 * d ** 3) for l in (3 * d, d, 4 * d, 4 * d))
-    assert bench_muon.newton_schulz_gflop(layout) == pytest.approx(4 * per_block / 1e9)
-
-
-def test_muon_goal_is_the_ratio_to_b():
-    def goal(times, device="cpu"):
-        goals = bench_goals.evaluate_goals([_row("muon_adamw", times)], [], torch.device(device), "fused",
-                                           10_000_000)
-        return next(g for g in goals if g.name.startswith("Muon + AdamW"))
-
-    assert (goal({"B": 1.3, "fused": 1.0}).status, goal({"B": 1.2, "fused": 1.0}).status) == ("met", "gap")
-    assert goal({"B": 1.2, "fused": 1.0}).measured.startswith("1.20x (FusedStep 1000.0 ms, B 1200.0 ms")
-    assert goal({"B": 1.9, "fused": 1.0}, "cuda").status == "gap"  # >= 2x on a GPU
-    assert goal({"B": 1.0}).status == "not measured"
-
-
-@pytest.mark.skipif(not _fused_available(), reason="needs compiled_step.FusedStep")
-def test_muon_adamw_row_runs_both_methods_compiled(tmp_path):
-    """The row at --quick sizes, compiled: FusedStep([muon, adamw]) and anchor B, with their op counts,
-    FusedStep's compiled calls (its program's), Newton-Schulz timed beside them, and the goal's figure."""
-    argv = ["--quick", "--rows", "muon_adamw", "--methods", "B,fused", "--no-memory", "--skip-compile-time",
-            "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
-    data = json.loads((tmp_path / "results.json").read_text())
-    (row,) = data["rows"]
-    assert row["key"] == "muon_adamw" and row["optimizer"] == "muon_adamw"
-    methods = {m["method"]: m for m in row["methods"]}
-    assert set(methods) == {"B", "fused"}
-    for m in methods.values():
-        assert all(t > 0 for t in m["times_s"]) and m["aten_ops"] > 0 and m["graphs_during_timing"] == 0
-    assert methods["B"]["compiled_calls"] is None and methods["B"]["graphs_compiled"] == 0
-    # Phase A per sharding group (Muon's, AdamW's decayed and undecayed), the finish, one matrix update
-    # per shape of hidden matrix (192x64, 64x64, 256x64, 64x256) and one flat update per AdamW group.
-    assert methods["fused"]["compiled_calls"] == 3 + 1 + 4 + 2
-    assert methods["fused"]["graphs_compiled"] > 0
-    assert methods["fused"]["max_abs_diff_vs_b"] <= _muon_row_tolerance(row["n_params"])
-    (ns_times,) = row["probe_times_s"].values()
-    assert len(ns_times) == len(methods["B"]["times_s"]) and all(t > 0 for t in ns_times)
-    assert any(n.startswith("Newton-Schulz alone") and "t_B / t_NS" in n for n in row["notes"])
-    goal = next(g for g in data["goals"] if g["name"].startswith("Muon + AdamW"))
-    assert goal["status"] == bench_goals.NO_VERDICT
-    assert goal["measured"].startswith(f"{methods['fused']['speedup_vs_b']:.2f}x")

@@ -164,6 +164,26 @@ def test_muon_adamw_reference_shows_the_stacks_one_norm_and_the_multi_rule_finis
 
 
 @needs_goldens
+def test_dump_run_graphs_of_a_muon_adamw_run(tmp_path):
+    # Each optimizer's groups are captured with that optimizer; Muon's on matrices of its stacks' shapes.
+    gen = torch.Generator().manual_seed(0)
+    matrices = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(32, 16), (32, 16), (16, 16), (16, 16)]]
+    rest = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(100, 16), (16,)]]
+    fused = FusedStep([torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest)], max_grad_norm=1.0,
+                      compile_notice=False)
+    for p in matrices + rest:
+        p.grad = torch.randn(p.shape, generator=gen)
+    fused.step()
+    texts = {p.name: p.read_text() for p in graphs.dump_run_graphs(tmp_path, fused) if p.suffix == ".txt"}
+    assert set(texts) == {"run-muon-float32.txt", "run-adamw-float32.txt"}
+    muon_text = texts["run-muon-float32.txt"]
+    assert "synthetic plain matrices of the shapes of the stacks of the run's group 0 (2 x 16x16, 2 x 32x16)" in muon_text
+    assert "== Graph 3: Phase B, rules.muon.update_matrices ==" in muon_text
+    assert "the run's finish fills the scalars of every rule (muon, adam) in one graph" in muon_text
+    assert "Phase B flat update, group 0" in texts["run-adamw-float32.txt"]
+
+
+@needs_goldens
 def test_a_graph_first_called_at_other_sizes_than_it_was_compiled_at_is_refused():
     # A family shares graphs; a configuration whose calls have other sizes would report the bytes of
     # another configuration's sizes. Same graphs (no compile), tensors of 300 and 40 elements: refused.
