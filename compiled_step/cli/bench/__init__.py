@@ -53,9 +53,9 @@ What is measured, and how:
   biases, norms). A and B clip over all params, then run ``Muon.step()`` and ``AdamW(foreach=True)`` or
   ``AdamW(fused=True)``; D is NeMo Automodel's path over both optimizers' groups; FusedStep is
   ``FusedStep([muon, adamw])``: one norm, one step, one batched Newton-Schulz call per matrix shape. C
-  and ``fused+norms`` are not run on it. Every method does the same Newton-Schulz matmuls, so torch's
+  and ``fused+norms`` are not run on it. Every method does the same Newton-Schulz matmul FLOPs, so torch's
   Newton-Schulz alone on the same matrices is timed in every round beside the methods (a row note gives
-  its median, its share of B's step and the speedup it leaves room for). The row's floor is memory
+  its median, its share of B's step, and FusedStep's step against it). The row's floor is memory
   traffic only (Muon keeps one state tensor: 24 B/param in fp32; AdamW 32), so its fraction of
   roofline is not a goal; its goal is FusedStep's speedup over B. The distance to B's params is
   bounded by Muon's bfloat16 Newton-Schulz (about ``steps * lr * ratio * 2**-7``, see

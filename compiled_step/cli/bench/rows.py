@@ -161,8 +161,10 @@ def _run_row(spec: RowSpec, *, device: torch.device, triad: Triad, flusher: Cach
     _compare_to_b(row, methods)
     if muon_row.NEWTON_SCHULZ in row.probe_times_s:
         b = row.method("B")
+        fused = next((m for m in row.methods if m.method.startswith("fused")), None)
         row.notes.append(muon_row.newton_schulz_note(spec.layout, row.probe_times_s[muon_row.NEWTON_SCHULZ],
-                                                     None if b is None else b.median_s))
+                                                     None if b is None else b.median_s,
+                                                     None if fused is None else fused.median_s))
     _measure_one_step(row, methods, ref_grads, device=device, measure_memory=measure_memory)
     for res in row.methods:
         log(f"  {res.method:>10}: median {res.median_s * 1e3:8.3f} ms  "
