@@ -177,7 +177,7 @@ def test_dump_run_graphs_of_a_muon_adamw_run(tmp_path):
     texts = {p.name: p.read_text() for p in graphs.dump_run_graphs(tmp_path, fused) if p.suffix == ".txt"}
     assert set(texts) == {"run-muon-float32.txt", "run-adamw-float32.txt"}
     muon_text = texts["run-muon-float32.txt"]
-    assert "synthetic plain matrices of the shapes of the stacks of the run's group 0 (2 x 16x16, 2 x 32x16)" in muon_text
+    assert "plain matrices of the shapes of the stacks of the run's group 0 (2 x 16x16, 2 x 32x16)" in muon_text
     assert "== Graph 3: Phase B, rules.muon.update_matrices ==" in muon_text
     assert "the run's finish fills the scalars of every rule (muon, adam) in one graph" in muon_text
     assert "Phase B flat update, group 0" in texts["run-adamw-float32.txt"]

@@ -92,7 +92,8 @@ def make_optimizer(kind: str, groups: list[dict], **overrides) -> torch.optim.Op
     return _OPTIMIZERS[kind](groups, **{**_HP[kind], **overrides})
 
 
-def make_optimizers(kind: str, layout: L.Layout, params: list[torch.Tensor], **overrides) -> list[torch.optim.Optimizer]:
+def make_optimizers(kind: str, layout: L.Layout, params: list[torch.Tensor],
+                    **overrides) -> list[torch.optim.Optimizer]:
     """The row's optimizers over ``params``: one (AdamW or SGD, decayed and undecayed groups), or for
     Muon + AdamW the two, Muon first; ``overrides`` (foreach, fused, a tensor lr) go to AdamW."""
     if kind == MUON_ADAMW:
