@@ -31,16 +31,22 @@ __all__ = [
     "make_params",
     "make_grads",
     "param_groups",
+    "muon_adamw_groups",
 ]
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter: its name, shape and whether weight decay applies (matrices yes, biases/norms no)."""
+    """One parameter: its name, shape and whether weight decay applies (matrices yes, biases/norms no).
+
+    ``hidden_matrix``: a 2-D weight of a hidden layer (attention and MLP projections), the params
+    Muon is meant for; embeddings, biases and norms are not (a Muon + AdamW trainer gives them AdamW).
+    """
 
     name: str
     shape: tuple[int, ...]
     decay: bool
+    hidden_matrix: bool = False
 
     @property
     def numel(self) -> int:
@@ -93,15 +99,15 @@ def gpt_layout(d_model: int = 512, n_layers: int = 4, vocab: int = 8192, seq_len
         specs += [
             ParamSpec(p + "ln_1.weight", (d,), False),
             ParamSpec(p + "ln_1.bias", (d,), False),
-            ParamSpec(p + "attn.c_attn.weight", (3 * d, d), True),
+            ParamSpec(p + "attn.c_attn.weight", (3 * d, d), True, hidden_matrix=True),
             ParamSpec(p + "attn.c_attn.bias", (3 * d,), False),
-            ParamSpec(p + "attn.c_proj.weight", (d, d), True),
+            ParamSpec(p + "attn.c_proj.weight", (d, d), True, hidden_matrix=True),
             ParamSpec(p + "attn.c_proj.bias", (d,), False),
             ParamSpec(p + "ln_2.weight", (d,), False),
             ParamSpec(p + "ln_2.bias", (d,), False),
-            ParamSpec(p + "mlp.c_fc.weight", (4 * d, d), True),
+            ParamSpec(p + "mlp.c_fc.weight", (4 * d, d), True, hidden_matrix=True),
             ParamSpec(p + "mlp.c_fc.bias", (4 * d,), False),
-            ParamSpec(p + "mlp.c_proj.weight", (d, 4 * d), True),
+            ParamSpec(p + "mlp.c_proj.weight", (d, 4 * d), True, hidden_matrix=True),
             ParamSpec(p + "mlp.c_proj.bias", (d,), False),
         ]
     specs += [ParamSpec("ln_f.weight", (d,), False), ParamSpec("ln_f.bias", (d,), False)]
@@ -194,3 +200,19 @@ def param_groups(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def muon_adamw_groups(
+    layout: Layout, params: Sequence[torch.Tensor], *, weight_decay: float = 0.1
+) -> tuple[list[dict], list[dict]]:
+    """(Muon's param groups, AdamW's), as a Muon + AdamW trainer builds them: Muon on the hidden
+    matrices (one group, decayed), AdamW on the rest (embeddings decayed, biases and norms not)."""
+    if len(params) != layout.n_tensors:
+        raise ValueError(f"layout has {layout.n_tensors} specs but {len(params)} params were given")
+    hidden = [p for p, s in zip(params, layout.specs) if s.hidden_matrix]
+    if not hidden:
+        raise ValueError(f"{layout.name} has no hidden matrices for Muon")
+    rest = [(p, s) for p, s in zip(params, layout.specs) if not s.hidden_matrix]
+    rest_layout = Layout(layout.name, tuple(s for _, s in rest))
+    return ([{"params": hidden, "weight_decay": weight_decay}],
+            param_groups(rest_layout, [p for p, _ in rest], weight_decay=weight_decay))

@@ -48,6 +48,18 @@ What is measured, and how:
   params into its flat buffer: params of at most ``pack_threshold`` elements are staged through it, the
   rest are updated in buckets of ``bucket_size``, as on N ranks. The row shows what each method issues
   for sharded params; anchor C is compared on the plain GPT row only.
+* **Muon + AdamW row** (``muon_adamw``): the headline GPT layout with ``torch.optim.Muon`` on its hidden
+  matrices (attention and MLP projections: 4 shapes) and ``torch.optim.AdamW`` on the rest (embeddings,
+  biases, norms). A and B clip over all params, then run ``Muon.step()`` and ``AdamW(foreach=True)`` or
+  ``AdamW(fused=True)``; D is NeMo Automodel's path over both optimizers' groups; FusedStep is
+  ``FusedStep([muon, adamw])``: one norm, one step, one batched Newton-Schulz call per matrix shape. C
+  and ``fused+norms`` are not run on it. Every method does the same Newton-Schulz matmul FLOPs, so torch's
+  Newton-Schulz alone on the same matrices is timed in every round beside the methods (a row note gives
+  its median, its share of B's step, and FusedStep's step against it). The row's floor is memory
+  traffic only (Muon keeps one state tensor: 24 B/param in fp32; AdamW 32), so its fraction of
+  roofline is not a goal; its goal is FusedStep's speedup over B. The distance to B's params is
+  bounded by Muon's bfloat16 Newton-Schulz (about ``steps * lr * ratio * 2**-7``, see
+  ``tests/test_muon.py``), not by fp32 rounding.
 * **Peak memory.** One extra step per method, after timing. On CPU every c10 allocator event is recorded
   with ``torch.profiler(profile_memory=True)`` and the peak of the running sum of allocations minus
   frees is the step's peak extra memory (RSS is too coarse and noisy for this). The profiler does not

@@ -27,6 +27,10 @@ METHOD_DESCRIPTIONS = {
     "fused": "FusedStep.step(): norm + clip + update in one compiled step",
     PARAM_NORMS: "FusedStep.step() with param_norms=True (each param's grad norm, from the same Phase A read)",
 }
+# The Muon + AdamW row: Muon on the layout's hidden matrices, AdamW on the rest. Anchors A, B and D step
+# both optimizers (torch.optim.Muon has no foreach or fused implementation; A and B differ in AdamW's).
+MUON_ADAMW = "muon_adamw"
+MUON_HP = dict(lr=2e-2, momentum=0.95)  # torch's defaults otherwise: nesterov, 5 Newton-Schulz steps
 MAX_GRAD_NORM = 1.0
 # NeMo Automodel divides grads by num_label_tokens / dp_group_size before clipping; any s != 1 costs the same
 # full read+write pass, which is the point of anchor D.
@@ -57,17 +61,27 @@ class BenchError(Exception):
 class Method:
     name: str
     params: list[torch.Tensor]
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # stepped in this order (Muon, then AdamW)
     step: Callable[[], object]
 
 
-def floor_bytes_per_param(optimizer: str, dtype: torch.dtype) -> int:
+def floor_bytes_per_param(optimizer: str, dtype: torch.dtype, layout: L.Layout | None = None) -> float:
     """Minimal traffic: p, g and each state tensor read once, p and state written once, g read again
-    for the norm. AdamW has 2 state tensors (exp_avg, exp_avg_sq), SGD-momentum 1; torch.optim keeps
-    state in the param dtype."""
-    n_state = {"adamw": 2, "sgd": 1}[optimizer]
+    for the norm. AdamW has 2 state tensors (exp_avg, exp_avg_sq), SGD-momentum and Muon 1 (the
+    momentum buffer); torch.optim keeps state in the param dtype. Muon + AdamW: the mean over
+    ``layout``'s params (Muon's 1 state tensor on the hidden matrices, AdamW's 2 on the rest); its
+    Newton-Schulz matmuls are compute, not traffic, and are not in this floor."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return itemsize * (2 * (n_state + 1) + 2)
+
+    def per_param(n_state: int) -> int:
+        return itemsize * (2 * (n_state + 1) + 2)
+
+    if optimizer == MUON_ADAMW:
+        if layout is None:
+            raise ValueError("the Muon + AdamW floor depends on the layout: pass layout=")
+        muon = sum(s.numel for s in layout.specs if s.hidden_matrix)
+        return (muon * per_param(1) + (layout.n_params - muon) * per_param(2)) / layout.n_params
+    return per_param({"adamw": 2, "sgd": 1}[optimizer])
 
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -76,6 +90,21 @@ _HP = {"adamw": ADAMW_HP, "sgd": SGD_HP}
 
 def make_optimizer(kind: str, groups: list[dict], **overrides) -> torch.optim.Optimizer:
     return _OPTIMIZERS[kind](groups, **{**_HP[kind], **overrides})
+
+
+def make_optimizers(kind: str, layout: L.Layout, params: list[torch.Tensor],
+                    **overrides) -> list[torch.optim.Optimizer]:
+    """The row's optimizers over ``params``: one (AdamW or SGD, decayed and undecayed groups), or for
+    Muon + AdamW the two, Muon first; ``overrides`` (foreach, fused, a tensor lr) go to AdamW."""
+    if kind == MUON_ADAMW:
+        muon_groups, adamw_groups = L.muon_adamw_groups(layout, params, weight_decay=WEIGHT_DECAY)
+        return [torch.optim.Muon(muon_groups, **MUON_HP), make_optimizer("adamw", adamw_groups, **overrides)]
+    return [make_optimizer(kind, L.param_groups(layout, params, weight_decay=WEIGHT_DECAY), **overrides)]
+
+
+def _step_all(opts: list[torch.optim.Optimizer]) -> None:
+    for opt in opts:
+        opt.step()
 
 
 def _clip(params: list[torch.Tensor]) -> torch.Tensor:
@@ -92,8 +121,8 @@ def _compiled_step_fn(opt: torch.optim.Optimizer) -> Callable[[], None]:
     return fn
 
 
-def _seed_style_step(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
-    group_grads = [[p.grad for p in g["params"] if p.grad is not None] for g in opt.param_groups]
+def _seed_style_step(opts: list[torch.optim.Optimizer], params: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    group_grads = [[p.grad for p in g["params"] if p.grad is not None] for opt in opts for g in opt.param_groups]
 
     def step() -> torch.Tensor:
         # Separate scale pass, one kernel per grad, as NeMo Automodel's scale_grads_and_clip_grad_norm does.
@@ -104,7 +133,7 @@ def _seed_style_step(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> 
         partial = [torch.nn.utils.get_total_norm(gs, 2.0, foreach=True) for gs in group_grads]
         total = torch.nn.utils.get_total_norm(partial, 2.0, foreach=True)
         torch.nn.utils.clip_grads_with_norm_(params, MAX_GRAD_NORM, total, foreach=True)
-        opt.step()
+        _step_all(opts)
         return total
 
     return step
@@ -143,32 +172,33 @@ def build_method(
     else:
         for p, g in zip(params, ref_grads):
             p.grad = g.clone()
-    groups = L.param_groups(layout, params, weight_decay=WEIGHT_DECAY)
     if name == "A":
-        opt = make_optimizer(optimizer, groups, foreach=True)
-        return Method(name, params, opt, lambda: (_clip(params), opt.step()))
+        opts = make_optimizers(optimizer, layout, params, foreach=True)
+        return Method(name, params, opts, lambda: (_clip(params), _step_all(opts)))
     if name == "B":
-        opt = make_optimizer(optimizer, groups, fused=True)
-        return Method(name, params, opt, lambda: (_clip(params), opt.step()))
+        opts = make_optimizers(optimizer, layout, params, fused=True)
+        return Method(name, params, opts, lambda: (_clip(params), _step_all(opts)))
     if name == "C":
+        if optimizer == MUON_ADAMW:
+            raise BenchError("anchor C (a torch.compile'd optimizer.step()) is not run on the Muon + AdamW row")
         # A float lr would be guarded as a constant (and recompile under a scheduler); the recipe makes it
         # a 0-d tensor. Its value is the same as every other method's. foreach/fused are left at their
         # defaults, as in the recipe: eager foreach rejects a tensor lr without capturable=True.
-        opt = make_optimizer(optimizer, groups, lr=torch.tensor(_HP[optimizer]["lr"], device=device))
-        fn = _compiled_step_fn(opt)
-        return Method(name, params, opt, lambda: (_clip(params), fn()))
+        opts = make_optimizers(optimizer, layout, params, lr=torch.tensor(_HP[optimizer]["lr"], device=device))
+        fn = _compiled_step_fn(opts[0])
+        return Method(name, params, opts, lambda: (_clip(params), fn()))
     if name == "D":
-        opt = make_optimizer(optimizer, groups, foreach=True)
-        return Method(name, params, opt, _seed_style_step(opt, params))
+        opts = make_optimizers(optimizer, layout, params, foreach=True)
+        return Method(name, params, opts, _seed_style_step(opts, params))
     if name.startswith("fused"):
         FusedStep = load_fused_step()
-        opt = make_optimizer(optimizer, groups)
+        opts = make_optimizers(optimizer, layout, params)
         kwargs = dict(max_grad_norm=MAX_GRAD_NORM, norm_type=2.0, compile=compile_fused,
                       param_norms=name == PARAM_NORMS)
         if bucket_size is not None:
             kwargs["bucket_size"] = bucket_size
-        fused = FusedStep(opt, **kwargs)
-        return Method(name, params, opt, fused.step)
+        fused = FusedStep(opts[0] if len(opts) == 1 else opts, **kwargs)
+        return Method(name, params, opts, fused.step)
     raise BenchError(f"unknown method {name!r}")
 
 

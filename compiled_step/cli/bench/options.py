@@ -9,7 +9,8 @@ import torch
 
 from compiled_step.cli import layouts as L
 from compiled_step.cli.bench.compile_time import DEFAULT_COMPILE_SIZES
-from compiled_step.cli.bench.methods import ANCHORS, PARAM_NORMS, BenchError, load_fused_step
+from compiled_step.cli.bench import muon as muon_row
+from compiled_step.cli.bench.methods import ANCHORS, MUON_ADAMW, PARAM_NORMS, BenchError, load_fused_step
 from compiled_step.cli.bench.rows import ROW_KINDS, TINY_NUMEL, TINY_ROWS, TINY_THREADS, RowSpec
 
 # Sizes per mode. CPU full: the >= 10 M-param goal layout. CUDA full: the >= 100 M-param goal layout.
@@ -193,6 +194,16 @@ def _expand_fused_methods(args: argparse.Namespace, methods: list[str]) -> None:
         load_fused_step()  # fail now with a clear message, not after minutes of anchors
 
 
+def _muon_adamw_methods(methods: list[str]) -> list[str]:
+    """The Muon + AdamW row runs A, B, D and FusedStep: C and fused+norms are dropped (with a note)."""
+    notes = [muon_row.ROW_NOTE]
+    for m, why in muon_row.NOT_RUN.items():
+        if m in methods:
+            methods.remove(m)
+            notes.append(f"{m} is not run on the Muon + AdamW row: {why}.")
+    return notes
+
+
 def row_specs(args) -> list[RowSpec]:
     gpt = L.gpt_layout(args.d_model, args.n_layers, args.vocab, args.seq_len)
     small = L.many_small_layout(args.small_tensors, args.small_numel)
@@ -209,6 +220,8 @@ def row_specs(args) -> list[RowSpec]:
             methods.remove("C")
             notes.append("Anchor C skipped on the FSDP2 row: the row shows what each method issues for FSDP2 "
                          "shards; the compiled-optimizer recipe is compared on the plain GPT row.")
+        if opt == MUON_ADAMW:
+            notes += _muon_adamw_methods(methods)
         if family == "tiny":
             layout, threads = L.many_small_layout(TINY_ROWS[key], TINY_NUMEL), TINY_THREADS
         else:

@@ -46,7 +46,7 @@ def markdown_tables(rows: list[RowResult], compile_results: list[CompileResult],
                    if r.key in TINY_ROWS else f" {r.threads} threads.")
         out.append(
             f"**{r.key}**: {r.optimizer} {r.dtype}, {r.layout}, {r.n_params / 1e6:.2f} M params in "
-            f"{r.n_tensors} tensors. Floor {r.bytes_per_param} B/param x {r.n_params / 1e6:.2f} M at "
+            f"{r.n_tensors} tensors. Floor {_bpp(r.bytes_per_param)} B/param x {r.n_params / 1e6:.2f} M at "
             f"{r.bandwidth_gbps:.1f} GB/s (medians of per-round best triads: STREAM a = b + s*c "
             f"{r.stream_gbps:.1f}, in-place a += s*c {r.in_place_gbps:.1f}; best round {r.best_bandwidth_gbps:.1f}) "
             f"= {ms_text(r.floor_s)} ms. {len(r.methods[0].times_s)} rounds.{threads}\n")
@@ -77,6 +77,11 @@ def markdown_tables(rows: list[RowResult], compile_results: list[CompileResult],
                 f"{_fmt_num(c.graphs_warm)} | {_fmt_num(c.second_step_graphs)} | {_fmt_num(c.steady_ms)} | {note} |")
         out.append("")
     return "\n".join(out)
+
+
+def _bpp(x: float) -> str:
+    """Floor bytes per param: an integer for one optimizer, a mean over the params for Muon + AdamW."""
+    return str(int(x)) if float(x).is_integer() else f"{x:.2f}"
 
 
 def _fmt_num(x) -> str:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from compiled_step.cli import layouts as L
+from compiled_step.cli.bench import muon as muon_row
 from compiled_step.cli.bench.measure import (
     CacheFlusher,
     Triad,
@@ -23,6 +24,7 @@ from compiled_step.cli.bench.measure import (
 )
 from compiled_step.cli.bench.methods import (
     MAX_GRAD_NORM,
+    MUON_ADAMW,
     BenchError,
     Method,
     build_method,
@@ -39,6 +41,8 @@ ROW_KINDS = {
     "tiny100": ("adamw", torch.float32, "tiny"),
     "tiny1000": ("adamw", torch.float32, "tiny"),
     "fsdp2": ("adamw", torch.float32, "fsdp2"),  # the GPT layout as FSDP2 shards (one process, one rank)
+    # Muon on the GPT layout's hidden matrices, AdamW on the rest; FusedStep([muon, adamw]).
+    MUON_ADAMW: (MUON_ADAMW, torch.float32, "gpt"),
 }
 # Tiny-tensor rows: tensor count, and one intra-op thread so the step time is host work only.
 TINY_ROWS = {"tiny100": 100, "tiny1000": 1000}
@@ -87,7 +91,7 @@ class RowResult:
     n_params: int
     n_tensors: int
     param_bytes: int
-    bytes_per_param: int
+    bytes_per_param: float  # an integer for one optimizer; the mean over the params for Muon + AdamW
     bandwidth_gbps: float
     floor_s: float
     grad_norm: float
@@ -100,6 +104,8 @@ class RowResult:
     threads: int = 0  # torch intra-op threads while the row ran (1 for the tiny rows)
     methods: list[MethodResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Timed in the same rounds as the methods but not methods (muon_adamw: Newton-Schulz alone).
+    probe_times_s: dict[str, list[float]] = field(default_factory=dict)
 
     def method(self, name: str) -> MethodResult | None:
         return next((m for m in self.methods if m.method == name), None)
@@ -138,8 +144,10 @@ def _run_row(spec: RowSpec, *, device: torch.device, triad: Triad, flusher: Cach
         f"grad norm {row.grad_norm:.1f}, {row.threads} thread(s); methods {', '.join(spec.methods)}")
     methods, compiled_counts = _warm_up(spec, ref_grads, device=device, warmup=warmup, compile_fused=compile_fused,
                                         bucket_sizes=bucket_sizes, log=log, mesh=mesh)
+    probes = _probes(spec, methods, ref_grads)
     times, triad_bw, graphs_during = _timed_rounds(methods, ref_grads, device=device, triad=triad,
-                                                   flusher=flusher, rounds=rounds)
+                                                   flusher=flusher, rounds=rounds, probes=probes)
+    row.probe_times_s = {name: times.pop(name) for name in probes}
     _set_bandwidth(row, triad_bw, spec.layout.n_params)
     for m in methods:
         row.methods.append(MethodResult(
@@ -151,6 +159,12 @@ def _run_row(spec: RowSpec, *, device: torch.device, triad: Triad, flusher: Cach
     if graphs_during:
         row.notes.append(f"{graphs_during} graph(s) were compiled during the timed rounds")
     _compare_to_b(row, methods)
+    if muon_row.NEWTON_SCHULZ in row.probe_times_s:
+        b = row.method("B")
+        fused = next((m for m in row.methods if m.method.startswith("fused")), None)
+        row.notes.append(muon_row.newton_schulz_note(spec.layout, row.probe_times_s[muon_row.NEWTON_SCHULZ],
+                                                     None if b is None else b.median_s,
+                                                     None if fused is None else fused.median_s))
     _measure_one_step(row, methods, ref_grads, device=device, measure_memory=measure_memory)
     for res in row.methods:
         log(f"  {res.method:>10}: median {res.median_s * 1e3:8.3f} ms  "
@@ -167,7 +181,7 @@ def _new_row(spec: RowSpec, ref_grads: list[torch.Tensor]) -> RowResult:
     grad_norm = float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in ref_grads])))
     if not math.isfinite(grad_norm) or grad_norm <= MAX_GRAD_NORM:
         raise BenchError(f"reference grads must be finite and clip (norm {grad_norm} vs {MAX_GRAD_NORM})")
-    bpp = floor_bytes_per_param(spec.optimizer, spec.dtype)
+    bpp = floor_bytes_per_param(spec.optimizer, spec.dtype, layout)
     itemsize = torch.empty((), dtype=spec.dtype).element_size()
     return RowResult(
         key=spec.key, optimizer=spec.optimizer, dtype=str(spec.dtype).replace("torch.", ""),
@@ -201,26 +215,40 @@ def _warm_up(spec: RowSpec, ref_grads: list[torch.Tensor], *, device: torch.devi
     return methods, compiled_counts
 
 
+def _probes(spec: RowSpec, methods: list[Method], ref_grads: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
+    """Work timed beside the methods, by name: on the Muon + AdamW row, torch's Newton-Schulz alone."""
+    if spec.optimizer != MUON_ADAMW:
+        return {}
+    muon = methods[0].optimizers[0]  # every method's Muon has the same hyperparameters
+    return {muon_row.NEWTON_SCHULZ: muon_row.newton_schulz_probe(muon, spec.layout, ref_grads)}
+
+
 def _timed_rounds(methods: list[Method], ref_grads: list[torch.Tensor], *, device: torch.device, triad: Triad,
-                  flusher: CacheFlusher, rounds: int
+                  flusher: CacheFlusher, rounds: int, probes: dict[str, Callable[[], None]]
                   ) -> tuple[dict[str, list[float]], list[tuple[float, float]], int]:
-    """Per round: the triads, then one step of each method from restored grads and a flushed cache.
-    Returns the step times per method, the triads' (STREAM, in-place) GB/s per round, and the graphs
-    Dynamo compiled meanwhile (should be 0)."""
-    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    """Per round: the triads, then one step of each method from restored grads and a flushed cache, then
+    each probe from a flushed cache. Returns the times per method and probe, the triads' (STREAM,
+    in-place) GB/s per round, and the graphs Dynamo compiled meanwhile (should be 0)."""
+    times: dict[str, list[float]] = {name: [] for name in [m.name for m in methods] + list(probes)}
     triad_bw: list[tuple[float, float]] = []  # per round: (STREAM, in-place) best-of-3 GB/s
     graphs_before = unique_graphs()
     for _ in range(rounds):
         triad_bw.append(triad.measure(3))
         for m in methods:
             restore_grads(m, ref_grads)
-            flusher()
-            sync(device)
-            t0 = time.perf_counter()
-            m.step()
-            sync(device)
-            times[m.name].append(time.perf_counter() - t0)
+            times[m.name].append(_timed(m.step, device, flusher))
+        for name, probe in probes.items():
+            times[name].append(_timed(probe, device, flusher))
     return times, triad_bw, unique_graphs() - graphs_before
+
+
+def _timed(fn: Callable[[], object], device: torch.device, flusher: CacheFlusher) -> float:
+    flusher()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def _set_bandwidth(row: RowResult, triad_bw: list[tuple[float, float]], n_params: int) -> None:

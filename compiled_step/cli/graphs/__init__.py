@@ -14,8 +14,14 @@ optimizer state live in flat buffers of 256-element rows, and one step is
 4. **Phase B**: per group, one compiled ``rules.<rule>.update_flat`` call over the flat region
    (params aliased into the flat buffer, and small params the step may not move, staged: copied in
    and out by eager calls around it), and one compiled ``rules.<rule>.update_bucket`` call per
-   bucket of ``bucket_size`` large params that stay where they are (FSDP2 shards, FP8 weights);
+   bucket of ``bucket_size`` large params that stay where they are (FSDP2 shards, FP8 weights); a
+   Muon group instead has one compiled ``rules.muon.update_matrices`` call per *stack* of same-shape
+   matrices (row-sharded ones: prepare, all_to_all, orthogonalize, all_to_all, apply);
 5. with FP8 weights, one eager call: the amax reduction and the scales.
+
+With several optimizers (``FusedStep([muon, adamw])``) the groups of all of them share Phase A and
+the collectives, and the one finish fills every slot's scalars by its optimizer's rule (its graph
+constant ``rule`` names them all).
 
 Each file holds:
 
@@ -67,6 +73,10 @@ ones of 256, 256 and 128 elements. Plain tensors are all aliased into one flat b
 (one flat update). DTensor params are not moved: the 4 large shards (above the default
 ``pack_threshold``) are bucketed, ``bucket_size=4`` (the test suite's bucket, so compile time stays
 small; FusedStep's default is 16) making exactly one full bucket, and the 3 small ones are staged.
+``muon_adamw`` (a family of its own) has other sizes: Muon on 6 hidden matrices, 2 each of 64 x 64,
+64 x 128 and 128 x 64 (3 stacks; the tall one is a second ``update_matrices`` graph, since tall
+matrices are transposed), AdamW on a 256 x 64 embedding-like matrix, a bias and 3 norm weights. Its
+bytes per parameter is n/a: its Phase A graph is compiled at the Muon group's sizes (group 0).
 
 Output is deterministic: no addresses, timestamps, hashes, cache paths or line numbers; running the
 command twice gives identical files. Nothing in the files depends on the CPU (they came out identical

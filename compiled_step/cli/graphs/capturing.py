@@ -27,6 +27,8 @@ from compiled_step.cli.graphs.references import (
 def _constant(value) -> str:
     if inspect.ismodule(value):
         return value.__name__.removeprefix("compiled_step.")
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):  # the multi-rule finish's rules (modules)
+        return "(" + ", ".join(_constant(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return repr(value)
 
 
@@ -77,12 +79,23 @@ def plan_lines(plan) -> list[str]:
         regions = {r: sum(e.region == r for e in flat) for r in (planning.ALIASED, planning.STAGED)}
         flat_text = (f"flat region: {len(flat)} params ({', '.join(f'{n} {r}' for r, n in regions.items() if n)}) "
                      f"in {group.flat_rows} rows of {planning.ROW} (one flat update)" if flat else "flat region: none")
+        if group.stacks:
+            flat_text = _stacks_text(group, regions)
         bucket_text = (f"bucketed: {len(bucketed)} params in {group.rows - group.flat_rows} rows, {group.bucket_count} "
                        f"bucket(s) of {plan.bucket_size} (one bucket update each)" if bucketed else "bucketed: none")
         padding = group.rows * planning.ROW - sum(e.numel for e in group.entries)
         lines.append(f"  {flat_text}; {bucket_text}; {padding:,} padding elements (each param starts a row)")
     lines += described[len(plan.groups):]
     return lines
+
+
+def _stacks_text(group, regions: dict[str, int]) -> str:
+    """A matrix group's flat region: its stacks of same-shape matrices, one matrix update call each."""
+    stacks = "; ".join(f"{len(s.members)} x {s.shape[0]}x{s.shape[1]} from row {s.first_row}, {s.rows_per_matrix} "
+                       f"rows each, slots {s.first_slot}..{s.first_slot + len(s.members) - 1}" for s in group.stacks)
+    return (f"flat region: {len(group.flat)} matrices ({', '.join(f'{n} {r}' for r, n in regions.items() if n)}) in "
+            f"{group.flat_rows} rows of {planning.ROW}, {len(group.stacks)} matrix stacks (one matrix update each): "
+            f"{stacks}")
 
 
 def _break_reason(error: BaseException) -> str:
@@ -123,9 +136,10 @@ def _bytes_per_param(plan, program, local: dict[int, int]) -> tuple[BytesPerPara
     """The large params' group, its Phase A call and the update call of the large params (by the
     program's documented order: one Phase A call per group with rows, one flat update per group with a
     flat region, one bucket update per bucket), and both graphs' bytes at that group's sizes."""
-    entries = [(g, e) for g, group in enumerate(plan.groups) for e in group.entries]
+    # A matrix group's update is Newton-Schulz matmuls, not a flat or bucket update: not counted here.
+    entries = [(g, e) for g, group in enumerate(plan.groups) if not group.stacks for e in group.entries]
     if not entries:
-        return None, "no params"
+        return None, "no params" if not plan.groups else "n/a (every param is in a matrix group)"
     g, large = max(entries, key=lambda ge: ge[1].numel)  # the first of the largest
     group = plan.groups[g]
     phase_a = _nth(program.calls, ".partial_of_buffer", sum(1 for k in range(g) if plan.groups[k].rows))
@@ -138,13 +152,15 @@ def _bytes_per_param(plan, program, local: dict[int, int]) -> tuple[BytesPerPara
     else:
         kind = "flat update"
         expected = group.flat_rows * planning.ROW
-        update = _nth(program.calls, ".update_flat", sum(1 for k in range(g) if plan.groups[k].flat_slots))
+        update = _nth(program.calls, ".update_flat",
+                      sum(1 for k in range(g) if plan.groups[k].flat_slots and not plan.groups[k].stacks))
     calls = (phase_a, update)
     if any(c is None or not isinstance(c.compiled, GraphCall) for c in calls):
         return None, "n/a (the step did not run both graphs)"
     a, u = (c.compiled.graph for c in calls)
     if a.elements != group.rows * planning.ROW or u.elements != expected:
-        return None, "n/a (a graph was compiled at another group's sizes)"
+        return None, (f"n/a (the large params are in group {g}, but a graph of theirs was compiled at another "
+                      "group's sizes, whose bytes it reports)")
     value = (a.bytes_accessed + u.bytes_accessed) / u.elements
     return BytesPerParam(value, local[a.index], local[u.index], kind, u.elements, g), ""
 
@@ -157,12 +173,12 @@ def capture(ref: Reference, sess: CaptureSession | None = None, *, bucket_size: 
 
     sess = sess or session()
     setup = setup or ref.layout(ref.dtype)
-    optimizer = ref.make_optimizer(setup.params)
+    optimizer = ref.make_optimizers(setup)
     options = dict(max_grad_norm=ref.max_grad_norm, norm_type=ref.norm_type, bucket_size=bucket_size,
                    backend=sess.backend(ref.family), compile_notice=False, cuda_graphs=False)
     options.update(setup.fused_kwargs)
     fused = FusedStep(optimizer, **options)
-    steps = _run_two_steps(fused, optimizer, setup, sess)
+    steps = _run_two_steps(fused, setup, sess)
 
     program, plan = fused.program, fused.plan
     events, local = _events(program, steps)
@@ -197,7 +213,7 @@ class _Steps:
     compiled_in_step1: list[int]  # session indices of the graphs step 1 compiled
 
 
-def _run_two_steps(fused, optimizer: torch.optim.Optimizer, setup: Setup, sess: CaptureSession) -> _Steps:
+def _run_two_steps(fused, setup: Setup, sess: CaptureSession) -> _Steps:
     """Step 1, and unless it broke the graph, a second step as an LR scheduler would make it."""
     import torch._dynamo.config as dynamo_config
 
@@ -211,6 +227,7 @@ def _run_two_steps(fused, optimizer: torch.optim.Optimizer, setup: Setup, sess: 
 
     counters = torch._dynamo.utils.counters
     breaks_before = sum(counters["graph_break"].values())
+    _forget_float_specializations()
     breaks: list[str] = []
     recompiles = None
     compiled_before = len(sess.graphs)
@@ -227,7 +244,7 @@ def _run_two_steps(fused, optimizer: torch.optim.Optimizer, setup: Setup, sess: 
             compiled_in_step1 = list(range(compiled_before, len(sess.graphs)))
             if not breaks:
                 # A second step as an LR scheduler would make it: new lr and grads, step counts advanced.
-                for group in optimizer.param_groups:
+                for group in (g for optimizer in fused.optimizers for g in optimizer.param_groups):
                     group["lr"] = group["lr"] * 0.5
                 set_grads(1)
                 before = len(sess.graphs)
@@ -239,6 +256,20 @@ def _run_two_steps(fused, optimizer: torch.optim.Optimizer, setup: Setup, sess: 
     if counted and not breaks:
         breaks.append(f"{counted} graph break(s) counted by Dynamo")
     return _Steps(breaks, recompiles, first_calls, compiled_in_step1)
+
+
+def _forget_float_specializations() -> None:
+    """Start every configuration from a fresh process's float handling.
+
+    When Inductor's float pass cannot keep a Python float as a graph input, Dynamo restarts the
+    frame with that float's symbol (a name such as ``zf65``) marked for specialization, and torch
+    2.13 keeps the mark after that compile succeeds: a later frame whose float gets the same symbol
+    name is then specialized too (Muon's finish left ``CLIP_EPS`` a constant in the DTensor family's
+    finish captured after it). Clearing the marks keeps each file what a capture alone gives.
+    """
+    from torch._dynamo.symbolic_convert import TensorifyState  # private: the goldens pin torch
+
+    TensorifyState.clear()
 
 
 def _events(program, steps: _Steps) -> tuple[list[Event], dict[int, int]]:
@@ -298,7 +329,8 @@ def _header(ref: Reference, fused, setup: Setup, bucket_size: int, extra_header:
     world, the tensor sizes and the bytes-per-parameter definition."""
     numels = [planning.local_tensor(p).numel() for p in setup.params]
     return [
-        f"optimizer: {ref.describe_optimizer()}; params {str(ref.dtype).replace('torch.', '')}",
+        f"optimizer{'s' if ref.more_optimizers else ''}: {ref.describe_optimizer()}; params "
+        f"{str(ref.dtype).replace('torch.', '')}",
         f"FusedStep(max_grad_norm={ref.max_grad_norm!r}, norm_type={ref.norm_type!r}, bucket_size={bucket_size}, "
         f"pack_threshold={fused.config.pack_threshold}, flat_params={fused.config.flat_params}, "
         "backend=<recording backend, then inductor>)",

@@ -1,5 +1,6 @@
 """The reference configurations, one file ``graphs/<name>.txt`` each: their tensors (plain, FSDP2, TP,
-EP, FP8 layouts), optimizers and FusedStep options, and the one-process world the distributed ones run in."""
+EP, FP8, Muon + AdamW layouts), optimizers and FusedStep options, and the one-process world the
+distributed ones run in."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class Setup:
     fused_kwargs: dict[str, Any] = field(default_factory=dict)
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # With several optimizers (``Reference.more_optimizers``): the params of each, in the optimizers'
+    # order. None: every param goes to the one optimizer.
+    optimizer_params: list[list[torch.nn.Parameter]] | None = None
 
 
 def _values(shapes, dtype, seed: int, scale: float = 1.0) -> list[torch.Tensor]:
@@ -126,6 +130,30 @@ def ep_experts_layout(dtype: torch.dtype) -> Setup:
     return setup
 
 
+# Muon + AdamW: Muon on the hidden matrices (three stacks: square, wide and tall, two matrices each, so
+# every stack is batched and the tall one is transposed), AdamW on the rest (an embedding-like matrix,
+# biases, norm weights), as a transformer trainer splits them.
+MUON_SHAPES = ((64, 64), (64, 64), (64, 128), (64, 128), (128, 64), (128, 64))
+ADAMW_SHAPES = ((256, 64), (128,), (64,), (64,), (64,))
+
+
+def muon_adamw_layout(dtype: torch.dtype) -> Setup:
+    """Plain tensors: the hidden matrices for Muon (``optimizer_params[0]``), the rest for AdamW."""
+    setup = plain_layout(dtype, shapes=MUON_SHAPES + ADAMW_SHAPES)
+    n = len(MUON_SHAPES)
+    setup.optimizer_params = [setup.params[:n], setup.params[n:]]
+    shapes = ", ".join("x".join(map(str, s)) for s in dict.fromkeys(MUON_SHAPES))
+    setup.notes = [
+        f"params: plain tensors. Muon: the {n} hidden matrices, 2 of each shape ({shapes}): one matrix stack per "
+        "shape, each orthogonalized whole by one batched update_matrices call (group 0). AdamW: the "
+        f"{len(ADAMW_SHAPES)} others, an embedding-like 256x64 matrix, a bias and three norm weights, aliased into "
+        "one flat buffer (one flat update, group 1)",
+        "one global norm over both optimizers' grads clips both; the finish fills each slot's scalars by its "
+        "optimizer's rule",
+    ]
+    return setup
+
+
 @dataclass(frozen=True)
 class Reference:
     """One reference configuration: a file ``graphs/<name>.txt``.
@@ -133,7 +161,9 @@ class Reference:
     To add one, append a ``Reference`` to ``REFERENCES``, run ``python -m compiled_step graphs`` and
     commit the new file. ``family``: configurations of one family share compiled graphs, so they must
     have the same buffer sizes (the capture checks it and raises otherwise); give a configuration
-    with other sizes a family of its own.
+    with other sizes a family of its own. ``more_optimizers``: the optimizers after the first, each
+    ``(class, kwargs)``, for one ``FusedStep([first, ...])``; the layout's ``Setup.optimizer_params``
+    says which params each takes.
     """
 
     name: str
@@ -146,16 +176,33 @@ class Reference:
     layout: Callable[[torch.dtype], Setup] = plain_layout
     distributed: bool = False  # needs the one-process gloo world
     family: str = "plain"
+    more_optimizers: tuple[tuple[type, tuple[tuple[str, Any], ...]], ...] = ()
+
+    @property
+    def optimizer_specs(self) -> tuple[tuple[type, tuple[tuple[str, Any], ...]], ...]:
+        return ((self.optimizer, self.optimizer_kwargs), *self.more_optimizers)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         return self.optimizer(params, **dict(self.optimizer_kwargs))
 
+    def make_optimizers(self, setup: Setup) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        """What ``FusedStep`` takes: the optimizer, or with ``more_optimizers`` the list of them."""
+        if not self.more_optimizers:
+            return self.make_optimizer(setup.params)
+        if setup.optimizer_params is None or len(setup.optimizer_params) != len(self.optimizer_specs):
+            raise ValueError(f"{self.name}: {len(self.optimizer_specs)} optimizers need the layout's "
+                             "Setup.optimizer_params, one list of params per optimizer")
+        return [cls(params, **dict(kwargs)) for (cls, kwargs), params in zip(self.optimizer_specs,
+                                                                             setup.optimizer_params)]
+
     def describe_optimizer(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.optimizer_kwargs)
-        return f"torch.optim.{self.optimizer.__name__}({args})"
+        described = [f"torch.optim.{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs)})"
+                     for cls, kwargs in self.optimizer_specs]
+        return described[0] if len(described) == 1 else f"[{', '.join(described)}]"
 
 
 _ADAMW = (("lr", 1e-3), ("weight_decay", 0.1))
+_MUON = (("lr", 2e-2), ("momentum", 0.95), ("nesterov", True), ("weight_decay", 0.1))
 
 REFERENCES: tuple[Reference, ...] = (
     Reference("adamw_fp32", "AdamW, fp32, clipped (the reference configuration)", torch.optim.AdamW, _ADAMW),
@@ -175,6 +222,9 @@ REFERENCES: tuple[Reference, ...] = (
               _ADAMW, layout=ep_experts_layout, distributed=True, family="dtensor"),
     Reference("fp8_amax", "AdamW, fp32, FSDP2 Shard(0), FP8 weights: amax of the new weights inside the update",
               torch.optim.AdamW, _ADAMW, layout=fp8_amax_layout, distributed=True, family="fp8"),
+    Reference("muon_adamw", "Muon on the hidden matrices + AdamW on the rest, fp32, clipped by one global norm",
+              torch.optim.Muon, _MUON, more_optimizers=((torch.optim.AdamW, _ADAMW),), layout=muon_adamw_layout,
+              family="muon_adamw"),
 )
 
 

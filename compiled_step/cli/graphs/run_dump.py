@@ -17,7 +17,10 @@ from compiled_step.cli.graphs.rendering import render
 
 def _synthetic_setup(sel: dict) -> Setup:
     """Plain 1-D tensors that select the graphs of one selection of a run's groups, at the sizes of the
-    run's first flat region and first bucket of that selection, and the header lines saying so."""
+    run's first flat region and first bucket of that selection, and the header lines saying so (plain
+    matrices for a matrix rule's selection: ``_synthetic_matrices``)."""
+    if sel["stacks"]:
+        return _synthetic_matrices(sel)
     dtype, grad_dtype, device, fp8 = sel["dtype"], sel["grad_dtype"], sel["device"], sel["fp8"]
     flat = sel["flat"][1] if sel["flat"] else []
     bucket = sel["bucket"][1] if sel["bucket"] else []
@@ -53,6 +56,26 @@ def _synthetic_setup(sel: dict) -> Setup:
     return setup
 
 
+def _synthetic_matrices(sel: dict) -> Setup:
+    """Plain matrices of the shapes and counts of the stacks of the selection's first matrix group
+    (whole matrices: a row-sharded group's global shapes), aliased as in an unsharded run."""
+    g, stacks = sel["stacks"]
+    shapes = [shape for shape, count in stacks for _ in range(count)]
+    setup = plain_layout(sel["dtype"], sel["device"], shapes, grad_dtype=sel["grad_dtype"])
+    setup.fused_kwargs = dict(flat_params=True)
+    described = ", ".join(f"{count} x {shape[0]}x{shape[1]}" for shape, count in stacks)
+    setup.notes = [
+        f"synthetic plain matrices of the shapes of the stacks of the run's group {g} ({described}), selecting the "
+        f"graphs of the run's groups {sel['groups']} (hyperparameters of param group {sel['param_groups'][0]})",
+        *(["the run's matrices are row-sharded: its program (above) runs prepare_matrices, orthogonalize and "
+           "apply_matrices around two all_to_all; this one-process capture shows update_matrices of the whole "
+           "matrices instead, the same Newton-Schulz on the same shapes"] if sel["sharded"] else []),
+        "the run's collectives are those of its plan and program, below (this capture runs in one process and "
+        "issues none)",
+    ]
+    return setup
+
+
 def dump_run_graphs(out_dir, fused) -> list[Path]:
     """Write the graphs of an existing FusedStep's configuration into ``out_dir/graphs/``.
 
@@ -66,7 +89,9 @@ def dump_run_graphs(out_dir, fused) -> list[Path]:
     its params, grads and state are not touched. Also writes Inductor's generated code
     (``*.output_code.py``), which depends on the machine.
 
-    Uses FusedStep's public API only (``plan``, ``program``, ``config``, ``optimizer``, ``rule``).
+    Uses FusedStep's public API only (``plan``, ``program``, ``config``, ``optimizers``, ``rules``).
+    With several optimizers, each selection is captured with the optimizer its param groups belong to;
+    a matrix rule's (Muon's) on plain matrices of its stacks' shapes.
     Returns the paths written. With ``compile=False`` the run compiled nothing: the file says so.
     """
     out = Path(out_dir) / "graphs"
@@ -100,20 +125,26 @@ def _write_nothing_compiled(out: Path, *, compiled: bool, run_lines: list[str]) 
 
 
 def _selections(fused) -> dict[tuple, dict]:
-    """The run's groups by graph selection, (update variant, dtype, grad dtype, device, FP8): each with its
-    param group, the run's group indices, and the sizes of its first flat region and first bucket."""
+    """The run's groups by graph selection, (optimizer class, update variant, dtype, grad dtype, device,
+    FP8): each with its optimizer and param group, the run's group indices, and the sizes of its first
+    flat region and first bucket (or its first matrix group's stacks)."""
     plan = fused.plan
     param_groups = [pg for optimizer in fused.optimizers for pg in optimizer.param_groups]
+    owners = [optimizer for optimizer in fused.optimizers for _ in optimizer.param_groups]
     selections: dict[tuple, dict] = {}
     for g, group in enumerate(plan.groups):
         key = group.key
-        pg, rule = param_groups[key.param_group], fused.rules[key.param_group]
+        pg, rule, optimizer = param_groups[key.param_group], fused.rules[key.param_group], owners[key.param_group]
         sel = selections.setdefault(
-            (rule.variant(pg), key.dtype, key.grad_dtype, str(key.device), key.fp8),
-            dict(pg=pg, variant=rule.variant(pg), dtype=key.dtype, grad_dtype=key.grad_dtype, device=key.device,
-                 fp8=key.fp8, param_groups=[], groups=[], flat=None, bucket=None))
+            (type(optimizer), rule.variant(pg), key.dtype, key.grad_dtype, str(key.device), key.fp8),
+            dict(optimizer=optimizer, pg=pg, variant=rule.variant(pg), dtype=key.dtype, grad_dtype=key.grad_dtype,
+                 device=key.device, fp8=key.fp8, param_groups=[], groups=[], flat=None, bucket=None, stacks=None,
+                 sharded=False))
         sel["param_groups"].append(key.param_group)
         sel["groups"].append(g)
+        if sel["stacks"] is None and group.stacks:
+            sel["stacks"] = (g, [((s.global_rows or s.shape[0], s.shape[1]), len(s.members)) for s in group.stacks])
+            sel["sharded"] = group.exchange is not None
         if sel["flat"] is None and group.flat:
             sel["flat"] = (g, [group.entries[i].numel for i in group.flat])
         if sel["bucket"] is None and group.bucketed:
@@ -121,9 +152,13 @@ def _selections(fused) -> dict[tuple, dict]:
     return selections
 
 
+_WRITTEN_BY = ("# Written by compiled_step.cli.graphs.dump_run_graphs(out_dir, fused) for one run (not a golden: "
+               "source lines are kept as comments).")
+
+
 def _capture_selection(out: Path, fused, sel: dict, run_session: CaptureSession, run_lines: list[str]) -> list[Path]:
     """Capture one selection's graphs on synthetic tensors; write its file and each graph's generated code."""
-    optimizer, cfg = fused.optimizer, fused.config
+    optimizer, cfg = sel["optimizer"], fused.config
     accepted = set(inspect.signature(type(optimizer)).parameters) - {"params", "foreach", "fused"}
     hyper = tuple((k, v) for k, v in sorted(sel["pg"].items()) if k in accepted)
     dtype_name = str(sel["dtype"]).replace("torch.", "")
@@ -135,10 +170,11 @@ def _capture_selection(out: Path, fused, sel: dict, run_session: CaptureSession,
                      *(["fp8"] if sel["fp8"] else [])])
     ref = Reference(name, f"this run's {type(optimizer).__name__} graphs ({dtype_name})", type(optimizer), hyper,
                     dtype=sel["dtype"], max_grad_norm=cfg.max_grad_norm, norm_type=cfg.norm_type, family=name)
-    cap = capture(ref, run_session, bucket_size=cfg.bucket_size, setup=_synthetic_setup(sel), generated_by=[
-        "# Written by compiled_step.cli.graphs.dump_run_graphs(out_dir, fused) for one run (not a golden: source "
-        "lines are kept as comments).",
-    ])
+    rules = tuple(dict.fromkeys(fused.rules))
+    extra = ([f"the run's finish fills the scalars of every rule ({', '.join(r.NAME for r in rules)}) in one graph; "
+              f"this capture's finish has this selection's rule only"] if len(rules) > 1 else [])
+    cap = capture(ref, run_session, bucket_size=cfg.bucket_size, setup=_synthetic_setup(sel), extra_header=extra,
+                  generated_by=[_WRITTEN_BY])
     cap.plan_lines = [*run_lines, "(this capture's plan)", *cap.plan_lines]
     path = out / f"{name}.txt"
     path.write_text(render(cap, keep_source=True))
