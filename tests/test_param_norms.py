@@ -57,6 +57,38 @@ def test_param_norms_equal_vector_norm_of_each_scaled_grad(norm_type, flat_param
     assert norms[3] == 0 and (norms > 0).sum() == len(params) - 1
 
 
+# 130 x 256 elements: 2 blocks of BLOCK_ROWS (64) rows and 2 single rows; 64 x 256: one block, no single rows
+# (alone in its group as bfloat16: an empty table of single rows); the rest: single rows only.
+BLOCK_SHAPES = [(130, 256), (64, 256), (7,), (3, 100), (65, 256)]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+def test_param_norms_of_params_cut_into_blocks_and_single_rows(norm_type):
+    """Phase A reduces a param's rows in blocks of ``BLOCK_ROWS`` and the rest one row at a time
+    (``norm/param_partials.py``): both parts, and a group with no single rows, against vector_norm."""
+    from compiled_step.norm.param_partials import BLOCK_ROWS
+
+    params = make_params(shapes=BLOCK_SHAPES)
+    params[1] = torch.nn.Parameter(params[1].detach().to(torch.bfloat16))
+    counter = CompileCounterWithBackend("inductor")
+    fused = FusedStep(torch.optim.SGD(params, lr=1e-2, momentum=0.9), max_grad_norm=1.0, norm_type=norm_type,
+                      backend=counter, param_norms=True, compile_notice=False)
+    for step in range(3):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        scale = 0.25 if step else 1.0
+        total = fused.step(grad_scale=torch.tensor(scale, dtype=torch.float64))
+        ref = reference_norms(grads, scale, norm_type)
+        torch.testing.assert_close(fused.param_norms, ref, rtol=NORM_RTOL, atol=0)
+        torch.testing.assert_close(total, torch.linalg.vector_norm(ref, norm_type), rtol=NORM_RTOL, atol=0)
+        if step == 0:
+            frames = counter.frame_count
+    assert counter.frame_count == frames, "a step recompiled"
+    rows = fused._param_norm_rows
+    parts = sorted((b.shape[0], r.shape[0]) for b, r in zip(rows.blocks, rows.single_rows))
+    assert BLOCK_ROWS == 64 and parts == [(1, 0), (3, 2 + 1 + 2 + 1)]  # the layout this test means to cut
+
+
 def test_param_norms_of_a_general_p_norm():
     params = make_params()
     opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9)

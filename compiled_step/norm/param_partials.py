@@ -1,11 +1,21 @@
 """Phase A with per-param partial norms (``param_norms=True``), compiled. Nothing is written to the grads.
 
-The same read of the grads as ``partials.py``, reduced in two stages: each ``ROW``-element row of the
-flat grad buffer to a row partial, then the rows of each param (every param starts a row) to the
-param's partial, with the row -> param index the layout builds (``health.ParamNormRows``). The group's
-partial is reduced from the row partials directly, in one deterministic reduction, so the total norm,
-the clip coefficient and the update never depend on the order of the per-param scatter (an atomic
-add on a GPU).
+The same read of the grads as ``partials.py``, reduced in two stages: parts of the flat grad buffer,
+each within one param, to part partials, then the parts of each param to the param's partial. A part
+is a block of ``BLOCK_ROWS`` whole rows or a single row: each param's rows (every param starts a row)
+are cut into full blocks, and its last ``rows % BLOCK_ROWS`` rows are single rows, so no part is
+padded. The layout builds the two tables, each part's first row and param (``health.ParamNormRows``).
+The group's partial is reduced from the part partials directly, in one deterministic reduction, so
+the total norm, the clip coefficient and the update never depend on the order of the per-param
+scatter (an atomic add on a GPU and on the CPU).
+
+Why blocks (measured on the bench's CPU, ``ROW``-element rows, float64 sums): Inductor's C++ kernel
+reduces each output with a vectorised loop, then folds the accumulator vector's lanes with ATen's
+``vec_reduce_all``, which has no SIMD form for float64 (a store, then one dependent add per lane).
+Once per 256-element row that fold cost more than the row's loads: this call took 3.4x the
+whole-buffer reduction of ``partials.py`` on one thread, 1.9x on two. Once per 16384-element block it
+is 1.02x. Single rows cost what they did, so a model of many small params is not slowed down, and no
+element is read twice or masked.
 
 A partial row is ``[value, 0]`` (sum, max) or ``[max, scaled sum]`` (scaled kind), as in ``kinds.py``;
 the group's and every param's are scaled by the group's grad scale ``s``: they are the partials of
@@ -17,6 +27,10 @@ from __future__ import annotations
 import torch
 
 from compiled_step.norm.kinds import combine, combine_scaled
+
+# Rows per block (64 x 256 elements): the fold above is then under 1 % of a block's work, and a param
+# leaves at most 63 single rows. 32 and 128 measured within 1 % of 64 on the bench's GPT layout.
+BLOCK_ROWS = 64
 
 
 def _scaled_rows(kind: str, p, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -49,9 +63,24 @@ def _segments(
     return torch.stack([top, zeros.index_add(0, segment, weights * values)], dim=1)
 
 
+def _part_terms(kind: str, p, parts: torch.Tensor, dims: tuple[int, ...]):
+    """(maxima or None, values) of each part of ``parts`` (``[k, ...]``, reduced over ``dims``): float64
+    ``[k]`` sums (sum), maxima (max) or (maxima, scaled sums) (scaled kind, which reads ``p`` as a tensor)."""
+    if kind == "sum":
+        x = parts.double()
+        return None, (x.square() if p == 2.0 else x.abs()).sum(dims)
+    if kind == "max":
+        return None, parts.abs().amax(dims).double()  # NaN propagates
+    a = parts.double().abs()
+    top = a.amax(dims)
+    safe = torch.where(top > 0, top, torch.ones_like(top)).reshape(top.shape + (1,) * len(dims))
+    return top, (a / safe).pow(p).sum(dims)
+
+
 def partials_of_buffer_by_param(
     grads: torch.Tensor,  # [rows, ROW] a group's grads, each param from a row start, zeros elsewhere
-    row_param: torch.Tensor,  # [rows] int32: the group's param (0 <= i < n) each row belongs to
+    blocks: torch.Tensor,  # [k, 2] int32: first row and param (0 <= i < n) of each block of BLOCK_ROWS rows
+    single_rows: torch.Tensor,  # [m, 2] int32: row and param of every row in no block
     scale: torch.Tensor,  # [] float64: the group's grad scale
     order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
     out: torch.Tensor,  # [2] float64: written with the group's scaled partial
@@ -59,25 +88,21 @@ def partials_of_buffer_by_param(
     kind: str,  # graph constant: "sum", "max" or "scaled"
     p: float,  # graph constant: 1.0 or 2.0 for "sum", inf for "max" (the scaled kind reads ``order``)
 ) -> None:
-    segment = row_param.long()
+    norm_order = order if kind == "scaled" else p
+    block_rows = blocks[:, :1].long() + torch.arange(BLOCK_ROWS, device=grads.device)  # [k, BLOCK_ROWS]
+    block_max, block_values = _part_terms(kind, norm_order, grads[block_rows], (1, 2))
+    row_max, row_values = _part_terms(kind, norm_order, grads[single_rows[:, 0].long()], (1,))
+    values = torch.cat([block_values, row_values])  # [k + m]: the parts, blocks first
+    segment = torch.cat([blocks[:, 1], single_rows[:, 1]]).long()
     n = out_params.shape[0]
     if kind == "scaled":
-        a = grads.double().abs()
-        row_max = a.amax(1)
-        safe = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
-        row_sum = (a / safe[:, None]).pow(order).sum(1)
-        group = combine_scaled(row_max, row_sum, order)[None]
-        per_param = _segments(kind, order, row_max, row_sum, segment, n)
+        maxes = torch.cat([block_max, row_max])
+        group = combine_scaled(maxes, values, order)[None]
+        per_param = _segments(kind, order, maxes, values, segment, n)
     else:
-        if kind == "sum":
-            x = grads.double()
-            rows = (x.square() if p == 2.0 else x.abs()).sum(1)
-            total = rows.sum()
-        else:
-            rows = grads.abs().amax(1).double()  # NaN propagates
-            total = rows.amax()
+        total = values.sum() if kind == "sum" else values.amax()
         group = torch.stack([total, torch.zeros_like(total)])[None]
-        per_param = _segments(kind, p, None, rows, segment, n)
+        per_param = _segments(kind, p, None, values, segment, n)
     out.copy_(_scaled_rows(kind, p, group, scale)[0])
     out_params.copy_(_scaled_rows(kind, p, per_param, scale))
 
