@@ -4,8 +4,8 @@
   counter, the clip coefficient, this step's loss). Made once on the params' device, kept across plan
   rebuilds (moved if the device changes), in ``fused.state_dict()``. The compiled math that reads and
   writes them is ``norm/health.py``.
-* ``ParamNormRows``: per plan, where each param's partial norm lives, and the parts (blocks and single
-  rows) Phase A cuts each grad buffer into. Phase A writes one row per param (``norm/param_partials.py``);
+* ``ParamNormRows``: per plan, where each param's partial norm lives, and the parts Phase A cuts each
+  grad buffer into. Phase A writes one row per param (``norm/param_partials.py``);
   the collectives reduce them with the groups' partials; the health finish turns them into
   ``param_norms``, in the optimizer's param order.
 """
@@ -17,7 +17,7 @@ import numbers
 import torch
 
 from compiled_step.norm.health import HealthTensors, Window, ZClipState
-from compiled_step.norm.param_partials import BLOCK_ROWS
+from compiled_step.norm.param_partials import PART_ROWS
 from compiled_step.planning import Plan, rows_for
 from compiled_step.storage import LEAD, PARTIAL_WIDTH
 
@@ -140,10 +140,9 @@ class ParamNormRows:
     def __init__(self, plan: Plan, param_lists: list[list[torch.Tensor]]):
         device = plan.device
         self.starts: list[int] = []
-        # Per group, [k, 2] int32 (first grad row, param index) of each block of BLOCK_ROWS rows, and [m, 2]
-        # (grad row, param index) of every other row; None where the group has no grad rows.
-        self.blocks: list[torch.Tensor | None] = []
-        self.single_rows: list[torch.Tensor | None] = []
+        # Per group, the parts Phase A cuts its grad buffer into, one [k, 2] int32 table (first grad row,
+        # param index) per size of PART_ROWS; None where the group has no grad rows.
+        self.parts: list[list[torch.Tensor] | None] = []
         row_of: dict[int, int] = {}
         start = 0
         for group in plan.groups:
@@ -152,9 +151,7 @@ class ParamNormRows:
                 row_of[id(group.params[i])] = start + i
             for k, i in enumerate(group.external):
                 row_of[id(group.params[i])] = start + len(group.params) + k
-            blocks, single_rows = _parts(group)
-            self.blocks.append(blocks.to(device) if group.grad_rows else None)
-            self.single_rows.append(single_rows.to(device) if group.grad_rows else None)
+            self.parts.append([t.to(device) for t in _parts(group)] if group.grad_rows else None)
             external_rows = -(-len(group.external) // plan.bucket_size) * plan.bucket_size
             start += len(group.params) + external_rows
         # LEAD rows into its storage, as storage's buffers: no group's rows start at offset 0 or 1, which
@@ -181,23 +178,22 @@ class ParamNormRows:
         return range(self.starts[g], end)
 
 
-def _parts(group) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group's grad rows cut into ``BLOCK_ROWS``-row blocks, each within one param, and single rows (each
-    param's last ``rows % BLOCK_ROWS``): ``[k, 2]`` (first row, param) and ``[m, 2]`` (row, param), int32."""
-    blocks: list[tuple[int, int]] = []
-    single_rows: list[tuple[int, int]] = []
+def _parts(group) -> list[torch.Tensor]:
+    """A group's grad rows cut into parts within one param, of each size of ``PART_ROWS``, largest first:
+    one ``[k, 2]`` int32 table (first row, param) per size."""
+    tables: list[list[tuple[int, int]]] = [[] for _ in PART_ROWS]
+    covered = 0
     for i, e in enumerate(group.entries):
         if e.external:
             continue
-        rows = rows_for(e.numel)
-        full = rows - rows % BLOCK_ROWS
-        blocks += [(e.row + r, i) for r in range(0, full, BLOCK_ROWS)]
-        single_rows += [(e.row + r, i) for r in range(full, rows)]
-    if len(blocks) * BLOCK_ROWS + len(single_rows) != group.grad_rows:  # planning's layout: each row is a param's
-        raise RuntimeError(f"{len(blocks)} blocks and {len(single_rows)} single rows of params for "
-                           f"{group.grad_rows} grad rows")
-    return (torch.tensor(blocks, dtype=torch.int32).reshape(-1, 2),
-            torch.tensor(single_rows, dtype=torch.int32).reshape(-1, 2))
+        rows, done = rows_for(e.numel), 0
+        for table, size in zip(tables, PART_ROWS):
+            table += [(e.row + r, i) for r in range(done, rows - (rows - done) % size, size)]
+            done = rows - (rows - done) % size
+        covered += done
+    if covered != group.grad_rows:  # planning's layout: every grad row is a param's
+        raise RuntimeError(f"parts of params cover {covered} rows of a group's {group.grad_rows} grad rows")
+    return [torch.tensor(table, dtype=torch.int32).reshape(-1, 2) for table in tables]
 
 
 def names_in_order(plan: Plan, param_lists: list[list[torch.Tensor]]) -> list[str]:

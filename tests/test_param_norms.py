@@ -57,18 +57,19 @@ def test_param_norms_equal_vector_norm_of_each_scaled_grad(norm_type, flat_param
     assert norms[3] == 0 and (norms > 0).sum() == len(params) - 1
 
 
-# 130 x 256 elements: 2 blocks of BLOCK_ROWS (64) rows and 2 single rows; 64 x 256: one block, no single rows
-# (alone in its group as bfloat16: an empty table of single rows); the rest: single rows only.
-BLOCK_SHAPES = [(130, 256), (64, 256), (7,), (3, 100), (65, 256)]
+# Rows of 256 elements, cut into parts of 128, 8 and 1 rows (param_partials.PART_ROWS): 300 rows: 2 + 5 + 4
+# parts; 128 rows, alone in its group as bfloat16: one part, and empty tables of 8- and 1-row parts; 17 rows:
+# 2 + 1; 1 row and 2 rows: single rows.
+PART_SHAPES = [(300, 256), (128, 256), (7,), (3, 100), (17, 256)]
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
-def test_param_norms_of_params_cut_into_blocks_and_single_rows(norm_type):
-    """Phase A reduces a param's rows in blocks of ``BLOCK_ROWS`` and the rest one row at a time
-    (``norm/param_partials.py``): both parts, and a group with no single rows, against vector_norm."""
-    from compiled_step.norm.param_partials import BLOCK_ROWS
+def test_param_norms_of_params_cut_into_parts_of_several_sizes(norm_type):
+    """Phase A reduces each param's rows in parts of several sizes, then sums each param's parts
+    (``norm/param_partials.py``): every size, and a group with empty tables, against vector_norm."""
+    from compiled_step.norm.param_partials import PART_ROWS
 
-    params = make_params(shapes=BLOCK_SHAPES)
+    params = make_params(shapes=PART_SHAPES)
     params[1] = torch.nn.Parameter(params[1].detach().to(torch.bfloat16))
     counter = CompileCounterWithBackend("inductor")
     fused = FusedStep(torch.optim.SGD(params, lr=1e-2, momentum=0.9), max_grad_norm=1.0, norm_type=norm_type,
@@ -84,9 +85,8 @@ def test_param_norms_of_params_cut_into_blocks_and_single_rows(norm_type):
         if step == 0:
             frames = counter.frame_count
     assert counter.frame_count == frames, "a step recompiled"
-    rows = fused._param_norm_rows
-    parts = sorted((b.shape[0], r.shape[0]) for b, r in zip(rows.blocks, rows.single_rows))
-    assert BLOCK_ROWS == 64 and parts == [(1, 0), (3, 2 + 1 + 2 + 1)]  # the layout this test means to cut
+    tables = sorted([t.shape[0] for t in parts] for parts in fused._param_norm_rows.parts)
+    assert PART_ROWS == (128, 8, 1) and tables == [[1, 0, 0], [2, 5 + 2, 4 + 1 + 2 + 1]]  # the cuts meant here
 
 
 def test_param_norms_of_a_general_p_norm():

@@ -1,21 +1,22 @@
 """Phase A with per-param partial norms (``param_norms=True``), compiled. Nothing is written to the grads.
 
 The same read of the grads as ``partials.py``, reduced in two stages: parts of the flat grad buffer,
-each within one param, to part partials, then the parts of each param to the param's partial. A part
-is a block of ``BLOCK_ROWS`` whole rows or a single row: each param's rows (every param starts a row)
-are cut into full blocks, and its last ``rows % BLOCK_ROWS`` rows are single rows, so no part is
-padded. The layout builds the two tables, each part's first row and param (``health.ParamNormRows``).
-The group's partial is reduced from the part partials directly, in one deterministic reduction, so
-the total norm, the clip coefficient and the update never depend on the order of the per-param
-scatter (an atomic add on a GPU and on the CPU).
+each within one param, to part partials, then the parts of each param to the param's partial. Every
+param starts a row; its rows are cut into parts of ``PART_ROWS`` rows, largest first (a param of 300
+rows: two parts of 128 rows, five of 8, four of 1), so no part is padded and no element is read twice
+or masked. The layout builds one table per part size, each part's first row and param
+(``health.ParamNormRows``). The group's partial is reduced from the part partials directly, in one
+deterministic reduction, so the total norm, the clip coefficient and the update never depend on the
+order of the per-param scatter (an atomic add, on a GPU and on the CPU).
 
-Why blocks (measured on the bench's CPU, ``ROW``-element rows, float64 sums): Inductor's C++ kernel
+Why parts of many rows (measured on the bench's 2-core CPU, float64 sums): Inductor's C++ kernel
 reduces each output with a vectorised loop, then folds the accumulator vector's lanes with ATen's
-``vec_reduce_all``, which has no SIMD form for float64 (a store, then one dependent add per lane).
-Once per 256-element row that fold cost more than the row's loads: this call took 3.4x the
-whole-buffer reduction of ``partials.py`` on one thread, 1.9x on two. Once per 16384-element block it
-is 1.02x. Single rows cost what they did, so a model of many small params is not slowed down, and no
-element is read twice or masked.
+``vec_reduce_all``, which has no SIMD form for float64 (a store, then one dependent add per lane, tens
+of ns). Once per 256-element row that fold costs more than the row's loads: this call, reducing every
+row, took 1.4-3.5x the whole-buffer reduction of ``partials.py`` on the bench's headline layout (one
+thread, same buffer). With 128-row parts it takes 1.02-1.05x; the 8-row parts bound the folds of a
+param's remainder (a layout of 100 params of random sizes: 1.25x, against 1.5x with 128-row parts
+and single rows only, 2.2x per row).
 
 A partial row is ``[value, 0]`` (sum, max) or ``[max, scaled sum]`` (scaled kind), as in ``kinds.py``;
 the group's and every param's are scaled by the group's grad scale ``s``: they are the partials of
@@ -28,9 +29,11 @@ import torch
 
 from compiled_step.norm.kinds import combine, combine_scaled
 
-# Rows per block (64 x 256 elements): the fold above is then under 1 % of a block's work, and a param
-# leaves at most 63 single rows. 32 and 128 measured within 1 % of 64 on the bench's GPT layout.
-BLOCK_ROWS = 64
+# The part sizes in rows, largest first; the last is 1, so that any param's rows are cut exactly. 128 rows
+# (32768 elements) make the fold under 1 % of a part's work; measured on the bench's GPT layout, 64-row
+# parts took 2 % more and 256-row parts the same (fewer, larger parts would also leave a GPU fewer
+# programs to spread over its SMs).
+PART_ROWS = (128, 8, 1)
 
 
 def _scaled_rows(kind: str, p, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -79,8 +82,7 @@ def _part_terms(kind: str, p, parts: torch.Tensor, dims: tuple[int, ...]):
 
 def partials_of_buffer_by_param(
     grads: torch.Tensor,  # [rows, ROW] a group's grads, each param from a row start, zeros elsewhere
-    blocks: torch.Tensor,  # [k, 2] int32: first row and param (0 <= i < n) of each block of BLOCK_ROWS rows
-    single_rows: torch.Tensor,  # [m, 2] int32: row and param of every row in no block
+    parts: list[torch.Tensor],  # per PART_ROWS size: [k, 2] int32, first row and param (0 <= i < n) of each part
     scale: torch.Tensor,  # [] float64: the group's grad scale
     order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
     out: torch.Tensor,  # [2] float64: written with the group's scaled partial
@@ -89,14 +91,17 @@ def partials_of_buffer_by_param(
     p: float,  # graph constant: 1.0 or 2.0 for "sum", inf for "max" (the scaled kind reads ``order``)
 ) -> None:
     norm_order = order if kind == "scaled" else p
-    block_rows = blocks[:, :1].long() + torch.arange(BLOCK_ROWS, device=grads.device)  # [k, BLOCK_ROWS]
-    block_max, block_values = _part_terms(kind, norm_order, grads[block_rows], (1, 2))
-    row_max, row_values = _part_terms(kind, norm_order, grads[single_rows[:, 0].long()], (1,))
-    values = torch.cat([block_values, row_values])  # [k + m]: the parts, blocks first
-    segment = torch.cat([blocks[:, 1], single_rows[:, 1]]).long()
+    maxes, values = [], []
+    for size, table in zip(PART_ROWS, parts):
+        rows = table[:, :1].long() + torch.arange(size, device=grads.device)  # [k, size]
+        part_max, part_values = _part_terms(kind, norm_order, grads[rows], (1, 2))
+        maxes.append(part_max)
+        values.append(part_values)
+    values = torch.cat(values)  # every part, in the order of the tables
+    segment = torch.cat([table[:, 1] for table in parts]).long()
     n = out_params.shape[0]
     if kind == "scaled":
-        maxes = torch.cat([block_max, row_max])
+        maxes = torch.cat(maxes)
         group = combine_scaled(maxes, values, order)[None]
         per_param = _segments(kind, order, maxes, values, segment, n)
     else:
