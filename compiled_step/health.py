@@ -5,9 +5,9 @@
   rebuilds (moved if the device changes), in ``fused.state_dict()``. The compiled math that reads and
   writes them is ``norm/health.py``.
 * ``ParamNormRows``: per plan, where each param's partial norm lives, and the parts Phase A cuts each
-  grad buffer into. Phase A writes one row per param (``norm/param_partials.py``);
-  the collectives reduce them with the groups' partials; the health finish turns them into
-  ``param_norms``, in the optimizer's param order.
+  grad buffer into. Phase A writes one row per param (``norm/param_partials.py``); the collectives
+  reduce them with the groups' partials; the health finish turns them into ``param_norms``, in the
+  optimizer's param order.
 """
 
 from __future__ import annotations
@@ -188,8 +188,9 @@ def _parts(group) -> list[torch.Tensor]:
             continue
         rows, done = rows_for(e.numel), 0
         for table, size in zip(tables, PART_ROWS):
-            table += [(e.row + r, i) for r in range(done, rows - (rows - done) % size, size)]
-            done = rows - (rows - done) % size
+            end = rows - (rows - done) % size  # where this size's last whole part ends
+            table += [(e.row + r, i) for r in range(done, end, size)]
+            done = end
         covered += done
     if covered != group.grad_rows:  # planning's layout: every grad row is a param's
         raise RuntimeError(f"parts of params cover {covered} rows of a group's {group.grad_rows} grad rows")
