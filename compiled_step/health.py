@@ -140,9 +140,11 @@ class ParamNormRows:
     def __init__(self, plan: Plan, param_lists: list[list[torch.Tensor]]):
         device = plan.device
         self.starts: list[int] = []
-        # Per group, the parts Phase A cuts its grad buffer into, one [k, 2] int32 table (first grad row,
-        # param index) per size of PART_ROWS; None where the group has no grad rows.
-        self.parts: list[list[torch.Tensor] | None] = []
+        # Per group, the parts Phase A cuts its grad buffer into: the first grad row of each, one [k_i] int32
+        # table per size of PART_ROWS, and the param index of each, [sum k_i] int64 (the sizes in order);
+        # None where the group has no grad rows.
+        self.part_rows: list[list[torch.Tensor] | None] = []
+        self.part_param: list[torch.Tensor | None] = []
         row_of: dict[int, int] = {}
         start = 0
         for group in plan.groups:
@@ -151,7 +153,9 @@ class ParamNormRows:
                 row_of[id(group.params[i])] = start + i
             for k, i in enumerate(group.external):
                 row_of[id(group.params[i])] = start + len(group.params) + k
-            self.parts.append([t.to(device) for t in _parts(group)] if group.grad_rows else None)
+            part_rows, part_param = _parts(group) if group.grad_rows else (None, None)
+            self.part_rows.append(None if part_rows is None else [t.to(device) for t in part_rows])
+            self.part_param.append(None if part_param is None else part_param.to(device))
             external_rows = -(-len(group.external) // plan.bucket_size) * plan.bucket_size
             start += len(group.params) + external_rows
         # LEAD rows into its storage, as storage's buffers: no group's rows start at offset 0 or 1, which
@@ -178,10 +182,10 @@ class ParamNormRows:
         return range(self.starts[g], end)
 
 
-def _parts(group) -> list[torch.Tensor]:
+def _parts(group) -> tuple[list[torch.Tensor], torch.Tensor]:
     """A group's grad rows cut into parts within one param, of each size of ``PART_ROWS``, largest first:
-    one ``[k, 2]`` int32 table (first row, param) per size."""
-    tables: list[list[tuple[int, int]]] = [[] for _ in PART_ROWS]
+    the first row of each part, ``[k_i]`` int32 per size, and the param of each, ``[sum k_i]`` int64."""
+    tables: list[list[tuple[int, int]]] = [[] for _ in PART_ROWS]  # per size: (first row, param) of each part
     covered = 0
     for i, e in enumerate(group.entries):
         if e.external:
@@ -194,7 +198,8 @@ def _parts(group) -> list[torch.Tensor]:
         covered += done
     if covered != group.grad_rows:  # planning's layout: every grad row is a param's
         raise RuntimeError(f"parts of params cover {covered} rows of a group's {group.grad_rows} grad rows")
-    return [torch.tensor(table, dtype=torch.int32).reshape(-1, 2) for table in tables]
+    firsts = [torch.tensor([first for first, _ in table], dtype=torch.int32) for table in tables]
+    return firsts, torch.tensor([i for table in tables for _, i in table], dtype=torch.int64)
 
 
 def names_in_order(plan: Plan, param_lists: list[list[torch.Tensor]]) -> list[str]:

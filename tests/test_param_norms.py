@@ -85,7 +85,7 @@ def test_param_norms_of_params_cut_into_parts_of_several_sizes(norm_type):
         if step == 0:
             frames = counter.frame_count
     assert counter.frame_count == frames, "a step recompiled"
-    tables = sorted([t.shape[0] for t in parts] for parts in fused._param_norm_rows.parts)
+    tables = sorted([t.shape[0] for t in part_rows] for part_rows in fused._param_norm_rows.part_rows)
     assert PART_ROWS == (128, 8, 1) and tables == [[1, 0, 0], [2, 5 + 2, 4 + 1 + 2 + 1]]  # the cuts meant here
 
 

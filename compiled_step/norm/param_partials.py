@@ -4,8 +4,8 @@ The same read of the grads as ``partials.py``, reduced in two stages: parts of t
 each within one param, to part partials, then the parts of each param to the param's partial. Every
 param starts a row; its rows are cut into parts of ``PART_ROWS`` rows, largest first (a param of 300
 rows: two parts of 128 rows, five of 8, four of 1), so no part is padded and no element is read twice
-or masked. The layout builds one table per part size, each part's first row and param
-(``health.ParamNormRows``). The group's partial is reduced from the part partials directly, in one
+or masked. The layout (``health.ParamNormRows``) lists the first row of every part, one table per
+size, and the param of every part. The group's partial is reduced from the part partials directly, in one
 deterministic reduction, so the total norm, the clip coefficient and the update never depend on the
 order of the per-param scatter (an atomic add, on a GPU and on the CPU).
 
@@ -82,7 +82,8 @@ def _part_terms(kind: str, p, parts: torch.Tensor, dims: tuple[int, ...]):
 
 def partials_of_buffer_by_param(
     grads: torch.Tensor,  # [rows, ROW] a group's grads, each param from a row start, zeros elsewhere
-    parts: list[torch.Tensor],  # per PART_ROWS size: [k, 2] int32, first row and param (0 <= i < n) of each part
+    part_rows: list[torch.Tensor],  # per size of PART_ROWS: [k_i] int32, the first row of each part of that size
+    part_param: torch.Tensor,  # [sum k_i] int64: the param (0 <= i < n) of each part, the sizes' parts in order
     scale: torch.Tensor,  # [] float64: the group's grad scale
     order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
     out: torch.Tensor,  # [2] float64: written with the group's scaled partial
@@ -92,22 +93,21 @@ def partials_of_buffer_by_param(
 ) -> None:
     norm_order = order if kind == "scaled" else p
     maxes, values = [], []
-    for size, table in zip(PART_ROWS, parts):
-        rows = table[:, :1].long() + torch.arange(size, device=grads.device)  # [k, size]
+    for size, first in zip(PART_ROWS, part_rows):
+        rows = first[:, None].long() + torch.arange(size, device=grads.device)  # [k_i, size]
         part_max, part_values = _part_terms(kind, norm_order, grads[rows], (1, 2))
         maxes.append(part_max)
         values.append(part_values)
-    values = torch.cat(values)  # every part, in the order of the tables
-    segment = torch.cat([table[:, 1] for table in parts]).long()
+    values = torch.cat(values)  # [sum k_i]: every part, in part_param's order
     n = out_params.shape[0]
     if kind == "scaled":
         maxes = torch.cat(maxes)
         group = combine_scaled(maxes, values, order)[None]
-        per_param = _segments(kind, order, maxes, values, segment, n)
+        per_param = _segments(kind, order, maxes, values, part_param, n)
     else:
         total = values.sum() if kind == "sum" else values.amax()
         group = torch.stack([total, torch.zeros_like(total)])[None]
-        per_param = _segments(kind, p, None, values, segment, n)
+        per_param = _segments(kind, p, None, values, part_param, n)
     out.copy_(_scaled_rows(kind, p, group, scale)[0])
     out_params.copy_(_scaled_rows(kind, p, per_param, scale))
 
