@@ -5,18 +5,18 @@ each within one param, to part partials, then the parts of each param to the par
 param starts a row; its rows are cut into parts of ``PART_ROWS`` rows, largest first (a param of 300
 rows: two parts of 128 rows, five of 8, four of 1), so no part is padded and no element is read twice
 or masked. The layout (``health.ParamNormRows``) lists the first row of every part, one table per
-size, and the param of every part. The group's partial is reduced from the part partials directly, in one
-deterministic reduction, so the total norm, the clip coefficient and the update never depend on the
-order of the per-param scatter (an atomic add, on a GPU and on the CPU).
+size, and the param of every part. The group's partial is reduced from the part partials directly,
+in one deterministic reduction, so the total norm, the clip coefficient and the update never depend
+on the order of the per-param scatter (an atomic add, on a GPU and on the CPU).
 
 Why parts of many rows (measured on the bench's 2-core CPU, float64 sums): Inductor's C++ kernel
 reduces each output with a vectorised loop, then folds the accumulator vector's lanes with ATen's
 ``vec_reduce_all``, which has no SIMD form for float64 (a store, then one dependent add per lane, tens
-of ns). Once per 256-element row that fold costs more than the row's loads: this call, reducing every
-row, took 1.4-3.5x the whole-buffer reduction of ``partials.py`` on the bench's headline layout (one
-thread, same buffer). With 128-row parts it takes 1.02-1.05x; the 8-row parts bound the folds of a
-param's remainder (a layout of 100 params of random sizes: 1.25x, against 1.5x with 128-row parts
-and single rows only, 2.2x per row).
+of ns). Once per 256-element row that fold costs about as much as the row's loads: this call, reducing
+every row, took 1.4-1.5x (one thread) and 1.3x (two threads) the time of the whole-buffer reduction of
+``partials.py`` on the bench's headline layout, on the same buffer. With 128-row parts: 1.01-1.05x and
+1.03x. The 8-row parts bound the folds of a param's remainder: on 100 params of random sizes, 1.2x
+(2.2x reducing every row, 1.5x with 128-row parts and single rows only).
 
 A partial row is ``[value, 0]`` (sum, max) or ``[max, scaled sum]`` (scaled kind), as in ``kinds.py``;
 the group's and every param's are scaled by the group's grad scale ``s``: they are the partials of
@@ -30,9 +30,9 @@ import torch
 from compiled_step.norm.kinds import combine, combine_scaled
 
 # The part sizes in rows, largest first; the last is 1, so that any param's rows are cut exactly. 128 rows
-# (32768 elements) make the fold under 1 % of a part's work; measured on the bench's GPT layout, 64-row
-# parts took 2 % more and 256-row parts the same (fewer, larger parts would also leave a GPU fewer
-# programs to spread over its SMs).
+# (32768 elements) make the fold under 1 % of a part's work; on the bench's GPT layout 64-row parts took
+# about 1.5 % more and 256-row parts about the same (and fewer, larger parts would leave a GPU fewer
+# programs to spread over its SMs: not measured, there is no GPU here).
 PART_ROWS = (128, 8, 1)
 
 
