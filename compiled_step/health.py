@@ -4,9 +4,10 @@
   counter, the clip coefficient, this step's loss). Made once on the params' device, kept across plan
   rebuilds (moved if the device changes), in ``fused.state_dict()``. The compiled math that reads and
   writes them is ``norm/health.py``.
-* ``ParamNormRows``: per plan, where each param's partial norm lives. Phase A writes one row per
-  param (``norm/param_partials.py``); the collectives reduce them with the groups' partials; the health
-  finish turns them into ``param_norms``, in the optimizer's param order.
+* ``ParamNormRows``: per plan, where each param's partial norm lives, and the parts Phase A cuts each
+  grad buffer into. Phase A writes one row per param (``norm/param_partials.py``); the collectives
+  reduce them with the groups' partials; the health finish turns them into ``param_norms``, in the
+  optimizer's param order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numbers
 import torch
 
 from compiled_step.norm.health import HealthTensors, Window, ZClipState
+from compiled_step.norm.param_partials import PART_ROWS
 from compiled_step.planning import Plan, rows_for
 from compiled_step.storage import LEAD, PARTIAL_WIDTH
 
@@ -127,8 +129,8 @@ class HealthState:
 
 
 class ParamNormRows:
-    """Per plan: the rows of the per-param partials, the row -> param index of each group's grad buffer,
-    and ``param_norms`` (``[N]`` float64, the optimizer's order).
+    """Per plan: the rows of the per-param partials, the parts Phase A reduces each group's grad buffer in
+    (``norm/param_partials.py``), and ``param_norms`` (``[N]`` float64, the optimizer's order).
 
     Group g's rows start at ``starts[g]``: one per param of the group, in the group's param order (a
     param whose grad is external keeps a zero row there), then ``bucket_size`` per bucket of external
@@ -138,22 +140,22 @@ class ParamNormRows:
     def __init__(self, plan: Plan, param_lists: list[list[torch.Tensor]]):
         device = plan.device
         self.starts: list[int] = []
-        self.row_param: list[torch.Tensor | None] = []  # per group: [grad_rows] int32, or None (no grad rows)
+        # Per group, the parts Phase A cuts its grad buffer into: the first grad row of each, one [k_i] int32
+        # table per size of PART_ROWS, and the param index of each, [sum k_i] int64 (the sizes in order);
+        # None where the group has no grad rows.
+        self.part_rows: list[list[torch.Tensor] | None] = []
+        self.part_param: list[torch.Tensor | None] = []
         row_of: dict[int, int] = {}
         start = 0
         for group in plan.groups:
             self.starts.append(start)
-            rows: list[tuple[int, int]] = []  # (first grad row, param index) of every param in the grad buffer
-            for i, e in enumerate(group.entries):
+            for i in range(len(group.params)):
                 row_of[id(group.params[i])] = start + i
-                if not e.external:
-                    rows.append((e.row, i))
             for k, i in enumerate(group.external):
                 row_of[id(group.params[i])] = start + len(group.params) + k
-            index = [i for _, i in sorted(rows) for _ in range(rows_for(group.entries[i].numel))]
-            if len(index) != group.grad_rows:  # planning's layout: every grad row belongs to one param
-                raise RuntimeError(f"group {len(self.starts) - 1}: {len(index)} param rows for {group.grad_rows} grad rows")
-            self.row_param.append(torch.tensor(index, dtype=torch.int32).to(device) if index else None)
+            part_rows, part_param = _parts(group) if group.grad_rows else (None, None)
+            self.part_rows.append(None if part_rows is None else [t.to(device) for t in part_rows])
+            self.part_param.append(None if part_param is None else part_param.to(device))
             external_rows = -(-len(group.external) // plan.bucket_size) * plan.bucket_size
             start += len(group.params) + external_rows
         # LEAD rows into its storage, as storage's buffers: no group's rows start at offset 0 or 1, which
@@ -178,6 +180,26 @@ class ParamNormRows:
         """Every row of group g."""
         end = self.starts[g + 1] if g + 1 < len(self.starts) else self.partials.shape[0]
         return range(self.starts[g], end)
+
+
+def _parts(group) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A group's grad rows cut into parts within one param, of each size of ``PART_ROWS``, largest first:
+    the first row of each part, ``[k_i]`` int32 per size, and the param of each, ``[sum k_i]`` int64."""
+    tables: list[list[tuple[int, int]]] = [[] for _ in PART_ROWS]  # per size: (first row, param) of each part
+    covered = 0
+    for i, e in enumerate(group.entries):
+        if e.external:
+            continue
+        rows, done = rows_for(e.numel), 0
+        for table, size in zip(tables, PART_ROWS):
+            end = rows - (rows - done) % size  # where this size's last whole part ends
+            table += [(e.row + r, i) for r in range(done, end, size)]
+            done = end
+        covered += done
+    if covered != group.grad_rows:  # planning's layout: every grad row is a param's
+        raise RuntimeError(f"parts of params cover {covered} rows of a group's {group.grad_rows} grad rows")
+    firsts = [torch.tensor([first for first, _ in table], dtype=torch.int32) for table in tables]
+    return firsts, torch.tensor([i for table in tables for _, i in table], dtype=torch.int64)
 
 
 def names_in_order(plan: Plan, param_lists: list[list[torch.Tensor]]) -> list[str]:

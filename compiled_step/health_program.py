@@ -61,7 +61,8 @@ def _phase_a(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
     fn = param_partials.partials_of_buffer_by_param
     return [Call(
         f"Phase A partial norms, group {g} and its {len(gb.group.params)} params", COMPILED, compiler.get(fn),
-        (gb.grads, rows.row_param[g], buffers.scales[g], buffers.order, buffers.partial_rows[g], own_rows),
+        (gb.grads, rows.part_rows[g], rows.part_param[g], buffers.scales[g], buffers.order, buffers.partial_rows[g],
+         own_rows),
         dict(kind=kind.kind, p=kind.p), _function_name(fn), ("norm_by_param", kind.kind, gb.grads.dtype,
                                                              plan.device.type))]
 

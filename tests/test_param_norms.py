@@ -57,6 +57,38 @@ def test_param_norms_equal_vector_norm_of_each_scaled_grad(norm_type, flat_param
     assert norms[3] == 0 and (norms > 0).sum() == len(params) - 1
 
 
+# Rows of 256 elements, cut into parts of 128, 8 and 1 rows (param_partials.PART_ROWS): 300 rows: 2 + 5 + 4
+# parts; 128 rows, alone in its group as bfloat16: one part, and empty tables of 8- and 1-row parts; 17 rows:
+# 2 + 1; 1 row and 2 rows: single rows.
+PART_SHAPES = [(300, 256), (128, 256), (7,), (3, 100), (17, 256)]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+def test_param_norms_of_params_cut_into_parts_of_several_sizes(norm_type):
+    """Phase A reduces each param's rows in parts of several sizes, then sums each param's parts
+    (``norm/param_partials.py``): every size, and a group with empty tables, against vector_norm."""
+    from compiled_step.norm.param_partials import PART_ROWS
+
+    params = make_params(shapes=PART_SHAPES)
+    params[1] = torch.nn.Parameter(params[1].detach().to(torch.bfloat16))
+    counter = CompileCounterWithBackend("inductor")
+    fused = FusedStep(torch.optim.SGD(params, lr=1e-2, momentum=0.9), max_grad_norm=1.0, norm_type=norm_type,
+                      backend=counter, param_norms=True, compile_notice=False)
+    for step in range(3):
+        grads = make_grads(params, step)
+        set_grads(params, grads)
+        scale = 0.25 if step else 1.0
+        total = fused.step(grad_scale=torch.tensor(scale, dtype=torch.float64))
+        ref = reference_norms(grads, scale, norm_type)
+        torch.testing.assert_close(fused.param_norms, ref, rtol=NORM_RTOL, atol=0)
+        torch.testing.assert_close(total, torch.linalg.vector_norm(ref, norm_type), rtol=NORM_RTOL, atol=0)
+        if step == 0:
+            frames = counter.frame_count
+    assert counter.frame_count == frames, "a step recompiled"
+    tables = sorted([t.shape[0] for t in part_rows] for part_rows in fused._param_norm_rows.part_rows)
+    assert PART_ROWS == (128, 8, 1) and tables == [[1, 0, 0], [2, 5 + 2, 4 + 1 + 2 + 1]]  # the cuts meant here
+
+
 def test_param_norms_of_a_general_p_norm():
     params = make_params()
     opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9)

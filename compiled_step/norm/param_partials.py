@@ -1,11 +1,22 @@
 """Phase A with per-param partial norms (``param_norms=True``), compiled. Nothing is written to the grads.
 
-The same read of the grads as ``partials.py``, reduced in two stages: each ``ROW``-element row of the
-flat grad buffer to a row partial, then the rows of each param (every param starts a row) to the
-param's partial, with the row -> param index the layout builds (``health.ParamNormRows``). The group's
-partial is reduced from the row partials directly, in one deterministic reduction, so the total norm,
-the clip coefficient and the update never depend on the order of the per-param scatter (an atomic
-add on a GPU).
+The same read of the grads as ``partials.py``, reduced in two stages: parts of the flat grad buffer,
+each within one param, to part partials, then the parts of each param to the param's partial. Every
+param starts a row; its rows are cut into parts of ``PART_ROWS`` rows, largest first (a param of 300
+rows: two parts of 128 rows, five of 8, four of 1), so no part is padded and no element is read twice
+or masked. The layout (``health.ParamNormRows``) lists the first row of every part, one table per
+size, and the param of every part. The group's partial is reduced from the part partials directly,
+in one deterministic reduction, so the total norm, the clip coefficient and the update never depend
+on the order of the per-param scatter (an atomic add, on a GPU and on the CPU).
+
+Why parts of many rows (measured on the bench's 2-core CPU, float64 sums): Inductor's C++ kernel
+reduces each output with a vectorised loop, then folds the accumulator vector's lanes with ATen's
+``vec_reduce_all``, which has no SIMD form for float64 (a store, then one dependent add per lane, tens
+of ns). Once per 256-element row that fold costs about as much as the row's loads: this call, reducing
+every row, took 1.4-1.5x (one thread) and 1.3x (two threads) the time of the whole-buffer reduction of
+``partials.py`` on the bench's headline layout, on the same buffer. With 128-row parts: 1.01-1.05x and
+1.03x. The 8-row parts bound the folds of a param's remainder: on 100 params of random sizes, 1.2x
+(2.2x reducing every row, 1.5x with 128-row parts and single rows only).
 
 A partial row is ``[value, 0]`` (sum, max) or ``[max, scaled sum]`` (scaled kind), as in ``kinds.py``;
 the group's and every param's are scaled by the group's grad scale ``s``: they are the partials of
@@ -17,6 +28,12 @@ from __future__ import annotations
 import torch
 
 from compiled_step.norm.kinds import combine, combine_scaled
+
+# The part sizes in rows, largest first; the last is 1, so that any param's rows are cut exactly. 128 rows
+# (32768 elements) make the fold under 1 % of a part's work; on the bench's GPT layout 64-row parts took
+# about 1.5 % more and 256-row parts about the same (and fewer, larger parts would leave a GPU fewer
+# programs to spread over its SMs: not measured, there is no GPU here).
+PART_ROWS = (128, 8, 1)
 
 
 def _scaled_rows(kind: str, p, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -49,9 +66,24 @@ def _segments(
     return torch.stack([top, zeros.index_add(0, segment, weights * values)], dim=1)
 
 
+def _part_terms(kind: str, p, parts: torch.Tensor, dims: tuple[int, ...]):
+    """(maxima or None, values) of each part of ``parts`` (``[k, ...]``, reduced over ``dims``): float64
+    ``[k]`` sums (sum), maxima (max) or (maxima, scaled sums) (scaled kind, which reads ``p`` as a tensor)."""
+    if kind == "sum":
+        x = parts.double()
+        return None, (x.square() if p == 2.0 else x.abs()).sum(dims)
+    if kind == "max":
+        return None, parts.abs().amax(dims).double()  # NaN propagates
+    a = parts.double().abs()
+    top = a.amax(dims)
+    safe = torch.where(top > 0, top, torch.ones_like(top)).reshape(top.shape + (1,) * len(dims))
+    return top, (a / safe).pow(p).sum(dims)
+
+
 def partials_of_buffer_by_param(
     grads: torch.Tensor,  # [rows, ROW] a group's grads, each param from a row start, zeros elsewhere
-    row_param: torch.Tensor,  # [rows] int32: the group's param (0 <= i < n) each row belongs to
+    part_rows: list[torch.Tensor],  # per size of PART_ROWS: [k_i] int32, the first row of each part of that size
+    part_param: torch.Tensor,  # [sum k_i] int64: the param (0 <= i < n) of each part, the sizes' parts in order
     scale: torch.Tensor,  # [] float64: the group's grad scale
     order: torch.Tensor,  # [] float64: the norm order p (read by the scaled kind only)
     out: torch.Tensor,  # [2] float64: written with the group's scaled partial
@@ -59,25 +91,23 @@ def partials_of_buffer_by_param(
     kind: str,  # graph constant: "sum", "max" or "scaled"
     p: float,  # graph constant: 1.0 or 2.0 for "sum", inf for "max" (the scaled kind reads ``order``)
 ) -> None:
-    segment = row_param.long()
+    norm_order = order if kind == "scaled" else p
+    maxes, values = [], []
+    for size, first in zip(PART_ROWS, part_rows):
+        rows = first[:, None].long() + torch.arange(size, device=grads.device)  # [k_i, size]
+        part_max, part_values = _part_terms(kind, norm_order, grads[rows], (1, 2))
+        maxes.append(part_max)
+        values.append(part_values)
+    values = torch.cat(values)  # [sum k_i]: every part, in part_param's order
     n = out_params.shape[0]
     if kind == "scaled":
-        a = grads.double().abs()
-        row_max = a.amax(1)
-        safe = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
-        row_sum = (a / safe[:, None]).pow(order).sum(1)
-        group = combine_scaled(row_max, row_sum, order)[None]
-        per_param = _segments(kind, order, row_max, row_sum, segment, n)
+        maxes = torch.cat(maxes)
+        group = combine_scaled(maxes, values, order)[None]
+        per_param = _segments(kind, order, maxes, values, part_param, n)
     else:
-        if kind == "sum":
-            x = grads.double()
-            rows = (x.square() if p == 2.0 else x.abs()).sum(1)
-            total = rows.sum()
-        else:
-            rows = grads.abs().amax(1).double()  # NaN propagates
-            total = rows.amax()
+        total = values.sum() if kind == "sum" else values.amax()
         group = torch.stack([total, torch.zeros_like(total)])[None]
-        per_param = _segments(kind, p, None, rows, segment, n)
+        per_param = _segments(kind, p, None, values, part_param, n)
     out.copy_(_scaled_rows(kind, p, group, scale)[0])
     out_params.copy_(_scaled_rows(kind, p, per_param, scale))
 
