@@ -282,7 +282,8 @@ adamw_fp32_unclipped: graphs=3 (Phase A: 1, finish: 1, Phase B: 1) recompiles_st
 fsdp2_shard0: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2, 5] bytes_per_param=32.03
 tp_replicate_shard: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2, 5] bytes_per_param=32.03
 ep_experts: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 2, 5] bytes_per_param=32.03
-fp8_amax: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 10, 2] bytes_per_param=32.01""")
+fp8_amax: graphs=4 (Phase A: 1, finish: 1, Phase B: 2) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 10, 2] bytes_per_param=32.01
+muon_adamw: graphs=5 (Phase A: 1, finish: 1, Phase B: 3) recompiles_step2=0 graph_breaks=0 kernels=[4, 7, 4, 5, 2] bytes_per_param=n/a""")
 
 
 def _params(n=2):
