@@ -76,8 +76,8 @@ def lay_out(group: ShardingGroup, first_slot: int, flat_params: bool, own_storag
         # At least one padding element after each matrix, so no stack is contiguous: Dynamo would
         # otherwise compile one graph for stacks whose matrices fill whole rows and one for the rest.
         per = rows_for(shape[0] * shape[1] + 1)
-        shard = {} if sharding is None else dict(global_rows=global_shape[0], chunk=-(-global_shape[0] // sharding.world),
-                                                 world=sharding.world)
+        shard = {} if sharding is None else dict(global_rows=global_shape[0], world=sharding.world,
+                                                 chunk=-(-global_shape[0] // sharding.world))
         group.stacks.append(Stack(shape, strides, row, per, tuple(members), slot, **shard))
         for i in members:
             p = group.params[i]

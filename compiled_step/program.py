@@ -223,7 +223,8 @@ def _sharded_matrix_calls(plan, g: int, gb: storage.GroupBuffers, buffers: stora
     for k, stack in enumerate(group.stacks):
         slots = buffers.table[stack.first_slot:stack.first_slot + len(stack.members)].detach()
         calls.append(Call(f"Muon: rows of {len(stack.members)} matrices into the outbox, group {g}", COMPILED,
-                          prepare, (gb.stack_grads[k], slots, gb.outboxes[k]), state_kwargs(rule, var, gb.stack_state[k]),
+                          prepare, (gb.stack_grads[k], slots, gb.outboxes[k]),
+                          state_kwargs(rule, var, gb.stack_state[k]),
                           _function_name(rule.prepare_matrices), ("prepare_matrices", rule.NAME) + dtypes))
     calls.append(Call(f"all_to_all over {exchange.label!r}: {shape} (matrices to their owners)", COLLECTIVE,
                       collectives.exchange, (exchange, gb.outbox, gb.inbox)))

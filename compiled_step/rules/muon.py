@@ -213,7 +213,8 @@ def apply_matrices(
     box: torch.Tensor,  # [W, n_own, chunk, B] bfloat16: this rank's rows of each Newton-Schulz output
 ) -> None:
     world, n_own, chunk, cols = box.shape
-    mine = box.transpose(0, 1).reshape(world * n_own, chunk, cols).narrow(0, 0, params.size(0)).narrow(1, 0, params.size(1))
+    mine = box.transpose(0, 1).reshape(world * n_own, chunk, cols)
+    mine = mine.narrow(0, 0, params.size(0)).narrow(1, 0, params.size(1))  # this rank's matrices, its rows
     _apply(params, hp, table, lr_ratio, mine)
 
 
