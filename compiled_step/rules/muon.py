@@ -132,9 +132,11 @@ def newton_schulz(x: torch.Tensor, eps: torch.Tensor, var: Variant) -> torch.Ten
     graph guard, not a branch on values.
     """
     a, b, c = var.ns_coefficients
-    x16 = x.bfloat16()
+    x16 = _round_to_bfloat16(x.float()) if _CASTS_FUSED_AWAY else x.bfloat16()
     # The Frobenius norm does not depend on the transpose: taken before it (bf16, as torch's norm of bf16).
     norm = torch.linalg.vector_norm(x16, dim=(1, 2), keepdim=True)
+    if _CASTS_FUSED_AWAY:
+        norm = _round_to_bfloat16(norm.float())
     ortho = x16 / torch.maximum(norm, eps.to(norm.dtype))
     tall = x.size(1) > x.size(2)
     if tall:
@@ -144,6 +146,21 @@ def newton_schulz(x: torch.Tensor, eps: torch.Tensor, var: Variant) -> torch.Ten
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         ortho = torch.baddbmm(ortho, gram_update, ortho, beta=a)
     return ortho.mT if tall else ortho
+
+
+# torch < 2.13: Inductor's CPU code fuses ``x.bfloat16() / norm`` into one fp32 division and drops the bfloat16
+# roundings of x and of the norm (``emulate_precision_casts`` is not honoured there; measured on torch 2.11: inputs one bf16 ulp off,
+# which five Newton-Schulz steps grow to 0.01-0.03 on outputs below 0.65). Rounding by integer arithmetic cannot be
+# fused away. torch 2.13 and 2.14 keep the cast, and their graphs stay as they are.
+_CASTS_FUSED_AWAY = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+
+
+def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bfloat16, round to nearest even, done on the bits: equal to ``x.bfloat16()`` for every finite
+    value and the infinities (a NaN may come out as an infinity; the norm it enters is NaN either way)."""
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # add half an ulp (ties to even), drop 16 bits
+    return bits.view(torch.float32).bfloat16()
 
 
 def update_matrices(
@@ -177,7 +194,8 @@ def prepare_matrices(
     update = _momentum(grads, table, momentum_buffer).bfloat16()  # what Newton-Schulz casts first
     world, n_own, rows = box.size(0), box.size(1), update.size(1)
     padded = torch.nn.functional.pad(update, (0, 0, 0, 0, 0, world * n_own - update.size(0)))
-    box[:, :, :rows].copy_(padded.view(n_own, world, rows, update.size(2)).transpose(0, 1))
+    # narrow, not [:, :, :rows]: a slice of a symbolic size has an unknown length that torch 2.11 cannot guard on
+    box.narrow(2, 0, rows).copy_(padded.view(n_own, world, rows, update.size(2)).transpose(0, 1))
 
 
 @dataclass(frozen=True)
