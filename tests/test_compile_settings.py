@@ -110,7 +110,8 @@ def test_settings_this_torch_lacks_are_left_out_and_combo_kernels_need_all_of_th
         settings = compiling.inductor_settings()
     assert "no_such_setting" not in settings and "triton.no_such_either" not in settings
     lacks = [line for line in caplog.text.splitlines() if "Inductor lacks" in line]
-    assert len(lacks) == 1 and "no_such_setting" in lacks[0] and "triton.no_such_either" in lacks[0]  # said, not dropped
+    # said in one line, not silently dropped
+    assert len(lacks) == 1 and "no_such_setting" in lacks[0] and "triton.no_such_either" in lacks[0]
     assert settings["assume_aligned_inputs"] is True
     monkeypatch.setattr(compiling, "_COMBO_SETTINGS", compiling._COMBO_SETTINGS + ("no_such_setting",))
     settings = compiling.inductor_settings()

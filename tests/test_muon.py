@@ -197,3 +197,21 @@ def test_compile_count_is_flat_in_the_number_of_matrices_and_an_lr_schedule_reco
     assert first == after_schedule  # nothing recompiled by the schedule
     # Phase A, the finish, and the matrix update for wide and for tall matrices (a shape guard): not one per shape.
     assert first <= 4, first
+
+
+def test_rounding_on_the_bits_is_torchs_bfloat16_cast():
+    """The bit-level rounding torch < 2.13 needs (rules/muon.py) equals torch's own fp32 -> bfloat16 cast on
+    values across the whole exponent range, ties, subnormals, signed zeros, the largest finite values (which
+    round to infinity) and the infinities, compiled as well as eager."""
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(200_000, generator=gen) * torch.logspace(-44, 38, 200_000).clamp(max=3e38)
+    # exact ties: the 16 dropped bits are 0x8000, with the kept last bit even and odd
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x00008000, 0x00018000], dtype=torch.int64)
+    ties = ties.to(torch.int32).view(torch.float32)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38, 3.39e38,
+                             float("inf"), float("-inf")])
+    x = torch.cat([spread, ties, specials])
+    expected = x.bfloat16()
+    assert torch.equal(muon._round_to_bfloat16(x), expected)
+    assert torch.equal(torch.compile(muon._round_to_bfloat16)(x), expected)
+    assert torch.equal(muon._round_to_bfloat16(x).view(torch.int16), expected.view(torch.int16))  # -0.0 too

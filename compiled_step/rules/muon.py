@@ -125,6 +125,23 @@ def slot_table(
     return torch.stack(columns, dim=1).to(torch.float32)
 
 
+# torch < 2.13: Inductor's CPU code fuses ``x.bfloat16() / norm`` into one fp32 division and drops the
+# bfloat16 roundings of x and of the norm (``emulate_precision_casts`` is not honoured there; measured on
+# torch 2.11: inputs one bf16 ulp off, which five Newton-Schulz steps grow to 0.01-0.03 on outputs below
+# 0.65). Rounding by integer arithmetic cannot be fused away. torch 2.13 and 2.14 keep the casts, and their
+# graphs stay as they are.
+_CASTS_FUSED_AWAY = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+
+
+def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bfloat16, round to nearest even, done on the bits: equal to ``x.bfloat16()`` for every finite
+    value and the infinities (a NaN may come out as an infinity: the Newton-Schulz output is NaN either way,
+    as torch's)."""
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # add half an ulp (ties to even), drop 16 bits
+    return bits.view(torch.float32).bfloat16()
+
+
 def newton_schulz(x: torch.Tensor, eps: torch.Tensor, var: Variant) -> torch.Tensor:
     """torch's ``_zeropower_via_newtonschulz`` for a stack ``[n, A, B]`` (bfloat16 out, as torch's).
 
@@ -146,21 +163,6 @@ def newton_schulz(x: torch.Tensor, eps: torch.Tensor, var: Variant) -> torch.Ten
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         ortho = torch.baddbmm(ortho, gram_update, ortho, beta=a)
     return ortho.mT if tall else ortho
-
-
-# torch < 2.13: Inductor's CPU code fuses ``x.bfloat16() / norm`` into one fp32 division and drops the bfloat16
-# roundings of x and of the norm (``emulate_precision_casts`` is not honoured there; measured on torch 2.11: inputs one bf16 ulp off,
-# which five Newton-Schulz steps grow to 0.01-0.03 on outputs below 0.65). Rounding by integer arithmetic cannot be
-# fused away. torch 2.13 and 2.14 keep the cast, and their graphs stay as they are.
-_CASTS_FUSED_AWAY = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
-
-
-def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bfloat16, round to nearest even, done on the bits: equal to ``x.bfloat16()`` for every finite
-    value and the infinities (a NaN may come out as an infinity; the norm it enters is NaN either way)."""
-    bits = x.view(torch.int32)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # add half an ulp (ties to even), drop 16 bits
-    return bits.view(torch.float32).bfloat16()
 
 
 def update_matrices(
