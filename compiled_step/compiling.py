@@ -104,13 +104,15 @@ def inductor_settings() -> dict[str, object]:
 
     global _MISSING_LOGGED
     present = {k: v for k, v in _INDUCTOR_SETTINGS.items() if _has_setting(inductor_config, k)}
-    if any(k not in present for k in _COMBO_SETTINGS):
-        present = {k: v for k, v in present.items() if k not in _COMBO_SETTINGS}
     missing = sorted(set(_INDUCTOR_SETTINGS) - set(present))
+    combo_off = any(k not in present for k in _COMBO_SETTINGS)
+    if combo_off:  # e.g. torch 2.11 has combo kernels but not combo_kernel_max_num_nodes
+        present = {k: v for k, v in present.items() if k not in _COMBO_SETTINGS}
     if missing and not _MISSING_LOGGED:
         _MISSING_LOGGED = True
-        log.info("torch %s's Inductor lacks %s: compiling the step's graphs without them", torch.__version__,
-                 ", ".join(missing))
+        log.info("torch %s's Inductor lacks %s: compiling the step's graphs without %s%s", torch.__version__,
+                 ", ".join(missing), "it" if len(missing) == 1 else "them",
+                 "; combo kernels stay off (they need all of " + ", ".join(_COMBO_SETTINGS) + ")" if combo_off else "")
     return present
 
 

@@ -114,8 +114,12 @@ def test_settings_this_torch_lacks_are_left_out_and_combo_kernels_need_all_of_th
     assert len(lacks) == 1 and "no_such_setting" in lacks[0] and "triton.no_such_either" in lacks[0]
     assert settings["assume_aligned_inputs"] is True
     monkeypatch.setattr(compiling, "_COMBO_SETTINGS", compiling._COMBO_SETTINGS + ("no_such_setting",))
-    settings = compiling.inductor_settings()
+    monkeypatch.setattr(compiling, "_MISSING_LOGGED", False)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="compiled_step"):
+        settings = compiling.inductor_settings()
     assert not any(key.startswith("combo_kernel") for key in settings)
+    assert "combo kernels stay off" in caplog.text  # as on torch 2.11, which lacks combo_kernel_max_num_nodes
     assert settings["triton.autotune_pointwise"] is False  # the rest is unaffected
 
 
