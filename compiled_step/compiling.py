@@ -60,7 +60,7 @@ log = logging.getLogger("compiled_step")
 #   instead of staying in fp32 inside a fused kernel. Muon's Newton-Schulz runs in bfloat16 as
 #   torch's does; with this its batched, compiled form gives torch's values bit for bit (measured on
 #   the CPU). The other rules compute in fp32 and round once at the store, so they have no bfloat16
-#   intermediates for it to act on.
+#   intermediates for it to act on. torch < 2.13 does not honour it in CPU code (``CASTS_FUSED_AWAY``).
 #
 # A dotted name is a sub-config. Settings this torch lacks are left out (``inductor_settings``): all of
 # these exist in torch 2.13 and 2.14.
@@ -79,6 +79,10 @@ _INDUCTOR_SETTINGS = {
     "combo_kernel_max_num_nodes": 64,
     "emulate_precision_casts": True,
 }
+# torch < 2.13: Inductor's CPU code fuses ``x.bfloat16() / norm`` into one fp32 division and drops the bfloat16
+# roundings of x and of the norm, emulate_precision_casts or not (measured on torch 2.11; 2.13 and 2.14 keep
+# them). Code that needs such a rounding does it on the bits there (``rules/muon.py``).
+CASTS_FUSED_AWAY = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
 # Combo kernels are turned on only where every setting that keeps them safe here exists.
 _COMBO_SETTINGS = ("combo_kernels", "combo_kernels_pointwise_only", "combo_kernels_autotune",
                    "benchmark_combo_kernel", "combo_kernel_max_num_nodes")

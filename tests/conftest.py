@@ -42,6 +42,16 @@ def set_grads(params, grads):
         p.grad = torch.empty_like(p).copy_(g)  # same strides as the param, like autograd
 
 
+def write_grads(params, grads):
+    """Grads written into ``p.grad`` in place where it exists (FusedStep's persistent grad buffers, and no
+    host-to-device copy when ``grads`` are on the params' device), a clone of each where it is None."""
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

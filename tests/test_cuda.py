@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from compiled_step import FusedStep, compiling, cuda_graphs, program
-from conftest import BUCKET, PACK, make_grads, make_params
+from conftest import BUCKET, PACK, make_grads, make_params, write_grads
 
 try:  # tests/ imported as a package (a tests/__init__.py exists)
     from .distributed.harness import run_distributed
@@ -46,15 +46,6 @@ def _device_grads(params, steps):
     return {step: [g.to(p.device, p.dtype) for p, g in zip(params, make_grads(params, step))] for step in steps}
 
 
-def _write_grads(params, grads):
-    """Grads written into p.grad in place when it exists (FusedStep's persistent buffers): device to device."""
-    for p, g in zip(params, grads):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_steady_state_step_does_not_sync_the_device(name, dtype):
@@ -65,7 +56,7 @@ def test_steady_state_step_does_not_sync_the_device(name, dtype):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     grads = _device_grads(params, range(6))
     for step in range(2):  # step 0 compiles and records, step 1 captures (both may sync)
-        _write_grads(params, grads[step])
+        write_grads(params, grads[step])
         fused.step()
         sched.step()
         fused.zero_grad()
@@ -73,7 +64,7 @@ def test_steady_state_step_does_not_sync_the_device(name, dtype):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(2, 6):
-            _write_grads(params, grads[step])
+            write_grads(params, grads[step])
             norm = fused.step()
             sched.step()
             fused.zero_grad()
@@ -97,7 +88,7 @@ def test_cuda_graph_replay_matches_eager_torch(name, dtype):
         grads = [g.to("cuda", dtype) for g in make_grads(ours, step)]
         if step == 5:
             grads[0].view(-1)[0] = float("nan")  # skipped: the reference never sees this batch
-        _write_grads(ours, grads)
+        write_grads(ours, grads)
         fused.step()
         if step != 5:
             for p, g in zip(ref, grads):
@@ -143,7 +134,7 @@ def test_device_tensor_lr_is_used_on_the_device_like_capturable_adamw():
     fused = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(6):
         grads = [g.cuda() for g in make_grads(ours, step)]
-        _write_grads(ours, grads)
+        write_grads(ours, grads)
         for q, g in zip(ref, grads):
             q.grad = g.clone()
         fused.step()
@@ -163,8 +154,8 @@ def test_offloaded_state_lives_on_the_cpu_between_steps_and_matches():
     ref_fused = FusedStep(ref_opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step in range(4):
         grads = [g.cuda() for g in make_grads(ours, step)]
-        _write_grads(ours, grads)
-        _write_grads(ref, grads)
+        write_grads(ours, grads)
+        write_grads(ref, grads)
         fused.step()
         ref_fused.step()
         for state in opt.state.values():
@@ -181,14 +172,14 @@ def test_a_cpu_grad_scale_tensor_does_not_sync():
     grads = _device_grads(params, range(5))
     scale = torch.tensor(0.5)
     for step in range(2):
-        _write_grads(params, grads[step])
+        write_grads(params, grads[step])
         fused.step(grad_scale=scale)
         fused.zero_grad()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(2, 5):
-            _write_grads(params, grads[step])
+            write_grads(params, grads[step])
             norm = fused.step(grad_scale=scale)
             fused.zero_grad()
     finally:
@@ -262,7 +253,7 @@ def test_params_on_another_device_than_the_current_one_are_captured_and_updated(
     opt, ref_opt = torch.optim.AdamW(ours, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2)
     fused = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK)
     for step, grads in _device_grads(ours, range(6)).items():
-        _write_grads(ours, grads)
+        write_grads(ours, grads)
         for q, g in zip(ref, grads):
             q.grad = g.clone()
         fused.step()

@@ -21,7 +21,7 @@ import torch
 
 from compiled_step import FusedStep, collectives, cuda_graphs, program
 from compiled_step.planning import Reduction
-from conftest import BUCKET, PACK, make_grads, make_params, set_grads
+from conftest import BUCKET, PACK, make_grads, make_params, set_grads, write_grads
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -67,18 +67,10 @@ def _pair(**options):
     return ours, fused, ref, torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
 
 
-def _write_grads(params, grads):
-    for p, g in zip(params, grads):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)  # into FusedStep's persistent grad buffers
-
-
 def _step_both(ours, fused, ref, ref_opt, step):
     grads = make_grads(ours, step)
     set_grads(ref, grads)
-    _write_grads(ours, grads)
+    write_grads(ours, grads)
     norm = fused.step()
     ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
     ref_opt.step()
@@ -344,8 +336,8 @@ def test_a_cpu_grad_scale_tensor_is_read_on_the_host_never_copied_to_the_device(
                      bucket_size=BUCKET, pack_threshold=PACK, compile=False)
     for step in range(3):
         grads = make_grads(ours, step)
-        _write_grads(ours, grads)
-        _write_grads(twin_params, grads)
+        write_grads(ours, grads)
+        write_grads(twin_params, grads)
         scale = torch.tensor(0.25)
         with _OpsOn(scale) as ops:
             norm = fused.step(grad_scale=scale)

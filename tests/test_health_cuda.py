@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compiled_step import FusedStep
-from conftest import BUCKET, PACK, make_grads, make_params
+from conftest import BUCKET, PACK, make_grads, make_params, write_grads
 from test_zclip import ReferenceZClip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -28,21 +28,18 @@ def _grads(params, step, spike):
     return [g.cuda() * (10.0 if spike else 1.0) for g in make_grads(params, step)]
 
 
-def _write(params, grads):
-    for p, g in zip(params, grads):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-
-
 def test_steady_state_step_with_every_option_does_not_sync_the_device():
     params = _cuda_params()
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     fused = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK, **OPTIONS)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    # Grads and device losses are made before the sync-debug window: a copy from pageable host memory (g.cuda(),
+    # torch.tensor(x, device="cuda")) blocks, and under set_sync_debug_mode("error") it would raise by itself.
+    grads = {step: _grads(params, step, step == 13) for step in range(16)}
+    losses = {step: torch.tensor(2.0 - step / 100, device="cuda") if step % 3 else 1.5  # a tensor, or a number
+              for step in range(16)}
     for step in range(2):  # step 0 compiles and records, step 1 captures (both may sync)
-        _write(params, _grads(params, step, False))
+        write_grads(params, grads[step])
         fused.step(loss=torch.tensor(2.0, device="cuda"))
         sched.step()
         fused.zero_grad()
@@ -50,9 +47,8 @@ def test_steady_state_step_with_every_option_does_not_sync_the_device():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(2, 16):
-            _write(params, _grads(params, step, step == 13))
-            loss = torch.tensor(2.0 - step / 100, device="cuda") if step % 3 else 1.5  # a tensor, or a number
-            fused.step(loss=loss if step != 7 else None)
+            write_grads(params, grads[step])
+            fused.step(loss=losses[step] if step != 7 else None)
             sched.step()
             fused.zero_grad()
     finally:
@@ -71,7 +67,7 @@ def test_cuda_graph_replay_with_every_option_matches_the_references():
     spikes = {12, 17}  # both after the 8-step window is full
     for step in range(20):
         grads = _grads(ours, step, step in spikes)
-        _write(ours, grads)
+        write_grads(ours, grads)
         before = [p.detach().clone() for p in ours]
         total = fused.step().item()
         ref_norms = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])

@@ -30,6 +30,7 @@ import torch
 
 from compiled_step import FusedStep
 from compiled_step.rules import RULES, conformance_errors, muon
+from conftest import make_grads, write_grads
 
 # Tall, wide and square matrices, some shapes repeated (one stack each).
 SHAPES = [(16, 32), (32, 16), (16, 32), (24, 24), (32, 16), (8, 40), (24, 24)]
@@ -39,19 +40,6 @@ STEPS = 6
 def _matrices(seed=0, shapes=SHAPES):
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-
-
-def _grads(params, step, scale=3.0):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(p.shape, generator=gen) * scale for p in params]
-
-
-def _set(params, grads):
-    for p, g in zip(params, grads):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
 
 
 def _max_ratio(params, adjust_lr_fn):
@@ -69,9 +57,9 @@ def test_muon_matches_torch(nesterov, adjust_lr_fn, clip):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
     for step in range(STEPS):
-        grads = _grads(ours, step)
-        _set(ours, grads)
-        _set(ref, grads)
+        grads = make_grads(ours, step)
+        write_grads(ours, grads)
+        write_grads(ref, grads)
         norm = fused.step()
         ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip is not None else math.inf)
         ref_opt.step()
@@ -95,15 +83,15 @@ def test_state_loaded_into_torch_muon_continues_identically():
     opt = torch.optim.Muon(ours, lr=2e-2, weight_decay=0.1)
     fused = FusedStep(opt, compile_notice=False)
     for step in range(3):
-        _set(ours, _grads(ours, step))
+        write_grads(ours, make_grads(ours, step))
         fused.step()
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     ref_opt = torch.optim.Muon(ref, lr=2e-2, weight_decay=0.1)
     ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for step in range(3, 6):
-        grads = _grads(ours, step)
-        _set(ours, grads)
-        _set(ref, grads)
+        grads = make_grads(ours, step)
+        write_grads(ours, grads)
+        write_grads(ref, grads)
         fused.step()
         ref_opt.step()
     for p, q in zip(ours, ref):
@@ -126,9 +114,9 @@ def test_muon_and_adamw_share_one_norm_and_a_nan_step_skips_both():
     assert fused.optimizers == (muon_opt, adamw)
     ours, ref = m_ours + a_ours, m_ref + a_ref
     for step in range(STEPS):
-        grads = _grads(ours, step)
-        _set(ours, grads)
-        _set(ref, grads)
+        grads = make_grads(ours, step)
+        write_grads(ours, grads)
+        write_grads(ref, grads)
         if step == 3:
             a_ours[1].grad[0] = float("nan")
             before = [p.detach().clone() for p in ours]
@@ -185,7 +173,7 @@ def _compiled_frames(n_per_shape: int) -> tuple[int, int]:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
     first = None
     for step in range(50):
-        _set(params, _grads(params, step))
+        write_grads(params, make_grads(params, step))
         fused.step()
         sched.step()
         first = counter.frame_count if first is None else first

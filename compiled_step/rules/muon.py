@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 
+from compiled_step.compiling import CASTS_FUSED_AWAY
 from compiled_step.rules.common import (
     APPLY,
     GRAD_COEF,
@@ -125,14 +126,6 @@ def slot_table(
     return torch.stack(columns, dim=1).to(torch.float32)
 
 
-# torch < 2.13: Inductor's CPU code fuses ``x.bfloat16() / norm`` into one fp32 division and drops the
-# bfloat16 roundings of x and of the norm (``emulate_precision_casts`` is not honoured there; measured on
-# torch 2.11: inputs one bf16 ulp off, which five Newton-Schulz steps grow to 0.01-0.03 on outputs below
-# 0.65). Rounding by integer arithmetic cannot be fused away. torch 2.13 and 2.14 keep the casts, and their
-# graphs stay as they are.
-_CASTS_FUSED_AWAY = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
-
-
 def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> bfloat16, round to nearest even, done on the bits: equal to ``x.bfloat16()`` for every finite
     value and the infinities (a NaN may come out as an infinity: the Newton-Schulz output is NaN either way,
@@ -149,10 +142,13 @@ def newton_schulz(x: torch.Tensor, eps: torch.Tensor, var: Variant) -> torch.Ten
     graph guard, not a branch on values.
     """
     a, b, c = var.ns_coefficients
-    x16 = _round_to_bfloat16(x.float()) if _CASTS_FUSED_AWAY else x.bfloat16()
+    # Where Inductor fuses bfloat16 casts away (torch < 2.13), the input and the norm are rounded on the bits;
+    # measured on torch 2.11 without it: inputs one bf16 ulp off, which five Newton-Schulz steps grow to
+    # 0.01-0.03 on outputs below 0.65. torch 2.13 and 2.14 keep the casts, and their graphs stay as they are.
+    x16 = _round_to_bfloat16(x.float()) if CASTS_FUSED_AWAY else x.bfloat16()
     # The Frobenius norm does not depend on the transpose: taken before it (bf16, as torch's norm of bf16).
     norm = torch.linalg.vector_norm(x16, dim=(1, 2), keepdim=True)
-    if _CASTS_FUSED_AWAY:
+    if CASTS_FUSED_AWAY:
         norm = _round_to_bfloat16(norm.float())
     ortho = x16 / torch.maximum(norm, eps.to(norm.dtype))
     tall = x.size(1) > x.size(2)
