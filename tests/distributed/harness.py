@@ -42,6 +42,7 @@ run once and check several things inside one run (collect results, assert in the
 from __future__ import annotations
 
 import faulthandler
+import gc
 import os
 import pickle
 import shutil
@@ -113,8 +114,19 @@ def _child(
                 marker.write("started")
             try:
                 result = fn(rank, world_size, *args, **kwargs)
-            finally:
-                dist.destroy_process_group()
+            except BaseException:
+                dist.destroy_process_group()  # no barrier: a failed peer would never reach it
+                raise
+            # Every rank's last gloo work completes before any rank tears its pairs down, and what fn built
+            # (models, FusedSteps, meshes hold the group) is collected first, so the gloo backend's threads are
+            # joined here, not during interpreter shutdown: torch 2.11 aborted a rank there now and then
+            # ("terminate called without an active exception", SIGABRT; the demo's teardown had the same).
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer failed or hangs: the parent reports that peer; this rank's result stands
+                pass
+            gc.collect()
+            dist.destroy_process_group()
             torch.save(result, paths["result"])
         except BaseException:
             with open(paths["error"], "w") as err:
