@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import Callable
@@ -87,6 +88,33 @@ CASTS_FUSED_AWAY = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2,
 _COMBO_SETTINGS = ("combo_kernels", "combo_kernels_pointwise_only", "combo_kernels_autotune",
                    "benchmark_combo_kernel", "combo_kernel_max_num_nodes")
 _MISSING_LOGGED = False  # the missing settings are logged once per process
+# The documented process-wide switch for combo kernels (FusedStepConfig.combo_kernels=None reads it): "0" off,
+# "1" on, unset the default (on where every setting exists). The GPU acceptance command runs the CUDA tests
+# under both values, which a per-object option cannot reach in tests that build their own FusedStep.
+COMBO_ENV = "COMPILED_STEP_COMBO_KERNELS"
+
+
+def combo_kernels_supported() -> bool:
+    """Whether this torch's Inductor has every setting combo kernels need here (``_COMBO_SETTINGS``)."""
+    import torch._inductor.config as inductor_config
+
+    return all(_has_setting(inductor_config, k) for k in _COMBO_SETTINGS)
+
+
+def resolve_combo_kernels(choice: bool | None) -> bool:
+    """The combo-kernel setting to compile with: the option, else ``COMPILED_STEP_COMBO_KERNELS``, else on where
+    supported. Raises ``ValueError`` when asked for on a torch that lacks their settings, or for a bad value."""
+    if choice is None:
+        value = os.environ.get(COMBO_ENV, "").strip()
+        if value not in ("", "0", "1"):
+            raise ValueError(f"{COMBO_ENV} must be 0, 1 or unset, got {value!r}")
+        if value == "":
+            return combo_kernels_supported()
+        choice = value == "1"
+    if choice and not combo_kernels_supported():
+        raise ValueError(f"combo_kernels=True needs Inductor settings torch {torch.__version__} lacks (all of "
+                         + ", ".join(_COMBO_SETTINGS) + "); pass combo_kernels=False or None")
+    return choice
 
 
 def _has_setting(config, dotted: str) -> bool:
@@ -98,11 +126,12 @@ def _has_setting(config, dotted: str) -> bool:
     return True
 
 
-def inductor_settings() -> dict[str, object]:
+def inductor_settings(combo_kernels: bool = True) -> dict[str, object]:
     """The Inductor settings ``compile_settings`` applies: ``_INDUCTOR_SETTINGS`` less those this torch lacks.
 
     The one version-aware place for them. Missing settings are logged once at INFO on the
-    ``compiled_step`` logger; combo kernels stay off unless all of their settings exist.
+    ``compiled_step`` logger; combo kernels stay off unless all of their settings exist, and when
+    ``combo_kernels`` is False (then Inductor's own default, off, is left untouched).
     """
     import torch._inductor.config as inductor_config
 
@@ -110,7 +139,7 @@ def inductor_settings() -> dict[str, object]:
     present = {k: v for k, v in _INDUCTOR_SETTINGS.items() if _has_setting(inductor_config, k)}
     missing = sorted(set(_INDUCTOR_SETTINGS) - set(present))
     combo_off = any(k not in present for k in _COMBO_SETTINGS)
-    if combo_off:  # e.g. torch 2.11 has combo kernels but not combo_kernel_max_num_nodes
+    if combo_off or not combo_kernels:  # e.g. torch 2.11 has combo kernels but not combo_kernel_max_num_nodes
         present = {k: v for k, v in present.items() if k not in _COMBO_SETTINGS}
     if missing and not _MISSING_LOGGED:
         _MISSING_LOGGED = True
@@ -121,7 +150,7 @@ def inductor_settings() -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def compile_settings():
+def compile_settings(combo_kernels: bool = True):
     """Dynamo/ShapeEnv/Inductor settings for the step's graphs, applied at the call site (no global side effects).
 
     Entered only around calls that go through Dynamo (the first step after a plan is built); the
@@ -138,7 +167,7 @@ def compile_settings():
       (optimizer rule x amsgrad x dtype x norm kind) share code objects; past the default limit
       of 8 Dynamo would silently fall back to eager. We would rather fail loudly.
 
-    Inductor: ``inductor_settings()`` (the comment above ``_INDUCTOR_SETTINGS`` says why each).
+    Inductor: ``inductor_settings(combo_kernels)`` (the comment above ``_INDUCTOR_SETTINGS`` says why each).
     """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
@@ -146,7 +175,7 @@ def compile_settings():
 
     with fx_config.patch(use_duck_shape=False, backed_size_oblivious=True), dynamo_config.patch(
         recompile_limit=64, accumulated_recompile_limit=4096, fail_on_recompile_limit_hit=True
-    ), inductor_config.patch(inductor_settings()):
+    ), inductor_config.patch(inductor_settings(combo_kernels)):
         yield
 
 
@@ -246,19 +275,31 @@ class Compiler:
 
     _cache: dict[tuple[Callable, object], Callable] = {}
 
-    def __init__(self, backend="inductor", enabled: bool = True, verbose: bool = False, notice: bool = True):
+    def __init__(self, backend="inductor", enabled: bool = True, verbose: bool = False, notice: bool = True,
+                 combo_kernels: bool | None = None):
         self.backend = backend
+        self._combo_choice = combo_kernels  # resolved at first use (no environment read at import)
+        self._combo: bool | None = None
         self.enabled = enabled
         self.verbose = verbose
         self.notice = notice
         self._seen: set = set()
+
+    @property
+    def combo_kernels(self) -> bool:
+        """Whether this compiler's graphs use combo kernels (``resolve_combo_kernels``), fixed at first use."""
+        if self._combo is None:
+            self._combo = resolve_combo_kernels(self._combo_choice)
+        return self._combo
 
     def get(self, fn: Callable, static_widths: bool = True) -> Callable:
         """``fn`` compiled (or ``fn`` itself with ``compile=False``). ``static_widths=False`` leaves every
         dim symbolic: for stacks of matrices, whose widths are the model's (one graph for all shapes)."""
         if not self.enabled:
             return fn
-        key = (fn, self.backend, static_widths)
+        # Combo kernels change the generated code, so graphs compiled with and without them are kept apart:
+        # a backend object of its own gives them Dynamo cache entries of their own.
+        key = (fn, self.backend, static_widths, self.combo_kernels)
         compiled = Compiler._cache.get(key)
         if compiled is None:
             compiled = torch.compile(fn, backend=_RecordingBackend(self.backend), dynamic=True, fullgraph=True)

@@ -22,6 +22,10 @@ class FusedStepConfig:
     pack_threshold: int = 16384  # such params with at most this many local elements go through the flat buffer
     flat_params: bool = True  # move plain params into one flat buffer per group (p.data becomes a view)
     cuda_graphs: bool = True  # on CUDA, capture the step after its first run and replay it
+    # Inductor's combo kernels (CUDA only: several pointwise kernels of a graph in one launch). None: the
+    # COMPILED_STEP_COMBO_KERNELS environment variable (0 or 1) if set, else on where this torch has all of
+    # their settings (2.13 and newer; off on 2.11). True on a torch that lacks them raises ValueError.
+    combo_kernels: bool | None = None
     verbose: bool = False  # print every compile to stderr (they are always logged at INFO)
     compile_notice: bool = True  # one line on stderr before the first compile of the process
     # Training health (see the README's "Training health" section); all off by default.
@@ -49,6 +53,8 @@ class FusedStepConfig:
             raise ValueError(f"bucket_size must be an int >= 1, got {self.bucket_size!r}")
         if isinstance(self.pack_threshold, bool) or not isinstance(self.pack_threshold, int) or self.pack_threshold < 0:
             raise ValueError(f"pack_threshold must be an int >= 0, got {self.pack_threshold!r}")
+        if self.combo_kernels is not None and not isinstance(self.combo_kernels, bool):
+            raise TypeError(f"combo_kernels must be a bool or None, got {type(self.combo_kernels).__name__}")
         for name in ("error_if_nonfinite", "compile", "flat_params", "cuda_graphs", "verbose", "compile_notice",
                      "param_norms"):
             if not isinstance(getattr(self, name), bool):

@@ -90,7 +90,8 @@ class FusedStep(TrainingHealthAPI):
         self._ep_group = collectives.process_group_of(dist.moe_mesh, dist.ep_axis_name) if dist.ep_axis_name else None
         self._kind = NormKind.of(float(self.config.norm_type))
         self._compiler = compiling.Compiler(self.config.backend, enabled=self.config.compile,
-                                            verbose=self.config.verbose, notice=self.config.compile_notice)
+                                            verbose=self.config.verbose, notice=self.config.compile_notice,
+                                            combo_kernels=compiling.resolve_combo_kernels(self.config.combo_kernels))
         self._fp8 = Fp8Weights(dist.model_parts, fp8_weights, fp8_dtype, opts.groups())
         self.first_microbatch = first_microbatch_flag or fp8_lifecycle.default_first_microbatch_flag()
         self.offload_optimizer_state = offload_optimizer_state

@@ -49,7 +49,7 @@ def _group_partial(kind: NormKind, grads: list[torch.Tensor], device: torch.devi
     fn = _COMPILER.get(partial_of_list) if COMPILE_NORMS else partial_of_list
     order = torch.tensor(kind.p if kind.kind == "scaled" else 2.0, dtype=torch.float64, device=slots[0].device)
     parts = []
-    with compiling.compile_settings():
+    with compiling.compile_settings(_COMPILER.combo_kernels):
         for bucket in buckets.chunk(len(slots), BUCKET):
             members = [slots[i] for i in bucket]
             fillers = _FILLERS.get(members[0].device, {"grads": members[0].dtype}, BUCKET)["grads"]

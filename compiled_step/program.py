@@ -66,7 +66,7 @@ class Call:
             self._replay(*self._replay_args)
             return
         if self.kind == COMPILED and compiler.enabled:
-            with compiling.compile_settings(), compiling.recording() as rec, \
+            with compiling.compile_settings(compiler.combo_kernels), compiling.recording() as rec, \
                     compiler.first_call(self.signature, self.label):
                 self.fn(*self.args, **self.kwargs)
             if rec.compiled is not None:

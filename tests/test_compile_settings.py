@@ -102,6 +102,37 @@ def test_only_leading_dims_are_symbolic_and_the_settings_are_in_force_while_comp
     assert inductor_config.combo_kernels is False
 
 
+@pytest.mark.parametrize("choice, env", [(False, None), (None, "0"), (None, "1"), (True, None)])
+def test_the_combo_kernel_switch_is_in_force_while_compiling(monkeypatch, choice, env):
+    """``combo_kernels=False`` (or ``COMPILED_STEP_COMBO_KERNELS=0``) compiles without combo kernels, True (or 1)
+    with them; asking for them on a torch that lacks their settings raises before anything is built."""
+    if env is None:
+        monkeypatch.delenv(compiling.COMBO_ENV, raising=False)
+    else:
+        monkeypatch.setenv(compiling.COMBO_ENV, env)
+    wanted = choice if choice is not None else env == "1"
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    backend = _Inspecting()
+    if wanted and not compiling.combo_kernels_supported():  # torch 2.11
+        with pytest.raises(ValueError, match="combo_kernels=True needs Inductor settings"):
+            FusedStep(opt, max_grad_norm=1.0, backend=backend, combo_kernels=choice, compile_notice=False)
+        return
+    fused = FusedStep(opt, max_grad_norm=1.0, backend=backend, combo_kernels=choice, compile_notice=False)
+    _set_grads(model)
+    fused.step()
+    assert len(backend.graphs) == 3
+    assert {settings["combo_kernels"] for _, settings in backend.graphs} == {wanted}
+
+
+def test_a_bad_combo_kernel_switch_is_refused(monkeypatch):
+    with pytest.raises(TypeError, match="combo_kernels must be a bool or None"):
+        FusedStep(torch.optim.SGD(_model().parameters(), lr=0.1), combo_kernels=1)
+    monkeypatch.setenv(compiling.COMBO_ENV, "yes")
+    with pytest.raises(ValueError, match="COMPILED_STEP_COMBO_KERNELS must be 0, 1 or unset"):
+        FusedStep(torch.optim.SGD(_model().parameters(), lr=0.1))
+
+
 def test_settings_this_torch_lacks_are_left_out_and_combo_kernels_need_all_of_theirs(monkeypatch, caplog):
     monkeypatch.setattr(compiling, "_INDUCTOR_SETTINGS",
                         {**compiling._INDUCTOR_SETTINGS, "no_such_setting": True, "triton.no_such_either": 1})
