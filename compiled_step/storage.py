@@ -51,6 +51,20 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *,
     return raw[lead:].view(shape).detach()
 
 
+def offloads_state(device: torch.device) -> bool:
+    """Whether ``offload_optimizer_state`` keeps the state of buffers on ``device`` in host memory between
+    steps: for accelerators only, since on the CPU the host copy would be a second copy of the buffer
+    itself. The mechanism (``lifecycle.offload.offload_in``/``offload_out``) is device-agnostic; tests
+    replace this predicate to run it with CPU buffers standing in for device buffers."""
+    return device.type != "cpu"
+
+
+def _pins_home(device: torch.device) -> bool:
+    """Pin the host copy when the state's buffers are on an accelerator, so that the copies in and out are
+    asynchronous; a CPU buffer gains nothing from it (and a CPU-only torch has no pinned allocator)."""
+    return device.type != "cpu"
+
+
 def _row_buffer(rows: int, dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
     return _buffer((rows, ROW), dtype, device, lead=ROW, pin=pin)
 
@@ -138,9 +152,9 @@ class GroupBuffers:
         # With offload_optimizer_state on an accelerator, the state users see (and that the binder
         # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
         # filled before each step and released after it.
-        self.offloaded = offload and device.type != "cpu"
-        self.state_home = ({k: _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=True) for k in state_keys}
-                           if self.offloaded else self.state)
+        self.offloaded = offload and offloads_state(device)
+        self.state_home = ({k: _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=_pins_home(device))
+                            for k in state_keys} if self.offloaded else self.state)
         self.locals = [local_tensor(p) for p in group.params]  # the param shards as they are now
         entries = group.entries
         # param_views: aliased -> the new p.data; staged -> the staging area; bucketed -> None
@@ -231,8 +245,8 @@ class StepBuffers:
             self.lr_ratios.append([table[k + j, :1].detach() for j in range(len(per_group))])
             k += len(per_group)
         # Adam's state["step"] are 0-d views of the counts (of their host copy when offloading).
-        self.offloaded = offload and device.type != "cpu"
-        self.counts_home = (_buffer((n_slots,), torch.float32, torch.device("cpu"), pin=True) if self.offloaded
-                            else self.counts)
+        self.offloaded = offload and offloads_state(device)
+        self.counts_home = (_buffer((n_slots,), torch.float32, torch.device("cpu"), pin=_pins_home(device))
+                            if self.offloaded else self.counts)
         any_steps = any(r.COUNTS == STEPS for r in rules)
         self.count_views = [self.counts_home[s] for s in range(n_slots)] if any_steps else None
