@@ -24,6 +24,8 @@ go through ``copy_``, which pairs elements by index, never by memory order.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from compiled_step.norm import NormKind
@@ -91,6 +93,21 @@ def flat_alias(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset()).detach()
 
 
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which ``t``'s device is the current device of its type, whatever the caller's is.
+
+    Params may live on another device than the current one (``model.to("cuda:1")`` with no
+    ``torch.cuda.set_device``), and some calls act on the current device only. The guard is the device
+    module's own (``torch.cuda.device``, ``torch.xpu.device``...). CPU and meta have no current device;
+    a backend whose module has no device guard (MPS) has one device, which is always the current one.
+    """
+    device = t.device
+    if device.type in ("cpu", "meta"):
+        return contextlib.nullcontext()
+    guard = getattr(torch.get_device_module(device), "device", None)
+    return guard(device) if guard is not None else contextlib.nullcontext()
+
+
 def own_storage_alias(view: torch.Tensor) -> torch.Tensor:
     """``view``'s elements as a tensor with a storage object of its own, over the same memory.
 
@@ -102,7 +119,8 @@ def own_storage_alias(view: torch.Tensor) -> torch.Tensor:
     first element and spans exactly its bytes: writes land in the buffer (the flat update keeps
     its one pass), and the DLPack capsule keeps the buffer alive as long as the alias lives.
     """
-    alias = torch.from_dlpack(view)
+    with on_device_of(view):  # torch >= 2.9's __dlpack__ refuses a CUDA tensor off the current device
+        alias = torch.from_dlpack(view)
     storage = alias.untyped_storage()
     span = 1 + sum((n - 1) * s for n, s in zip(view.shape, view.stride())) if view.numel() else 0
     if alias.data_ptr() != view.data_ptr() or storage.data_ptr() != view.data_ptr() or \
