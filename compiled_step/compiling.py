@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import Callable
@@ -87,6 +88,17 @@ CASTS_FUSED_AWAY = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2,
 _COMBO_SETTINGS = ("combo_kernels", "combo_kernels_pointwise_only", "combo_kernels_autotune",
                    "benchmark_combo_kernel", "combo_kernel_max_num_nodes")
 _MISSING_LOGGED = False  # the missing settings are logged once per process
+# COMBO_KERNELS_ENV=0 keeps combo kernels off where this torch has them: both kernel paths can then be run and
+# compared on one machine (``python -m compiled_step gpu-check`` runs the CUDA tests both ways). Unset or 1: on.
+COMBO_KERNELS_ENV = "COMPILED_STEP_COMBO_KERNELS"
+
+
+def combo_kernels_requested() -> bool:
+    """Whether ``COMBO_KERNELS_ENV`` leaves combo kernels on (the default); a value other than 0 or 1 raises."""
+    value = os.environ.get(COMBO_KERNELS_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{COMBO_KERNELS_ENV}={value!r}: use 1 (combo kernels on, the default) or 0 (off)")
+    return value == "1"
 
 
 def _has_setting(config, dotted: str) -> bool:
@@ -110,7 +122,7 @@ def inductor_settings() -> dict[str, object]:
     present = {k: v for k, v in _INDUCTOR_SETTINGS.items() if _has_setting(inductor_config, k)}
     missing = sorted(set(_INDUCTOR_SETTINGS) - set(present))
     combo_off = any(k not in present for k in _COMBO_SETTINGS)
-    if combo_off:  # e.g. torch 2.11 has combo kernels but not combo_kernel_max_num_nodes
+    if combo_off or not combo_kernels_requested():  # e.g. torch 2.11 lacks combo_kernel_max_num_nodes
         present = {k: v for k, v in present.items() if k not in _COMBO_SETTINGS}
     if missing and not _MISSING_LOGGED:
         _MISSING_LOGGED = True

@@ -102,6 +102,18 @@ def test_only_leading_dims_are_symbolic_and_the_settings_are_in_force_while_comp
     assert inductor_config.combo_kernels is False
 
 
+def test_combo_kernels_env_turns_them_off_and_refuses_other_values(monkeypatch):
+    monkeypatch.setenv(compiling.COMBO_KERNELS_ENV, "1")
+    on = compiling.inductor_settings()
+    monkeypatch.setenv(compiling.COMBO_KERNELS_ENV, "0")
+    off = compiling.inductor_settings()
+    assert not any("combo_kernel" in key for key in off)
+    assert {k: v for k, v in on.items() if "combo_kernel" not in k} == off  # the rest is unaffected
+    monkeypatch.setenv(compiling.COMBO_KERNELS_ENV, "off")
+    with pytest.raises(ValueError, match="COMPILED_STEP_COMBO_KERNELS"):
+        compiling.inductor_settings()
+
+
 def test_settings_this_torch_lacks_are_left_out_and_combo_kernels_need_all_of_theirs(monkeypatch, caplog):
     monkeypatch.setattr(compiling, "_INDUCTOR_SETTINGS",
                         {**compiling._INDUCTOR_SETTINGS, "no_such_setting": True, "triton.no_such_either": 1})
@@ -208,6 +220,8 @@ def test_first_step_allocates_no_autotuning_clones_of_params_or_state():
 
 @needs_cuda
 def test_bucket_update_is_combined_into_few_kernels():
+    if "combo_kernels" not in compiling.inductor_settings():
+        pytest.skip("combo kernels are off: this torch lacks one of their settings, or COMPILED_STEP_COMBO_KERNELS=0")
     """16 params FusedStep may not move (``flat_params=False``, no staging): one bucket call whose 16
     per-tensor kernels and the counts kernel Inductor combines (combo kernels, pointwise only)."""
     torch.manual_seed(0)
