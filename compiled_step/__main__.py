@@ -1,4 +1,4 @@
-"""``python -m compiled_step {demo,bench,graphs} [options]``: the command line lives in ``compiled_step.cli``."""
+"""``python -m compiled_step {demo,bench,graphs,gpu-check} [options]``: the command line lives in ``compiled_step.cli``."""
 
 from __future__ import annotations
 

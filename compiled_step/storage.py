@@ -24,6 +24,8 @@ go through ``copy_``, which pairs elements by index, never by memory order.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from compiled_step.norm import NormKind
@@ -49,6 +51,20 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *,
         numel *= n
     raw = torch.zeros(lead + numel, dtype=dtype, device=device, pin_memory=pin)
     return raw[lead:].view(shape).detach()
+
+
+def offloads_state(device: torch.device) -> bool:
+    """Whether ``offload_optimizer_state`` keeps the state of buffers on ``device`` in host memory between
+    steps: for accelerators only, since on the CPU the host copy would be a second copy of the buffer
+    itself. The mechanism (``lifecycle.offload.offload_in``/``offload_out``) is device-agnostic; tests
+    replace this predicate to run it with CPU buffers standing in for device buffers."""
+    return device.type != "cpu"
+
+
+def _pins_home(device: torch.device) -> bool:
+    """Pin the host copy when the state's buffers are on an accelerator, so that the copies in and out are
+    asynchronous; a CPU buffer gains nothing from it (and a CPU-only torch has no pinned allocator)."""
+    return device.type != "cpu"
 
 
 def _row_buffer(rows: int, dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
@@ -77,6 +93,21 @@ def flat_alias(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset()).detach()
 
 
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which ``t``'s device is the current device of its type, whatever the caller's is.
+
+    Params may live on another device than the current one (``model.to("cuda:1")`` with no
+    ``torch.cuda.set_device``), and some calls act on the current device only. The guard is the device
+    module's own (``torch.cuda.device``, ``torch.xpu.device``...). CPU and meta have no current device;
+    a backend whose module has no device guard (MPS) has one device, which is always the current one.
+    """
+    device = t.device
+    if device.type in ("cpu", "meta"):
+        return contextlib.nullcontext()
+    guard = getattr(torch.get_device_module(device), "device", None)
+    return guard(device) if guard is not None else contextlib.nullcontext()
+
+
 def own_storage_alias(view: torch.Tensor) -> torch.Tensor:
     """``view``'s elements as a tensor with a storage object of its own, over the same memory.
 
@@ -88,7 +119,8 @@ def own_storage_alias(view: torch.Tensor) -> torch.Tensor:
     first element and spans exactly its bytes: writes land in the buffer (the flat update keeps
     its one pass), and the DLPack capsule keeps the buffer alive as long as the alias lives.
     """
-    alias = torch.from_dlpack(view)
+    with on_device_of(view):  # torch >= 2.9's __dlpack__ refuses a CUDA tensor off the current device
+        alias = torch.from_dlpack(view)
     storage = alias.untyped_storage()
     span = 1 + sum((n - 1) * s for n, s in zip(view.shape, view.stride())) if view.numel() else 0
     if alias.data_ptr() != view.data_ptr() or storage.data_ptr() != view.data_ptr() or \
@@ -138,9 +170,9 @@ class GroupBuffers:
         # With offload_optimizer_state on an accelerator, the state users see (and that the binder
         # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
         # filled before each step and released after it.
-        self.offloaded = offload and device.type != "cpu"
-        self.state_home = ({k: _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=True) for k in state_keys}
-                           if self.offloaded else self.state)
+        self.offloaded = offload and offloads_state(device)
+        self.state_home = ({k: _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=_pins_home(device))
+                            for k in state_keys} if self.offloaded else self.state)
         self.locals = [local_tensor(p) for p in group.params]  # the param shards as they are now
         entries = group.entries
         # param_views: aliased -> the new p.data; staged -> the staging area; bucketed -> None
@@ -231,8 +263,8 @@ class StepBuffers:
             self.lr_ratios.append([table[k + j, :1].detach() for j in range(len(per_group))])
             k += len(per_group)
         # Adam's state["step"] are 0-d views of the counts (of their host copy when offloading).
-        self.offloaded = offload and device.type != "cpu"
-        self.counts_home = (_buffer((n_slots,), torch.float32, torch.device("cpu"), pin=True) if self.offloaded
-                            else self.counts)
+        self.offloaded = offload and offloads_state(device)
+        self.counts_home = (_buffer((n_slots,), torch.float32, torch.device("cpu"), pin=_pins_home(device))
+                            if self.offloaded else self.counts)
         any_steps = any(r.COUNTS == STEPS for r in rules)
         self.count_views = [self.counts_home[s] for s in range(n_slots)] if any_steps else None

@@ -265,6 +265,38 @@ def test_params_on_another_device_than_the_current_one_are_captured_and_updated(
         torch.testing.assert_close(a.detach(), b.detach(), **TOL[torch.float32])
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("current, where, options", [
+    (0, "cuda:1", dict(cuda_graphs=False)),
+    (1, "cuda:0", dict(offload_optimizer_state=True)),
+])
+def test_params_off_the_current_device_get_their_own_storage_aliases_there(current, where, options):
+    """``model.to("cuda:1")`` without ``torch.cuda.set_device``: the aliased params' own-storage aliases
+    (``storage.own_storage_alias``, through DLPack, which torch >= 2.9 refuses off the current device)
+    are made on the params' device at the first step, uncaptured and with offloaded state too."""
+    torch.cuda.set_device(current)
+    try:
+        ours, ref = _cuda_params(torch.float32, where), _cuda_params(torch.float32, where)
+        opt, ref_opt = torch.optim.AdamW(ours, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2)
+        fused = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK, **options)
+        for step, grads in _device_grads(ours, range(4)).items():
+            write_grads(ours, grads)
+            for q, g in zip(ref, grads):
+                q.grad = g.clone()
+            fused.step()
+            torch.nn.utils.clip_grad_norm_(ref, 1.0)
+            ref_opt.step()
+            fused.zero_grad()
+        assert torch.cuda.current_device() == current
+        flat = [(gb.params.data_ptr(), gb.params.data_ptr() + gb.params.nbytes) for gb in fused._built.groups]
+        aliased = [p for p in ours if any(lo <= p.data_ptr() < hi for lo, hi in flat)]
+        assert aliased and all(p.device == torch.device(where) for p in ours)  # the aliases were made, there
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.detach(), b.detach(), **TOL[torch.float32])
+    finally:
+        torch.cuda.set_device(0)
+
+
 # ---------------------------------------------------------------------- FP8 under FSDP2, one GPU
 
 

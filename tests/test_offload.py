@@ -203,3 +203,92 @@ def test_cuda_round_trip_is_bit_exact():
         assert _snapshot_bytes(model) == before
     assert _devices(model) == {"cpu"}
     assert _snapshot_bytes(model) == before
+
+
+# ---------------------------------------------------------------------- FusedStep's optimizer-state offload
+#
+# offload_out frees each state buffer's storage after a step and offload_in reallocates it before the
+# next. The buffers are views one row into their storage (storage.LEAD / ROW), so the reallocation must
+# cover that row as well as the view. Without an accelerator the mechanism is run two ways: on meta
+# tensors (storages with a size and no memory: a too-small allocation shows as a size, and the copy in
+# writes nowhere), and through FusedStep with CPU buffers standing in for the device buffers.
+
+
+def _offloaded_group(rows: int, device: str, keys=("exp_avg", "exp_avg_sq")):
+    """A group's offload-relevant part, laid out as storage.GroupBuffers lays it out: [rows, ROW] work
+    buffers one row into their storage on ``device``, and host copies of the same layout."""
+    from types import SimpleNamespace
+
+    from compiled_step import storage
+
+    work = {k: storage._row_buffer(rows, torch.float32, torch.device(device)) for k in keys}
+    home = {k: storage._row_buffer(rows, torch.float32, torch.device("cpu")) for k in keys}
+    return SimpleNamespace(offloaded=True, state=work, state_home=home)
+
+
+def test_offload_in_reallocates_the_whole_storage_its_views_span():
+    from types import SimpleNamespace
+
+    from compiled_step.lifecycle.offload import offload_in
+
+    group = _offloaded_group(rows=3, device="meta")
+    built = {k: w.untyped_storage().nbytes() for k, w in group.state.items()}
+    for key, work in group.state.items():
+        # Independent of the library's arithmetic: a contiguous view ends at offset + numel elements.
+        assert built[key] == (work.storage_offset() + work.numel()) * work.element_size()
+        work.untyped_storage().resize_(0)  # what offload_out leaves (it copies out first; meta has no data)
+    offload_in([group], SimpleNamespace(offloaded=False))
+    for key, work in group.state.items():
+        assert work.storage_offset() > 0  # the layout this test is about: a view at a storage offset
+        assert work.untyped_storage().nbytes() == built[key], (
+            f"{key}: reallocated {work.untyped_storage().nbytes()} bytes, the view spans {built[key]}")
+
+
+def _offload_vs_eager(monkeypatch, steps: int = 4):
+    from compiled_step import FusedStep, storage
+    from conftest import BUCKET, PACK, make_grads, make_params, set_grads, write_grads
+
+    monkeypatch.setattr(storage, "offloads_state", lambda device: True)  # CPU buffers stand in for the device's
+
+    ours, ref = make_params(), make_params()
+    opt = torch.optim.AdamW(ours, lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    fused = FusedStep(opt, max_grad_norm=1.0, bucket_size=BUCKET, pack_threshold=PACK, offload_optimizer_state=True)
+    released = []
+    for t in range(steps):
+        grads = make_grads(ours, t)
+        write_grads(ours, grads)  # into FusedStep's grad buffers from step 1 on
+        set_grads(ref, grads)
+        fused.step()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_opt.step()
+        groups = fused._built.groups
+        released.append([w.untyped_storage().nbytes() for gb in groups for w in gb.state.values()])
+        assert all(gb.offloaded for gb in groups)  # the stand-in really took the offload path
+    return ours, ref, opt, ref_opt, released
+
+
+def test_offloaded_steps_with_cpu_stand_in_match_eager(monkeypatch):
+    """Several steps through offload_in / update / offload_out match eager clip + AdamW. Tolerance: fp32
+    rtol=1e-5, atol=1e-6 as in test_parity.py (one fused pass vs torch's op-by-op rounding); the offload
+    copies themselves are exact."""
+    from compiled_step.lifecycle import offload
+
+    spans = []
+    real_offload_in = offload.offload_in
+
+    def offload_in_and_measure(groups, buffers):
+        real_offload_in(groups, buffers)
+        spans.append([(w.untyped_storage().nbytes(), (w.storage_offset() + w.numel()) * w.element_size())
+                      for gb in groups for w in gb.state.values()])
+
+    monkeypatch.setattr(offload, "offload_in", offload_in_and_measure)  # fused_step calls offload.offload_in
+    ours, ref, opt, ref_opt, released = _offload_vs_eager(monkeypatch)
+    assert len(spans) == 4 and all(have == need for step in spans for have, need in step)
+    assert all(n == 0 for step in released for n in step)  # freed between steps
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, ref):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[a][key], ref_opt.state[b][key], rtol=1e-5, atol=1e-6)
+        assert float(opt.state[a]["step"]) == float(ref_opt.state[b]["step"]) == 4.0

@@ -1,4 +1,4 @@
-"""Command line: ``python -m compiled_step {demo,bench,graphs} [options]``.
+"""Command line: ``python -m compiled_step {demo,bench,graphs,gpu-check} [options]``.
 
 Each subcommand lives in its own package and is imported only when asked for, so
 ``python -m compiled_step graphs`` does not pay for matplotlib and ``demo`` does not
@@ -16,12 +16,13 @@ _COMMANDS = {
     "demo": ("compiled_step.cli.demo", "train the built-in model with FusedStep next to the eager reference"),
     "bench": ("compiled_step.cli.bench", "benchmark FusedStep against clip_grad_norm_ + torch.optim anchors"),
     "graphs": ("compiled_step.cli.graphs", "write the reference configurations' compiled graphs into graphs/"),
+    "gpu-check": ("compiled_step.cli.gpu_check", "the GPU acceptance run: CUDA tests, sync-debug, offload, bench"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: python -m compiled_step {" + ",".join(_COMMANDS) + "} [options]", ""]
-    lines += [f"  {name:<7} {help_text}" for name, (_, help_text) in _COMMANDS.items()]
+    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in _COMMANDS.items()]
     lines.append("\nRun a subcommand with --help for its options. demo and bench need the cli extra: "
                  "pip install -e '.[cli]'.")
     return "\n".join(lines)

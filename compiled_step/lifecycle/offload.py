@@ -184,12 +184,26 @@ class ScopedModuleOffloading:
 # ---------------------------------------------------------------------- FusedStep's optimizer-state offload
 
 
+def storage_bytes_spanned(view: torch.Tensor) -> int:
+    """The bytes a storage must hold for ``view``: from the storage's byte 0, where ``resize_`` sizes it
+    from, to the view's last element. The state buffers start one row into their storage (``storage.LEAD``,
+    so that no compiled call sees a storage offset of 0 or 1), and that row counts too."""
+    if view.numel() == 0:
+        return view.storage_offset() * view.element_size()
+    last = view.storage_offset() + sum((n - 1) * s for n, s in zip(view.shape, view.stride()))
+    return (last + 1) * view.element_size()
+
+
 def offload_in(groups: list, buffers) -> None:
-    """Before a step with offloaded state: allocate the device state and fill it from the host copy."""
+    """Before a step with offloaded state: allocate the device state and fill it from the host copy.
+
+    The storage is reallocated as large as it was built (what its view spans, offset included): sized
+    to the view's own bytes it would end one row short, and the copy in and the update would write past it.
+    """
     for gb in groups:
         if gb.offloaded:
             for key, work in gb.state.items():
-                work.untyped_storage().resize_(work.numel() * work.element_size())
+                work.untyped_storage().resize_(storage_bytes_spanned(work))
                 work.copy_(gb.state_home[key], non_blocking=True)
     if buffers.offloaded:
         buffers.counts.copy_(buffers.counts_home, non_blocking=True)
