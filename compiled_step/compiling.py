@@ -27,7 +27,19 @@ from typing import Callable
 
 import torch
 
+from compiled_step.planning import ROW
+
 log = logging.getLogger("compiled_step")
+
+# The size hint every flat buffer's row count compiles with (2^24 elements, 64 MiB of fp32 grads), whatever the first
+# call's size.
+# Why: under ``dynamic=True`` Inductor takes a reduction's split (how many blocks share Phase A's sum over a
+# buffer) and other heuristics from the first compile's size hint, and bakes them into the graph; Dynamo's cache
+# and Inductor's on-disk FX graph cache are shared by every FusedStep of a process and machine. Without a fixed
+# hint, a small group (or a test's 2 K-element buffer) compiled first gives a 7B model's buffer its one-block
+# split (10-50x slower on a GPU). ``mark_dynamic(hint_override=...)`` replaces the hint, and is part of the FX
+# cache key. A large hint only costs a small buffer a few idle blocks.
+ROWS_HINT = 1 << 16
 
 
 # Inductor settings for the step's graphs (``compile_settings``), and why:
@@ -189,13 +201,30 @@ def static_widths(args) -> None:
     ``slot * K`` (no ``index // ks`` per element on a GPU), the CPU loop over a row is 16 full
     vectors with no masked tail, and ``256 * rows`` is provably a multiple of 16. Each width is a
     constant by design (``planning.ROW``, the rule's columns), so no model compiles another graph.
+    A flat buffer's row count stays a symbol whose size hint is ``ROWS_HINT``, whatever this call's size.
     """
+    tensors = list(_tensors(args))
+    rows = {t.shape[0] for t in tensors if _is_flat_buffer(t)}
+    for t in tensors:
+        if t.dim() > 1:
+            torch._dynamo.mark_static(t, list(range(1, t.dim())))
+        # A flat buffer's row count, and its row -> slot index (``[rows]`` int), which must share the hint:
+        # the fake tensors of an op over both would otherwise disagree on the size.
+        if _is_flat_buffer(t) or (t.dim() == 1 and not t.is_floating_point() and t.shape[0] in rows):
+            torch._dynamo.mark_dynamic(t, 0, hint_override=ROWS_HINT)
+
+
+def _is_flat_buffer(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.shape[1] == ROW
+
+
+def _tensors(args):
+    """The tensors of ``args``, nested lists and tuples included."""
     for arg in args:
         if isinstance(arg, torch.Tensor):
-            if arg.dim() > 1:
-                torch._dynamo.mark_static(arg, list(range(1, arg.dim())))
+            yield arg
         elif isinstance(arg, (list, tuple)):
-            static_widths(arg)
+            yield from _tensors(arg)
 
 
 class Recording:
@@ -255,8 +284,7 @@ def _with_static_widths(compiled: Callable) -> Callable:
     through Dynamo pay for it: replays call the recorded graph directly."""
 
     def call(*args, **kwargs):
-        static_widths(args)
-        static_widths(kwargs.values())
+        static_widths([*args, *kwargs.values()])
         return compiled(*args, **kwargs)
 
     call.__wrapped__ = compiled

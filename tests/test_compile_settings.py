@@ -133,6 +133,23 @@ def test_a_bad_combo_kernel_switch_is_refused(monkeypatch):
         FusedStep(torch.optim.SGD(_model().parameters(), lr=0.1))
 
 
+def test_flat_buffers_compile_with_one_size_hint_whatever_size_compiled_first():
+    """Inductor picks a reduction's split from the size hint of the first compile and the graph is shared by every
+    later size: a small FusedStep compiled first must not hand its hint to a large one. Every ``[rows, ROW]``
+    buffer's row count is a symbol whose hint is ``ROWS_HINT``, for the small and the large model alike."""
+    backend = _Inspecting()
+    for width in (8, 512):  # 2 rows per buffer, then ~260 rows: the second reuses the first's graphs
+        model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, 4))
+        fused = FusedStep(torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=1.0, backend=backend,
+                          compile_notice=False)
+        _set_grads(model)
+        fused.step()
+    assert len(backend.graphs) == 3  # compiled once, by the small model
+    hints = [v.shape[0].node.hint for values, _ in backend.graphs for v in values
+             if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == ROW]
+    assert len(hints) == 5 and set(hints) == {compiling.ROWS_HINT}, hints  # Phase A's grads; p, g, m, v
+
+
 def test_settings_this_torch_lacks_are_left_out_and_combo_kernels_need_all_of_theirs(monkeypatch, caplog):
     monkeypatch.setattr(compiling, "_INDUCTOR_SETTINGS",
                         {**compiling._INDUCTOR_SETTINGS, "no_such_setting": True, "triton.no_such_either": 1})

@@ -40,14 +40,16 @@ Each file holds:
   ``torch._dynamo.testing.normalize_gm`` does) and the post-grad ATen graph Inductor lowered (the
   ``TORCH_LOGS=post_grad_graphs`` text).
 
-**Bytes per parameter** = (bytes accessed by the Phase A graph + bytes accessed by the update graph
-that updates the configuration's large params: the flat update for plain tensors, which are all
-aliased into the flat buffer, the bucket update for DTensor and FP8 layouts) / (the grad elements
-that update processes: its grad inputs at compile time, padding included). Both graphs' byte
-counts are at the sizes of that group's calls (checked). fp32 AdamW's floor is 32: read p, g, m, v
-and write p, m, v once (28), plus one more read of g for the norm (4). What lies above it: the flat
-update's row index and per-tensor table reads; for DTensor layouts, Phase A also reads the grads of
-the group's staged small params, which the bucket update does not process.
+**Bytes per parameter** = the bytes accessed per grad element by the Phase A graph + by the update
+graph that updates the configuration's large params (the flat update for plain tensors, which are
+all aliased into the flat buffer; the bucket update for DTensor and FP8 layouts), each at the sizes
+Inductor compiled it for, padding included. A flat buffer's row count compiles with a fixed size
+hint (``compiling.ROWS_HINT``, whatever size comes first), and ``num_bytes_accessed`` is counted at
+the hints, so Phase A and the flat update are counted at ``ROWS_HINT`` rows and a bucket update at
+its first call's sizes (checked). fp32 AdamW's floor is 32: read p, g, m, v and write p, m, v once
+(28), plus one more read of g for the norm (4). What lies above it: the flat update's row index and
+per-tensor table reads; for DTensor layouts, Phase A also reads the grads of the group's staged
+small params, which the bucket update does not process.
 
 How the capture works (the torch 2.13 APIs used are private, hence the pinned version), through
 public seams of FusedStep only (``backend=``, ``fused.program``, ``fused.plan``):
@@ -75,8 +77,7 @@ ones of 256, 256 and 128 elements. Plain tensors are all aliased into one flat b
 small; FusedStep's default is 16) making exactly one full bucket, and the 3 small ones are staged.
 ``muon_adamw`` (a family of its own) has other sizes: Muon on 6 hidden matrices, 2 each of 64 x 64,
 64 x 128 and 128 x 64 (3 stacks; the tall one is a second ``update_matrices`` graph, since tall
-matrices are transposed), AdamW on a 256 x 64 embedding-like matrix, a bias and 3 norm weights. Its
-bytes per parameter is n/a: its Phase A graph is compiled at the Muon group's sizes (group 0).
+matrices are transposed), AdamW on a 256 x 64 embedding-like matrix, a bias and 3 norm weights.
 
 Output is deterministic: no addresses, timestamps, hashes, cache paths or line numbers; running the
 command twice gives identical files. Nothing in the files depends on the CPU (they came out identical

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from compiled_step import planning
+from compiled_step import compiling, planning
 from compiled_step.cli.graphs.goldens import GOLDEN_TORCH_VERSION
 from compiled_step.cli.graphs.normalize import normalize_text
 from compiled_step.cli.graphs.recording import CaptureSession, CompiledGraph, GraphCall, session
@@ -120,9 +120,9 @@ _GENERATED_BY = [
 ]
 
 _BPP_DEFINITION = (
-    "bytes per parameter: (bytes accessed by the Phase A graph + by the update graph of the large params: the flat "
-    "update for plain tensors, the bucket update for DTensor and FP8 layouts) / (the grad elements that update "
-    "processes, padding included). fp32 AdamW's floor is 32: read p, g, m, v and write p, m, v once (28), plus one "
+    "bytes per parameter: bytes accessed per grad element by the Phase A graph + by the update graph of the large "
+    "params (the flat update for plain tensors, the bucket update for DTensor and FP8 layouts), each at the sizes it "
+    "was compiled for (a flat buffer at its fixed row hint), padding included. fp32 AdamW's floor is 32: read p, g, m, v and write p, m, v once (28), plus one "
     "more read of g for the norm (4)"
 )
 
@@ -151,17 +151,19 @@ def _bytes_per_param(plan, program, local: dict[int, int]) -> tuple[BytesPerPara
         update = _nth(program.calls, ".update_bucket", sum(plan.groups[k].bucket_count for k in range(g)) + b)
     else:
         kind = "flat update"
-        expected = group.flat_rows * planning.ROW
+        expected = compiling.ROWS_HINT * planning.ROW  # a flat buffer compiles at the fixed row hint
         update = _nth(program.calls, ".update_flat",
                       sum(1 for k in range(g) if plan.groups[k].flat_slots and not plan.groups[k].stacks))
     calls = (phase_a, update)
     if any(c is None or not isinstance(c.compiled, GraphCall) for c in calls):
         return None, "n/a (the step did not run both graphs)"
     a, u = (c.compiled.graph for c in calls)
-    if a.elements != group.rows * planning.ROW or u.elements != expected:
+    if a.elements != compiling.ROWS_HINT * planning.ROW or u.elements != expected:
         return None, (f"n/a (the large params are in group {g}, but a graph of theirs was compiled at another "
                       "group's sizes, whose bytes it reports)")
-    value = (a.bytes_accessed + u.bytes_accessed) / u.elements
+    # Each graph's bytes per grad element at the sizes it was compiled for (Phase A at the row hint, a bucket
+    # update at its first call's sizes): the traffic of one param element through both passes.
+    value = a.bytes_accessed / a.elements + u.bytes_accessed / u.elements
     return BytesPerParam(value, local[a.index], local[u.index], kind, u.elements, g), ""
 
 

@@ -183,8 +183,20 @@ def _is_inplace(node: torch.fx.Node) -> bool:
     return False
 
 
+def _hinted_numel(value: torch.Tensor) -> int:
+    """Elements of a graph input at the sizes Inductor compiled for: a symbolic size counts as its hint.
+
+    Inductor's ``num_bytes_accessed`` is computed at the hints, and a flat buffer's row count compiles with
+    the fixed ``compiling.ROWS_HINT``, not the first call's size: the bytes-per-element divisor must use them too.
+    """
+    numel = 1
+    for size in value.shape:
+        numel *= size if isinstance(size, int) else int(size.node.hint)
+    return numel
+
+
 def _graph_signature(gm: torch.fx.GraphModule, example_inputs) -> tuple[list[InputInfo], list[str], int]:
-    """Inputs (grouped by list argument), outputs, and the grad elements at compile time of a Dynamo
+    """Inputs (grouped by list argument), outputs, and the grad elements at the size hints of a Dynamo
     graph. ``example_inputs`` are the real tensors of the compiling call, in placeholder order."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     written = {node.args[0].name for node in gm.graph.nodes
@@ -203,7 +215,7 @@ def _graph_signature(gm: torch.fx.GraphModule, example_inputs) -> tuple[list[Inp
         if not list_match and match and match.group("scope") == "G":
             name += " (global)"  # a float constant Dynamo passes as a 0-d tensor input
         if name in ("grads", "grad") and isinstance(example, torch.Tensor):
-            elements += example.numel()
+            elements += _hinted_numel(value)
         shape = "[" + ", ".join("n" if list_match and not isinstance(s, int) else str(s) for s in value.shape) + "]"
         info = by_name.get(name)
         if info is None:

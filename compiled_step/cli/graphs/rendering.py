@@ -121,7 +121,7 @@ def render(cap: Capture, *, keep_source: bool = False) -> str:
     total_kernels = sum(g.kernels for g in cap.graphs)
     out.append(f"kernels (Inductor's generated_kernel_count): {total_kernels} = "
                + " + ".join(f"{g.kernels} (graph {i + 1})" for i, g in enumerate(cap.graphs)))
-    out.append("bytes accessed (Inductor's num_bytes_accessed, at compile-time sizes):")
+    out.append("bytes accessed (Inductor's num_bytes_accessed, at its size hints: a flat buffer's rows at ROWS_HINT):")
     for i, g in enumerate(cap.graphs):
         per = (f"for {g.elements:,} grad elements = {_per_element(g.bytes_accessed, g.elements)} B/element"
                if g.elements else "(no grad input)")
