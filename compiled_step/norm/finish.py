@@ -111,16 +111,21 @@ def finish_with_health(
 
 def _write_table(table: torch.Tensor, rule, slot_rule: torch.Tensor | None, slot_hp: torch.Tensor,
                  counts: torch.Tensor, apply: torch.Tensor, coef: torch.Tensor) -> None:
-    """Every slot's row of the per-tensor table, from its rule's ``slot_table`` (padded to the table's width)."""
+    """Every slot's row of the per-tensor table, from its rule's ``slot_table`` (padded to the table's width).
+
+    ``slot_table`` gets the table itself, not its dtype: Dynamo orders a graph's inputs by first use, a dtype
+    read included, and reading it inside ``slot_table`` (after the counts) keeps the finish graph's inputs in
+    the order they had before float64 tables.
+    """
     if not isinstance(rule, tuple):
-        scalars = rule.slot_table(slot_hp, counts, apply, coef, table.dtype)
+        scalars = rule.slot_table(slot_hp, counts, apply, coef, table)
         table.copy_(torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])))
         return
     # Several rules: every rule's table for every slot (a few columns per slot), each slot keeping its own.
     which = slot_rule[:, None]
     out = torch.zeros_like(table)
     for index, r in enumerate(rule):
-        scalars = r.slot_table(slot_hp, counts, apply, coef, table.dtype)
+        scalars = r.slot_table(slot_hp, counts, apply, coef, table)
         out = torch.where(which == index, torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])),
                           out)
     table.copy_(out)

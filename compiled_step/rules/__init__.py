@@ -16,8 +16,8 @@ that differs between rules is data or a function on the rule module, never a bra
   (``update_matrices``);
 * ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
   every step, before anything changes; ``variant(group)`` names the structural options that change
-  the graphs; ``slot_table(hp, counts, apply, coef, dtype)`` computes every tensor's scalars inside
-  the finish graph, in float64, rounded to the table's ``dtype`` (``common.table_dtype``: float64
+  the graphs; ``slot_table(hp, counts, apply, coef, table)`` computes every tensor's scalars inside
+  the finish graph, in float64, rounded to the dtype of ``table`` (``common.table_dtype``: float64
   when the plan holds float64 params, whose update is float64 throughout; else float32).
 
 ``conformance_errors(rule)`` checks a rule module against this contract (names, kinds and the update
@@ -51,7 +51,7 @@ class UpdateRule(Protocol):
     def group_values(self, optimizer: torch.optim.Optimizer, group: dict, where: str) -> list: ...
 
     def slot_table(self, hp: torch.Tensor, counts: torch.Tensor, apply: torch.Tensor,
-                   coef: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+                   coef: torch.Tensor, table: torch.Tensor) -> torch.Tensor: ...
 
 
 class ElementwiseRule(UpdateRule, Protocol):

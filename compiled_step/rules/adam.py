@@ -107,8 +107,8 @@ def slot_table(
     counts: torch.Tensor,  # [S] float32: each tensor's step count before this update
     apply: torch.Tensor,  # [S] bool: the tensor is updated this step (finite norm and a grad)
     coef: torch.Tensor,  # [] float64: the clip coefficient
-    dtype: torch.dtype,  # graph constant: the table's dtype
-) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] dtype
+    table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
     lr, beta1, beta2 = hp[:, _LR], hp[:, _BETA1], hp[:, _BETA2]
     wd, decoupled = hp[:, _WD], hp[:, _DECOUPLED] != 0
     step = counts.double() + 1.0  # torch increments the step before the bias corrections
@@ -126,7 +126,7 @@ def slot_table(
         -(lr / bias_correction1),
         bias_correction2.sqrt(),
     ]
-    return torch.stack(columns, dim=1).to(dtype)
+    return torch.stack(columns, dim=1).to(table.dtype)
 
 
 def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
@@ -159,8 +159,8 @@ def update_flat(
     table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32 or float64: the group's flat slots' scalars
     counts: torch.Tensor,  # [Sf] float32: their step counts; mutated (+1 where applied)
 ) -> None:
-    widen = widening(params.dtype)
     rows = as_compute(table[row_slot.long()], compute_dtype(params.dtype))  # [R, K]: a row's scalars, read once
+    widen = widening(params.dtype)
     p32, m32, v32 = widen(params), widen(exp_avg), widen(exp_avg_sq)
     vm32 = widen(max_exp_avg_sq) if max_exp_avg_sq is not None else None
     p_new, m_new, v_new, vm_new = _math(p32, grads, m32, v32, vm32, lambda k: rows[:, k, None])
@@ -185,14 +185,13 @@ def update_bucket(
     amax: torch.Tensor | None,  # [B] float32: written with max|p| of the stored params (FP8), or None
 ) -> None:
     amaxes = []
-    scalars = as_compute(table, compute_dtype(params[0].dtype))  # one sharding group: one dtype
-    widen = widening(params[0].dtype)
+    compute, widen = compute_dtype(params[0].dtype), widening(params[0].dtype)  # one sharding group: one dtype
     for j in range(len(params)):
         p, m, v = params[j], exp_avg[j], exp_avg_sq[j]
         vm = max_exp_avg_sq[j] if max_exp_avg_sq is not None else None
         p32, m32, v32 = widen(p), widen(m), widen(v)
         vm32 = widen(vm) if vm is not None else None
-        p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, lambda k: scalars[j, k])
+        p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, lambda k: as_compute(table[j, k], compute))
         keep = table[j, APPLY] != 0
         stores = [(m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else [])
         store_where(keep, stores)

@@ -120,8 +120,8 @@ def slot_table(
     counts: torch.Tensor,  # [S] float32: unused (Muon keeps no count)
     apply: torch.Tensor,  # [S] bool: the matrix is updated this step (finite norm and a grad)
     coef: torch.Tensor,  # [] float64: the clip coefficient
-    dtype: torch.dtype,  # graph constant: the table's dtype
-) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] dtype
+    table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
     momentum = hp[:, _MOMENTUM]
     columns = [
         apply.double(),
@@ -132,7 +132,7 @@ def slot_table(
         hp[:, _NESTEROV],
         hp[:, _EPS],
     ]
-    return torch.stack(columns, dim=1).to(dtype)
+    return torch.stack(columns, dim=1).to(table.dtype)
 
 
 def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
@@ -250,9 +250,10 @@ def _col(table: torch.Tensor, k: int) -> torch.Tensor:
 def _momentum(grads: torch.Tensor, table: torch.Tensor, momentum_buffer: torch.Tensor) -> torch.Tensor:
     """The momentum buffer updated in place (where applied); returns the Newton-Schulz input in the compute
     precision (``*32``: float32, or float64 for float64 params; the names are the graphs' node names)."""
-    widen = widening(momentum_buffer.dtype)
-    table = as_compute(table, compute_dtype(momentum_buffer.dtype))
     keep = _col(table, APPLY) != 0
+    # Dynamo orders a graph's inputs by first use (a dtype read counts): the grads before the buffer, as always.
+    _, compute = grads.dtype, compute_dtype(momentum_buffer.dtype)
+    widen, table = widening(compute), as_compute(table, compute)
     g = widen(grads) * _col(table, GRAD_COEF)
     buf32 = widen(momentum_buffer)
     momentum_buffer.copy_(torch.where(keep, torch.lerp(buf32, g, _col(table, _ONE_MINUS_MOMENTUM)), buf32))
@@ -267,8 +268,8 @@ def _apply(params: torch.Tensor, hp: torch.Tensor, table: torch.Tensor, lr_ratio
            ortho: torch.Tensor) -> None:
     """Decoupled weight decay and the orthogonalized step, where applied (bit-identical elsewhere)."""
     # torch: p.add_(O, alpha=-lr * ratio) with the Python float rounded to the param's precision once.
-    compute, widen = compute_dtype(params.dtype), widening(params.dtype)
-    table = as_compute(table, compute)
-    neg_lr = (-(hp[_LR] * lr_ratio[0])).to(compute)
+    # (hp and lr_ratio are used before params, which keeps the graphs' input order: see _momentum)
+    neg_lr = (-(hp[_LR] * lr_ratio[0])).to(compute_dtype(params.dtype))
+    widen, table = widening(params.dtype), as_compute(table, compute_dtype(params.dtype))
     p32 = widen(params)
     store_where(_col(table, APPLY) != 0, [(params, p32 * _col(table, _T_DECAY) + neg_lr * widen(ortho), p32)])

@@ -96,8 +96,8 @@ def slot_table(
     counts: torch.Tensor,  # [S] float32: 1.0 where the momentum buffer has never been updated
     apply: torch.Tensor,  # [S] bool: the tensor is updated this step
     coef: torch.Tensor,  # [] float64: the clip coefficient
-    dtype: torch.dtype,  # graph constant: the table's dtype
-) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] dtype
+    table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
     columns = [
         apply.double(),
         coef * hp[:, SCALE] * hp[:, SIGN],
@@ -108,7 +108,7 @@ def slot_table(
         hp[:, _NESTEROV],
         counts.double(),
     ]
-    return torch.stack(columns, dim=1).to(dtype)
+    return torch.stack(columns, dim=1).to(table.dtype)
 
 
 def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
@@ -135,8 +135,8 @@ def update_flat(
     table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32 or float64
     counts: torch.Tensor,  # [Sf] float32 first-step flags; mutated
 ) -> None:
-    widen = widening(params.dtype)
     rows = as_compute(table[row_slot.long()], compute_dtype(params.dtype))
+    widen = widening(params.dtype)
     p32 = widen(params)
     buf32 = widen(momentum_buffer) if momentum_buffer is not None else None
     p_new, buf_new = _math(p32, grads, buf32, lambda k: rows[:, k, None])
@@ -154,14 +154,13 @@ def update_bucket(
     amax: torch.Tensor | None,  # [B] float32: written with max|p| of the stored params (FP8), or None
 ) -> None:
     amaxes = []
-    scalars = as_compute(table, compute_dtype(params[0].dtype))  # one sharding group: one dtype
-    widen = widening(params[0].dtype)
+    compute, widen = compute_dtype(params[0].dtype), widening(params[0].dtype)  # one sharding group: one dtype
     for j in range(len(params)):
         p = params[j]
         buf = momentum_buffer[j] if momentum_buffer is not None else None
         p32 = widen(p)
         buf32 = widen(buf) if buf is not None else None
-        p_new, buf_new = _math(p32, grads[j], buf32, lambda k: scalars[j, k])
+        p_new, buf_new = _math(p32, grads[j], buf32, lambda k: as_compute(table[j, k], compute))
         keep = table[j, APPLY] != 0
         if buf is not None:
             store_where(keep, [(buf, buf_new, buf32)])
