@@ -136,3 +136,48 @@ def test_float64_muon_matches_torch_muon(clip):
         assert_close_relative(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
                               f"matrix {i}: momentum_buffer")
         assert_close_relative(p.detach(), q.detach(), f"matrix {i}")
+
+
+def test_float32_and_float64_groups_in_one_plan_each_keep_their_precision():
+    """One optimizer, a float32 and a float64 param group: the plan's table is float64, and the float32 group reads
+    its scalars rounded to float32, as from a float32 table. Unclipped, so that torch's float32 norm of the float32
+    grads does not enter the float64 group's step. Tolerances: float64 as above; float32 as tests/test_parity.py's
+    (``rtol=1e-5, atol=1e-6``: FMA contraction and operation order, ~1e-7 relative per step)."""
+    def make():
+        params = _params()
+        return [p if i < 5 else torch.nn.Parameter(p.detach().float()) for i, p in enumerate(params)]
+
+    ours, ref = make(), make()
+    opt = torch.optim.AdamW([{"params": ours[:5]}, {"params": ours[5:]}], lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([{"params": ref[:5]}, {"params": ref[5:]}], lr=1e-2, weight_decay=0.1)
+    fused = FusedStep(opt, max_grad_norm=None, bucket_size=BUCKET, pack_threshold=PACK, compile_notice=False)
+    for step in range(STEPS):
+        grads = [g.to(p.dtype) for g, p in zip(_grads(ours, step), ours)]
+        write_grads(ours, grads)
+        write_grads(ref, grads)
+        fused.step()
+        ref_opt.step()
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        if p.dtype == torch.float64:
+            assert_close_relative(p.detach(), q.detach(), f"float64 param {i}")
+        else:
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_nemo_compat_clip_grad_norm_clips_float64_grads_in_float64(foreach):
+    """The seed's ``clip_grad_norm`` (``nemo_compat``) multiplies the grads in place: float64 grads by a float64
+    coefficient, as ``clip_grad_norm_`` does, so they agree to float64 precision (1e-12, as above)."""
+    from compiled_step.nemo_compat import clip_grad_norm
+
+    ours, ref = _params(), _params()
+    for p, q, g in zip(ours, ref, _grads(ours, 0)):
+        p.grad, q.grad = g.clone(), g.clone()
+    model = torch.nn.Module()
+    model.params = torch.nn.ParameterList(ours)
+    total = clip_grad_norm(1.0, [model], foreach=foreach)
+    expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert_close_relative(torch.as_tensor(total).reshape(()), expected, "total norm")
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        assert_close_relative(p.grad, q.grad, f"grad {i}")
