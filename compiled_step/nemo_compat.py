@@ -17,6 +17,7 @@ from compiled_step.config import FusedStepConfig
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN  # noqa: F401  (re-exported name)
 from compiled_step.norm import CLIP_EPS, NormKind, combine, total_from
 from compiled_step.norm.partials import partial_of_list, scale_partial
+from compiled_step.rules.common import compute_dtype
 from compiled_step.storage import flat_alias
 
 # Grads of at most this many elements are concatenated into one tensor for the norm (one compiled call
@@ -104,7 +105,8 @@ def _multiply_in_place(clip_grads: list[list[torch.Tensor]], factors: list, plan
     for grads, factor, group in zip(clip_grads, factors, plan.groups):
         if factor is None or not grads:
             continue
-        factor = factor.to(device=group.key.device, dtype=torch.float32, non_blocking=True)
+        # float32 for bf16/fp16/fp32 grads; float64 grads get a float64 factor, as clip_grad_norm_ gives them.
+        factor = factor.to(device=group.key.device, dtype=compute_dtype(group.key.grad_dtype), non_blocking=True)
         if foreach is False:
             for g in grads:
                 g.mul_(factor)

@@ -29,7 +29,7 @@ import contextlib
 import torch
 
 from compiled_step.norm import NormKind
-from compiled_step.rules.common import STEPS
+from compiled_step.rules.common import STEPS, table_dtype
 from compiled_step.matrices import Stack
 from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, dense_strides, \
     is_dtensor, local_tensor
@@ -239,10 +239,11 @@ class StepBuffers:
         distinct = list(dict.fromkeys(rules))
         self.slot_rule = _buffer((n_slots,), torch.int32, device)
         self.slot_rule.copy_(torch.tensor([distinct.index(rules[g]) for g in slot_group], dtype=torch.int32))
-        # Table columns and hyperparameter columns padded so that every row starts 16-byte aligned.
+        # Table columns and hyperparameter columns padded so that every row starts 16-byte aligned. The
+        # table is float64 when a group's params are float64: their update is float64 throughout, as torch's.
         widest_table = max((len(r.TABLE_COLUMNS) for r in rules), default=2)
         widest_hp = max((len(r.HP_COLUMNS) for r in rules), default=2)
-        self.table = _buffer((n_slots, padded(widest_table, 4)), torch.float32, device)
+        self.table = _buffer((n_slots, padded(widest_table, 4)), table_dtype(g.key.dtype for g in groups), device)
         self.hp = _buffer((len(groups), padded(widest_hp, 2)), torch.float64, device)
         self.scales = [self.hp[g, 0].detach() for g in range(len(groups))]  # the SCALE column
         self.hp_rows = [self.hp[g].detach() for g in range(len(groups))]

@@ -35,7 +35,7 @@ def finish(
     total: torch.Tensor,  # [1] float64: written with the pre-clip total norm
     finite: torch.Tensor,  # [1] bool: written with isfinite(total)
     skipped: torch.Tensor,  # [1] int64: incremented when the total is not finite
-    table: torch.Tensor,  # [S, K'] float32: written with every slot's scalars (K' >= K: padding columns)
+    table: torch.Tensor,  # [S, K'] float32 (float64 with float64 params): written with every slot's scalars, K' >= K
     kind: str,  # graph constant: NormKind.kind
     p: float,  # graph constant: NormKind.p
     rule,  # graph constant: the rule module (its slot_table), or a tuple of them (several optimizers)
@@ -65,7 +65,7 @@ def finish_with_health(
     total: torch.Tensor,  # [1] float64: written with the pre-clip total norm
     finite: torch.Tensor,  # [1] bool: written with isfinite(total)
     skipped: torch.Tensor,  # [1] int64: incremented when the total is not finite
-    table: torch.Tensor,  # [S, K'] float32: written with every slot's scalars
+    table: torch.Tensor,  # [S, K'] float32 (float64 with float64 params): written with every slot's scalars
     param_partials: torch.Tensor | None,  # [R, 2] float64: reduced per-param partials (param_norms), or None
     norm_rows: torch.Tensor | None,  # [N] int64: each param's row of them, in the optimizer's order
     param_norms: torch.Tensor | None,  # [N] float64: written with each param's pre-clip norm
@@ -111,16 +111,21 @@ def finish_with_health(
 
 def _write_table(table: torch.Tensor, rule, slot_rule: torch.Tensor | None, slot_hp: torch.Tensor,
                  counts: torch.Tensor, apply: torch.Tensor, coef: torch.Tensor) -> None:
-    """Every slot's row of the per-tensor table, from its rule's ``slot_table`` (padded to the table's width)."""
+    """Every slot's row of the per-tensor table, from its rule's ``slot_table`` (padded to the table's width).
+
+    ``slot_table`` gets the table itself, not its dtype: Dynamo orders a graph's inputs by first use, a dtype
+    read included, and reading it inside ``slot_table`` (after the counts) keeps the finish graph's inputs in
+    the order they had before float64 tables.
+    """
     if not isinstance(rule, tuple):
-        scalars = rule.slot_table(slot_hp, counts, apply, coef)
+        scalars = rule.slot_table(slot_hp, counts, apply, coef, table)
         table.copy_(torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])))
         return
     # Several rules: every rule's table for every slot (a few columns per slot), each slot keeping its own.
     which = slot_rule[:, None]
     out = torch.zeros_like(table)
     for index, r in enumerate(rule):
-        scalars = r.slot_table(slot_hp, counts, apply, coef)
+        scalars = r.slot_table(slot_hp, counts, apply, coef, table)
         out = torch.where(which == index, torch.nn.functional.pad(scalars, (0, table.shape[1] - scalars.shape[1])),
                           out)
     table.copy_(out)

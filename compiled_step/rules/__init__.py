@@ -16,8 +16,9 @@ that differs between rules is data or a function on the rule module, never a bra
   (``update_matrices``);
 * ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
   every step, before anything changes; ``variant(group)`` names the structural options that change
-  the graphs; ``slot_table(hp, counts, apply, coef)`` computes every tensor's scalars inside the
-  finish graph.
+  the graphs; ``slot_table(hp, counts, apply, coef, table)`` computes every tensor's scalars inside
+  the finish graph, in float64, rounded to the dtype of ``table`` (``common.table_dtype``: float64
+  when the plan holds float64 params, whose update is float64 throughout; else float32).
 
 ``conformance_errors(rule)`` checks a rule module against this contract (names, kinds and the update
 functions' signatures); tests run it over every registered rule.
@@ -50,7 +51,7 @@ class UpdateRule(Protocol):
     def group_values(self, optimizer: torch.optim.Optimizer, group: dict, where: str) -> list: ...
 
     def slot_table(self, hp: torch.Tensor, counts: torch.Tensor, apply: torch.Tensor,
-                   coef: torch.Tensor) -> torch.Tensor: ...
+                   coef: torch.Tensor, table: torch.Tensor) -> torch.Tensor: ...
 
 
 class ElementwiseRule(UpdateRule, Protocol):

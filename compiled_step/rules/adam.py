@@ -18,8 +18,12 @@ because it adds a state tensor.
 
 The per-tensor scalars (bias corrections from each tensor's on-device step count, as torch's
 capturable path computes them) are computed once per step for every tensor in the finish graph
-(``slot_table``), in float64 like torch's Python-float scalars, then rounded to float32. The update
-graphs index that table; they never recompute ``beta ** step`` per element.
+(``slot_table``), in float64 like torch's Python-float scalars, then rounded to the table's dtype:
+float32, or float64 in a plan with float64 params. The update graphs index that table; they never
+recompute ``beta ** step`` per element.
+
+Precision: bfloat16, float16 and float32 params are updated in float32 and rounded once on store;
+float64 params in float64 throughout, as torch.optim's float64 step (``common.compute_dtype``).
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from compiled_step.rules.common import (
     GRAD_COEF,
     SCALE,
     SIGN,
+    as_compute,
     check_range,
+    compute_dtype,
     hyperparameter,
     reject_common_options,
     store_where,
+    widening,
 )
 
 NAME = "adam"
@@ -49,7 +56,7 @@ COUNTS = STEPS  # the per-tensor counts are torch's state["step"] (views into on
 HP_COLUMNS = ("scale", "sign", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled")
 _LR, _BETA1, _BETA2, _EPS, _WD, _DECOUPLED = range(2, len(HP_COLUMNS))
 
-# Per-tensor scalars (float32, one row per slot); APPLY and GRAD_COEF come first for every rule.
+# Per-tensor scalars (the table's dtype, one row per slot); APPLY and GRAD_COEF come first for every rule.
 TABLE_COLUMNS = ("apply", "grad_coef", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "l2",
                  "neg_step_size", "bc2_sqrt")
 _ONE_MINUS_BETA1, _T_BETA2, _ONE_MINUS_BETA2, _T_EPS, _DECAY, _L2, _NEG_STEP_SIZE, _BC2_SQRT = range(2, 10)
@@ -100,7 +107,8 @@ def slot_table(
     counts: torch.Tensor,  # [S] float32: each tensor's step count before this update
     apply: torch.Tensor,  # [S] bool: the tensor is updated this step (finite norm and a grad)
     coef: torch.Tensor,  # [] float64: the clip coefficient
-) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] float32
+    table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
     lr, beta1, beta2 = hp[:, _LR], hp[:, _BETA1], hp[:, _BETA2]
     wd, decoupled = hp[:, _WD], hp[:, _DECOUPLED] != 0
     step = counts.double() + 1.0  # torch increments the step before the bias corrections
@@ -118,7 +126,7 @@ def slot_table(
         -(lr / bias_correction1),
         bias_correction2.sqrt(),
     ]
-    return torch.stack(columns, dim=1).to(torch.float32)
+    return torch.stack(columns, dim=1).to(table.dtype)
 
 
 def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
@@ -127,9 +135,10 @@ def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 
 
 def _math(p32, g_raw, m32, v32, vm32, col):
-    """One Adam/AdamW update in fp32. ``col(k)`` is column k of the table, as a 0-d value (one tensor)
-    or a ``[rows, 1]`` column (a flat buffer); the math is the same."""
-    g = g_raw.float() * col(GRAD_COEF) + col(_L2) * p32
+    """One Adam/AdamW update in the params' compute precision (``*32``: float32, or float64 for float64
+    params; the names are the graphs' node names). ``col(k)`` is column k of the table in that precision,
+    as a 0-d value (one tensor) or a ``[rows, 1]`` column (a flat buffer); the math is the same."""
+    g = widening(p32.dtype)(g_raw) * col(GRAD_COEF) + col(_L2) * p32
     p_decayed = p32 * col(_DECAY)
     m_new = torch.lerp(m32, g, col(_ONE_MINUS_BETA1))
     v_new = v32 * col(_T_BETA2) + col(_ONE_MINUS_BETA2) * g * g
@@ -147,12 +156,13 @@ def update_flat(
     exp_avg_sq: torch.Tensor,  # [R, ROW] second moments; mutated
     max_exp_avg_sq: torch.Tensor | None,  # [R, ROW] amsgrad maxima, or None; mutated
     row_slot: torch.Tensor,  # [R] int32: which of the group's slots each row belongs to
-    table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32: the group's flat slots' scalars
+    table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32 or float64: the group's flat slots' scalars
     counts: torch.Tensor,  # [Sf] float32: their step counts; mutated (+1 where applied)
 ) -> None:
-    rows = table[row_slot.long()]  # [R, K]: a row's scalars, read once per row
-    p32, m32, v32 = params.float(), exp_avg.float(), exp_avg_sq.float()
-    vm32 = max_exp_avg_sq.float() if max_exp_avg_sq is not None else None
+    rows = as_compute(table[row_slot.long()], compute_dtype(params.dtype))  # [R, K]: a row's scalars, read once
+    widen = widening(params.dtype)
+    p32, m32, v32 = widen(params), widen(exp_avg), widen(exp_avg_sq)
+    vm32 = widen(max_exp_avg_sq) if max_exp_avg_sq is not None else None
     p_new, m_new, v_new, vm_new = _math(p32, grads, m32, v32, vm32, lambda k: rows[:, k, None])
     keep = rows[:, APPLY, None] != 0
     stores = [(params, p_new, p32), (exp_avg, m_new, m32), (exp_avg_sq, v_new, v32)]
@@ -170,17 +180,18 @@ def update_bucket(
     exp_avg: list[torch.Tensor],  # B x [n_i] first moments; mutated
     exp_avg_sq: list[torch.Tensor],  # B x [n_i] second moments; mutated
     max_exp_avg_sq: list[torch.Tensor] | None,  # B x [n_i] amsgrad maxima, or None; mutated
-    table: torch.Tensor,  # [B, len(TABLE_COLUMNS)] float32: the bucket's slots' scalars
+    table: torch.Tensor,  # [B, len(TABLE_COLUMNS)] float32 or float64: the bucket's slots' scalars
     counts: torch.Tensor,  # [B] float32: their step counts; mutated
     amax: torch.Tensor | None,  # [B] float32: written with max|p| of the stored params (FP8), or None
 ) -> None:
     amaxes = []
+    compute, widen = compute_dtype(params[0].dtype), widening(params[0].dtype)  # one sharding group: one dtype
     for j in range(len(params)):
         p, m, v = params[j], exp_avg[j], exp_avg_sq[j]
         vm = max_exp_avg_sq[j] if max_exp_avg_sq is not None else None
-        p32, m32, v32 = p.float(), m.float(), v.float()
-        vm32 = vm.float() if vm is not None else None
-        p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, lambda k: table[j, k])
+        p32, m32, v32 = widen(p), widen(m), widen(v)
+        vm32 = widen(vm) if vm is not None else None
+        p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, lambda k: as_compute(table[j, k], compute))
         keep = table[j, APPLY] != 0
         stores = [(m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else [])
         store_where(keep, stores)

@@ -14,8 +14,38 @@ STEPS, FIRST_STEP_FLAGS, NO_COUNTS = "steps", "first_step_flags", "none"
 
 # Leading columns of every rule's group hyperparameter row (float64) ...
 SCALE, SIGN = 0, 1  # the group's grad scale (PP/EP/grad_scale) and -1 for ``maximize``
-# ... and of every rule's per-tensor table (float32).
+# ... and of every rule's per-tensor table (``table_dtype``: float32, float64 in a plan with float64 params).
 APPLY, GRAD_COEF = 0, 1  # 1.0 where the tensor is updated this step; scale * clip coefficient * sign
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a param of ``dtype`` is updated in: float64 for float64 params, float32 for every other.
+
+    Why: torch.optim's float64 step is float64 throughout (float64 tensors, Python-float scalars), exact to
+    ~1e-16; a single float32 intermediate (table, coefficient, scale, update) costs 1e-7 relative. bfloat16,
+    float16 and float32 params are updated in float32 and rounded once on store, as before.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def widening(dtype: torch.dtype):
+    """The cast of a tensor to ``compute_dtype(dtype)``, as a Tensor method: ``Tensor.double`` for float64 params,
+    ``Tensor.float`` for the others, so their graphs keep the ``.float()`` nodes they always had."""
+    return torch.Tensor.double if dtype == torch.float64 else torch.Tensor.float
+
+
+def table_dtype(param_dtypes) -> torch.dtype:
+    """The dtype of a plan's per-tensor table: float64 when any param computes in float64, else float32.
+
+    One table serves the whole plan (the finish writes it in one call); each update reads its rows in its own
+    compute dtype (``as_compute``), so a float32 group next to a float64 one gets the same float32 scalars.
+    """
+    return torch.float64 if any(compute_dtype(d) == torch.float64 for d in param_dtypes) else torch.float32
+
+
+def as_compute(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``table`` in ``dtype`` (a param's compute dtype): itself when it already is, so no node enters the graph."""
+    return table if table.dtype == dtype else table.to(dtype)
 
 
 def hyperparameter(value, name: str, where: str) -> float | torch.Tensor:
@@ -66,6 +96,9 @@ def reject_common_options(group: dict, kind: str) -> None:
 
 
 def store_where(keep: torch.Tensor, stores) -> None:
-    """Write ``new`` into each destination where ``keep``, else its old value (bit-identical on a skip)."""
+    """Write ``new`` into each destination where ``keep``, else its old value (bit-identical on a skip).
+
+    ``old32``: the destination's value in its compute dtype (float32, or float64 for float64 params).
+    """
     for dst, new, old32 in stores:
         dst.copy_(torch.where(keep, new, old32).to(dst.dtype))

@@ -21,6 +21,11 @@ view of the buffer (``planning``'s matrix stacks).
 Structural options (``Variant``): ``ns_steps``, ``ns_coefficients`` (graph constants: the loop count
 and the matmul coefficients) and ``adjust_lr_fn`` (the per-shape lr ratio, computed on the host at
 build). lr, weight_decay, momentum, nesterov and eps are tensors read every step.
+
+Precision: torch's Muon accepts float64 params and keeps them float64 everywhere but in Newton-Schulz
+(the float64 update cast to bfloat16; the bfloat16 result added to the float64 param). FusedStep does
+the same: float64 params get float64 momentum and a float64 update (``common.compute_dtype``); the
+other dtypes compute in float32 and round once on store.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from compiled_step.rules.common import (
     MATRIX,
     NO_COUNTS,
     SCALE,
+    as_compute,
     check_range,
+    compute_dtype,
     hyperparameter,
     reject_common_options,
     store_where,
+    widening,
 )
 
 NAME = "muon"
@@ -112,7 +120,8 @@ def slot_table(
     counts: torch.Tensor,  # [S] float32: unused (Muon keeps no count)
     apply: torch.Tensor,  # [S] bool: the matrix is updated this step (finite norm and a grad)
     coef: torch.Tensor,  # [] float64: the clip coefficient
-) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] float32
+    table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
     momentum = hp[:, _MOMENTUM]
     columns = [
         apply.double(),
@@ -123,7 +132,7 @@ def slot_table(
         hp[:, _NESTEROV],
         hp[:, _EPS],
     ]
-    return torch.stack(columns, dim=1).to(torch.float32)
+    return torch.stack(columns, dim=1).to(table.dtype)
 
 
 def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +174,7 @@ def update_matrices(
     params: torch.Tensor,  # [n, A, B] same-shape matrices of one param group (param dtype); mutated
     grads: torch.Tensor,  # [n, A, B] their grads; read only
     hp: torch.Tensor,  # [H] float64: the group's hyperparameter row (lr and weight decay, as torch's floats)
-    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32: the matrices' slots' scalars
+    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32 or float64: the matrices' slots' scalars
     lr_ratio: torch.Tensor,  # [1] float64: torch's lr adjustment for this shape
     variant: Variant,  # graph constant
     momentum_buffer: torch.Tensor,  # [n, A, B] momentum buffers (param dtype); mutated
@@ -185,7 +194,7 @@ def update_matrices(
 
 def prepare_matrices(
     grads: torch.Tensor,  # [n, a, B] this rank's rows of n matrices; read only
-    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32
+    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32 or float64
     box: torch.Tensor,  # [W, n_own, chunk, B] bfloat16: written with this rank's rows of each Newton-Schulz input
     momentum_buffer: torch.Tensor,  # [n, a, B] this rank's rows of the momentum buffers; mutated
 ) -> None:
@@ -224,7 +233,7 @@ def orthogonalize(
 def apply_matrices(
     params: torch.Tensor,  # [n, a, B] this rank's rows of the matrices (param dtype); mutated
     hp: torch.Tensor,  # [H] float64
-    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32
+    table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32 or float64
     lr_ratio: torch.Tensor,  # [1] float64: torch's lr adjustment for the whole matrices' shape
     box: torch.Tensor,  # [W, n_own, chunk, B] bfloat16: this rank's rows of each Newton-Schulz output
 ) -> None:
@@ -239,15 +248,19 @@ def _col(table: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _momentum(grads: torch.Tensor, table: torch.Tensor, momentum_buffer: torch.Tensor) -> torch.Tensor:
-    """The momentum buffer updated in place (where applied); returns the Newton-Schulz input, fp32."""
+    """The momentum buffer updated in place (where applied); returns the Newton-Schulz input in the compute
+    precision (``*32``: float32, or float64 for float64 params; the names are the graphs' node names)."""
     keep = _col(table, APPLY) != 0
-    g = grads.float() * _col(table, GRAD_COEF)
-    buf32 = momentum_buffer.float()
+    # Dynamo orders a graph's inputs by first use (a dtype read counts): the grads before the buffer, as always.
+    _, compute = grads.dtype, compute_dtype(momentum_buffer.dtype)
+    widen, table = widening(compute), as_compute(table, compute)
+    g = widen(grads) * _col(table, GRAD_COEF)
+    buf32 = widen(momentum_buffer)
     momentum_buffer.copy_(torch.where(keep, torch.lerp(buf32, g, _col(table, _ONE_MINUS_MOMENTUM)), buf32))
     # The Newton-Schulz input reads the buffer as stored, in its dtype, as torch's does (and this
     # order keeps Inductor's CPU outer-loop fusion away from a KeyError it raises in torch 2.13 when
     # the new buffer is both stored and read by the norm's reduction).
-    stored = momentum_buffer.float()
+    stored = widen(momentum_buffer)
     return torch.where(_col(table, _T_NESTEROV) != 0, torch.lerp(g, stored, _col(table, _T_MOMENTUM)), stored)
 
 
@@ -255,6 +268,8 @@ def _apply(params: torch.Tensor, hp: torch.Tensor, table: torch.Tensor, lr_ratio
            ortho: torch.Tensor) -> None:
     """Decoupled weight decay and the orthogonalized step, where applied (bit-identical elsewhere)."""
     # torch: p.add_(O, alpha=-lr * ratio) with the Python float rounded to the param's precision once.
-    neg_lr = (-(hp[_LR] * lr_ratio[0])).to(torch.float32)
-    p32 = params.float()
-    store_where(_col(table, APPLY) != 0, [(params, p32 * _col(table, _T_DECAY) + neg_lr * ortho.float(), p32)])
+    # (hp and lr_ratio are used before params, which keeps the graphs' input order: see _momentum)
+    neg_lr = (-(hp[_LR] * lr_ratio[0])).to(compute_dtype(params.dtype))
+    widen, table = widening(params.dtype), as_compute(table, compute_dtype(params.dtype))
+    p32 = widen(params)
+    store_where(_col(table, APPLY) != 0, [(params, p32 * _col(table, _T_DECAY) + neg_lr * widen(ortho), p32)])

@@ -14,6 +14,10 @@ are selected per tensor with ``torch.where`` so they do not. The per-tensor coun
 first-step flags: 1.0 until an update has been applied to the tensor's momentum buffer (FusedStep
 creates the buffer as zeros in its arena, where torch would clone the grad), 0.0 after. The flag is
 cleared in the update graph itself, so a skipped first step stays a first step.
+
+Precision: bfloat16, float16 and float32 params are updated in float32 and rounded once on store;
+float64 params in float64 throughout, as torch.optim's float64 step (``common.compute_dtype``), with
+the per-tensor table in float64 (computed in float64 like torch's Python-float scalars).
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from compiled_step.rules.common import (
     GRAD_COEF,
     SCALE,
     SIGN,
+    as_compute,
     check_range,
+    compute_dtype,
     hyperparameter,
     reject_common_options,
     store_where,
+    widening,
 )
 
 NAME = "sgd"
@@ -89,7 +96,8 @@ def slot_table(
     counts: torch.Tensor,  # [S] float32: 1.0 where the momentum buffer has never been updated
     apply: torch.Tensor,  # [S] bool: the tensor is updated this step
     coef: torch.Tensor,  # [] float64: the clip coefficient
-) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] float32
+    table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
+) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
     columns = [
         apply.double(),
         coef * hp[:, SCALE] * hp[:, SIGN],
@@ -100,7 +108,7 @@ def slot_table(
         hp[:, _NESTEROV],
         counts.double(),
     ]
-    return torch.stack(columns, dim=1).to(torch.float32)
+    return torch.stack(columns, dim=1).to(table.dtype)
 
 
 def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
@@ -109,8 +117,9 @@ def advance(counts: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 
 
 def _math(p32, g_raw, buf32, col):
-    """One SGD update in fp32; ``col(k)`` is a 0-d value or a ``[rows, 1]`` column."""
-    g = g_raw.float() * col(GRAD_COEF) + col(_T_WD) * p32
+    """One SGD update in the params' compute precision (``*32``: float32, or float64 for float64 params; the
+    names are the graphs' node names); ``col(k)`` is a 0-d value or a ``[rows, 1]`` column in that precision."""
+    g = widening(p32.dtype)(g_raw) * col(GRAD_COEF) + col(_T_WD) * p32
     buf_new = None
     if buf32 is not None:
         buf_new = torch.where(col(_FIRST) != 0, g, buf32 * col(_T_MOMENTUM) + col(_ONE_MINUS_DAMPENING) * g)
@@ -123,12 +132,13 @@ def update_flat(
     grads: torch.Tensor,  # [R, ROW] their grads, row for row; read only
     momentum_buffer: torch.Tensor | None,  # [R, ROW] momentum buffers, or None; mutated
     row_slot: torch.Tensor,  # [R] int32: which of the group's slots each row belongs to
-    table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32
+    table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32 or float64
     counts: torch.Tensor,  # [Sf] float32 first-step flags; mutated
 ) -> None:
-    rows = table[row_slot.long()]
-    p32 = params.float()
-    buf32 = momentum_buffer.float() if momentum_buffer is not None else None
+    rows = as_compute(table[row_slot.long()], compute_dtype(params.dtype))
+    widen = widening(params.dtype)
+    p32 = widen(params)
+    buf32 = widen(momentum_buffer) if momentum_buffer is not None else None
     p_new, buf_new = _math(p32, grads, buf32, lambda k: rows[:, k, None])
     keep = rows[:, APPLY, None] != 0
     store_where(keep, [(params, p_new, p32)] + ([(momentum_buffer, buf_new, buf32)] if buf32 is not None else []))
@@ -139,17 +149,18 @@ def update_bucket(
     params: list[torch.Tensor],  # B x [n_i] param shards, flattened; mutated
     grads: list[torch.Tensor],  # B x [n_i] grads; read only
     momentum_buffer: list[torch.Tensor] | None,  # B x [n_i] momentum buffers, or None; mutated
-    table: torch.Tensor,  # [B, len(TABLE_COLUMNS)] float32
+    table: torch.Tensor,  # [B, len(TABLE_COLUMNS)] float32 or float64
     counts: torch.Tensor,  # [B] float32 first-step flags; mutated
     amax: torch.Tensor | None,  # [B] float32: written with max|p| of the stored params (FP8), or None
 ) -> None:
     amaxes = []
+    compute, widen = compute_dtype(params[0].dtype), widening(params[0].dtype)  # one sharding group: one dtype
     for j in range(len(params)):
         p = params[j]
         buf = momentum_buffer[j] if momentum_buffer is not None else None
-        p32 = p.float()
-        buf32 = buf.float() if buf is not None else None
-        p_new, buf_new = _math(p32, grads[j], buf32, lambda k: table[j, k])
+        p32 = widen(p)
+        buf32 = widen(buf) if buf is not None else None
+        p_new, buf_new = _math(p32, grads[j], buf32, lambda k: as_compute(table[j, k], compute))
         keep = table[j, APPLY] != 0
         if buf is not None:
             store_where(keep, [(buf, buf_new, buf32)])
