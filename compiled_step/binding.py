@@ -102,6 +102,7 @@ class Binder:
         self.ddp_params = ddp_params
         self.copied: list[tuple[str, str]] = []  # (name, why) of each grad the last bind_grads copied in
         self.restore_hooks: GradRestoreHooks | None = None  # set by install
+        self.owns = [False] * len(self.params)  # whether this binder owns each param's grad (grad_restore.claim)
 
     # ---------------------------------------------------------------- structure
 

@@ -33,22 +33,30 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 # param -> (weakref to the owning binder, the param's index in it). Keyed by identity (tensors' ``==`` is
-# elementwise), weak on both sides: neither a param nor a FusedStep is kept alive by ownership.
+# elementwise), weak on both sides: neither a param nor a FusedStep is kept alive by ownership. Each binder
+# mirrors it in ``binder.owns`` (a bool per param), which is all a hook reads in the common case.
 _OWNERS = WeakIdKeyDictionary()
 
 
 def claim(binder, indices: Iterable[int]) -> None:
-    """Make ``binder`` the owner of the grads of its params ``indices``."""
+    """Make ``binder`` the owner of the grads of its params ``indices`` (their previous owner's hooks stop)."""
     for i in indices:
-        _OWNERS[binder.params[i]] = (binder.ref, i)
+        p = binder.params[i]
+        previous = owner_of(p)
+        if previous is not None and previous[0] is not binder:
+            previous[0].owns[previous[1]] = False
+        _OWNERS[p] = (binder.ref, i)
+        binder.owns[i] = True
 
 
 def disown(binder) -> None:
     """Give up the params ``binder`` owns (its plan is replaced): another FusedStep's hooks may act on them."""
-    for p in binder.params:
-        entry = _OWNERS.get(p)
-        if entry is not None and entry[0] is binder.ref:
-            del _OWNERS[p]
+    for i, p in enumerate(binder.params):
+        if binder.owns[i]:
+            binder.owns[i] = False
+            entry = _OWNERS.get(p)
+            if entry is not None and entry[0] is binder.ref:
+                del _OWNERS[p]
 
 
 def owner_of(p: torch.Tensor) -> tuple[object, int] | None:
@@ -87,11 +95,11 @@ class _Restore:
             return
         p = binder.params[self.index]
         if p.grad is None and _will_accumulate(self.node):
-            owner = owner_of(p)
-            if owner is None or owner[0] is binder:  # another FusedStep's hook installs its own buffer
-                if owner is None:
-                    claim(binder, (self.index,))
-                binder.restore_grad(self.index)
+            if not binder.owns[self.index]:
+                if owner_of(p) is not None:
+                    return  # another FusedStep owns the grad: its hook installs its own buffer
+                claim(binder, (self.index,))  # the owner is gone
+            binder.restore_grad(self.index)
 
 
 class GradRestoreHooks:
