@@ -21,11 +21,12 @@ adopted; a changed structure or layout makes ``FusedStep`` rebuild the plan.
 from __future__ import annotations
 
 import operator
+import weakref
 from itertools import repeat
 
 import torch
 
-from compiled_step import collectives
+from compiled_step import checks, collectives, grad_restore
 from compiled_step.grad_restore import GradRestoreHooks
 from compiled_step.lifecycle import ddp
 from compiled_step.planning import Plan, is_dtensor, local_tensor
@@ -55,23 +56,26 @@ def check_grad(p: torch.Tensor, g: torch.Tensor, where: str, grad_dtype: torch.d
         raise Rebuild(f"{where}: grad dtype changed to {g.dtype}")
 
 
-def _why_foreign(g: torch.Tensor) -> str:
-    """Why a grad is not FusedStep's view, for the copy warning."""
-    g = local_tensor(g)
-    base = g._base if g._is_view() else None
-    if base is not None and base.numel() > g.numel():
-        return ("re-pointed at another buffer, as DistributedDataParallel(gradient_as_bucket_view=True) does "
-                "in every backward")
-    return "a new tensor: assigned to p.grad, or made by autograd or FSDP where p.grad was None"
+def _why_foreign(p: torch.Tensor, g: torch.Tensor, binder, ddp_params: frozenset[int]) -> str:
+    """Why ``binder`` found a grad that is not its view, for the copy warning (``checks.copy_warning``)."""
+    owner = grad_restore.owner_of(p)
+    if owner is not None and owner[0] is not binder and g is owner[0].grad_views[owner[1]]:
+        return checks.ANOTHER_FUSED_STEP
+    if ddp.is_bucket_view(g):
+        return checks.DDP_BUCKET_VIEW if id(p) in ddp_params else checks.VIEW_OF_ANOTHER_BUFFER
+    return checks.NEW_TENSOR
 
 
 class Binder:
     """The per-step binding of one built plan."""
 
     def __init__(self, plan: Plan, groups: list[GroupBuffers], buffers: StepBuffers, rules: list, owners: list[int],
-                 param_lists, variants: list, bucket_view_params: frozenset[int] = frozenset()):
+                 param_lists, variants: list, bucket_view_params: frozenset[int] = frozenset(),
+                 ddp_params: frozenset[int] = frozenset()):
         """``rules``, ``owners`` (the optimizer's index), ``param_lists`` and ``variants``: one per param
-        group, the groups of all optimizers in order."""
+        group, the groups of all optimizers in order. ``ddp_params``: ``id()`` of all params of DDP modules
+        with gradient_as_bucket_view=True (the copy warning blames DDP for those only)."""
+        self.ref = weakref.ref(self)  # how the grad ownership registry names this binder (grad_restore)
         self.plan, self.groups, self.buffers = plan, groups, buffers
         self.rules, self.owners = rules, owners
         self.param_lists = [list(params) for params in param_lists]
@@ -95,8 +99,10 @@ class Binder:
         # Params of DDP modules with gradient_as_bucket_view=True: a bucket view as their grad is read
         # where it is (lifecycle/ddp.py), so a new one rebuilds the plan instead of being copied.
         self.bucket_view_params = bucket_view_params
+        self.ddp_params = ddp_params
         self.copied: list[tuple[str, str]] = []  # (name, why) of each grad the last bind_grads copied in
         self.restore_hooks: GradRestoreHooks | None = None  # set by install
+        self.owns = [False] * len(self.params)  # whether this binder owns each param's grad (grad_restore.claim)
 
     # ---------------------------------------------------------------- structure
 
@@ -140,7 +146,8 @@ class Binder:
             if is_dtensor(g):
                 g = collectives.match_grad_placement(p, g)
             foreign.append((i, g))
-        self.copied = [(self.names[i], _why_foreign(g)) for i, g in foreign]
+        self.copied = [(self.names[i], _why_foreign(self.params[i], grads[i], self, self.ddp_params))
+                       for i, _ in foreign]
         changed = False
         with torch.no_grad():
             for i, g in enumerate(grads):
@@ -162,6 +169,8 @@ class Binder:
                     self.params[i].grad = gb.grad_views[j]
                     self.expected_grads[i] = gb.grad_views[j]
                     changed |= self._set_active(i, True)
+                # Our buffer holds these grads now: our hooks act on them again, another FusedStep's stop.
+                grad_restore.claim(self, [i for i, _ in foreign])
         if changed:
             self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
         return changed
@@ -174,9 +183,10 @@ class Binder:
         self.params[i].grad = self.grad_views[i]
 
     def release(self) -> None:
-        """Remove the grad hooks (the plan is being replaced)."""
+        """Remove the grad hooks and give up the grads' ownership (the plan is being replaced)."""
         if self.restore_hooks is not None:
             self.restore_hooks.remove()
+        grad_restore.disown(self)
 
     def _set_active(self, i: int, value: bool) -> bool:
         slot = self.slots[i]
@@ -197,9 +207,11 @@ class Binder:
                 for i in gb.aliased:
                     p, view = gb.group.params[i], gb.param_views[i]
                     view.copy_(p.data)
-                    alias = own_storage_alias(view)
-                    p.data = alias
-                    gb.locals[i] = alias
+                    # The param is the only tensor FusedStep keeps over the alias's storage (gb.locals[i]
+                    # is the param itself): at a rebuild, planning counts the storage's references to tell
+                    # whether someone else aliased the param since (p.detach(), state_dict()), and a
+                    # second tensor of ours would hide or fake one.
+                    p.data = own_storage_alias(view)
             for i, (p, g) in enumerate(zip(self.params, previous)):
                 if g is None or g is self.grad_views[i]:
                     continue  # no grad, or an external grad read where it is
@@ -207,6 +219,7 @@ class Binder:
                 gb.grad_locals[j].copy_(local_tensor(g))
                 p.grad = self.grad_views[i]
         self.plain_ptrs = list(map(_DATA_PTR, self.plain))
+        grad_restore.claim(self, range(len(self.params)))  # the newest plan takes the grads over
         self.restore_hooks = GradRestoreHooks(self)
         self.expected_grads = [self.grad_views[i] if g is not None else None for i, g in enumerate(previous)]
         for i, g in enumerate(previous):

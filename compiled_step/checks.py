@@ -27,11 +27,27 @@ def user_stacklevel() -> int:
     return 1
 
 
+# Why a step copied a grad in (``binding._why_foreign``), as the copy warning says it.
+ANOTHER_FUSED_STEP = (
+    "a view of another FusedStep's grad buffer: two FusedSteps hold these params, and the other one owned their "
+    "grads (built later, or stepped last). The FusedStep that steps takes the grads back with one copy each; "
+    "stepping both in turn copies at every switch. Keep one FusedStep per param")
+DDP_BUCKET_VIEW = ("re-pointed at DistributedDataParallel's bucket, as DDP does with gradient_as_bucket_view=True in "
+                   "every backward")
+VIEW_OF_ANOTHER_BUFFER = ("a view of a larger buffer that is not FusedStep's: assigned to p.grad, or re-pointed by "
+                          "another library")
+NEW_TENSOR = "a new tensor: assigned to p.grad, or made by autograd or FSDP where p.grad was None"
+
+
 def copy_warning(copied: list[tuple[str, str]], named: bool) -> str:
     """The once-per-FusedStep warning about grads copied into the grad buffers: which, and why."""
     name, why = copied[0]
     others = f" and {len(copied) - 1} other param(s)" if len(copied) > 1 else ""
     hint = "" if named else " (pass model_parts=[model] to FusedStep to see param names)"
+    if not named and why == VIEW_OF_ANOTHER_BUFFER:
+        # Without model_parts FusedStep cannot tell a DDP bucket from any other buffer: say what would.
+        hint = (" (pass model_parts=[model] to FusedStep to see param names; for a DistributedDataParallel model "
+                "with gradient_as_bucket_view=True, it also makes FusedStep read the grads in DDP's buckets)")
     return (f"FusedStep copied the grad of {name}{others}{hint} into its grad buffers, an extra read and write "
             f"of each: the grad was {why}. FusedStep's buffers are the grads: zero them with fused.zero_grad() "
             "(grads set to None by zero_grad() are re-pointed at the buffers in backward, at no cost), and "

@@ -291,7 +291,7 @@ class FusedStep(TrainingHealthAPI):
             expert_ids=experts.expert_param_ids(dist.model_parts, dist.ep_axis_name), ep=self._ep_group,
             ep_axis_name=dist.ep_axis_name, pp=self._pp_group, bucket_size=config.bucket_size,
             pack_threshold=config.pack_threshold, flat_params=config.flat_params, fp8_ids=self._fp8.ids,
-            own_storages=self._own_storages(), external_grads=frozenset(external), matrix_groups=matrix_groups,
+            external_grads=frozenset(external), matrix_groups=matrix_groups,
             group_labels=opts.labels())
         checks.refuse_partial_params(plan)
         owners = opts.owners()
@@ -314,7 +314,8 @@ class FusedStep(TrainingHealthAPI):
                       for st in g.stacks] for g, rule, var in zip(plan.groups, group_rules, group_variants)]
         buffers = storage.StepBuffers(plan, group_rules, self._kind, config.max_grad_norm, outputs,
                                       offload=self.offload_optimizer_state, lr_ratios=lr_ratios)
-        binder = binding.Binder(plan, groups, buffers, rules, owners, param_lists, variants, ddp_params)
+        binder = binding.Binder(plan, groups, buffers, rules, owners, param_lists, variants, ddp_params,
+                                ddp.bucket_view_params(dist.model_parts))
         binder.install(previous)
         binder.bind_state(opts.items)
         fp8 = self._fp8.calls(plan, buffers) if self._fp8 else None
@@ -341,12 +342,6 @@ class FusedStep(TrainingHealthAPI):
         resolvable = {collectives.process_group_key(pg): (pg, device_type) for pg, device_type in reachable}
         payloads = collectives.agree(agreement.agreement_payload(plan, collectives.process_group_key, resolvable))
         return agreement.reconcile(plan, payloads, where[0], resolvable)
-
-    def _own_storages(self) -> frozenset[int]:
-        if self._built is None:
-            return frozenset()
-        # Aliased params have storages of their own over the flat buffers (storage.own_storage_alias).
-        return frozenset(gb.locals[i].untyped_storage()._cdata for gb in self._built.groups for i in gb.aliased)
 
     def _outputs_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The total norm, finite flag and skip counter (``[1]`` tensors): kept across plan rebuilds.

@@ -14,13 +14,56 @@ The hook acts only when the engine will write ``p.grad``:
 
 A param that gets no grad keeps ``p.grad`` None and stays inactive for the step, as in ``torch.optim``.
 The hooks hold the binder weakly: once a plan is replaced, or the FusedStep is gone, they are removed.
+
+Several FusedSteps may hold the same params (a trainer kept alive while a second one trains them): each
+has its hooks on them, and the first registered would win the backward, so the one that steps would copy
+every grad out of the other's buffer at every step. So each param has one *owner*, the binder whose
+buffer its grad belongs in, and only the owner's hook acts. A binder claims its params when it is built
+(the newest FusedStep takes them over) and claims a param back when its step had to copy the param's
+grad in (an older FusedStep stepped again: one copy, then none). A hook whose owner is gone acts and
+claims the param.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+# param -> (weakref to the owning binder, the param's index in it). Keyed by identity (tensors' ``==`` is
+# elementwise), weak on both sides: neither a param nor a FusedStep is kept alive by ownership. Each binder
+# mirrors it in ``binder.owns`` (a bool per param), which is all a hook reads in the common case.
+_OWNERS = WeakIdKeyDictionary()
+
+
+def claim(binder, indices: Iterable[int]) -> None:
+    """Make ``binder`` the owner of the grads of its params ``indices`` (their previous owner's hooks stop)."""
+    for i in indices:
+        p = binder.params[i]
+        previous = owner_of(p)
+        if previous is not None and previous[0] is not binder:
+            previous[0].owns[previous[1]] = False
+        _OWNERS[p] = (binder.ref, i)
+        binder.owns[i] = True
+
+
+def disown(binder) -> None:
+    """Give up the params ``binder`` owns (its plan is replaced): another FusedStep's hooks may act on them."""
+    for i, p in enumerate(binder.params):
+        if binder.owns[i]:
+            binder.owns[i] = False
+            entry = _OWNERS.get(p)
+            if entry is not None and entry[0] is binder.ref:
+                del _OWNERS[p]
+
+
+def owner_of(p: torch.Tensor) -> tuple[object, int] | None:
+    """(the binder, the param's index in it) owning ``p``'s grad; None when none is alive."""
+    entry = _OWNERS.get(p)
+    binder = entry[0]() if entry is not None else None
+    return None if binder is None else (binder, entry[1])
 
 
 def _will_accumulate(node) -> bool:
@@ -48,7 +91,14 @@ class _Restore:
 
     def __call__(self, grad: torch.Tensor) -> None:
         binder = self.binder()
-        if binder is not None and binder.params[self.index].grad is None and _will_accumulate(self.node):
+        if binder is None:
+            return
+        p = binder.params[self.index]
+        if p.grad is None and _will_accumulate(self.node):
+            if not binder.owns[self.index]:
+                if owner_of(p) is not None:
+                    return  # another FusedStep owns the grad: its hook installs its own buffer
+                claim(binder, (self.index,))  # the owner is gone
             binder.restore_grad(self.index)
 
 

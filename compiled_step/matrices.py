@@ -60,7 +60,7 @@ class Exchange:
     world: int
 
 
-def lay_out(group: ShardingGroup, first_slot: int, flat_params: bool, own_storages: frozenset[int]) -> int:
+def lay_out(group: ShardingGroup, first_slot: int, flat_params: bool) -> int:
     """A matrix group: every param in the flat regions, same shapes together (stacks); returns the next slot."""
     sharding = _sharding(group)
     order = sorted(range(len(group.params)), key=lambda i: (tuple(group.params[i].shape),
@@ -82,7 +82,7 @@ def lay_out(group: ShardingGroup, first_slot: int, flat_params: bool, own_storag
         for i in members:
             p = group.params[i]
             region = ALIASED if flat_params and type(p) in (torch.Tensor, torch.nn.Parameter) and \
-                _owns_storage(p, own_storages) else STAGED
+                _owns_storage(p) else STAGED
             entries[i] = Entry(i, region, row, shape[0] * shape[1], slot)
             row += per
             slot += 1

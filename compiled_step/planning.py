@@ -111,21 +111,21 @@ def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _owns_storage(p: torch.Tensor, own_storages: frozenset[int] = frozenset()) -> bool:
+def _owns_storage(p: torch.Tensor) -> bool:
     """True when no other tensor shares ``p``'s storage, so moving ``p.data`` changes nothing else.
 
     A param whose storage is shared (a view of another param, tied through a view, FSDP1's flat
-    parameter) must stay where it is, or the tensors sharing it would stop seeing its updates.
-    ``torch._C._storage_Use_Count`` counts the references to the storage: the param's own and the
-    temporary ``untyped_storage()`` wrapper make 2.
+    parameter, an alias a user took: ``p.detach()``, ``model.state_dict()``'s values) must stay where
+    it is, or the tensors sharing it would stop seeing its updates. ``torch._C._storage_Use_Count``
+    counts the references to the storage: the param's own and the temporary ``untyped_storage()``
+    wrapper make 2. The same count holds at a rebuild for a param already in a flat buffer: FusedStep
+    keeps no second tensor over its storage (``Binder.install``), so any reference beyond the two is
+    someone else's, and the param stays where it is, as at the first build.
     """
-    storage = p.untyped_storage()._cdata
-    if storage in own_storages:
-        return True  # already in a flat buffer of ours (the plan is being rebuilt)
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:  # cannot tell: do not move it
         return False
-    return use_count(storage) <= 2
+    return use_count(p.untyped_storage()._cdata) <= 2
 
 
 def grad_dtype_of(p: torch.Tensor) -> torch.dtype:
@@ -295,12 +295,12 @@ def check_params(param_lists, names: dict[int, str], labels: list[str] | None = 
 
 
 def _region(p: torch.Tensor, local: torch.Tensor, fp8: bool, flat_params: bool, pack_threshold: int,
-            own_storages: frozenset[int], external: bool) -> str:
+            external: bool) -> str:
     if external:
         return BUCKETED  # its grad is read where it is, so its update is a bucket call
     if fp8 and local.numel() > 0:
         return BUCKETED  # the update computes each FP8 weight's amax, a per-tensor reduction
-    if flat_params and not fp8 and type(p) in (torch.Tensor, torch.nn.Parameter) and _owns_storage(p, own_storages):
+    if flat_params and not fp8 and type(p) in (torch.Tensor, torch.nn.Parameter) and _owns_storage(p):
         return ALIASED
     if local.numel() <= pack_threshold or local.numel() == 0:
         return STAGED
@@ -319,7 +319,6 @@ def build_plan(
     pack_threshold: int = 0,
     flat_params: bool = False,
     fp8_ids: frozenset[int] = frozenset(),
-    own_storages: frozenset[int] = frozenset(),
     external_grads: frozenset[int] = frozenset(),
     matrix_groups: frozenset[int] = frozenset(),
     group_labels: list[str] | None = None,
@@ -340,8 +339,6 @@ def build_plan(
             are staged through the flat buffer instead of bucketed.
         flat_params: alias plain params into the flat param buffers.
         fp8_ids: ``id()`` of FP8 weights, whose amax the update computes.
-        own_storages: ``_cdata`` of the storages of FusedStep's aliased params (each has a storage of
-            its own over a flat buffer): they are aliased already, whatever else references them.
         external_grads: ``id()`` of params whose grads are read where they are (``lifecycle/ddp.py``).
         matrix_groups: indices of the param groups whose rule updates whole matrices (Muon).
         group_labels: how messages name each param group (default ``param_groups[i]``).
@@ -368,23 +365,23 @@ def build_plan(
         if group.key.param_group in matrix_groups:
             from compiled_step import matrices  # it builds on this module's helpers
 
-            slot = matrices.lay_out(group, slot, flat_params, own_storages)
+            slot = matrices.lay_out(group, slot, flat_params)
         else:
-            slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, own_storages, external_grads)
+            slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, external_grads)
     device = ordered[0].key.device if ordered else torch.device("cpu")
     reductions, pp_reduction = _reductions(ordered, ep, ep_axis_name, pp)
     return Plan(params_signature(param_lists), ordered, device, bucket_size, slot, reductions, pp_reduction)
 
 
 def _lay_out(group: ShardingGroup, first_slot: int, bucket_size: int, pack_threshold: int, flat_params: bool,
-             own_storages: frozenset[int], external_grads: frozenset[int]) -> int:
+             external_grads: frozenset[int]) -> int:
     """Assign regions, rows and slots; returns the next free slot."""
     regions, external = [], set()
     for i, (p, name) in enumerate(zip(group.params, group.names)):
         local = local_tensor(p)
         if id(p) in external_grads:
             external.add(i)
-        region = _region(p, local, group.key.fp8, flat_params, pack_threshold, own_storages, i in external)
+        region = _region(p, local, group.key.fp8, flat_params, pack_threshold, i in external)
         if region == BUCKETED and not is_dense(local):
             raise ValueError(
                 f"{name}: FusedStep needs params stored densely (no gaps or overlaps) when it cannot move them; "
