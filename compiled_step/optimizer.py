@@ -33,6 +33,7 @@ from collections import OrderedDict
 from types import MappingProxyType
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 from compiled_step import wrappers
 from compiled_step.fused_step import FusedStep
@@ -74,8 +75,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     Raises ``TypeError``/``ValueError`` as ``FusedStep`` does, before anything changes.
     """
 
-    # GradScaler hands its scale to step() instead of unscaling the grads and syncing the host on its
-    # inf flag; the step folds 1/scale into its grad scale (see _amp_grad_scale).
+    # GradScaler hands itself to step() (step takes ``grad_scaler``) instead of unscaling and checking every
+    # grad in a pass of its own; the step folds 1/scale into its grad scale and records found-inf from its
+    # own norm (see _amp_grad_scale, _record_found_inf).
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer, config=None, distributed=None, **options):
@@ -162,17 +164,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         """How many times ``step()`` ran (applied or skipped for a non-finite norm)."""
         return self._record.steps
 
-    def step(self, closure=None, *, num_label_tokens=None, dp_group_size=None):
+    def step(self, closure=None, *, num_label_tokens=None, dp_group_size=None, grad_scaler=None):
         """The fused step: evaluate ``closure`` (if given, under ``torch.enable_grad()`` as torch.optim does),
         then norm, clip and update in one pass. Returns the closure's loss (None without a closure).
 
-        ``num_label_tokens``/``dp_group_size``: FusedStep's PP/EP scaling. Under a ``GradScaler``, its scale
-        is applied here, and a step whose grads hold an inf or NaN is skipped, as GradScaler skips it. The step hooks
+        ``num_label_tokens``/``dp_group_size``: FusedStep's PP/EP scaling. ``grad_scaler``: what
+        ``GradScaler.step`` passes (torch's contract for optimizers that handle scaling): its scale is applied
+        here, a step whose grads hold an inf or NaN is skipped, as GradScaler skips it, and that found-inf is
+        recorded (a device tensor) for ``scaler.update()``; GradScaler reads no grad itself. The step hooks
         registered on this object run around it (``register_step_pre_hook``: return ``(args, kwargs)`` to
         replace them, ``args`` starting with the optimizer, as torch.optim does); those registered on the
         wrapped optimizer and the global ones run inside ``FusedStep.step()``.
         """
-        args, kwargs = (self, closure), {"num_label_tokens": num_label_tokens, "dp_group_size": dp_group_size}
+        args = (self, closure)
+        kwargs = {"num_label_tokens": num_label_tokens, "dp_group_size": dp_group_size, "grad_scaler": grad_scaler}
         for hook in self._optimizer_step_pre_hooks.values():
             result = hook(self, args, kwargs)
             if result is not None:
@@ -253,36 +258,65 @@ class FusedOptimizer(torch.optim.Optimizer):
         return f"FusedOptimizer(max_grad_norm={c.max_grad_norm}, norm_type={c.norm_type},\n  {inner})"
 
 
-def _fused_step(optimizer: FusedOptimizer, closure=None, *, num_label_tokens=None, dp_group_size=None):
+def _fused_step(optimizer: FusedOptimizer, closure=None, *, num_label_tokens=None, dp_group_size=None,
+                grad_scaler=None):
+    grad_scale = _amp_grad_scale(optimizer, grad_scaler)  # validates before anything changes
     loss = None
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
-    norm = optimizer.fused.step(grad_scale=_amp_grad_scale(optimizer), num_label_tokens=num_label_tokens,
+    norm = optimizer.fused.step(grad_scale=grad_scale, num_label_tokens=num_label_tokens,
                                 dp_group_size=dp_group_size)
+    if _scaling(grad_scaler):
+        _record_found_inf(optimizer, grad_scaler)
     record = optimizer._record
     record.norm_on(norm.device).copy_(norm)
     record.steps += 1
     return loss
 
 
-def _amp_grad_scale(optimizer: FusedOptimizer) -> torch.Tensor | None:
+def _scaling(grad_scaler) -> bool:
+    if grad_scaler is None:
+        return False
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+    return grad_scaler.is_enabled()
+
+
+def _amp_grad_scale(optimizer: FusedOptimizer, grad_scaler=None) -> torch.Tensor | None:
     """The factor FusedStep multiplies the grads by under a ``GradScaler`` (None without one, or when
     ``unscale_`` already ran).
 
-    ``GradScaler.step`` sets ``optimizer.grad_scale`` (its scale; None after ``unscale_``) and
-    ``optimizer.found_inf`` for optimizers with ``_step_supports_amp_scaling``. The factor is 1/scale.
-    ``found_inf`` is not read: GradScaler computed it from the same grads the step norms, so a grad with
-    an inf or NaN makes the step's norm non-finite and the step skips itself (``skipped_steps`` counts it),
-    exactly the steps GradScaler skips, without reading the flag on the host.
+    For optimizers with ``_step_supports_amp_scaling`` whose ``step`` takes ``grad_scaler``, ``GradScaler.step``
+    passes itself and leaves the grads alone: the factor is 1/its scale, unless the user's ``scaler.unscale_``
+    already unscaled them (and recorded their found-inf). When ``step``'s signature hides the argument (a
+    wrapper's ``step(*args, **kwargs)``, as Accelerate patches in), GradScaler instead checks the grads itself
+    and sets ``optimizer.grad_scale`` (its scale; None after ``unscale_``) and ``optimizer.found_inf``.
+    ``found_inf`` is never read: a grad with an inf or NaN makes the step's norm non-finite and the step skips
+    itself (``skipped_steps`` counts it), exactly the steps GradScaler skips, without reading a flag on the host.
     """
-    scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
-    if scale is None and found_inf is None:
-        return None
+    if _scaling(grad_scaler):
+        unscaled = grad_scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED
+        scale = None if unscaled else grad_scaler._get_scale_async()
+    else:
+        scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+        if scale is None and found_inf is None:
+            return None
     if optimizer.fused.config.error_if_nonfinite:
         raise ValueError("error_if_nonfinite=True raises on the overflowing steps a GradScaler expects to skip; "
                          "use the default error_if_nonfinite=False with a GradScaler")
     return None if scale is None else torch.as_tensor(scale).to(torch.float64).reciprocal().reshape(())
+
+
+def _record_found_inf(optimizer: FusedOptimizer, grad_scaler: torch.amp.GradScaler) -> None:
+    """Give ``scaler.update()`` this step's found-inf, as GradScaler's own check would have: 1.0 when the
+    step's norm was not finite (a grad held an inf or NaN: the step skipped itself), float32 on the params'
+    device, made by a device op (no host sync). After the user's ``unscale_`` GradScaler recorded it already."""
+    state = grad_scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.UNSCALED:
+        return
+    finite = optimizer.fused.last_step_finite
+    state["found_inf_per_device"] = {finite.device: torch.logical_not(finite).to(torch.float32)}
 
 
 def _params_device(param_groups: list[dict]) -> torch.device:

@@ -8,6 +8,7 @@ eager by an ulp or two, README "Known differences"); resumes are bit-identical.
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import math
@@ -194,6 +195,81 @@ def test_grad_scaler_unscales_and_skips_inside_the_step(device):
     assert int(opt.fused.skipped_steps) == 1 and opt.steps == 5
 
 
+
+class _GradOps:
+    """Counts every aten op, and the ops that take a grad (any tensor over a grad's storage) as an argument."""
+
+    def __init__(self, grads):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        storages = {g.untyped_storage().data_ptr() for g in grads}
+        ops, grad_ops = collections.Counter(), collections.Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops[str(func)] += 1
+                leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in storages for t in leaves):
+                    grad_ops[str(func)] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.ops, self.grad_ops = Mode(), ops, grad_ops
+
+
+# torch warns on every scaler.step that it will stop passing itself to step() (it still does in 2.13).
+@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
+@pytest.mark.parametrize("user_unscales", [False, True], ids=["scaler_step", "unscale_then_step"])
+def test_grad_scaler_reads_no_grad_and_update_sees_the_steps_found_inf(user_unscales):
+    """Under a CPU GradScaler, scaler.step makes no pass over the grads of its own (no
+    _amp_foreach_non_finite_check_and_unscale_, no op on a grad outside the compiled step): the step unscales
+    and records found-inf for scaler.update(). Reference: eager AdamW under its own GradScaler with
+    unscale_ + clip_grad_norm_ + scaler.step; overflows (inf and NaN grads) on steps 2, 3 and 6, growth every
+    2 clean steps, so the scale backs off and grows. The scales must be equal (both are powers of 2 moved by
+    the same found-inf); params to RTOL. With the user's own unscale_ first, the grads are unscaled once."""
+    model, reference = _model(), _model()
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    eager = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    scaler, eager_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2))
+    scales, eager_scales, counted = [], [], []
+    overflow = {2: float("inf"), 3: float("nan"), 6: float("-inf")}
+    for step in range(8):
+        for m, o, s in ((model, opt, scaler), (reference, eager, eager_scaler)):
+            o.zero_grad()
+            x, y = _batch(step)
+            s.scale(torch.nn.functional.mse_loss(m(x), y) * 50).backward()
+            if step in overflow:
+                next(m.parameters()).grad.view(-1)[0] = overflow[step]  # both skip the step
+            if o is eager:
+                s.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+                s.step(o)
+            else:
+                if user_unscales:
+                    s.unscale_(o)
+                if step == 0:  # compiles (Dynamo compiles nothing under a dispatch mode); then counted
+                    s.step(o)
+                else:
+                    counter = _GradOps([p.grad for p in m.parameters()])
+                    with counter.mode:
+                        s.step(o)
+                    counted.append(counter)
+                found_inf = s._per_optimizer_states[id(o)]["found_inf_per_device"]
+                assert [t.dtype for t in found_inf.values()] == [torch.float32], found_inf
+            s.update()
+        scales.append(scaler.get_scale())
+        eager_scales.append(eager_scaler.get_scale())
+        assert _close(model, reference), step
+    assert scales == eager_scales
+    assert len(set(scales)) > 2, scales  # the scale both backed off and grew
+    assert int(opt.fused.skipped_steps) == len(overflow) and opt.steps == 8
+    for counter in counted:
+        assert "aten._amp_foreach_non_finite_check_and_unscale_.default" not in counter.ops, counter.ops
+        assert not counter.grad_ops, counter.grad_ops  # no op of GradScaler's (or ours) on a grad
+        # The one host read allowed: FusedStep reading the CPU scale as a number (a CUDA scale stays on its
+        # device). Reading found-inf on the host (as GradScaler's _maybe_opt_step does) would be a second.
+        assert counter.ops["aten._local_scalar_dense.default"] <= 1, counter.ops
+
+
 def _muon_and_adamw(model):
     matrices = [p for p in model.parameters() if p.ndim == 2]
     others = [p for p in model.parameters() if p.ndim != 2]
@@ -251,6 +327,17 @@ def test_pickle_and_nonfinite_errors_are_refused():
     opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)  # as GradScaler.step sets them
     with pytest.raises(ValueError, match="GradScaler"):
         opt.step()
+
+
+
+def test_a_grad_scaler_argument_is_checked_before_the_step():
+    params = list(_model().parameters())
+    opt = FusedOptimizer(torch.optim.AdamW(params), error_if_nonfinite=True)
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        opt.step(grad_scaler=object())
+    with pytest.raises(ValueError, match="GradScaler"):
+        opt.step(grad_scaler=torch.amp.GradScaler("cpu"))  # as GradScaler.step passes itself
+    assert opt.steps == 0 and opt.fused.plan is None  # nothing ran
 
 
 def test_fused_optimizer_and_fused_step_refuse_a_fused_optimizer():
