@@ -1,8 +1,8 @@
 """The one place that reads or writes FSDP2's private state; it knows each supported torch's spelling.
 
-compiled_step supports torch 2.11 and 2.13. FSDP2 (``torch.distributed.fsdp.fully_shard``) exposes
-public setters for its flags, but snapshotting them, restoring them exactly and recovering from an
-exception need its private state. Where the two versions differ:
+compiled_step supports torch 2.11, 2.13, 2.14 and 2.15. FSDP2 (``torch.distributed.fsdp.fully_shard``)
+exposes public setters for its flags, but snapshotting them, restoring them exactly and recovering from
+an exception need its private state. Where the versions differ (2.14 has 2.13's layout throughout):
 
 * **Parameter groups of a state.** torch 2.11: ``FSDPState._fsdp_param_group``, one
   ``FSDPParamGroup`` or ``None``. torch 2.13: ``FSDPState._fsdp_param_groups``, a list (one
@@ -12,15 +12,22 @@ exception need its private state. Where the two versions differ:
   no such method. :func:`reset_iter_state` calls it where it exists and otherwise runs a port of
   2.13's ``FSDPState._reset_iter_state`` onto 2.11's attributes (one ``reduce_scatter_state``
   instead of a list, no ``_last_post_reduce_events``).
+* **Gradients kept between no-sync backwards.** torch 2.11 to 2.14: the unsharded parameter's
+  ``.grad`` and, under mixed precision with a ``reduce_dtype``, the instance attribute
+  ``FSDPParam.unsharded_accumulated_grad`` (the grads upcast to ``reduce_dtype`` and summed there).
+  torch 2.15: the unsharded parameter's ``.grad`` only (autograd accumulates in the reduce dtype
+  through the tensor's ``grad_dtype``); ``unsharded_accumulated_grad`` survives as a read-only
+  class property returning that ``.grad``, so writing ``None`` to it raises ``AttributeError``.
+  :func:`drop_unsharded_grads` clears whichever the torch has.
 
-The same in both (read directly here, never elsewhere): ``FSDPModule._get_fsdp_state()``,
+The same in all (read directly here, never elsewhere): ``FSDPModule._get_fsdp_state()``,
 ``FSDPState._state_ctx.is_last_backward``, ``FSDPState._is_root``, the group flags
-``reduce_grads`` / ``all_reduce_grads`` / ``reshard_after_backward``, ``FSDPParamGroup.fsdp_params``,
-``FSDPParam.unsharded_accumulated_grad`` and ``FSDPParam._unsharded_param``.
+``reduce_grads`` / ``all_reduce_grads`` / ``reshard_after_backward``, ``FSDPParamGroup.fsdp_params``
+and ``FSDPParam._unsharded_param``.
 
 Spellings are told apart by which attribute the object has, not by ``torch.__version__``, so a
-build between or after the two (a nightly, a vendor build) takes whichever layout it really has.
-If neither is there, :class:`UnsupportedTorchError` names the torch version instead of failing
+build between or after these (a nightly, a vendor build) takes whichever layout it really has.
+If none is there, :class:`UnsupportedTorchError` names the torch version instead of failing
 with a bare ``AttributeError`` deep inside a step.
 """
 
@@ -43,13 +50,13 @@ __all__ = [
 
 
 class UnsupportedTorchError(RuntimeError):
-    """FSDP2's private state has neither the torch 2.11 nor the torch 2.13 layout."""
+    """FSDP2's private state has none of the layouts of torch 2.11, 2.13 (2.14) and 2.15."""
 
 
 def _unsupported(what: str) -> UnsupportedTorchError:
     return UnsupportedTorchError(
         f"compiled_step: FSDP2's private state in torch {torch.__version__} has no {what}; "
-        "compiled_step knows the layouts of torch 2.11 and 2.13 (compiled_step/lifecycle/_fsdp_private.py)"
+        "compiled_step knows the layouts of torch 2.11 to 2.15 (compiled_step/lifecycle/_fsdp_private.py)"
     )
 
 
@@ -84,13 +91,18 @@ def is_initialized_root(module: FSDPModule) -> bool:
 
 
 def drop_unsharded_grads(fsdp_param: Any) -> None:
-    """Forget the grads an ``FSDPParam`` keeps between no-sync backwards.
+    """Forget the grads an ``FSDPParam`` keeps between no-sync backwards; they feed the next reduce-scatter.
 
-    Two places: ``unsharded_accumulated_grad`` (reduce-dtype accumulation under mixed precision)
-    and the ``.grad`` of the unsharded parameter object, which survives resharding. Both feed
-    the next reduce-scatter.
+    The ``.grad`` of the unsharded parameter object, which survives resharding, on every torch;
+    on torch 2.11 to 2.14 also ``unsharded_accumulated_grad`` (the module docstring says why 2.15
+    has no such attribute).
     """
-    fsdp_param.unsharded_accumulated_grad = None
+    # The instance dict tells the layouts apart: in torch 2.15 the name is a read-only class
+    # property (an alias of the unsharded parameter's .grad, cleared below), not an attribute.
+    if "unsharded_accumulated_grad" in vars(fsdp_param):  # torch 2.11 - 2.14
+        fsdp_param.unsharded_accumulated_grad = None
+    elif not isinstance(getattr(type(fsdp_param), "unsharded_accumulated_grad", None), property):
+        raise _unsupported("FSDPParam.unsharded_accumulated_grad (an attribute before 2.15, a property in 2.15)")
     unsharded = getattr(fsdp_param, "_unsharded_param", None)
     if unsharded is not None:
         unsharded.grad = None
@@ -100,8 +112,9 @@ def reset_iter_state(module: FSDPModule) -> None:
     """FSDP's recovery after an exception in forward or backward, on an initialised root module.
 
     Waits for in-flight collectives, reshards every parameter group and clears the per-iteration
-    trackers, so the next forward starts clean. torch 2.13: ``module.reset_iter_state()``.
-    torch 2.11 lacks it; there the same steps run on 2.11's attributes (see the module docstring).
+    trackers, so the next forward starts clean. torch 2.13 and later: ``module.reset_iter_state()``
+    (2.15's also drops the sharded and unsharded ``.grad`` of every parameter). torch 2.11 lacks it;
+    there the same steps as 2.13's run on 2.11's attributes (see the module docstring).
     """
     method = getattr(module, "reset_iter_state", None)
     if method is not None:  # torch >= 2.13

@@ -149,11 +149,12 @@ def reset_fsdp_iteration_state(model_parts: nn.Module | Iterable[nn.Module]) -> 
 
     Call after catching the exception, before the next forward, on every rank. Runs FSDP's own
     recovery on each root FSDP module that has run a forward (``reset_iter_state()`` in torch
-    2.13, the same steps on torch 2.11, which lacks it: waits for in-flight collectives,
+    2.13 and later, the same steps on torch 2.11, which lacks it: waits for in-flight collectives,
     reshards, clears per-iteration trackers) and
     drops the unsharded gradients FSDP keeps between microbatches while gradient sync is
-    off, which ``reset_iter_state`` leaves in place and the next backward would otherwise
-    add to its own. The sharded ``.grad`` of the parameters is not touched: zero it
+    off, which ``reset_iter_state`` before torch 2.15 leaves in place and the next backward would
+    otherwise add to its own. The sharded ``.grad`` of the parameters: torch 2.15's
+    ``reset_iter_state`` sets it to None, earlier versions leave it; either way zero it
     (``optimizer.zero_grad()``) before accumulating again, as the failed step is lost.
     """
     states_done: set[int] = set()

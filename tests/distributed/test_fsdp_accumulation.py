@@ -61,13 +61,13 @@ def _make_model() -> nn.Module:
     ).double()
 
 
-def _shard(model: nn.Module, mesh) -> nn.Module:
+def _shard(model: nn.Module, mesh, **fully_shard_kwargs) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **fully_shard_kwargs)
+    fully_shard(model, mesh=mesh, **fully_shard_kwargs)
     return model
 
 
@@ -355,6 +355,54 @@ def _scenario_exception_mid_forward(rank, mesh, reference):
     return out
 
 
+def _scenario_exception_mixed_precision(rank, mesh, reference):
+    """Under mixed precision with a ``reduce_dtype``, FSDP keeps the no-sync grads upcast to it
+    (torch 2.11 to 2.14 in ``FSDPParam.unsharded_accumulated_grad``, torch 2.15 in the unsharded
+    parameter's ``.grad``). A failure in the last microbatch, after K - 1 no-sync backwards, leaves
+    K - 1 microbatches there; the driver's recovery must drop them, so the next steps equal those of
+    the same fully_shard model trained without the failure. Both models start from the same seed
+    and run the same ops in the same order on the same ranks, so they must agree bit for bit.
+    Control: a third model whose failure is not followed by the recovery (``reset_on_error=False``)
+    must differ (the stale K - 1 microbatches are added to its next step)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64)
+    x, y = _local_batch(0, rank)
+    xs, ys = x.split(MB), y.split(MB)
+    out = {"errors_propagated": 0, "notes": [], "mismatch": [], "control_mismatch": []}
+    runs = {}
+    for name in ("clean", "recovered", "not_recovered"):
+        model = _shard(_make_model(), mesh, mp_policy=policy)
+        opt = _optimizer(model)
+        if name != "clean":
+            try:
+                with accumulate([model], K, reset_on_error=name == "recovered") as acc:
+                    for mb in acc.microbatches():
+                        loss = _loss_sum(model, xs[mb.index], ys[mb.index])
+                        if mb.index == K - 1:
+                            raise KeyError("simulated failure in the last microbatch")  # after forward
+                        loss.backward()
+            except KeyError as exc:
+                out["errors_propagated"] += 1
+                out["notes"].extend(getattr(exc, "__notes__", []))
+        runs[name] = (model, opt)
+    for step in range(STEPS):
+        x, y = _local_batch(step, rank)
+        for model, opt in runs.values():
+            opt.zero_grad(set_to_none=True)
+            with accumulate([model], K) as acc:
+                for xb, yb in acc.split((x, y)):
+                    _loss_sum(model, xb, yb).backward()
+                    acc.add_tokens((yb != -100).sum())
+            _normalise_grads(model, acc.num_label_tokens)
+            opt.step()
+        clean = [p.full_tensor().detach() for p in runs["clean"][0].parameters()]
+        for key, name in (("mismatch", "recovered"), ("control_mismatch", "not_recovered")):
+            params = [p.full_tensor().detach() for p in runs[name][0].parameters()]
+            out[key].append(sum(int((p != q).sum()) for p, q in zip(params, clean)))
+    return out
+
+
 def _scenario_pp_enabled(rank, mesh, reference):
     """pp_enabled=True leaves every FSDP flag alone, so each microbatch still reduce-scatters."""
     model = _shard(_make_model(), mesh)
@@ -400,6 +448,7 @@ _SCENARIOS = {
     "seed_functions": _scenario_seed_functions,
     "exception_restores_flags": _scenario_exception_restores_flags,
     "exception_mid_forward": _scenario_exception_mid_forward,
+    "exception_mixed_precision": _scenario_exception_mixed_precision,
     "pp_enabled": _scenario_pp_enabled,
     "early_exit": _scenario_early_exit,
 }
@@ -515,6 +564,15 @@ def test_training_recovers_after_an_exception_inside_the_forward(results):
         assert res["registered_are_sharded"] == [True, True], rank
         # Reference: unsharded model, global batch, one backward; float64 (module docstring).
         assert all(bad == 0 for _, bad in res["param_err"]), (rank, res["param_err"], RTOL, ATOL)
+
+
+def test_recovery_drops_the_reduce_dtype_grads_of_mixed_precision(results):
+    for rank, res in enumerate(_scenario(results, "exception_mixed_precision")):
+        assert res["errors_propagated"] == 2, rank
+        assert res["notes"] == [], "FSDP's recovery (reset_iter_state, or its port on torch 2.11) failed"
+        # Reference: the same model without the failure; bit for bit (scenario docstring).
+        assert res["mismatch"] == [0] * STEPS, (rank, res["mismatch"])
+        assert all(n > 0 for n in res["control_mismatch"]), (rank, res["control_mismatch"])
 
 
 def test_pp_enabled_leaves_sync_alone(results):
