@@ -4,7 +4,8 @@ FusedStep beside eager torch (``clip_grad_norm_`` + ``optimizer.step()``), each 
 Why fresh processes: a step's extra memory is its peak resident memory minus resident memory before it.
 The CPU allocator keeps no stats, but large blocks are mmap'd and returned at free, so the peak of live
 bytes shows as ``VmHWM`` in ``/proc/self/status``, reset to the current RSS just before the step by
-writing ``5`` to ``/proc/self/clear_refs`` (``ru_maxrss`` would keep the whole process's peak). On CUDA
+writing ``5`` to ``/proc/self/clear_refs`` (``ru_maxrss`` would keep the whole process's peak), with
+glibc's mmap threshold fixed so that every large block is mmapped and returned at free (``run_case``). On CUDA
 it is ``max_memory_allocated()`` minus ``memory_allocated()`` before the step. Compiles happen
 beforehand, on small params of the same structure going through the same case, so no compiler memory
 is counted.
@@ -17,7 +18,8 @@ all of them; Muon + AdamW puts ``torch.optim.Muon`` on the matrices and AdamW on
   ``torch.load``; the checkpoint dict is dropped after loading, on both sides (what the optimizer holds
   is then the only copy of the loaded state).
 * ``rebuild``: after one step, ``add_param_group`` of a small new param (a structural change:
-  FusedStep builds a new plan and moves params, grads and state into new buffers), then one step.
+  FusedStep builds a new plan and moves params, grads and state into new buffers), new grad values
+  written into the grads the params have (FusedStep's views), then one step.
 
 The goal: FusedStep's extra memory in every case within eager torch's first step + 10% of param bytes.
 """
@@ -74,11 +76,17 @@ def _params(size: int, count: int, device: torch.device, seed: int = 0) -> list[
     return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
 
 
-def _set_grads(params: list[torch.Tensor], seed: int) -> None:
-    """Fresh grads (new tensors, as autograd makes them where ``p.grad`` is None)."""
+def _set_grads(params: list[torch.Tensor], seed: int, *, in_place: bool = False) -> None:
+    """Fresh grads (new tensors, as autograd makes them where ``p.grad`` is None), or with ``in_place``
+    new values written into the grads the params have (as a backward after ``zero_grad()`` does)."""
     gen = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+        g = torch.randn(p.shape, generator=gen).to(p.device)
+        if in_place and p.grad is not None:
+            with torch.no_grad():
+                p.grad.copy_(g)
+        else:
+            p.grad = g
 
 
 def _optimizers(kind: str, params: list[torch.Tensor]) -> list[torch.optim.Optimizer]:
@@ -118,15 +126,16 @@ def _checkpoint(kind: str, params: list[torch.Tensor]) -> bytes:
 
 
 def _prepare(kind: str, case: str, method: str, size: int, count: int, device: torch.device, compile_fused: bool):
-    """Everything up to the measured step: returns (step, params)."""
+    """Everything up to the measured step: returns (step, the layout's param bytes: P)."""
     params = _params(size, count, device)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)  # the rebuild's extra param is not counted
     if case == "resume":
         data = _checkpoint(kind, params)
         opts = _optimizers(kind, params)
         saved = torch.load(io.BytesIO(data), map_location=device)
         for opt, sd in zip(opts, saved):
             opt.load_state_dict(sd)
-        del saved, data  # the loaded state now lives in the optimizers only
+        del saved, data, sd  # the loaded state now lives in the optimizers only
     else:
         opts = _optimizers(kind, params)
     step = _stepper(method, params, opts, compile_fused)
@@ -137,8 +146,9 @@ def _prepare(kind: str, case: str, method: str, size: int, count: int, device: t
         extra.grad = torch.ones_like(extra)
         opts[-1].add_param_group({"params": [extra], "weight_decay": 0.0})
         params.append(extra)
-    _set_grads(params, seed=4)
-    return step, params
+    # At a rebuild the grads are the previous plan's views (FusedStep's) or the tensors eager torch kept.
+    _set_grads(params, seed=4, in_place=case == "rebuild")
+    return step, param_bytes
 
 
 def _trim() -> None:
@@ -192,8 +202,7 @@ def _child_main(argv: list[str]) -> int:
     warm_step, _ = _prepare(a.optimizer, a.case, a.method, SMALL, a.count, device, compile_fused)
     warm_step()
     del warm_step
-    step, params = _prepare(a.optimizer, a.case, a.method, a.size, a.count, device, compile_fused)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    step, param_bytes = _prepare(a.optimizer, a.case, a.method, a.size, a.count, device, compile_fused)
     extra = measure_extra_bytes(step, device)
     print(json.dumps({"param_bytes": param_bytes, "extra_bytes": extra}))
     return 0
@@ -214,6 +223,11 @@ def run_case(optimizer: str, case: str, method: str, *, size: int, count: int, d
     if cache_dir is not None:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
         env["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
+    # glibc mmaps blocks above a threshold and unmaps them at free, but raises the threshold to the size
+    # of each mmapped block freed (up to 32 MiB): later blocks of that size come from the heap, whose
+    # freed memory stays resident, and a step's RSS would count tensors freed before it as live. A fixed
+    # threshold (its default, 128 KiB) keeps every large block mmapped: RSS then follows live bytes.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     pkg_root = str(PACKAGE_PARENT)  # the child imports compiled_step from where this process did
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-c", _CHILD_CODE, "--optimizer", optimizer, "--case", case, "--method", method,
@@ -257,3 +271,57 @@ def bound_bytes(results: list[StepMemoryResult], optimizer: str) -> int | None:
     if eager is None or eager.extra_bytes is None:
         return None
     return eager.extra_bytes + int(SLACK * eager.param_bytes)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def markdown_table(results: list[StepMemoryResult]) -> str:
+    """One row per optimizer x case: eager torch's and FusedStep's extra memory, and the bound."""
+    if not results:
+        return ""
+    first = results[0]
+    out = [f"Extra memory of a step: peak resident memory during the step minus memory before it, each case in a "
+           f"fresh process, compiles done beforehand on small params (see the method section). {first.count} x "
+           f"{first.size}x{first.size} fp32 matrices + {first.count} vectors of {first.size}; P = param bytes "
+           f"({_mib(first.param_bytes)} MiB). Bound: eager torch's first step + {SLACK:.0%} of P.\n",
+           "| optimizer | case | eager MiB | eager x P | FusedStep MiB | FusedStep x P | bound x P | within |\n"
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    for optimizer in dict.fromkeys(r.optimizer for r in results):
+        bound = bound_bytes(results, optimizer)
+        for case in CASES:
+            eager, fused = (next((r for r in results if (r.optimizer, r.case, r.method) == (optimizer, case, m)),
+                                 None) for m in METHODS)
+            cells = []
+            for r in (eager, fused):
+                ok = r is not None and r.extra_bytes is not None
+                cells += [_mib(r.extra_bytes) if ok else (r.error if r else "-"),
+                          f"{r.extra_of_params:.2f}" if ok else "-"]
+            within = "-" if bound is None or fused is None or fused.extra_bytes is None else (
+                "yes" if fused.extra_bytes <= bound else "**no**")
+            shown_bound = "-" if bound is None else f"{bound / fused.param_bytes:.2f}" if fused and fused.param_bytes \
+                else "-"
+            out.append(f"| {optimizer} | {case} | {' | '.join(cells)} | {shown_bound} | {within} |")
+    return "\n".join(out) + "\n"
+
+
+def goal(results: list[StepMemoryResult]):
+    """Lean: FusedStep's extra memory in every case within eager torch's first step + SLACK of P."""
+    from compiled_step.cli.bench.goals import Goal  # noqa: PLC0415 -- goals imports the row modules
+
+    name = "lean: extra memory at the first step, after a resume and at a rebuild (AdamW, Muon + AdamW)"
+    target = f"<= eager torch's first step + {SLACK:.0%} of param bytes"
+    fused = [r for r in results if r.method == "fused"]
+    if not fused or any(r.extra_bytes is None for r in results):
+        return Goal(name, target, "-" if not fused else "a case failed", "not measured")
+    worst = max(fused, key=lambda r: r.extra_bytes - bound_bytes(results, r.optimizer))
+    bound = bound_bytes(results, worst.optimizer)
+    if bound is None:
+        return Goal(name, target, "-", "not measured")
+    ok = all(r.extra_bytes <= bound_bytes(results, r.optimizer) for r in fused)
+    return Goal(name, target, f"closest: {worst.optimizer} {worst.case} {worst.extra_of_params:.2f} P against "
+                f"{bound / worst.param_bytes:.2f} P", "met" if ok else "gap")
+
+
+def _mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
