@@ -56,6 +56,14 @@ def check_grad(p: torch.Tensor, g: torch.Tensor, where: str, grad_dtype: torch.d
         raise Rebuild(f"{where}: grad dtype changed to {g.dtype}")
 
 
+def check_grads(plan: Plan, grads: list[torch.Tensor | None]) -> None:
+    """``check_grad`` for every grad the plan's params have (None: no grad), before anything is built."""
+    names = [name for group in plan.groups for name in group.names]
+    for p, g, name in zip(plan.params, grads, names):
+        if g is not None:
+            check_grad(p, g, name)
+
+
 def _why_foreign(p: torch.Tensor, g: torch.Tensor, binder, ddp_params: frozenset[int]) -> str:
     """Why ``binder`` found a grad that is not its view, for the copy warning (``checks.copy_warning``)."""
     owner = grad_restore.owner_of(p)
@@ -83,7 +91,7 @@ class Binder:
         self.params = [p for gb in groups for p in gb.group.params]
         self.names = [n for gb in groups for n in gb.group.names]
         self.where = [(gb, i) for gb in groups for i in range(len(gb.group.params))]
-        self.grad_views = [v for gb in groups for v in gb.grad_views]
+        self.grad_views: list[torch.Tensor] = []  # set by install, once the grad buffers exist
         # Plain params (aliased, staged or bucketed): a replaced ``.data`` shows as a new data_ptr.
         self.plain = [p for p in self.params if not is_dtensor(p)]
         self.plain_ptrs: list[int] = []  # set by install, once the aliased params live in the buffers
@@ -196,14 +204,34 @@ class Binder:
         return True
 
     def install(self, previous: list[torch.Tensor | None]) -> None:
-        """At build: aliased params moved into the param buffers (values copied, each with a storage of
-        its own: ``storage.own_storage_alias``); the grads the params had before copied into the grad
-        buffers, and their params pointed at the views (external grads stay where they are)."""
-        for i, g in enumerate(previous):
-            if g is not None and is_dtensor(g):
-                previous[i] = collectives.match_grad_placement(self.params[i], g)
+        """At build: the grads the params had copied into new grad buffers and their params pointed at the
+        views (external grads stay where they are), then aliased params moved into new param buffers
+        (values copied, each with a storage of its own: ``storage.own_storage_alias``).
+
+        One buffer at a time, each old copy dropped as soon as it is copied: the grads autograd made (or
+        the previous plan's grad views) are freed before the param buffers exist, the params' own tensors
+        (or the previous plan's param buffers) before the state buffers do (``bind_state``). ``previous``
+        is emptied as its grads are copied. Holding old and new copies together would need 4x param
+        bytes more than eager torch at a first step, a resume or a rebuild (issue 22).
+        """
+        had_grad = [g is not None for g in previous]
         with torch.no_grad():
+            i = 0  # self.params runs group by group
             for gb in self.groups:
+                gb.make_grads()
+                for j, p in enumerate(gb.group.params):
+                    g, previous[i] = previous[i], None
+                    i += 1
+                    if g is None or g is gb.grad_views[j]:
+                        continue  # no grad, or an external grad read where it is
+                    if is_dtensor(g):
+                        g = collectives.match_grad_placement(p, g)
+                    gb.grad_locals[j].copy_(local_tensor(g))
+                    p.grad = gb.grad_views[j]
+                g = None  # the last old grad: a view would keep the whole previous grad buffer alive
+            self.grad_views = [v for gb in self.groups for v in gb.grad_views]
+            for gb in self.groups:
+                gb.make_params()
                 for i in gb.aliased:
                     p, view = gb.group.params[i], gb.param_views[i]
                     view.copy_(p.data)
@@ -212,18 +240,12 @@ class Binder:
                     # whether someone else aliased the param since (p.detach(), state_dict()), and a
                     # second tensor of ours would hide or fake one.
                     p.data = own_storage_alias(view)
-            for i, (p, g) in enumerate(zip(self.params, previous)):
-                if g is None or g is self.grad_views[i]:
-                    continue  # no grad, or an external grad read where it is
-                gb, j = self.where[i]
-                gb.grad_locals[j].copy_(local_tensor(g))
-                p.grad = self.grad_views[i]
         self.plain_ptrs = list(map(_DATA_PTR, self.plain))
         grad_restore.claim(self, range(len(self.params)))  # the newest plan takes the grads over
         self.restore_hooks = GradRestoreHooks(self)
-        self.expected_grads = [self.grad_views[i] if g is not None else None for i, g in enumerate(previous)]
-        for i, g in enumerate(previous):
-            self._set_active(i, g is not None)
+        self.expected_grads = [self.grad_views[i] if had else None for i, had in enumerate(had_grad)]
+        for i, had in enumerate(had_grad):
+            self._set_active(i, had)
         self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
 
     def zero_grads(self) -> None:
@@ -250,47 +272,62 @@ class Binder:
         Missing state is created as torch.optim would (zeros; and per the rule's ``COUNTS``: Adam's
         step 0, SGD's first-step flag), state that is not a view is copied in. Params without a grad
         and without state keep none. The params whose state was created are added to ``created``.
+
+        Key by key: a key's buffers are made (at a build) just before its tensors are adopted, and each
+        adopted tensor (loaded by ``load_state_dict``, or a view of the previous plan's buffer) is
+        dropped from ``optimizer.state`` as soon as it is copied, so at most one key's old and new copies
+        are alive together.
         """
         self._count_slots, self._count_values = [], []
         installed: dict[str, tuple[list, list]] = {}
         fresh: list[torch.Tensor] = []
+        bound = []  # (param index, its state dict, its rule, its state keys)
+        for i, p in enumerate(self.params):
+            index = self.where[i][0].group.key.param_group
+            rule, state = self.rules[index], optimizers[self.owners[index]].state
+            keys = rule.state_keys(self.variants[index])
+            st = state.get(p)
+            if not keys and rule.COUNTS != STEPS:
+                continue  # e.g. SGD without momentum: torch keeps no state, and neither do we
+            if not st and not self.active[self.slots[i]]:
+                continue  # no grad and no state: torch.optim creates none either
+            if not st:
+                fresh.append(p)
+            bound.append((i, state[p], rule, keys))
+        created, adopted = [False] * len(bound), [False] * len(bound)
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                gb, j = self.where[i]
-                index = gb.group.key.param_group
-                rule, state = self.rules[index], optimizers[self.owners[index]].state
-                keys = rule.state_keys(self.variants[index])
-                st = state.get(p)
-                if not keys and rule.COUNTS != STEPS:
-                    continue  # e.g. SGD without momentum: torch keeps no state, and neither do we
-                if not st and not self.active[self.slots[i]]:
-                    continue  # no grad and no state: torch.optim creates none either
-                if not st:
-                    fresh.append(p)
-                created, adopted = self._bind_keys(state[p], gb, j, keys, installed)
-                self._bind_count(rule, state[p], self.slots[i], created, adopted, installed)
+            for key in dict.fromkeys(k for *_, keys in bound for k in keys):
+                for n, (i, st, _, keys) in enumerate(bound):
+                    if key in keys:
+                        c, a = self._bind_key(st, *self.where[i], key, installed)
+                        created[n] |= c
+                        adopted[n] |= a
+            for n, (i, st, rule, _) in enumerate(bound):
+                self._bind_count(rule, st, self.slots[i], created[n], adopted[n], installed)
             if self._count_slots:
                 self._write_counts(self._count_slots, self._count_values)
+            for gb in self.groups:
+                gb.make_all_state()  # at a build: the keys no param's state needed yet
         self.state_objs = tuple(o.state for o in optimizers)
         self.installed = [(key, dicts, views) for key, (dicts, views) in installed.items()]
         self.created += fresh
 
-    def _bind_keys(self, st: dict, gb: GroupBuffers, j: int, keys, installed: dict) -> tuple[bool, bool]:
-        """The param's state tensors as views of the buffers: (whether any was created, adopted)."""
+    def _bind_key(self, st: dict, gb: GroupBuffers, j: int, key: str, installed: dict) -> tuple[bool, bool]:
+        """The param's state tensor ``key`` as a view of the buffers: (whether it was created, adopted)."""
+        gb.make_state(key)
+        current, view = st.get(key), gb.state_views[key][j]
         created = adopted = False
-        for key in keys:
-            current, view = st.get(key), gb.state_views[key][j]
-            if current is None:
-                gb.state_locals[key][j].zero_()
-                st[key] = view
-                created = True
-            elif current is not view:
-                gb.state_locals[key][j].copy_(local_tensor(current))
-                st[key] = view
-                adopted = True
-            dicts, views = installed.setdefault(key, ([], []))
-            dicts.append(st)
-            views.append(view)
+        if current is None:
+            gb.state_locals[key][j].zero_()
+            st[key] = view
+            created = True
+        elif current is not view:
+            gb.state_locals[key][j].copy_(local_tensor(current))
+            st[key] = view  # the optimizer's reference to the old tensor goes: it is freed unless held elsewhere
+            adopted = True
+        dicts, views = installed.setdefault(key, ([], []))
+        dicts.append(st)
+        views.append(view)
         return created, adopted
 
     def _bind_count(self, rule, st: dict, slot: int, created: bool, adopted: bool, installed: dict) -> None:

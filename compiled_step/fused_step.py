@@ -298,12 +298,14 @@ class FusedStep(TrainingHealthAPI):
         checks.refuse_state_of_another_dtype(plan, [opts.items[owners[g.key.param_group]].state
                                                     for g in plan.groups])
         plan = self._agree(plan)
+        previous = [p.grad for p in plan.params]
+        binding.check_grads(plan, previous)
         if self._built is not None:
             self._built.binder.release()  # the old plan's grad hooks
-        previous = [p.grad for p in plan.params]
-        for p, g, name in zip(plan.params, previous, [n for gr in plan.groups for n in gr.names]):
-            if g is not None:
-                binding.check_grad(p, g, name)
+        # Drop the old plan's buffers now: what still references them (the params' .data aliases, p.grad
+        # and optimizer.state views) is moved into the new buffers one by one, freeing each old buffer as
+        # its last view goes, before the next new one is made (``Binder.install``, ``Binder.bind_state``).
+        self._built = None
         outputs = self._outputs_on(plan.device)
         group_rules = [rules[g.key.param_group] for g in plan.groups]  # per sharding group
         group_variants = [variants[g.key.param_group] for g in plan.groups]
@@ -369,10 +371,15 @@ class FusedStep(TrainingHealthAPI):
         if built is not None:
             built.binder.created.clear()  # state created by this step only (see step())
         if built is None or not built.binder.unchanged(opts.groups(), variants):
+            built = None  # no reference to the old plan while the new one is built (see _build)
             built = self._build(variants)
         try:
             active_changed = built.binder.bind_grads()
+            rebuild = False
         except binding.Rebuild:  # a grad of another dtype: re-key its group
+            rebuild = True  # rebuilt after the handler: its traceback references the old binder
+        if rebuild:
+            built = None
             built = self._build(variants)
             active_changed = built.binder.bind_grads()
         if built.binder.copied and not self._warned_copy:

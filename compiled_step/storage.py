@@ -156,50 +156,44 @@ def _wrap_like(p: torch.Tensor, local_view: torch.Tensor) -> torch.Tensor:
 
 
 class GroupBuffers:
-    """One sharding group's buffers and the views into them, in the group's param order."""
+    """One sharding group's buffers and the views into them, in the group's param order.
+
+    The big buffers are made one at a time, by ``make_grads``, ``make_params`` and ``make_state``
+    (``binding.Binder`` calls them in that order), so that each old copy (the params' own tensors, the
+    grads autograd made, loaded state, or the previous plan's buffers) can be released as soon as its
+    values are in the new buffer, instead of all old and all new copies being alive at once.
+    """
 
     def __init__(self, group: ShardingGroup, state_keys: tuple[str, ...], offload: bool = False,
                  external_grads: dict[int, torch.Tensor] | None = None):
         """``external_grads``: param id -> its grad, for the group's external params (``planning``)."""
         self.group = group
-        key = group.key
-        device = key.device
-        self.params = _row_buffer(group.flat_rows, key.dtype, device)
-        self.grads = _row_buffer(group.grad_rows, key.grad_dtype, device)
-        self.state = {k: _row_buffer(group.rows, key.dtype, device) for k in state_keys}
+        self.state_keys = tuple(state_keys)
         # With offload_optimizer_state on an accelerator, the state users see (and that the binder
         # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
         # filled before each step and released after it.
-        self.offloaded = offload and offloads_state(device)
-        self.state_home = ({k: _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=_pins_home(device))
-                            for k in state_keys} if self.offloaded else self.state)
+        self.offloaded = offload and offloads_state(group.key.device)
         self.locals = [local_tensor(p) for p in group.params]  # the param shards as they are now
-        entries = group.entries
-        # param_views: aliased -> the new p.data; staged -> the staging area; bucketed -> None
-        self.param_views = [_view(self.params, e.row, t) if e.region != BUCKETED else None
-                            for e, t in zip(entries, self.locals)]
-        external = {i: (external_grads or {})[id(group.params[i])] for i in group.external}
-        self.grad_locals = [local_tensor(external[i]) if e.external else _view(self.grads, e.row, t)
-                            for i, (e, t) in enumerate(zip(entries, self.locals))]
-        self.grad_views = [external[i] if e.external else _wrap_like(p, v)
-                           for i, (p, e, v) in enumerate(zip(group.params, entries, self.grad_locals))]
-        # What the compiled calls read of the external grads: 1-D aliases with storages of their own,
-        # so that Dynamo sees the same input kind whatever their offsets in the other framework's
-        # buffer (it specialises storage offsets 0 and 1, and guards on which inputs share a storage).
-        self.external_flat = {i: own_storage_alias(flat_alias(self.grad_locals[i])) for i in group.external}
-        self.state_locals = {k: [_view(buf, e.row, t) for e, t in zip(entries, self.locals)]
-                             for k, buf in self.state_home.items()}
-        self.state_views = {k: [_wrap_like(p, v) for p, v in zip(group.params, views)]
-                            for k, views in self.state_locals.items()}
+        self._external_grads = {i: (external_grads or {})[id(group.params[i])] for i in group.external}
+        self.params: torch.Tensor | None = None  # set by make_params
+        self.param_views: list[torch.Tensor | None] = []
+        self.stack_params: list[torch.Tensor] = []
+        self.grads: torch.Tensor | None = None  # set by make_grads
+        self.grad_locals: list[torch.Tensor] = []
+        self.grad_views: list[torch.Tensor] = []
+        self.external_flat: dict[int, torch.Tensor] = {}
+        self.stack_grads: list[torch.Tensor] = []
+        self.state: dict[str, torch.Tensor] = {}  # filled key by key by make_state
+        self.state_home: dict[str, torch.Tensor] = self.state if not self.offloaded else {}
+        self.state_locals: dict[str, list[torch.Tensor]] = {}
+        self.state_views: dict[str, list[torch.Tensor]] = {}
+        self.stack_state: list[dict[str, torch.Tensor]] = [{} for _ in group.stacks]
+        entries, device = group.entries, group.key.device
         self.staged = [i for i, e in enumerate(entries) if e.region == STAGED]
         self.aliased = [i for i, e in enumerate(entries) if e.region == ALIASED]
         rows = [e.slot - group.first_slot for e in entries if e.region != BUCKETED
                 for _ in range(-(-e.numel // ROW))]
         self.row_slot = torch.tensor(rows, dtype=torch.int32).to(device)
-        # A matrix group's stacks as [n, rows, cols] views: params, grads and state, matrix by matrix.
-        self.stack_params = [_stack_view(self.params, st) for st in group.stacks]
-        self.stack_grads = [_stack_view(self.grads, st) for st in group.stacks]
-        self.stack_state = [{k: _stack_view(buf, st) for k, buf in self.state.items()} for st in group.stacks]
         # A row-sharded matrix group's all-to-all buffers (bfloat16 [W, L]: one block per rank) and each
         # stack's box in them (see ``rules.muon``): ``outbox`` what this rank sends, ``inbox`` receives.
         self.outboxes, self.inboxes = [], []
@@ -212,6 +206,55 @@ class GroupBuffers:
                 self.outboxes.append(_box(self.outbox, st, offset))
                 self.inboxes.append(_box(self.inbox, st, offset))
                 offset += size
+
+    def make_grads(self) -> None:
+        """The grad buffer and its views (``p.grad`` as users see it); external grads stay where they are."""
+        group, key = self.group, self.group.key
+        self.grads = _row_buffer(group.grad_rows, key.grad_dtype, key.device)
+        external = self._external_grads
+        self.grad_locals = [local_tensor(external[i]) if e.external else _view(self.grads, e.row, t)
+                            for i, (e, t) in enumerate(zip(group.entries, self.locals))]
+        self.grad_views = [external[i] if e.external else _wrap_like(p, v)
+                           for i, (p, e, v) in enumerate(zip(group.params, group.entries, self.grad_locals))]
+        # What the compiled calls read of the external grads: 1-D aliases with storages of their own,
+        # so that Dynamo sees the same input kind whatever their offsets in the other framework's
+        # buffer (it specialises storage offsets 0 and 1, and guards on which inputs share a storage).
+        self.external_flat = {i: own_storage_alias(flat_alias(self.grad_locals[i])) for i in group.external}
+        # A matrix group's stacks as [n, rows, cols] views: params, grads and state, matrix by matrix.
+        self.stack_grads = [_stack_view(self.grads, st) for st in group.stacks]
+
+    def make_params(self) -> None:
+        """The param buffer: aliased params' new ``.data`` (moved in by the binder), staged params' staging area."""
+        group, key = self.group, self.group.key
+        self.params = _row_buffer(group.flat_rows, key.dtype, key.device)
+        # param_views: aliased -> the new p.data; staged -> the staging area; bucketed -> None
+        self.param_views = [_view(self.params, e.row, t) if e.region != BUCKETED else None
+                            for e, t in zip(group.entries, self.locals)]
+        self.stack_params = [_stack_view(self.params, st) for st in group.stacks]
+
+    def make_state(self, name: str) -> None:
+        """State key ``name``'s buffer (and its pinned host home when offloading) and views, once."""
+        if name in self.state:
+            return
+        group, key = self.group, self.group.key
+        self.state[name] = _row_buffer(group.rows, key.dtype, key.device)
+        if self.offloaded:
+            self.state_home[name] = _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=_pins_home(key.device))
+        self.state_locals[name] = [_view(self.state_home[name], e.row, t) for e, t in zip(group.entries, self.locals)]
+        self.state_views[name] = [_wrap_like(p, v) for p, v in zip(group.params, self.state_locals[name])]
+        for stack, views in zip(group.stacks, self.stack_state):
+            views[name] = _stack_view(self.state[name], stack)
+
+    def make_all_state(self) -> None:
+        """Every state key's buffer (those no param's state needed yet too), in the rule's key order."""
+        for name in self.state_keys:
+            self.make_state(name)
+        # The binder makes them in the order it meets them: keep one order for the program's arguments.
+        for d in (self.state, self.state_home, self.state_locals, self.state_views, *self.stack_state):
+            ordered = {name: d[name] for name in self.state_keys}
+            d.clear()
+            d.update(ordered)
+
 
 class StepBuffers:
     """The plan-wide vectors and 0-d tensors the compiled calls read and write.

@@ -65,6 +65,14 @@ What is measured, and how:
   frees is the step's peak extra memory (RSS is too coarse and noisy for this). The profiler does not
   see frees of blocks allocated before it started, so this is an upper bound. On CUDA it is
   ``max_memory_allocated()`` minus ``memory_allocated()`` before the step.
+* **Extra memory at the first step, after a resume and at a rebuild** (``step_memory.py``): in a fresh
+  subprocess per case, on ``--step-memory-size`` matrices (8 x 2048x2048 fp32 by default, P = 128 MiB) and
+  8 vectors, compiled beforehand on small params going through the same case: peak resident memory during
+  the step (``VmHWM`` after writing ``5`` to ``/proc/self/clear_refs``; glibc's mmap threshold fixed, so
+  freed blocks leave RSS) minus RSS before it; on CUDA the allocator's peak. Eager torch (``clip_grad_norm_``
+  + AdamW, or Muon + AdamW) and FusedStep go through the same cases: a new optimizer's first step; the
+  first step after ``load_state_dict`` of a checkpoint (dropped after loading); the step after an
+  ``add_param_group`` (FusedStep rebuilds its plan). Goal: FusedStep within eager's first step + 10% of P.
 * **Inductor cache.** By default each row compiles into its own fresh, empty Inductor cache: with
   dynamic shapes the C++ backend picks serial or OpenMP-parallel loops from the size hints of the
   first compile, and a cached graph compiled earlier for tiny tensors would run serially here.

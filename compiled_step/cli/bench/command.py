@@ -16,7 +16,8 @@ import torch
 from compiled_step.cli import layouts as L
 from compiled_step.cli.bench.compile_time import measure_compile_times
 from compiled_step.cli.bench.fsdp import single_process_group
-from compiled_step.cli.bench.goals import evaluate_goals
+from compiled_step.cli.bench import step_memory
+from compiled_step.cli.bench.goals import NO_VERDICT, evaluate_goals
 from compiled_step.cli.bench.machine import machine_info, wait_idle
 from compiled_step.cli.bench.measure import (
     CacheFlusher,
@@ -33,6 +34,8 @@ from compiled_step.cli.bench.rows import RowResult, RowSpec, run_row
 from compiled_step.cli.extras import MissingExtraError, require_cli_extra
 
 __all__ = ["main"]
+
+STEP_MEMORY_COUNT = 8  # matrices (and vectors) of the step-memory cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,19 +76,29 @@ def _run(args, argv: list[str]) -> int:
     rows = _run_rows(args, machine, log)
 
     compile_results = measure_compile_times(args.compile_sizes_list, args, log) if args.compile_sizes_list else []
+    memory = (step_memory.measure_step_memory(step_memory.OPTIMIZERS, size=args.step_memory_size,
+                                              count=STEP_MEMORY_COUNT, device=args.device,
+                                              compile_fused=not args.no_compile, log=log)
+              if args.step_memory_size else [])
     machine["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     machine["inductor_cache"] = ("a fresh empty cache directory per row" if args.inductor_cache == "fresh"
                                  else "the process's default cache directory")
     goals = evaluate_goals(rows, compile_results, device, args.fused_name, args.headline_min_params,
                            verdicts=not args.quick)
+    if memory:
+        memory_goal = step_memory.goal(memory)
+        if args.quick and memory_goal.status in ("met", "gap"):
+            memory_goal.status = NO_VERDICT
+        goals.append(memory_goal)
     tables = markdown_tables(rows, compile_results, goals, machine, compiled=not args.no_compile, quick=args.quick)
+    tables += step_memory.markdown_table(memory)
     if args.notes:
         tables += "\n" + "\n".join(f"_{n}_" for n in args.notes) + "\n"
     duration = time.perf_counter() - t_start
 
     write_outputs(out, command=_command(argv), machine=machine, started=started, duration_s=duration, tables=tables,
                   rows=rows, compile_results=compile_results, goals=goals, device=device,
-                  compiled=not args.no_compile, benchmarks_md_path=args.write_benchmarks_md)
+                  compiled=not args.no_compile, benchmarks_md_path=args.write_benchmarks_md, step_memory=memory)
     log("\n" + tables)
     log(f"bench: wrote {out.resolve()}/ ({', '.join(OUTPUT_FILES)}) in {duration:.0f}s"
         + (f"; and {Path(args.write_benchmarks_md).resolve()}" if args.write_benchmarks_md else ""))

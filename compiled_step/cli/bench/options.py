@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh (default): each row compiles into its own empty Inductor cache, so kernels "
                    "are generated for that row's sizes; default: use the process's usual cache directory")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--step-memory-size", type=int, default=None, metavar="N",
+                   help="side of the matrices of the first-step / resume / rebuild memory cases (fresh "
+                   "subprocesses; default 2048: 8 x 2048x2048 fp32, P = 128 MiB; 0 skips them; none with --quick "
+                   "unless given)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before starting, wait up to SECONDS for the 1-minute load average to drop below "
                    "0.7 (other processes on the cores make every timing meaningless); default 0: no wait")
@@ -122,6 +126,10 @@ def resolve(args: argparse.Namespace) -> None:
                                                                                          "--compile-sizes")]
     else:
         args.compile_sizes_list = [] if args.quick else list(DEFAULT_COMPILE_SIZES)
+    if args.step_memory_size is None:
+        args.step_memory_size = 0 if args.quick or "fused" not in methods else 2048
+    elif args.step_memory_size < 0:
+        raise BenchError(f"--step-memory-size must be >= 0, got {args.step_memory_size}")
     if args.wait_idle < 0:
         raise BenchError(f"--wait-idle must be >= 0, got {args.wait_idle}")
     if args.compile_timeout <= 0:

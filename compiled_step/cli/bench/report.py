@@ -245,27 +245,30 @@ def _method_text() -> str:
 
 
 def results_json(command: str, machine: dict, started: str, duration_s: float, rows: list[RowResult],
-                 compile_results: list[CompileResult], goals: list[Goal]) -> str:
-    """results.json: the command, the machine, every row with its methods, compile times and goals."""
+                 compile_results: list[CompileResult], goals: list[Goal], step_memory: list = ()) -> str:
+    """results.json: the command, the machine, every row with its methods, compile times, the step-memory
+    cases and goals."""
     return json.dumps({
         "command": command, "machine": machine, "started": started, "duration_s": duration_s,
         "rows": [{**{k: v for k, v in r.__dict__.items() if k != "methods"},
                   "methods": [{**m.__dict__, "median_s": m.median_s, "roofline_fraction": m.roofline_fraction}
                               for m in r.methods]} for r in rows],
         "compile": [c.__dict__ for c in compile_results],
+        "step_memory": [r.__dict__ for r in step_memory],
         "goals": [g.__dict__ for g in goals],
     }, indent=1, default=str)
 
 
 def write_outputs(out: Path, *, command: str, machine: dict, started: str, duration_s: float, tables: str,
                   rows: list[RowResult], compile_results: list[CompileResult], goals: list[Goal],
-                  device: torch.device, compiled: bool, benchmarks_md_path: str | None) -> None:
+                  device: torch.device, compiled: bool, benchmarks_md_path: str | None,
+                  step_memory: list = ()) -> None:
     """Write OUTPUT_FILES into ``out``, and BENCHMARKS.md to ``benchmarks_md_path`` when given."""
     (out / "bench.md").write_text(tables + "\n")
     write_csv(out / "results.csv", result_records(rows, device), RESULT_FIELDS)
     write_csv(out / "compile_times.csv", [c.__dict__ for c in compile_results], COMPILE_FIELDS)
     (out / "results.json").write_text(results_json(command, machine, started, duration_s, rows, compile_results,
-                                                   goals))
+                                                   goals, step_memory))
     write_png(out / "bench.png", rows, compile_results, machine["device_name"], compiled=compiled)
     if benchmarks_md_path:
         Path(benchmarks_md_path).write_text(benchmarks_md(command, machine, tables, goals, started, duration_s))
