@@ -1,0 +1,127 @@
+"""Hypothesis strategies drawing ``differential.Case``s: optimizers and hyperparameters, dtypes, shapes, groups,
+clip and norm type, grad scale, non-finite grads, schedulers and lifecycle events at random steps.
+
+``cases(...)`` takes restrictions (dtypes, optimizers, events, ...) so a search can be focused on one corner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import strategies as st
+
+from differential import LAYOUTS, SHAPES, ZERO_STYLES, Case, Step
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
+EVENTS = ("add_param_group", "load_state_dict", "data_swap", "alias", "second_fused_step", "eager")
+SCHEDULERS = (None, "StepLR", "LambdaLR", "CosineAnnealingLR", "OneCycleLR")
+MAX_STEPS = 6
+
+# A defect found by this harness on 105de62 and not fixed yet (reported to the lead, repro in the report of
+# issue 21): after a first fused step in which a param had no grad, then optimizer.step() steps, grads set to
+# None while optimizer.step() stepped are read stale by the next fused.step() (they enter the norm, hence the
+# clip of the other params). Until it is fixed, grads are zeroed in place (never set to None) while the fused
+# side steps with optimizer.step(); set this to False to search that corner again.
+EXCLUDE_STALE_GRAD_DEFECT = True
+
+
+def shapes():
+    plain = st.sampled_from(SHAPES)
+    return st.one_of(plain, plain, plain, st.just(("T", (4, 3))))  # a transposed (dense, non-contiguous) param
+
+
+@st.composite
+def adam_options(draw, optimizer, dtype):
+    options = dict(lr=draw(st.sampled_from((1e-3, 1e-2, 1e-1))),
+                   betas=draw(st.sampled_from(((0.9, 0.999), (0.8, 0.95), (0.0, 0.99)))),
+                   weight_decay=draw(st.sampled_from((0.0, 0.1))),
+                   amsgrad=draw(st.booleans()), maximize=draw(st.booleans()))
+    # fp16's smallest subnormal is 6e-8: torch.optim adds eps in fp16, so eps=1e-8 becomes 0 there and a zero
+    # grad gives 0/0 in the reference (eager's limitation, not FusedStep's, which adds eps in fp32).
+    # Also in fp16, v = (1 - beta2) * g**2 underflows for |g| < ~1e-2 (subnormals below 6e-5), so the reference's
+    # denominator sqrt(v) + eps is eps alone where FusedStep's is not; with eps = 0.1 that error stays below
+    # lr * |g| / eps, within tolerance. fp16 Adam in torch.optim is fragile by itself; the draws keep it meaningful.
+    options["eps"] = draw(st.sampled_from((1e-1,) if dtype == "float16" else (1e-8, 1e-6)))
+    if optimizer == "Adam":
+        options["decoupled_weight_decay"] = draw(st.booleans())
+    return options
+
+
+@st.composite
+def sgd_options(draw):
+    momentum = draw(st.sampled_from((0.0, 0.9)))
+    nesterov = momentum > 0 and draw(st.booleans())
+    dampening = 0.0 if nesterov or momentum == 0 else draw(st.sampled_from((0.0, 0.3)))
+    return dict(lr=draw(st.sampled_from((1e-3, 1e-2, 1e-1))), momentum=momentum, dampening=dampening,
+                nesterov=nesterov, weight_decay=draw(st.sampled_from((0.0, 0.1))), maximize=draw(st.booleans()))
+
+
+def group_options(optimizer, dtype):
+    return sgd_options() if optimizer == "SGD" else adam_options(optimizer, dtype)
+
+
+@st.composite
+def events_of_a_step(draw, optimizer, dtype, events):
+    result = []
+    for kind in draw(st.lists(st.sampled_from(events), max_size=2) if events else st.just([])):
+        if kind == "add_param_group":
+            result.append((kind, draw(shapes()), draw(st.integers(0, 99)), draw(group_options(optimizer, dtype))))
+        elif kind == "data_swap":
+            result.append((kind, draw(st.integers(0, 7))))
+        elif kind == "alias":
+            result.append((kind, draw(st.integers(0, 7)), draw(st.sampled_from(("detach", "state_dict")))))
+        elif kind == "eager":  # switch to clip_grad_norm_ + optimizer.step() on the fused side, or back
+            result.append((draw(st.sampled_from(("eager", "fused"))),))
+        else:
+            result.append((kind,))
+    return tuple(result)
+
+
+def one_step(optimizer, dtype, events):
+    # fp16's range ends at 65504: torch's fp16 norm (and Adam's v = g**2) overflow for large grads, where
+    # FusedStep's fp64 norm does not; keep fp16 grads (times their scale) where eager fp16 is meaningful.
+    magnitudes = (1.0,) if dtype == "float16" else (1e-3, 1.0, 30.0)
+    scales = (None, 0.5, ("tensor", 0.25)) if dtype == "float16" else (None, 0.5, 3.0, ("tensor", 0.25))
+    return st.builds(Step, grad_seed=st.integers(0, 2**16), grad_magnitude=st.sampled_from(magnitudes),
+                     grad_scale=st.sampled_from(scales),
+                     nonfinite=st.sampled_from((None, None, None, None, "nan", "inf")),
+                     inactive=st.sets(st.integers(0, 7), max_size=2).map(lambda s: tuple(sorted(s))),
+                     events=events_of_a_step(optimizer, dtype, events), zero=st.sampled_from(ZERO_STYLES))
+
+
+@st.composite
+def cases(draw, dtypes=DTYPES, optimizers=OPTIMIZERS, events=EVENTS, schedulers=SCHEDULERS, compile=False,
+          layouts=tuple(LAYOUTS)):
+    optimizer = draw(st.sampled_from(optimizers))
+    dtype = draw(st.sampled_from(dtypes))
+    params = tuple(draw(st.lists(shapes(), min_size=1, max_size=5)))
+    n_groups = draw(st.integers(1, min(3, len(params))))
+    groups = tuple(draw(group_options(optimizer, dtype)) for _ in range(n_groups))
+    group_of = tuple(draw(st.integers(0, n_groups - 1)) for _ in params)
+    scheduler = draw(st.sampled_from(schedulers))
+    # torch's schedulers set one value per param group they were built with (torch 2.13 zips them strictly):
+    # stepping one after add_param_group raises in eager torch too, so the two are not drawn together.
+    events = tuple(e for e in events if not (scheduler is not None and e == "add_param_group"))
+    steps = tuple(draw(st.lists(one_step(optimizer, dtype, events), min_size=1, max_size=MAX_STEPS)))
+    if EXCLUDE_STALE_GRAD_DEFECT:
+        steps = _grads_zeroed_in_place_while_eager(steps)
+    return Case(optimizer=optimizer, dtype=dtype, params=params, group_of=group_of, groups=groups,
+                tensor_lr=draw(st.booleans()), scheduler=scheduler,
+                max_grad_norm=draw(st.sampled_from((None, 1.0, 0.1))),
+                norm_type=draw(st.sampled_from((2.0, 1.0, "inf", 3.0, 0.5))), layout=draw(st.sampled_from(layouts)),
+                compile=compile, init_seed=draw(st.integers(0, 99)),
+                steps=steps)
+
+
+def _grads_zeroed_in_place_while_eager(steps):
+    """The exclusion of EXCLUDE_STALE_GRAD_DEFECT: zero styles that set grads to None become in-place ones on the
+    steps after which the fused side is in optimizer.step() mode."""
+    eager, result = False, []
+    for step in steps:
+        for event in step.events:
+            eager = {"eager": True, "fused": False}.get(event[0], eager)
+        if eager and step.zero not in ("fused.zero_grad()", "optimizer.zero_grad(set_to_none=False)"):
+            step = replace(step, zero="optimizer.zero_grad(set_to_none=False)")
+        result.append(step)
+    return tuple(result)
