@@ -47,15 +47,17 @@ from compiled_step import FusedStep
 # * bfloat16 / float16: torch.optim rounds every intermediate (grads after clip, moments, the update) to the
 #   param dtype, while FusedStep computes in fp32 (the norm in fp64) and rounds once per stored tensor. Each
 #   step the two may therefore differ by a rounding of the param (one ulp: 2**-8 relative in bf16, 2**-11 in
-#   fp16) plus a relative error of a few roundings on the update (~lr); eager's norm itself is rounded to the
-#   grads' dtype. So: rtol of two ulps per step, atol of lr-sized updates off by a few roundings, norm rtol of
-#   two roundings of torch's low-precision norm.
+#   fp16) plus a relative error of a few roundings on the update (~lr); a squared grad (Adam's v) doubles the
+#   relative error of its rounded factors (measured: 2 ulps on v at step 1). So: rtol of four ulps per step,
+#   atol of lr-sized updates off by a few roundings, norm rtol of two roundings of torch's low-precision norm
+#   (its grads scaled in bf16, its result rounded to bf16). These catch lost or misapplied updates and wrong
+#   state, not the last bits: fp64 and fp32 are the precise checks.
 # ---------------------------------------------------------------------------------------------------------
 TOLERANCES = {
     "float64": dict(rtol=1e-12, atol=1e-12, norm_rtol=1e-12),
     "float32": dict(rtol=1e-5, atol=1e-6, norm_rtol=1e-5),
-    "bfloat16": dict(rtol=2 * 2**-8, atol=2**-6, norm_rtol=2 * 2**-8),
-    "float16": dict(rtol=2 * 2**-11, atol=2**-8, norm_rtol=2 * 2**-11),
+    "bfloat16": dict(rtol=4 * 2**-8, atol=2**-6, norm_rtol=2 * 2**-8),
+    "float16": dict(rtol=4 * 2**-11, atol=2**-8, norm_rtol=2 * 2**-11),
 }
 
 # The shapes params are drawn from: a small set, so compiled graphs (symbolic sizes) are shared across examples.
