@@ -254,16 +254,16 @@ def _zero_reference(style, side):
 
 # --- comparing -----------------------------------------------------------------------------------------------
 
-def _close(actual, expected, tol, applied, what):
-    atol = tol["atol"] * max(applied, 1)
+def _close(actual, expected, tol, applied, what, grad_atol=0.0):
+    atol = tol["atol"] * max(applied, 1) + grad_atol
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tol["rtol"] * max(applied, 1), atol=atol,
                                equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def _compare(case, fused_side, ref_side, tol, applied, k):
+def _compare(case, fused_side, ref_side, tol, applied, k, grad_atol):
     for i, (p, q) in enumerate(zip(fused_side.params, ref_side.params)):
         assert p.dtype == q.dtype and p.shape == q.shape, f"step {k}: param {i} {p.dtype}{tuple(p.shape)}"
-        _close(p.detach(), q.detach(), tol, applied, f"step {k}: param {i}")
+        _close(p.detach(), q.detach(), tol, applied, f"step {k}: param {i}", grad_atol)
     ours, theirs = fused_side.optimizer.state, ref_side.optimizer.state
     for i, (p, q) in enumerate(zip(fused_side.params, ref_side.params)):
         if q not in theirs:
@@ -279,7 +279,9 @@ def _compare(case, fused_side, ref_side, tol, applied, k):
             if value is None or mine is None:
                 assert value is None and mine is None, f"step {k}: param {i} state {name}"
                 continue
-            _close(torch.as_tensor(mine), torch.as_tensor(value), tol, applied, f"step {k}: param {i} state {name}")
+            linear = name in ("exp_avg", "momentum_buffer")  # sums of grads of both signs: see grad_atol
+            _close(torch.as_tensor(mine), torch.as_tensor(value), tol, applied, f"step {k}: param {i} state {name}",
+                   grad_atol if linear else 0.0)
 
 
 # --- events --------------------------------------------------------------------------------------------------
@@ -332,6 +334,7 @@ def run_case(case: Case) -> None:
                        rebuilt=True)
     aliases = []
     applied = 0
+    largest_grad = 0.0
     with warnings.catch_warnings():
         # One-time warnings: grads copied after a rebuild, scheduler.step() after a skipped first step.
         warnings.simplefilter("ignore")
@@ -355,6 +358,13 @@ def run_case(case: Case) -> None:
             ref_norm = eager_step(case, ref_side, step)
             finite = bool(torch.isfinite(ref_norm))
             applied += finite
+            # Momentum buffers and first moments sum grads of both signs: where they cancel, a result of ~1 carries
+            # the rounding error of operands of ~|g| (in bf16, 0.17 on a buffer of 3 built from grads of ~90), so
+            # those and the params get an absolute allowance of 4 roundings of the largest grad per applied step
+            # (randn's tail is ~4 grad_magnitude): at most ~2e-12 in fp64 (grads of 90, 6 steps), far below fp32 precision.
+            scale = _scale_value(step)
+            largest_grad = max(largest_grad, 4 * step.grad_magnitude * abs(float(1.0 if scale is None else scale)))
+            grad_atol = 4 * torch.finfo(dtype).eps * largest_grad * applied
             assert bool(torch.isfinite(norm)) == finite, f"step {k}: norm {norm.item()} vs reference {ref_norm.item()}"
             if finite:
                 torch.testing.assert_close(norm.double(), ref_norm.double(), rtol=tol["norm_rtol"], atol=1e-30,
@@ -362,7 +372,7 @@ def run_case(case: Case) -> None:
             for side in (fused_side, ref_side):
                 if side.scheduler is not None:
                     side.scheduler.step()
-            _compare(case, fused_side, ref_side, tol, applied, k)
+            _compare(case, fused_side, ref_side, tol, applied, k, grad_atol)
             _zero(step.zero, fused_side, fused)
             _zero_reference(step.zero, ref_side)
     for i, alias, how in aliases:
