@@ -361,7 +361,8 @@ def run_case(case: Case) -> None:
             # Momentum buffers and first moments sum grads of both signs: where they cancel, a result of ~1 carries
             # the rounding error of operands of ~|g| (in bf16, 0.17 on a buffer of 3 built from grads of ~90), so
             # those and the params get an absolute allowance of 4 roundings of the largest grad per applied step
-            # (randn's tail is ~4 grad_magnitude): at most ~2e-12 in fp64 (grads of 90, 6 steps), far below fp32 precision.
+            # (randn's tail is ~4 grad_magnitude): at most ~2e-12 in fp64 (grads of 90, 6 steps), far below fp32
+            # precision.
             scale = _scale_value(step)
             largest_grad = max(largest_grad, 4 * step.grad_magnitude * abs(float(1.0 if scale is None else scale)))
             grad_atol = 4 * torch.finfo(dtype).eps * largest_grad * applied

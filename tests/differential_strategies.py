@@ -67,7 +67,8 @@ def events_of_a_step(draw, optimizer, dtype, events, dampening, flags):
     result = []
     for kind in draw(st.lists(st.sampled_from(events), max_size=2) if events else st.just([])):
         if kind == "add_param_group":
-            result.append((kind, draw(shapes()), draw(st.integers(0, 99)), draw(group_options(optimizer, dtype, dampening, flags))))
+            options = draw(group_options(optimizer, dtype, dampening, flags))
+            result.append((kind, draw(shapes()), draw(st.integers(0, 99)), options))
         elif kind == "data_swap":
             result.append((kind, draw(st.integers(0, 7))))
         elif kind == "alias":
@@ -89,7 +90,8 @@ def one_step(optimizer, dtype, events, dampening, flags):
                      grad_scale=st.sampled_from(scales),
                      nonfinite=st.sampled_from((None, None, None, None, "nan", "inf") if skips else (None,)),
                      inactive=st.sets(st.integers(0, 7), max_size=2 if skips else 0).map(lambda s: tuple(sorted(s))),
-                     events=events_of_a_step(optimizer, dtype, events, dampening, flags), zero=st.sampled_from(ZERO_STYLES))
+                     events=events_of_a_step(optimizer, dtype, events, dampening, flags),
+                     zero=st.sampled_from(ZERO_STYLES))
 
 
 @st.composite
@@ -101,7 +103,7 @@ def cases(draw, dtypes=DTYPES, optimizers=OPTIMIZERS, events=EVENTS, schedulers=
     n_groups = draw(st.integers(1, min(3, len(params))))
     # SGD's documented difference (README, "Known differences"): at a param's first step that applies nothing (a
     # skipped step, or no grad), FusedStep creates the momentum buffer as zeros and marks the step as first; the
-    # mark does not survive a plan rebuild (add_param_group, a .data swap...) or optimizer.load_state_dict(),
+    # mark does not survive a plan rebuild (seen after add_param_group) or optimizer.load_state_dict(),
     # after which the buffer is dampened as a later step's would be, where torch clones the first grad. So with
     # dampening != 0, every step applies to every param (reported to the lead: the README says only loading
     # that state into torch's SGD is affected).
@@ -114,13 +116,15 @@ def cases(draw, dtypes=DTYPES, optimizers=OPTIMIZERS, events=EVENTS, schedulers=
     # torch's schedulers set one value per param group they were built with (torch 2.13 zips them strictly):
     # stepping one after add_param_group raises in eager torch too, so the two are not drawn together.
     events = tuple(e for e in events if not (scheduler is not None and e == "add_param_group"))
-    steps = tuple(draw(st.lists(one_step(optimizer, dtype, events, dampening, not compile), min_size=1, max_size=MAX_STEPS)))
+    step = one_step(optimizer, dtype, events, dampening, not compile)
+    steps = tuple(draw(st.lists(step, min_size=1, max_size=MAX_STEPS)))
     if EXCLUDE_STALE_GRAD_DEFECT:
         steps = _grads_zeroed_in_place_while_eager(steps)
     return Case(optimizer=optimizer, dtype=dtype, params=params, group_of=group_of, groups=groups,
                 tensor_lr=draw(st.booleans()), scheduler=scheduler,
                 max_grad_norm=1.0 if compile else draw(st.sampled_from((None, 1.0, 0.1))),
-                norm_type=2.0 if compile else draw(st.sampled_from((2.0, 1.0, "inf", 3.0, 0.5))), layout=draw(st.sampled_from(layouts)),
+                norm_type=2.0 if compile else draw(st.sampled_from((2.0, 1.0, "inf", 3.0, 0.5))),
+                layout=draw(st.sampled_from(layouts)),
                 compile=compile, init_seed=draw(st.integers(0, 99)),
                 steps=steps)
 
