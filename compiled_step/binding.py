@@ -110,6 +110,7 @@ class Binder:
         self.ddp_params = ddp_params
         self.copied: list[tuple[str, str]] = []  # (name, why) of each grad the last bind_grads copied in
         self.restore_hooks: GradRestoreHooks | None = None  # set by install
+        self.unseen_restores: list[int] = []  # params restore_grad gave a view the binder expected None for
         self.owns = [False] * len(self.params)  # whether this binder owns each param's grad (grad_restore.claim)
 
     # ---------------------------------------------------------------- structure
@@ -139,6 +140,13 @@ class Binder:
         ``Rebuild`` when a grad's dtype differs from its buffer's.
         """
         grads = list(map(_GRAD, self.params))
+        if self.unseen_restores:
+            with torch.no_grad():
+                for i in self.unseen_restores:
+                    if grads[i] is None and self.expected_grads[i] is None:
+                        gb, j = self.where[i]
+                        gb.grad_locals[j].zero_()
+            self.unseen_restores.clear()
         if all(map(_IS, grads, self.expected_grads)):
             self.copied = []
             return False
@@ -189,6 +197,11 @@ class Binder:
         with torch.no_grad():
             gb.grad_locals[j].zero_()
         self.params[i].grad = self.grad_views[i]
+        if self.expected_grads[i] is None:
+            # The binder counts this region as zero (no grad at the last bind). If p.grad is set to None again
+            # before the next step (optimizer.step() and zero_grad(set_to_none=True) in between), the values
+            # autograd accumulates here would enter the norm: bind_grads zeroes the region then.
+            self.unseen_restores.append(i)
 
     def release(self) -> None:
         """Remove the grad hooks and give up the grads' ownership (the plan is being replaced)."""

@@ -190,8 +190,11 @@ class FusedStep(TrainingHealthAPI):
         if set_to_none or built is None:
             self._optimizers.zero_grad(set_to_none)
             return
-        if not built.binder.grads_unchanged():
-            self._optimizers.zero_grad(False)  # zeroes grads that are not the views too
+        opts = self._optimizers
+        if not built.binder.grads_unchanged() or not built.binder.unchanged(opts.groups(), opts.variants()):
+            # zeroes grads that are not the views too, and those of params the plan does not hold yet
+            # (added by add_param_group since the last step)
+            opts.zero_grad(False)
         built.binder.zero_grads()
 
     def accumulate(self, num_microbatches: int):

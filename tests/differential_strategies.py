@@ -6,7 +6,6 @@ clip and norm type, grad scale, non-finite grads, schedulers and lifecycle event
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 from hypothesis import strategies as st
 
@@ -18,16 +17,6 @@ EVENTS = ("add_param_group", "load_state_dict", "data_swap", "alias", "second_fu
 SCHEDULERS = (None, "StepLR", "LambdaLR", "CosineAnnealingLR", "OneCycleLR")
 MAX_STEPS = 6
 
-# A defect found by this harness on 105de62 and not fixed yet (reported to the lead, repro in the report of
-# issue 21): after a first fused step in which a param had no grad, then optimizer.step() steps, grads set to
-# None while optimizer.step() stepped are read stale by the next fused.step() (they enter the norm, hence the
-# clip of the other params). Until it is fixed, grads are zeroed in place (never set to None) while the fused
-# side steps with optimizer.step(); set this to False to search that corner again.
-EXCLUDE_STALE_GRAD_DEFECT = True
-# Another, same status: fused.zero_grad() between optimizer.add_param_group() and the next fused.step() leaves
-# the new params' grads as they are (torch's zero_grad zeroes them), so the next backward accumulates into them.
-# Until it is fixed, the fused side zeroes with optimizer.zero_grad(set_to_none=False) there.
-EXCLUDE_ZERO_GRAD_AFTER_ADD_DEFECT = True
 
 
 def shapes():
@@ -126,7 +115,6 @@ def cases(draw, dtypes=DTYPES, optimizers=OPTIMIZERS, events=EVENTS, schedulers=
     events = tuple(e for e in events if not (scheduler is not None and e == "add_param_group"))
     step = one_step(optimizer, dtype, events, skip_free, not compile)  # no skips: dampening is then safe too
     steps = tuple(draw(st.lists(step, min_size=1, max_size=MAX_STEPS)))
-    steps = _grads_zeroed_in_place_while_eager(steps)
     return Case(optimizer=optimizer, dtype=dtype, params=params, group_of=group_of, groups=groups,
                 tensor_lr=draw(st.booleans()), scheduler=scheduler,
                 max_grad_norm=1.0 if compile else draw(st.sampled_from((None, 1.0, 0.1))),
@@ -134,22 +122,3 @@ def cases(draw, dtypes=DTYPES, optimizers=OPTIMIZERS, events=EVENTS, schedulers=
                 layout=draw(st.sampled_from(layouts)),
                 compile=compile, init_seed=draw(st.integers(0, 99)),
                 steps=steps)
-
-
-def _grads_zeroed_in_place_while_eager(steps):
-    """The exclusions of EXCLUDE_STALE_GRAD_DEFECT and EXCLUDE_ZERO_GRAD_AFTER_ADD_DEFECT: on the steps after which
-    the fused side is in optimizer.step() mode, zero styles that set grads to None become in-place ones; after an
-    add_param_group with no fused step since, fused.zero_grad() becomes optimizer.zero_grad(set_to_none=False)."""
-    eager, added, result = False, False, []
-    for step in steps:
-        for event in step.events:
-            eager = {"eager": True, "fused": False}.get(event[0], eager)
-            added = added or event[0] == "add_param_group"
-        added = added and eager  # a fused step rebuilds the plan around the new params
-        in_place = ("fused.zero_grad()", "optimizer.zero_grad(set_to_none=False)")
-        if EXCLUDE_STALE_GRAD_DEFECT and eager and step.zero not in in_place:
-            step = replace(step, zero="optimizer.zero_grad(set_to_none=False)")
-        if EXCLUDE_ZERO_GRAD_AFTER_ADD_DEFECT and added and step.zero == "fused.zero_grad()":
-            step = replace(step, zero="optimizer.zero_grad(set_to_none=False)")
-        result.append(step)
-    return tuple(result)
