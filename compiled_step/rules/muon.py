@@ -12,8 +12,9 @@ torch's reference math per 2-D param (``torch/optim/_muon.py``, single-tensor pa
             repeat ns_steps: G = X @ X.T; G' = c * G @ G + b * G; X = G' @ X + a * X
             (the transpose undone)
 
-FusedStep runs it for every same-shape matrix of a param group at once (``update_matrices``: one
-compiled call per shape, batched matmuls, as nanochat stacks them), with the clip coefficient and
+FusedStep runs it for same-shape matrices of a param group at once (``update_matrices``: one
+compiled call per shape, or per chunk of it sized by ``call_bytes`` and ``matrices.call_chunks`` so
+that a call's temporaries stay bounded; batched matmuls, as nanochat stacks them), with the clip coefficient and
 the grad scale folded into the same code that forms the Newton-Schulz input: the grads are read
 once. The matrices live in the group's flat buffers, each in whole rows, so a stack is a strided 3-D
 view of the buffer (``planning``'s matrix stacks).
