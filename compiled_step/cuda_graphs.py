@@ -18,7 +18,13 @@ How one segment is captured (``capture_cuda_graph``):
   ``__exit__`` skips restoring it when ``capture_end`` raises, torch 2.11 to 2.14);
 * a graph that captured nothing raises (torch's own "The CUDA Graph is empty" warning from
   ``capture_end``, the only node count it offers without ``cuda.bindings``): replaying it would
-  silently skip the step's work.
+  silently skip the step's work;
+* in the one memory pool every segment of the plan shares (``graph_pool``): a graph keeps its pool's
+  peak for as long as it lives, so with a pool each the step would hold the sum of every segment's
+  temporaries (Muon's Newton-Schulz, Phase A's partials, ...) for good, rather than the largest one.
+  Sharing is safe because the calls keep no tensor past their call (they write persistent buffers):
+  a segment's memory is free again when its capture ends, and the segments replay one at a time on
+  one stream.
 
 Agreement: whether an NCCL collective is captured must be the same on every rank of its
 communicator, or ranks that replay a captured all-reduce wait forever for one that runs it eagerly.
@@ -124,8 +130,17 @@ def _segments(calls: list[Call], compiler) -> list[_Segment]:
 # ---------------------------------------------------------------------- capturing one segment
 
 
-def capture_cuda_graph(calls: list[Call], compiler, device: torch.device) -> torch.cuda.CUDAGraph:
-    """One CUDA graph of ``calls``, captured on a side stream of ``device`` (the params' device).
+def graph_pool(device: torch.device):
+    """A new CUDA graph memory pool for ``device``'s captures (None on another device: nothing to share)."""
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        return torch.cuda.graph_pool_handle()
+
+
+def capture_cuda_graph(calls: list[Call], compiler, device: torch.device, pool=None) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``calls``, captured on a side stream of ``device`` (the params' device), its
+    memory from ``pool`` (a ``graph_pool`` handle shared with the plan's other segments; None: its own).
 
     Raises when the capture fails (the calls raised, or did something a capture cannot hold) or
     captured no kernel. The device's current stream is the same afterwards, whatever happened.
@@ -135,7 +150,7 @@ def capture_cuda_graph(calls: list[Call], compiler, device: torch.device) -> tor
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # its __exit__ restores the current stream, also on an exception
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 for call in calls:
                     call.run(compiler)
@@ -177,7 +192,8 @@ def check_capture_warnings(caught: list[warnings.WarningMessage], calls: list[Ca
 # ---------------------------------------------------------------------- running a program
 
 
-CaptureFunction = Callable[[list, object, torch.device], object]  # (calls, compiler, device) -> graph with .replay()
+# (calls, compiler, device, pool=...) -> a graph with .replay()
+CaptureFunction = Callable[..., object]
 
 
 class Runner:
@@ -185,16 +201,19 @@ class Runner:
 
     ``capture``: try to capture (FusedStep passes it for CUDA params with ``cuda_graphs=True`` and no
     offloading). ``capture_segment`` makes one graph of a list of calls (default
-    ``capture_cuda_graph``); it is a parameter so that the capture logic around it can be tested
+    ``capture_cuda_graph``), from the memory pool ``new_pool(device)`` makes once for all of them
+    (default ``graph_pool``); both are parameters so that the capture logic around them can be tested
     without a GPU.
     """
 
     def __init__(self, program: Program, device: torch.device, capture: bool,
-                 capture_segment: CaptureFunction = capture_cuda_graph):
+                 capture_segment: CaptureFunction = capture_cuda_graph,
+                 new_pool: Callable[[torch.device], object] = graph_pool):
         self.program = program
         self.device = device
         self.capture = capture
         self.capture_segment = capture_segment
+        self.new_pool = new_pool
         self.runs = 0
         self._parts: dict[str, list[_Segment]] | None = None
 
@@ -251,10 +270,10 @@ class Runner:
     def _capture_parts(self) -> dict[str, list[_Segment]]:
         compiler = self.program.compiler
         parts = {"norm": _segments(self.program.norm, compiler), "update": _segments(self.program.update, compiler)}
-        for segments in parts.values():
-            for segment in segments:
-                if segment.capturable and _launches_work(segment.calls):
-                    segment.graph = self.capture_segment(segment.calls, compiler, self.device)
+        to_capture = [s for segments in parts.values() for s in segments if s.capturable and _launches_work(s.calls)]
+        pool = self.new_pool(self.device) if to_capture else None  # one pool for every segment of the plan
+        for segment in to_capture:
+            segment.graph = self.capture_segment(segment.calls, compiler, self.device, pool=pool)
         return parts
 
 

@@ -46,6 +46,32 @@ class Stack:
         return -(-len(self.members) // self.world)
 
 
+# How many matrices one compiled Newton-Schulz call takes. Batching same-shape matrices saves launches, but a
+# call holds the temporaries of all its matrices at once (and under CUDA graphs the pool keeps that peak for
+# good), while torch's Muon holds one matrix's, briefly. So a call holds at most CALL_FRACTION of the group's
+# param bytes of temporaries, at most CALL_CAP (bounded whatever the number of matrices), at least CALL_FLOOR
+# (small matrices stay batched), and always at least one matrix: its peak stays within 5% of the param bytes
+# of torch's per-matrix one (tests/test_muon_memory.py checks 10%).
+CALL_FRACTION = 0.05
+CALL_FLOOR = 1 << 20
+CALL_CAP = 64 << 20
+
+
+def call_chunks(count: int, matrix_bytes: int, group_bytes: int) -> list[tuple[int, int]]:
+    """``(first, how many)`` of each call over a stack of ``count`` matrices, each holding ``matrix_bytes`` of
+    temporaries while it is updated, in a group of ``group_bytes`` param bytes. Every call but the last takes
+    the same number of matrices; the last, fewer, runs the same graph (the leading dim is a symbol)."""
+    budget = max(CALL_FLOOR, min(CALL_CAP, int(CALL_FRACTION * group_bytes)))
+    per_call = max(1, budget // matrix_bytes)
+    return [(first, min(per_call, count - first)) for first in range(0, count, per_call)]
+
+
+def group_param_bytes(group: ShardingGroup) -> int:
+    """The bytes of a matrix group's params on this rank (its stacks' matrices)."""
+    itemsize = group.key.dtype.itemsize
+    return sum(len(st.members) * st.shape[0] * st.shape[1] * itemsize for st in group.stacks)
+
+
 @dataclass(frozen=True)
 class Exchange:
     """The all-to-all of a row-sharded matrix group: whole matrices to their owners and back.

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from compiled_step import buckets, collectives, compiling, storage
+from compiled_step import buckets, collectives, compiling, matrices, storage
 from compiled_step.norm import finish as finish_module
 from compiled_step.norm import partials as partials_module
 from compiled_step.norm.kinds import NormKind, combine
@@ -187,13 +187,18 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
         calls += _sharded_matrix_calls(plan, g, gb, buffers, rule, var, compiler, dtypes)
     elif group.stacks:
         fn = compiler.get(rule.update_matrices, static_widths=False)  # a graph for every shape, not one each
+        group_bytes = matrices.group_param_bytes(group)
         for k, stack in enumerate(group.stacks):
-            shape = "x".join(map(str, stack.shape))
-            calls.append(Call(
-                f"Phase B matrix update, group {g}, {len(stack.members)} matrices {shape}", COMPILED, fn,
-                _matrix_args(gb, g, k, buffers), dict(variant=var, **state_kwargs(rule, var, gb.stack_state[k])),
-                _function_name(rule.update_matrices),
-                ("update_matrices", rule.NAME, var) + dtypes))
+            shape, n = "x".join(map(str, stack.shape)), len(stack.members)
+            chunks = matrices.call_chunks(n, rule.call_bytes(stack.shape, group.key.dtype), group_bytes)
+            for first, count in chunks:
+                which = f" ({first}..{first + count - 1} of {n})" if len(chunks) > 1 else ""
+                state = {key: view.narrow(0, first, count) for key, view in gb.stack_state[k].items()}
+                calls.append(Call(
+                    f"Phase B matrix update, group {g}, {count} matrices {shape}{which}", COMPILED, fn,
+                    _matrix_args(gb, g, k, buffers, first, count),
+                    dict(variant=var, **state_kwargs(rule, var, state)), _function_name(rule.update_matrices),
+                    ("update_matrices", rule.NAME, var) + dtypes))
     elif group.flat_slots:
         calls.append(Call(
             f"Phase B flat update, group {g} ({len(group.flat)} params, {group.flat_rows} rows)", COMPILED,
@@ -228,11 +233,17 @@ def _sharded_matrix_calls(plan, g: int, gb: storage.GroupBuffers, buffers: stora
                           _function_name(rule.prepare_matrices), ("prepare_matrices", rule.NAME) + dtypes))
     calls.append(Call(f"all_to_all over {exchange.label!r}: {shape} (matrices to their owners)", COLLECTIVE,
                       collectives.exchange, (exchange, gb.outbox, gb.inbox)))
+    group_bytes = matrices.group_param_bytes(group)  # this rank's rows
     for k, stack in enumerate(group.stacks):
-        calls.append(Call(
-            f"Muon: orthogonalize the owned {stack.global_rows}x{stack.shape[1]} matrices, group {g}", COMPILED,
-            orthogonalize, (gb.inboxes[k], buffers.hp_rows[g]), dict(whole=rule.Whole(stack.global_rows), variant=var),
-            _function_name(rule.orthogonalize), ("orthogonalize", rule.NAME, var, plan.device.type)))
+        whole = (stack.global_rows, stack.shape[1])
+        chunks = matrices.call_chunks(stack.per_owner, rule.call_bytes(whole, group.key.dtype), group_bytes)
+        for first, count in chunks:
+            which = f" ({first}..{first + count - 1} of {stack.per_owner})" if len(chunks) > 1 else ""
+            calls.append(Call(
+                f"Muon: orthogonalize the owned {whole[0]}x{whole[1]} matrices{which}, group {g}", COMPILED,
+                orthogonalize, (gb.inboxes[k].narrow(1, first, count), buffers.hp_rows[g]),
+                dict(whole=rule.Whole(stack.global_rows), variant=var),
+                _function_name(rule.orthogonalize), ("orthogonalize", rule.NAME, var, plan.device.type)))
     calls.append(Call(f"all_to_all over {exchange.label!r}: {shape} (their rows back)", COLLECTIVE,
                       collectives.exchange, (exchange, gb.inbox, gb.outbox)))
     for k, stack in enumerate(group.stacks):
@@ -255,11 +266,13 @@ def _flat_kwargs(gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, v
                 **state_kwargs(rule, var, state))
 
 
-def _matrix_args(gb: storage.GroupBuffers, g: int, k: int, buffers: storage.StepBuffers) -> tuple:
+def _matrix_args(gb: storage.GroupBuffers, g: int, k: int, buffers: storage.StepBuffers, first: int,
+                 count: int) -> tuple:
+    """The arguments of one call over matrices ``first .. first + count - 1`` of stack ``k``."""
     stack = gb.group.stacks[k]
-    slots = slice(stack.first_slot, stack.first_slot + len(stack.members))
-    return (gb.stack_params[k], gb.stack_grads[k], buffers.hp_rows[g], buffers.table[slots].detach(),
-            buffers.lr_ratios[g][k])
+    slots = slice(stack.first_slot + first, stack.first_slot + first + count)
+    return (gb.stack_params[k].narrow(0, first, count), gb.stack_grads[k].narrow(0, first, count),
+            buffers.hp_rows[g], buffers.table[slots].detach(), buffers.lr_ratios[g][k])
 
 
 def _bucket_args(gb: storage.GroupBuffers, rule, var, buffers: storage.StepBuffers,

@@ -42,11 +42,12 @@ class FakeCapture:
     """``capture_segment`` for the Runner: records what it was asked to capture; ``fail`` raises instead."""
 
     def __init__(self, fail: bool = False):
-        self.fail, self.log, self.devices = fail, [], []
+        self.fail, self.log, self.devices, self.pools = fail, [], [], []
 
-    def __call__(self, calls, compiler, device):
+    def __call__(self, calls, compiler, device, pool=None):
         self.log.append(("capture", [c.label for c in calls]))
         self.devices.append(device)
+        self.pools.append(pool)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing (injected)")
         return FakeGraph(calls, compiler, self.log)
@@ -249,6 +250,37 @@ def test_a_segment_without_elements_is_not_captured():
     assert not cuda_graphs._launches_work(calls_empty)
     assert cuda_graphs._launches_work([program.Call("zero", program.EAGER, full.zero_)])  # a bound method's tensor
     assert cuda_graphs._launches_work([program.Call("bucket", program.COMPILED, print, ([empty, [full]],))])
+
+
+def test_every_segment_of_a_plan_is_captured_into_one_shared_memory_pool():
+    """A CUDA graph keeps its pool's peak while it lives: one pool per segment would hold every segment's
+    temporaries at once, for good. The runner makes one pool (for the plan's device) and captures every
+    segment into it; it makes none when there is nothing to capture."""
+    counter = torch.zeros(())
+    count = program.Call("count", program.EAGER, torch.Tensor.add_, (counter, 1))
+    made = []
+
+    def new_pool(device):
+        made.append((device, object()))
+        return made[-1][1]
+
+    capture = FakeCapture()
+    prog = program.Program(norm=[count], update=[count], compiler=_Compiler(False))  # one segment per half
+    runner = cuda_graphs.Runner(prog, torch.device("cpu"), True, capture, new_pool=new_pool)
+    for _ in range(3):
+        runner.run_norm()
+        runner.run_update()
+    assert runner.graphs == 2 and counter.item() == 6
+    assert [device for device, _ in made] == [torch.device("cpu")]
+    assert capture.pools == [made[0][1], made[0][1]]
+    empty = program.Call("zero an empty row", program.EAGER, torch.empty(0).zero_)
+    made.clear()
+    runner = cuda_graphs.Runner(program.Program(norm=[empty], update=[empty], compiler=_Compiler(False)),
+                                torch.device("cpu"), True, FakeCapture(), new_pool=new_pool)
+    for _ in range(2):
+        runner.run_norm()
+        runner.run_update()
+    assert made == [] and runner.graphs == 0
 
 
 def test_captured_is_true_only_when_a_graph_replaces_calls(no_collectives):

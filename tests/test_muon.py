@@ -206,3 +206,47 @@ def test_rounding_on_the_bits_is_torchs_bfloat16_cast():
     assert torch.equal(muon._round_to_bfloat16(x), expected)
     assert torch.equal(torch.compile(muon._round_to_bfloat16)(x), expected)
     assert torch.equal(muon._round_to_bfloat16(x).view(torch.int16), expected.view(torch.int16))  # -0.0 too
+
+
+def test_a_stack_split_into_calls_matches_torch_and_compiles_nothing_more(monkeypatch):
+    """A stack whose temporaries exceed the per-call budget runs as several calls of the same graph (the
+    last one shorter); Newton-Schulz is per matrix, so the result is torch's as with one call (unclipped
+    tolerance, see the module docstring)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from compiled_step import matrices
+
+    shapes = [(16, 32)] * 5 + [(32, 16)] * 3
+    per_matrix = muon.call_bytes((16, 32), torch.float32)
+    assert per_matrix == muon.call_bytes((32, 16), torch.float32)
+
+    def run(floor):
+        monkeypatch.setattr(matrices, "CALL_FLOOR", floor)
+        ours, ref = _matrices(shapes=shapes), _matrices(shapes=shapes)
+        kwargs = dict(lr=2e-2, weight_decay=0.1, momentum=0.9)
+        opt, ref_opt = torch.optim.Muon(ours, **kwargs), torch.optim.Muon(ref, **kwargs)
+        counter = CompileCounter()
+        fused = FusedStep(opt, max_grad_norm=None, backend=counter, compile_notice=False)
+        for step in range(3):
+            grads = make_grads(ours, step)
+            write_grads(ours, grads)
+            write_grads(ref, grads)
+            fused.step()
+            ref_opt.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                       rtol=1e-6, atol=1e-6)
+        labels = [c.label for c in fused.program.calls if "matrix update" in c.label]
+        return labels, counter.frame_count
+
+    whole, whole_frames = run(matrices.CALL_FLOOR)
+    assert len(whole) == 2  # one call per shape
+    split, split_frames = run(2 * per_matrix)  # two matrices per call: 2 + 2 + 1 and 2 + 1
+    assert [label.split(", ", 2)[2] for label in split] == [
+        "2 matrices 16x32 (0..1 of 5)", "2 matrices 16x32 (2..3 of 5)", "1 matrices 16x32 (4..4 of 5)",
+        "2 matrices 32x16 (0..1 of 3)", "1 matrices 32x16 (2..2 of 3)"]
+    # A one-matrix call (here the last of each split stack) compiles a graph of its own per orientation, as a
+    # lone-shape stack already did: copy_ into the [n, A, B] momentum view runs torch's internal-overlap check,
+    # which guards on n == 1. Every other call of every stack runs the graph of the unsplit stacks.
+    assert split_frames <= whole_frames + 2

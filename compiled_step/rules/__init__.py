@@ -76,6 +76,9 @@ class MatrixRule(UpdateRule, Protocol):
 
     def orthogonalize(self, box: torch.Tensor, hp: torch.Tensor, whole: Hashable, variant: Hashable) -> None: ...
 
+    def call_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """The bytes one matrix's update holds while its call runs (sizes the calls: ``matrices.call_chunks``)."""
+
     def apply_matrices(self, params: torch.Tensor, hp: torch.Tensor, table: torch.Tensor, lr_ratio: torch.Tensor,
                        box: torch.Tensor) -> None: ...
 
@@ -105,6 +108,8 @@ def conformance_errors(rule) -> list[str]:
     if rule.HP_COLUMNS[:2] != ("scale", "sign") or rule.TABLE_COLUMNS[:2] != ("apply", "grad_coef"):
         errors.append("HP_COLUMNS must start with scale, sign and TABLE_COLUMNS with apply, grad_coef")
     protocol = ElementwiseRule if rule.KIND == ELEMENTWISE else MatrixRule
+    if rule.KIND == MATRIX and not callable(getattr(rule, "call_bytes", None)):
+        errors.append("missing function call_bytes")
     for name, takes_state in _UPDATES[rule.KIND].items():
         fn = getattr(rule, name, None)
         if not callable(fn):

@@ -12,8 +12,9 @@ torch's reference math per 2-D param (``torch/optim/_muon.py``, single-tensor pa
             repeat ns_steps: G = X @ X.T; G' = c * G @ G + b * G; X = G' @ X + a * X
             (the transpose undone)
 
-FusedStep runs it for every same-shape matrix of a param group at once (``update_matrices``: one
-compiled call per shape, batched matmuls, as nanochat stacks them), with the clip coefficient and
+FusedStep runs it for same-shape matrices of a param group at once (``update_matrices``: one
+compiled call per shape, or per chunk of it sized by ``call_bytes`` and ``matrices.call_chunks`` so
+that a call's temporaries stay bounded; batched matmuls, as nanochat stacks them), with the clip coefficient and
 the grad scale folded into the same code that forms the Newton-Schulz input: the grads are read
 once. The matrices live in the group's flat buffers, each in whole rows, so a stack is a strided 3-D
 view of the buffer (``planning``'s matrix stacks).
@@ -133,6 +134,17 @@ def slot_table(
         hp[:, _EPS],
     ]
     return torch.stack(columns, dim=1).to(table.dtype)
+
+
+def call_bytes(shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """An upper estimate of the bytes one matrix of ``shape`` (params of ``dtype``) holds while its update
+    runs, for sizing the calls (``matrices.call_chunks``): the Newton-Schulz input in the compute precision,
+    three bfloat16 copies of the matrix (the input, the normalized one, the next iterate) and two bfloat16
+    Gram matrices. Upper, as Inductor fuses some of them away: a 16 x 256x4096 fp32 stack in one call measured
+    4.25 MiB per matrix on the CPU (tests/test_muon_memory.py), against this 10.25 MiB."""
+    rows, cols = shape
+    small = min(rows, cols)
+    return rows * cols * (compute_dtype(dtype).itemsize + 3 * 2) + 2 * small * small * 2
 
 
 def _round_to_bfloat16(x: torch.Tensor) -> torch.Tensor:

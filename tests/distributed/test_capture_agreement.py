@@ -49,11 +49,11 @@ class LoggedCapture:
     def __init__(self, log: list, fail: bool, real=None):
         self.log, self.fail, self.real = log, fail, real
 
-    def __call__(self, calls, compiler, device):
+    def __call__(self, calls, compiler, device, pool=None):
         self.log.append("capture")
         if self.fail:
             raise RuntimeError("capture failed on this rank (injected)")
-        graph = self.real(calls, compiler, device) if self.real is not None else None
+        graph = self.real(calls, compiler, device, pool=pool) if self.real is not None else None
         return _LoggedGraph(self.log, graph, calls, compiler)
 
 
