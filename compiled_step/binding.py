@@ -175,12 +175,16 @@ class Binder:
             self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
         return changed
 
-    def restore_grad(self, i: int) -> None:
-        """Point param i's unset grad at its zeroed buffer view (called by its hook in backward)."""
+    def adopt_grad(self, i: int) -> None:
+        """Copy the grad that backward just gave param i (its grad was None) into its buffer view and point
+        the param at the view (called by its post-accumulate-grad hook); the new grad is then freed."""
         gb, j = self.where[i]
+        p, g = self.params[i], self.params[i].grad
+        if is_dtensor(g):
+            g = collectives.match_grad_placement(p, g)
         with torch.no_grad():
-            gb.grad_locals[j].zero_()
-        self.params[i].grad = self.grad_views[i]
+            gb.grad_locals[j].copy_(local_tensor(g))
+        p.grad = self.grad_views[i]
 
     def release(self) -> None:
         """Remove the grad hooks and give up the grads' ownership (the plan is being replaced)."""
