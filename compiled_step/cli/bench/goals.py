@@ -127,7 +127,8 @@ def _small_first_goal(head: RowResult | None, after: RowResult | None, fused_nam
     ratio = (fused_after.median_s / b_after.median_s) / (fused.median_s / b.median_s)
     return Goal(name, target, f"{ratio:.3f} (FusedStep {ms_text(fused_after.median_s)} ms vs "
                 f"{ms_text(fused.median_s)} ms: {fused_after.median_s / fused.median_s:.3f}; B "
-                f"{ms_text(b_after.median_s)} ms vs {ms_text(b.median_s)} ms)", _status(ratio <= g["small_first_ratio"]))
+                f"{ms_text(b_after.median_s)} ms vs {ms_text(b.median_s)} ms)",
+                _status(ratio <= g["small_first_ratio"]))
 
 
 def _muon_goal(row: RowResult | None, fused_name: str, g: dict) -> Goal:
