@@ -110,7 +110,7 @@ class Binder:
         self.ddp_params = ddp_params
         self.copied: list[tuple[str, str]] = []  # (name, why) of each grad the last bind_grads copied in
         self.restore_hooks: GradRestoreHooks | None = None  # set by install
-        self.unseen_restores: list[int] = []  # params restore_grad gave a view the binder expected None for
+        self.unseen_restores: list[int] = []  # params adopt_grad gave a view the binder expected None for
         self.owns = [False] * len(self.params)  # whether this binder owns each param's grad (grad_restore.claim)
 
     # ---------------------------------------------------------------- structure
@@ -191,16 +191,20 @@ class Binder:
             self.buffers.active.copy_(torch.tensor(self.active, dtype=torch.bool), non_blocking=True)
         return changed
 
-    def restore_grad(self, i: int) -> None:
-        """Point param i's unset grad at its zeroed buffer view (called by its hook in backward)."""
+    def adopt_grad(self, i: int) -> None:
+        """Copy the grad that backward just gave param i (its grad was None) into its buffer view and point
+        the param at the view (called by its post-accumulate-grad hook); the new grad is then freed."""
         gb, j = self.where[i]
+        p, g = self.params[i], self.params[i].grad
+        if is_dtensor(g):
+            g = collectives.match_grad_placement(p, g)
         with torch.no_grad():
-            gb.grad_locals[j].zero_()
-        self.params[i].grad = self.grad_views[i]
+            gb.grad_locals[j].copy_(local_tensor(g))
+        p.grad = self.grad_views[i]
         if self.expected_grads[i] is None:
             # The binder counts this region as zero (no grad at the last bind). If p.grad is set to None again
             # before the next step (optimizer.step() and zero_grad(set_to_none=True) in between), the values
-            # autograd accumulates here would enter the norm: bind_grads zeroes the region then.
+            # copied here would enter the norm: bind_grads zeroes the region then.
             self.unseen_restores.append(i)
 
     def release(self) -> None:

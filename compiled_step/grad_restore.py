@@ -1,16 +1,25 @@
 """Grads set to None go back to FusedStep's buffers before autograd writes them: no per-step copies.
 
 Trainers free grads between steps: HF Trainer calls ``model.zero_grad()`` and Accelerate's optimizer
-``zero_grad(set_to_none=True)``. Autograd would then give each param a new grad tensor, and the next
-``step()`` would copy every one into the grad buffers (a read and a write of each grad, and a second
-grad-sized allocation at the peak). Instead, a hook on each param runs when the backward pass is
-about to accumulate into ``p.grad``. If ``p.grad`` is None, it zeroes the param's view of the grad
-buffer and installs it, so autograd accumulates into the buffer in place, as after
-``fused.zero_grad()``.
+``zero_grad(set_to_none=True)``. Autograd then gives each param the grad it computed, and the next
+``step()`` would copy every one into the grad buffers. Instead each param has two hooks. One runs when
+the backward pass is about to accumulate into ``p.grad`` and notes whether ``p.grad`` is None; the other
+runs right after autograd set ``p.grad`` (a post-accumulate-grad hook): for a param so noted, it copies
+the new grad into the param's view of the grad buffer and installs the view, and the new grad is freed.
+Later backwards before the step accumulate into the view in place, as after ``fused.zero_grad()``.
 
-The hook acts only when the engine will write ``p.grad``:
+Why copy after rather than install a zeroed view before (and let autograd accumulate into it): with N
+the grad's bytes, zeroing writes N and accumulating reads the view and the new grad and writes the view
+(4N, two ops per param); the copy reads the new grad and writes the view (2N, one op). Autograd hands the
+new grad to ``p.grad`` without copying it (it steals the backward's buffer when nothing else holds it).
+Memory: the new grad lives from the op that computed it to the copy, one param's at a time, as the
+temporary that autograd accumulated from did before; no grad-sized buffer is added at the peak.
+
+The hooks act only when the engine writes ``p.grad``:
 * a ``backward()`` that reaches the param (not ``backward(inputs=...)`` without it);
-* never under ``torch.autograd.grad``, which returns grads without touching ``.grad``.
+* never under ``torch.autograd.grad``, which returns grads without touching ``.grad``;
+* not when the new grad has a graph (``backward(create_graph=True)``): the view would drop it; the step
+  copies such a grad in, as any grad that is not the view.
 
 A param that gets no grad keeps ``p.grad`` None and stays inactive for the step, as in ``torch.optim``.
 The hooks hold the binder weakly: once a plan is replaced, or the FusedStep is gone, they are removed.
@@ -79,27 +88,42 @@ def _will_accumulate(node) -> bool:
 
 
 class _Restore:
-    """The hook of one param: see the module docstring."""
+    """The hooks of one param (see the module docstring): ``__call__`` before autograd accumulates into
+    ``p.grad``, ``adopt`` right after."""
 
-    __slots__ = ("binder", "index", "node")
+    __slots__ = ("binder", "index", "node", "pending")
     __torch_unserializable__ = True  # pickling a param drops its hooks; torch.utils.hooks warns unless marked
 
     def __init__(self, binder, index: int, node):
         self.binder = weakref.ref(binder)
         self.index = index
         self.node = node  # a strong reference keeps torch from making a new AccumulateGrad per forward
+        self.pending = False  # this backward will set p.grad from None, and the grad belongs in our buffer
 
     def __call__(self, grad: torch.Tensor) -> None:
+        # Set on every call, so a backward that failed between the two hooks leaves nothing stale.
+        self.pending = self._will_set_grad()
+
+    def _will_set_grad(self) -> bool:
         binder = self.binder()
         if binder is None:
-            return
+            return False
         p = binder.params[self.index]
-        if p.grad is None and _will_accumulate(self.node):
-            if not binder.owns[self.index]:
-                if owner_of(p) is not None:
-                    return  # another FusedStep owns the grad: its hook installs its own buffer
-                claim(binder, (self.index,))  # the owner is gone
-            binder.restore_grad(self.index)
+        if p.grad is not None or not _will_accumulate(self.node):
+            return False
+        if not binder.owns[self.index]:
+            if owner_of(p) is not None:
+                return False  # another FusedStep owns the grad: its hooks bring it into its own buffer
+            claim(binder, (self.index,))  # the owner is gone
+        return True
+
+    def adopt(self, p: torch.Tensor) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        binder = self.binder()
+        if binder is not None and p.grad is not None and not p.grad.requires_grad:
+            binder.adopt_grad(self.index)
 
 
 class GradRestoreHooks:
@@ -110,8 +134,9 @@ class GradRestoreHooks:
         for i, p in enumerate(binder.params):
             if not p.requires_grad or p.grad_fn is not None:
                 continue
-            node = torch.autograd.graph.get_gradient_edge(p).node
-            self.handles.append(p.register_hook(_Restore(binder, i, node)))
+            restore = _Restore(binder, i, torch.autograd.graph.get_gradient_edge(p).node)
+            self.handles.append(p.register_hook(restore))
+            self.handles.append(p.register_post_accumulate_grad_hook(restore.adopt))
         self._finalizer = weakref.finalize(binder, _remove, self.handles)
 
     def remove(self) -> None:

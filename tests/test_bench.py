@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -195,10 +196,12 @@ def test_png_legend_spells_out_the_methods(tmp_path):
 def test_quick_run_numbers_are_consistent(quick_run):
     _, out, _, methods = quick_run
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["row"] for r in rows} == set(bench_rows.ROW_KINDS)
-    for row_key in bench_rows.ROW_KINDS:
+    # The small-first row times FusedStep (B beside it): without it, the row is skipped.
+    row_keys = [k for k in bench_rows.ROW_KINDS if "fused" in methods or k != bench_rows.SMALL_FIRST]
+    assert {r["row"] for r in rows} == set(row_keys)
+    for row_key in row_keys:
         recs = {r["method"]: r for r in rows if r["row"] == row_key}
-        assert set(recs) == set(methods)
+        assert set(recs) == ({"B", "fused"} if row_key == bench_rows.SMALL_FIRST else set(methods))
         b = float(recs["B"]["median_ms"])
         for m, r in recs.items():
             median, floor = float(r["median_ms"]), float(r["floor_ms"])
@@ -266,6 +269,31 @@ def test_quick_run_tiny_rows_run_on_one_thread(quick_run):
         assert row["n_tensors"] == n and row["threads"] == 1
         assert {m["method"] for m in row["methods"]} == set(methods)
     assert torch.get_num_threads() >= 1  # the bench ran in a subprocess; nothing to restore here
+
+
+def test_quick_run_has_a_small_first_row_of_b_and_fused_after_a_small_fused_step(quick_run):
+    """The headline again, after a small FusedStep built and stepped first (issue 22 item 5): B and FusedStep
+    only, a note saying what ran first, and the goal's figure (no verdict under --quick)."""
+    proc, out, md, methods = quick_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "results.json").read_text())
+    goal = next(g for g in data["goals"] if g["name"].startswith("headline after a small FusedStep"))
+    if "fused" not in methods:
+        assert all(r["key"] != "small_first" for r in data["rows"])
+        assert goal["status"] == "not measured"
+        return
+    row = next(r for r in data["rows"] if r["key"] == "small_first")
+    head = next(r for r in data["rows"] if r["key"] == "adamw")
+    assert [m["method"] for m in row["methods"]] == ["B", "fused"]
+    assert (row["n_params"], row["n_tensors"]) == (head["n_params"], head["n_tensors"])
+    assert any(n.startswith("A small FusedStep (gpt(d_model=64,n_layers=2,vocab=512)") and "stepped 2 times first"
+               in n for n in row["notes"]), row["notes"]
+    def relative(r):  # t_fused / t_B, medians
+        times = {m["method"]: statistics.median(m["times_s"]) for m in r["methods"]}
+        return times["fused"] / times["B"]
+
+    ratio = relative(row) / relative(head)
+    assert goal["measured"].startswith(f"{ratio:.3f} (") and goal["status"] == bench_goals.NO_VERDICT
 
 
 def test_quick_run_counts_fused_compiled_calls_and_has_an_fsdp2_row(quick_run):
@@ -446,6 +474,42 @@ def test_compile_time_subprocess_plumbing(tmp_path):
     assert rec["n_tensors"] == "4" and rec["compiled"] == "False" and rec["error"] == ""
     assert float(rec["cold_s"]) > 0 and float(rec["warm_s"]) > 0
     assert not math.isnan(float(rec["steady_ms"]))
+
+
+def test_small_first_goal_is_fuseds_time_relative_to_b_against_the_headline_rows():
+    cpu = torch.device("cpu")
+
+    def goal(rows):
+        goals = bench_goals.evaluate_goals(rows, [], cpu, "fused", 10_000_000)
+        return next(g for g in goals if g.name.startswith("headline after a small FusedStep"))
+
+    head = _row("adamw", {"B": 0.1, "fused": 0.050})
+    within = goal([head, _row("small_first", {"B": 0.1, "fused": 0.054})])
+    beyond = goal([head, _row("small_first", {"B": 0.1, "fused": 0.056})])
+    # The machine twice as slow for the second row: B and FusedStep alike, so no gap.
+    drift = goal([head, _row("small_first", {"B": 0.2, "fused": 0.1})])
+    # Slower by 12% while B is not: a gap, although the raw medians are close.
+    hidden = goal([head, _row("small_first", {"B": 0.09, "fused": 0.0504})])
+    assert (within.status, within.measured) == ("met", "1.080 (FusedStep 54.000 ms vs 50.000 ms: 1.080; "
+                                                       "B 100.0 ms vs 100.0 ms)")
+    assert (beyond.status, beyond.measured.split(" ")[0]) == ("gap", "1.120")
+    assert (drift.status, drift.measured.split(" ")[0]) == ("met", "1.000")
+    assert (hidden.status, hidden.measured.split(" ")[0]) == ("gap", "1.120")
+    assert goal([head]).status == "not measured"
+    assert goal([_row("small_first", {"B": 0.1, "fused": 0.05})]).status == "not measured"
+
+
+def test_small_first_row_needs_fused_unless_the_rows_are_defaulted(capsys, tmp_path):
+    assert bench.main(["--quick", "--rows", "small_first", "--methods", "B", "--out", str(tmp_path)]) == 2
+    assert "--rows small_first needs the fused method in --methods" in capsys.readouterr().err
+    args = bench_options.build_parser().parse_args(["--quick", "--methods", "A,B"])
+    bench_options.resolve(args)
+    assert "small_first" not in args.row_keys and any("small_first was skipped" in n for n in args.notes)
+    args = bench_options.build_parser().parse_args(["--quick", "--rows", "adamw,small_first", "--methods",
+                                                    "A,B,fused,fused+norms"])
+    bench_options.resolve(args)
+    spec = next(s for s in bench_options.row_specs(args) if s.key == "small_first")
+    assert spec.small_first and spec.methods == ("B", "fused")
 
 
 def test_param_norms_cost_goal_is_the_ratio_of_medians():

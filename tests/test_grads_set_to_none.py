@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from compiled_step import FusedStep
 from test_replay import _eager_step, _loss, _model  # the same model, batches and eager reference
@@ -62,6 +63,70 @@ def test_grads_set_to_none_every_step_are_never_copied_and_match_eager(how):
     _assert_close(model, ref)
 
 
+class _GradBufferOps(TorchDispatchMode):
+    """Records each ATen op that reads or writes a given set of storages, as (op name, bytes of those
+    storages it touched: each distinct tensor among its arguments and outputs once, so an in-place op's
+    ``self`` and its output, the same tensor, count once)."""
+
+    def __init__(self, storages: set[int]):
+        super().__init__()
+        self.storages, self.ops = storages, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        touched = {id(t): t for t in flat
+                   if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.storages}
+        if touched:
+            self.ops.append((func.overloadpacket.__name__,
+                             sum(t.numel() * t.element_size() for t in touched.values())))
+        return out
+
+
+@pytest.mark.parametrize("flat_params", [True, False], ids=["moved_in", "left_in_place"])
+def test_a_freed_grad_costs_one_copy_into_the_buffer_in_backward(flat_params):
+    """Grads set to None (HF Trainer's ``model.zero_grad()``): backward computes each grad anyway, so the
+    cheapest way into the buffer is one copy of it (read N, write N bytes), not zeroing the view and
+    letting autograd accumulate into it (write N, then read 2N and write N). A second backward before
+    the step accumulates in place, as after ``fused.zero_grad()``. Counted by a TorchDispatchMode on the
+    ops that touch the grad buffers' storages, each param's view once per op: one copy_ per param now;
+    zero_ and add_ per param before."""
+    model, fused, ref, ref_opt = _pair(flat_params=flat_params)
+    _loss(model, 0).backward()
+    _loss(ref, 0).backward()
+    fused.step()
+    _eager_step(ref, ref_opt)
+    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+    grad_bytes = [p.numel() * p.element_size() for p in model.parameters()]
+    model.zero_grad()
+    ref_opt.zero_grad()
+    with _GradBufferOps(storages) as first:
+        _loss(model, 1).backward()
+    assert sorted(first.ops) == sorted(("copy_", n) for n in grad_bytes)
+    with _GradBufferOps(storages) as second:  # accumulation: autograd adds into the installed view
+        _loss(model, 2).backward()
+    assert [name for name, _ in second.ops] == ["add_"] * len(grad_bytes)
+    _loss(ref, 1).backward()
+    _loss(ref, 2).backward()
+    fused.step()
+    _eager_step(ref, ref_opt)
+    assert fused.last_step_copied_grads == ()
+    _assert_close(model, ref)
+
+
+def test_a_grad_with_a_graph_keeps_it_as_in_torch():
+    """backward(create_graph=True) after the grads were freed: torch gives each param a grad that has a
+    graph (for a gradient penalty); FusedStep must not swap it for its buffer's view, which has none.
+    The step then copies it in, as any grad that is not the view."""
+    model, fused, ref, ref_opt = _pair()
+    _loss(model, 0).backward()
+    fused.step()
+    model.zero_grad()
+    _loss(model, 1).backward(create_graph=True)
+    assert all(p.grad.requires_grad for p in model.parameters())
+    model.zero_grad()  # break the param -> grad -> graph -> param cycle
+
+
 def test_a_param_without_a_grad_stays_inactive_as_in_torch():
     """backward(inputs=...) without the last layer: its grads stay None and torch.optim skips it (no
     weight decay, no moment decay, no step); FusedStep too. torch.autograd.grad never fills .grad."""
@@ -92,13 +157,13 @@ def test_the_hooks_go_with_their_fused_step_and_never_warn_when_a_param_is_pickl
     model, fused, _, _ = _pair()
     _loss(model, 0).backward()
     fused.step()
-    assert all(p._backward_hooks for p in model.parameters())
+    assert all(p._backward_hooks and p._post_accumulate_grad_hooks for p in model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns for a hook it cannot serialize, unless marked
         torch.save(model[0].weight, io.BytesIO())
     del fused
     gc.collect()
-    assert not any(p._backward_hooks for p in model.parameters())
+    assert not any(p._backward_hooks or p._post_accumulate_grad_hooks for p in model.parameters())
     model.zero_grad()
     _loss(model, 1).backward()  # nothing of FusedStep's left to act
     assert all(p.grad is not None for p in model.parameters())

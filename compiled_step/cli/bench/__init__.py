@@ -60,6 +60,13 @@ What is measured, and how:
   roofline is not a goal; its goal is FusedStep's speedup over B. The distance to B's params is
   bounded by Muon's bfloat16 Newton-Schulz (about ``steps * lr * ratio * 2**-7``, see
   ``tests/test_muon.py``), not by fp32 rounding.
+* **Small FusedStep first** (``small_first``): the headline row again, in the same process, after a small
+  FusedStep (the ``--quick`` GPT layout, about 0.1 M params) was built and stepped first in the row's
+  Inductor cache, which it leaves warm; then B and FusedStep are built and timed as on the headline row.
+  The compiled step's parallelism must not depend on which size compiled first
+  (``compiling.ROWS_HINT``). The goal compares FusedStep's time relative to B's (``t_fused / t_B``,
+  medians) on this row with the headline row's: B runs interleaved in both and does the same work, so
+  the ratio is free of the machine's drift between the two rows; the raw medians are shown beside it.
 * **Peak memory.** One extra step per method, after timing. On CPU every c10 allocator event is recorded
   with ``torch.profiler(profile_memory=True)`` and the peak of the running sum of allocations minus
   frees is the step's peak extra memory (RSS is too coarse and noisy for this). The profiler does not

@@ -11,7 +11,7 @@ from compiled_step.cli import layouts as L
 from compiled_step.cli.bench.compile_time import DEFAULT_COMPILE_SIZES
 from compiled_step.cli.bench import muon as muon_row
 from compiled_step.cli.bench.methods import ANCHORS, MUON_ADAMW, PARAM_NORMS, BenchError, load_fused_step
-from compiled_step.cli.bench.rows import ROW_KINDS, TINY_NUMEL, TINY_ROWS, TINY_THREADS, RowSpec
+from compiled_step.cli.bench.rows import ROW_KINDS, SMALL_FIRST, TINY_NUMEL, TINY_ROWS, TINY_THREADS, RowSpec
 
 # Sizes per mode. CPU full: the >= 10 M-param goal layout. CUDA full: the >= 100 M-param goal layout.
 _SIZES = {
@@ -23,6 +23,7 @@ _SIZES = {
                  triad_mib=1024, rounds=30, warmup=3),
 }
 _HEADLINE_MIN_PARAMS = {"cpu": 10_000_000, "cuda": 100_000_000}
+_DEFAULT_ROWS = ",".join(ROW_KINDS)
 
 
 def _csv_list(text: str, what: str) -> list[str]:
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny layouts, few rounds, no compile-time subprocesses (for tests); figures only, "
                    "no met/gap verdicts")
-    p.add_argument("--rows", default=",".join(ROW_KINDS),
+    p.add_argument("--rows", default=_DEFAULT_ROWS,
                    help=f"comma list of rows out of {','.join(ROW_KINDS)} (default all; tiny100/tiny1000: "
                    f"{TINY_NUMEL}-element tensors on {TINY_THREADS} thread, host work only)")
     p.add_argument("--methods", default=None,
@@ -119,6 +120,11 @@ def resolve(args: argparse.Namespace) -> None:
         raise BenchError(f"--rows: unknown {bad}; choose from {','.join(ROW_KINDS)}")
     methods = _resolve_methods(args)
     _expand_fused_methods(args, methods)
+    if SMALL_FIRST in args.row_keys and "fused" not in methods:
+        if args.rows != _DEFAULT_ROWS:
+            raise BenchError(f"--rows {SMALL_FIRST} needs the fused method in --methods")
+        args.row_keys.remove(SMALL_FIRST)
+        args.notes.append(f"Row {SMALL_FIRST} was skipped: it times FusedStep, which --methods leaves out.")
     if args.skip_compile_time or "fused" not in methods:
         args.compile_sizes_list = []
     elif args.compile_sizes is not None:
@@ -212,6 +218,17 @@ def _muon_adamw_methods(methods: list[str]) -> list[str]:
     return notes
 
 
+def _small_first_methods(methods: list[str]) -> list[str]:
+    """The small-first row times B (the drift control) and the fused method(s) only: its goal compares
+    FusedStep's median with the headline row's."""
+    dropped = [m for m in methods if m != "B" and not (m.startswith("fused") and m != PARAM_NORMS)]
+    for m in dropped:
+        methods.remove(m)
+    return [f"Only B and FusedStep run on this row ({', '.join(dropped)} not): it is the headline layout again, "
+            "timed after a small FusedStep compiled first; its goal is FusedStep's median against the "
+            "headline row's, B's ratio beside it shows the machine's drift between the rows."] if dropped else []
+
+
 def row_specs(args) -> list[RowSpec]:
     gpt = L.gpt_layout(args.d_model, args.n_layers, args.vocab, args.seq_len)
     small = L.many_small_layout(args.small_tensors, args.small_numel)
@@ -230,9 +247,12 @@ def row_specs(args) -> list[RowSpec]:
                          "shards; the compiled-optimizer recipe is compared on the plain GPT row.")
         if opt == MUON_ADAMW:
             notes += _muon_adamw_methods(methods)
+        if key == SMALL_FIRST:
+            notes += _small_first_methods(methods)
         if family == "tiny":
             layout, threads = L.many_small_layout(TINY_ROWS[key], TINY_NUMEL), TINY_THREADS
         else:
             layout, threads = (gpt if family in ("gpt", "fsdp2") else small), None
-        specs.append(RowSpec(key, opt, dtype, layout, tuple(methods), tuple(notes), threads, fsdp2=family == "fsdp2"))
+        specs.append(RowSpec(key, opt, dtype, layout, tuple(methods), tuple(notes), threads, fsdp2=family == "fsdp2",
+                             small_first=key == SMALL_FIRST))
     return specs

@@ -43,7 +43,13 @@ ROW_KINDS = {
     "fsdp2": ("adamw", torch.float32, "fsdp2"),  # the GPT layout as FSDP2 shards (one process, one rank)
     # Muon on the GPT layout's hidden matrices, AdamW on the rest; FusedStep([muon, adamw]).
     MUON_ADAMW: (MUON_ADAMW, torch.float32, "gpt"),
+    # The headline again, after a small FusedStep compiled and stepped in the same process and the same
+    # Inductor cache: its speed must not depend on which size compiled first (compiling.ROWS_HINT).
+    "small_first": ("adamw", torch.float32, "gpt"),
 }
+SMALL_FIRST = "small_first"
+# The small FusedStep of that row: the --quick GPT layout (about 0.1 M params; its buffers have few rows).
+SMALL_FIRST_LAYOUT = dict(d_model=64, n_layers=2, vocab=512, seq_len=64)
 # Tiny-tensor rows: tensor count, and one intra-op thread so the step time is host work only.
 TINY_ROWS = {"tiny100": 100, "tiny1000": 1000}
 TINY_NUMEL = 16
@@ -121,6 +127,7 @@ class RowSpec:
     notes: tuple[str, ...] = ()
     threads: int | None = None  # torch.set_num_threads for this row; None: leave as is
     fsdp2: bool = False  # the params are FSDP2 shards (``fsdp.py``)
+    small_first: bool = False  # a small FusedStep compiles and steps first, in the row's cache (SMALL_FIRST)
 
 
 def run_row(spec: RowSpec, **kwargs) -> RowResult:
@@ -142,6 +149,9 @@ def _run_row(spec: RowSpec, *, device: torch.device, triad: Triad, flusher: Cach
     row = _new_row(spec, ref_grads)
     log(f"[{spec.key}] {spec.layout.describe()}{' as FSDP2 shards' if spec.fsdp2 else ''}, {spec.dtype}, "
         f"grad norm {row.grad_norm:.1f}, {row.threads} thread(s); methods {', '.join(spec.methods)}")
+    if spec.small_first:
+        row.notes.append(_step_a_small_fused_step_first(spec, device=device, warmup=warmup,
+                                                        compile_fused=compile_fused, log=log))
     methods, compiled_counts = _warm_up(spec, ref_grads, device=device, warmup=warmup, compile_fused=compile_fused,
                                         bucket_sizes=bucket_sizes, log=log, mesh=mesh)
     probes = _probes(spec, methods, ref_grads)
@@ -189,6 +199,35 @@ def _new_row(spec: RowSpec, ref_grads: list[torch.Tensor]) -> RowResult:
         param_bytes=layout.n_params * itemsize, bytes_per_param=bpp, bandwidth_gbps=math.nan,
         floor_s=math.nan, grad_norm=grad_norm, notes=list(spec.notes), threads=torch.get_num_threads(),
     )
+
+
+def _step_a_small_fused_step_first(spec: RowSpec, *, device: torch.device, warmup: int, compile_fused: bool,
+                                   log: Callable[[str], None]) -> str:
+    """Compile and step a small FusedStep (SMALL_FIRST_LAYOUT) before the row's methods are built, so they
+    compile in the same process into an Inductor cache it has warmed; it is gone before they are timed.
+    Returns the row's note."""
+    layout = L.gpt_layout(**SMALL_FIRST_LAYOUT)
+    grads = L.make_grads(layout, dtype=spec.dtype, device=device, seed=2)
+    t0 = time.perf_counter()
+    small = build_method(_first_fused(spec), optimizer=spec.optimizer, layout=layout, dtype=spec.dtype,
+                         device=device, ref_grads=grads, compile_fused=compile_fused, bucket_size=None)
+    before = unique_graphs()
+    for _ in range(warmup):
+        restore_grads(small, grads)
+        small.step()
+    sync(device)
+    compiled = unique_graphs() - before
+    log(f"  small FusedStep first: {layout.describe()} in {time.perf_counter() - t0:.1f}s ({compiled} graphs)")
+    return (f"A small FusedStep ({layout.describe()}) was built and stepped {warmup} times first ({compiled} "
+            "Dynamo graphs compiled), in this process and this row's Inductor cache; then the methods were built "
+            "and timed.")
+
+
+def _first_fused(spec: RowSpec) -> str:
+    fused = [m for m in spec.methods if m.startswith("fused")]
+    if not fused:
+        raise BenchError(f"row {spec.key} needs a fused method")
+    return fused[0]
 
 
 def _warm_up(spec: RowSpec, ref_grads: list[torch.Tensor], *, device: torch.device, warmup: int,
