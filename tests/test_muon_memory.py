@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import primary_leg_only
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,7 @@ def _measure(side: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@primary_leg_only
 def test_muon_step_peak_is_bounded_like_torchs_per_matrix_muon():
     param_bytes = sum(p.numel() * p.element_size() for group in _params(SHAPE) for p in group)
     ours, torchs = _measure("fused"), _measure("torch")

@@ -22,7 +22,10 @@ import pytest
 
 from compiled_step.cli.bench import step_memory
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+from conftest import primary_leg_only
+
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status"),
+              primary_leg_only]
 
 SIZE, COUNT = 1024, 8
 
