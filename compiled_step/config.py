@@ -15,24 +15,50 @@ class FusedStepConfig:
 
     max_grad_norm: float | None = None  # None: no clipping (the norm is still computed and returned)
     norm_type: float = 2.0  # 1, 2, inf or any finite p > 0
-    error_if_nonfinite: bool = False  # raise instead of skipping on a non-finite norm (syncs the host)
+    # Raise RuntimeError on a non-finite norm instead of skipping the step; the raised step changes nothing. The host
+    # reads the finite flag after the finish (a sync), which also splits the step's CUDA graphs there.
+    error_if_nonfinite: bool = False
     compile: bool = True  # False runs the same functions eagerly
     backend: object = "inductor"  # torch.compile backend (a counting or recording backend in tests)
     bucket_size: int = 16  # tensors per compiled call for params that stay where they are
     pack_threshold: int = 16384  # such params with at most this many local elements go through the flat buffer
-    flat_params: bool = True  # move plain params into one flat buffer per group (p.data becomes a view)
-    cuda_graphs: bool = True  # on CUDA, capture the step after its first run and replay it
+    # Move plain params into one flat buffer per group: p.data becomes a view with a storage of its own, so
+    # torch.save, safetensors and save_pretrained still write each param. False: they stay where they are (staged or
+    # bucketed like DTensor shards, which never move).
+    flat_params: bool = True
+    # On CUDA, capture the step's program as CUDA graphs at a plan's second step and replay them (cuda_graphs.py).
+    # Must be the same on every rank. Captured NCCL collectives are invisible to the watchdog: False keeps them eager.
+    cuda_graphs: bool = True
     # Inductor's combo kernels (CUDA only: several pointwise kernels of a graph in one launch). None: the
     # COMPILED_STEP_COMBO_KERNELS environment variable (0 or 1) if set, else on where this torch has all of
     # their settings (2.13 and newer; off on 2.11). True on a torch that lacks them raises ValueError.
     combo_kernels: bool | None = None
     verbose: bool = False  # print every compile to stderr (they are always logged at INFO)
     compile_notice: bool = True  # one line on stderr before the first compile of the process
-    # Training health (see the README's "Training health" section); all off by default.
-    param_norms: bool = False  # fused.param_norms: each param's pre-clip grad norm, from Phase A
-    skip_spike_sigma: float | None = None  # skip a step whose norm (or loss=) exceeds mean + sigma * std
-    spike_window: int = 128  # ... of the last this many applied steps' norms (losses)
-    adaptive_clip: str | None = None  # "zclip": ZClip's z-score clipping with adaptive scaling
+    # Training health, all off by default: computed in the step's own calls without a host sync, its state on the
+    # device across plan rebuilds and in fused.state_dict() (a resume is bit-identical), the same decision on every
+    # rank (each sees the same total norm). fused.clip_coef is the coefficient the last update applied.
+    #
+    # param_norms: fused.param_norms, a float64 [N] tensor updated in place, each param's pre-clip norm (norm_type)
+    # of its scaled grad, in the optimizers' param_groups order (0 without a grad); sharded params' norms are global,
+    # reduced in the step's own collectives. fused.param_norms_by_name() reads it to the host as {name: float}
+    # (names from model_parts). Cost: the same one read of the grads, 16 bytes per param (bench method fused+norms).
+    param_norms: bool = False
+    # Spike skipping, after OLMo-core's SkipStepOptimizer: skip a step whose total norm x has
+    # not (x - mean <= sigma * std) over the norms of the last spike_window *applied* steps (unbiased std; NaN is a
+    # spike; nothing is skipped before the window is full). step(loss=...) checks the loss the same way against its
+    # own window (steps without loss= neither check nor enter it; pass the same loss on every rank). A skipped step
+    # changes nothing, enters no window nor ZClip's statistics, and counts in fused.spike_skipped_steps (apart from
+    # skipped_steps). Unlike OLMo-core, the window holds applied steps only and checking waits for a full window.
+    skip_spike_sigma: float | None = None
+    spike_window: int = 128
+    # "zclip": bluorion-com/ZClip's ZClip (mode="zscore", clip_option="adaptive_scaling"). The first zclip_warmup
+    # applied norms are collected (clipped by max_grad_norm alone), then an EMA (factor zclip_alpha) of the norm's
+    # mean and variance starts from their mean and population variance; with z = (norm - mean) / (std + 1e-6), a norm
+    # with z > zclip_z is clipped to mean + zclip_z**2 * std / z, and the EMA takes that threshold (else the norm).
+    # With max_grad_norm too, the smaller threshold wins. Unlike ZClip: the norm is float64, skipped steps never
+    # reach the statistics, and clip_factor and the "percentile"/"mean" modes are not offered (norm/health.py).
+    adaptive_clip: str | None = None
     zclip_alpha: float = 0.97  # ZClip's EMA smoothing factor
     zclip_z: float = 2.5  # ZClip's z-score threshold
     zclip_warmup: int = 25  # norms collected before ZClip's EMA starts
@@ -98,7 +124,10 @@ def _check_health_options(config: "FusedStepConfig") -> None:
 class DistributedConfig:
     """Where the params live across ranks; runtime objects (modules, meshes) go in as they are."""
 
-    model_parts: tuple = ()  # modules whose params the optimizer holds: names and expert markers
+    # Modules whose params the optimizer holds: param names for messages, expert markers, the FSDP2 modules
+    # accumulate() drives, torchao FP8 weights, and DDP modules with gradient_as_bucket_view=True, whose grads are
+    # then read in DDP's buckets (lifecycle/ddp.py; Muon's matrices excepted: a copy per step).
+    model_parts: tuple = ()
     device_mesh: object = None  # DeviceMesh holding the pipeline axis
     pp_axis_name: str | None = None  # PP is on when given: the norm is reduced over it, PP scaling applies
     moe_mesh: object = None  # DeviceMesh of the MoE params (EP scaling uses its "ep_shard" dim)
