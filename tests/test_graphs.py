@@ -29,6 +29,7 @@ import torch
 from compiled_step import FusedStep, compiling
 from compiled_step.cli import graphs
 from compiled_step.cli.graphs import rendering as graph_render
+from compiled_step.cli.graphs.goldens import HEADER_MARK
 from compiled_step.planning import ROW
 from compiled_step.rules import sgd
 
@@ -204,6 +205,21 @@ def test_cli_writes_the_goldens(tmp_path, capsys):
     assert written == rendered()
     if not os.getenv("EXPECTTEST_ACCEPT"):
         assert graphs.main(["--check", "--out", str(GOLDEN_DIR)]) == 0
+
+
+def test_writing_and_checking_the_dumps_leave_the_folders_readme_alone(tmp_path):
+    # graphs/README.md explains the dumps next to them. `python -m compiled_step graphs` writes with prune=True
+    # (dump files of configurations that no longer exist are removed) and --check reports files that match no
+    # configuration: both must see only dump files, which start with HEADER_MARK; the README does not.
+    committed = (GOLDEN_DIR / "README.md").read_text()
+    assert not committed.startswith(HEADER_MARK)
+    (tmp_path / "README.md").write_text(committed)
+    (tmp_path / "gone.txt").write_text(f"{HEADER_MARK}: gone\n")  # a configuration that no longer exists
+    rendered = {"kept.txt": f"{HEADER_MARK}: kept\n"}
+    graphs.write(rendered, tmp_path, prune=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "kept.txt"]
+    assert (tmp_path / "README.md").read_text() == committed
+    assert graphs.compare(rendered, tmp_path, complete=True) == []
 
 
 # ---------------------------------------------------------------------------------------------
