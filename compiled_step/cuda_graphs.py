@@ -38,7 +38,8 @@ captures at the same step. Outside a distributed run (or with one rank) no colle
 Limits: nothing is captured on the CPU (the recorded program replays there call by call); with
 ``offload_optimizer_state`` the state buffers are reallocated every step, so nothing is captured;
 ``error_if_nonfinite`` splits the step after the finish (the host reads the finite flag there).
-Captured collectives are invisible to the NCCL watchdog (see the README's CUDA graphs paragraph).
+Captured collectives are invisible to the NCCL watchdog (the README's "Known differences" says what that
+means for a run).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Swap ``from nemo_automodel.components.training.utils import ...`` for ``from compiled_step import ...``.
 Built on the same machinery as ``FusedStep`` (plan -> compiled partial norms -> one collective per
 process group -> clip coefficient), but, as in NeMo Automodel, grads are the caller's tensors, they
-are clipped *in place* and the optimizer step stays the caller's. Differences are listed in the README.
+are clipped *in place* and the optimizer step stays the caller's. The README's "NeMo Automodel's functions"
+lists the main differences; each function's docstring says the rest.
 """
 
 from __future__ import annotations

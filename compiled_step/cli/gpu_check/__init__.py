@@ -2,7 +2,7 @@
 
 One command for a machine with a CUDA GPU, run from the source tree (``PYTHONPATH=.``). Each stage is
 a subprocess with its own timeout (a hang costs that stage only) inside a total time budget (default
-360 s, for one H100/H200):
+340 s, ``command.DEFAULT_BUDGET_S``, for one H100/H200):
 
 1. ``sync-debug``: a steady-state step of every rule (AdamW, Adam, SGD, Muon with AdamW) under
    ``torch.cuda.set_sync_debug_mode("error")`` (``checks.py``);
