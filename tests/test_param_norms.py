@@ -67,6 +67,7 @@ PART_SHAPES = [(300, 256), (128, 256), (7,), (3, 100), (17, 256)]
 def test_param_norms_of_params_cut_into_parts_of_several_sizes(norm_type):
     """Phase A reduces each param's rows in parts of several sizes, then sums each param's parts
     (``norm/param_partials.py``): every size, and a group with empty tables, against vector_norm."""
+    from compiled_step.health import ParamNormRows
     from compiled_step.norm.param_partials import PART_ROWS
 
     params = make_params(shapes=PART_SHAPES)
@@ -85,7 +86,10 @@ def test_param_norms_of_params_cut_into_parts_of_several_sizes(norm_type):
         if step == 0:
             frames = counter.frame_count
     assert counter.frame_count == frames, "a step recompiled"
-    tables = sorted([t.shape[0] for t in part_rows] for part_rows in fused._param_norm_rows.part_rows)
+    # The layout of this plan's per-param rows, as the step builds it from the plan (public seams: the plan
+    # and health.ParamNormRows); the norms above show the step read the grads by it.
+    layout = ParamNormRows(fused.plan, [group["params"] for group in fused.optimizer.param_groups])
+    tables = sorted([t.shape[0] for t in part_rows] for part_rows in layout.part_rows)
     assert PART_ROWS == (128, 8, 1) and tables == [[1, 0, 0], [2, 5 + 2, 4 + 1 + 2 + 1]]  # the cuts meant here
 
 
