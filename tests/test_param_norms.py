@@ -198,3 +198,22 @@ def test_all_health_options_over_a_50_step_schedule_cause_zero_recompiles():
     assert counter.frame_count == frames_after_first_step, "a step recompiled"
     assert len(lrs) >= 45
     assert fused.spike_skipped_steps.item() == 2  # the schedule ran through the skip path too
+
+
+def test_the_health_options_are_inputs_of_the_one_finish_and_add_no_call():
+    """Issue 23: training health is optional inputs to the one norm path, not a second pipeline. With every
+    option off the finish gets no health input (its graph is the default step's, pinned by test_graphs.py);
+    with them on, the same finish function gets them and the program has the same calls, in the same order."""
+    described = {}
+    for name, options in (("off", {}), ("on", dict(param_norms=True, skip_spike_sigma=3.0, adaptive_clip="zclip"))):
+        params = make_params()
+        fused = FusedStep(torch.optim.SGD(params, lr=1e-2), compile=False, bucket_size=BUCKET, pack_threshold=PACK,
+                          **options)
+        set_grads(params, make_grads(params, 0))
+        fused.step()
+        finish = fused.program.norm[-1]
+        assert finish.function == "norm.finish.finish", name
+        assert ("health" in finish.kwargs) == (name == "on")
+        described[name] = [(c.kind, c.function) for c in fused.program.calls]
+    assert len(described["on"]) == len(described["off"])
+    assert [kind for kind, _ in described["on"]] == [kind for kind, _ in described["off"]]
