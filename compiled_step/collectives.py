@@ -70,13 +70,25 @@ def exchange(exchange, send: torch.Tensor, receive: torch.Tensor) -> None:
 
 
 def reduce_partials_over(reduction, kind: NormKind, partials: torch.Tensor, members: torch.Tensor | None,
-                         order: torch.Tensor) -> None:
-    """Reduce the member groups' rows of ``partials`` in place over one process group (a program call)."""
+                         order: torch.Tensor, param_partials: torch.Tensor | None = None,
+                         param_rows: torch.Tensor | None = None) -> None:
+    """Reduce the member groups' rows of ``partials`` in place over one process group (a program call).
+
+    With ``param_rows``, those rows of ``param_partials`` (per-param partials, ``param_norms``) are stacked
+    under the groups' and reduced in the same collective, in place too.
+    """
+    stacked = partials if members is None else partials.index_select(0, members)
+    groups = stacked.shape[0]
+    if param_rows is not None:
+        stacked = torch.cat([stacked, param_partials.index_select(0, param_rows)])
+    reduced = reduce_stacked(kind, stacked, reduction, order)
+    if param_rows is not None:
+        param_partials.index_copy_(0, param_rows, reduced[groups:])
+        reduced = reduced[:groups]
     if members is None:
-        partials.copy_(reduce_stacked(kind, partials, reduction, order))
+        partials.copy_(reduced)
     else:
-        stacked = partials.index_select(0, members)
-        partials.index_copy_(0, members, reduce_stacked(kind, stacked, reduction, order))
+        partials.index_copy_(0, members, reduced)
 
 
 def reduce_amax(amax: torch.Tensor, reduction) -> torch.Tensor:

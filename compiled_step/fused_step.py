@@ -25,7 +25,7 @@ import torch
 from compiled_step import agreement, binding, buckets, checks, collectives, compiling, cuda_graphs, experts, planning, \
     program, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
-from compiled_step.health_api import TrainingHealthAPI
+from compiled_step.health import TrainingHealth
 from compiled_step.lifecycle import ddp, offload
 from compiled_step.lifecycle import fp8 as fp8_lifecycle
 from compiled_step.lifecycle.fp8_step import Fp8Weights
@@ -47,7 +47,7 @@ class _Built:
     runner: cuda_graphs.Runner
 
 
-class FusedStep(TrainingHealthAPI):
+class FusedStep:
     """One compiled step replacing ``clip_grad_norm_(params, max_grad_norm, norm_type)`` + ``optimizer.step()``.
 
     The optimizer stays the source of truth: hyperparameters are read from ``param_groups`` every
@@ -99,6 +99,7 @@ class FusedStep(TrainingHealthAPI):
         self._accumulation: GradAccumulation | None = None
         self._warned_copy = False
         self._built: _Built | None = None
+        self._health = TrainingHealth(self.config)  # the training-health options' state and attributes
         self._outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # total, finite, skipped
 
     # ------------------------------------------------------------------ public API
@@ -147,13 +148,13 @@ class FusedStep(TrainingHealthAPI):
         if num_label_tokens is None and self._accumulation is not None:
             num_label_tokens = self._accumulation.num_label_tokens  # counted by accumulate()
         scales = self._scales(grad_scale, num_label_tokens, dp_group_size)  # validates, changes nothing
-        loss = self._check_loss(loss)
+        loss = self._health.check_loss(loss)
         opts = self._optimizers
         opts.hyperparameters()  # validates before the hooks run
         self._accumulation = None
         opts.run_hooks("pre")
         built = self._bind(opts.hyperparameters(), scales)  # read again: a pre-hook may change them
-        self._bind_loss(loss)
+        self._health.bind_loss(loss)
         if self.offload_optimizer_state:
             offload.offload_in(built.groups, built.buffers)
         built.runner.run_norm()
@@ -262,6 +263,37 @@ class FusedStep(TrainingHealthAPI):
         ``skip_spike_sigma`` a finite step may still be skipped (``spike_skipped_steps``)."""
         return self._outputs[1][0] if self._outputs is not None else None
 
+    # ------------------------------------------------------------------ training health (``health.py``)
+
+    @property
+    def param_norms(self) -> torch.Tensor | None:
+        """float64 ``[N]`` on the params' device (``param_norms=True``): the pre-clip norm (of ``norm_type``)
+        of each param's scaled grad at the last step, in the order of the optimizer's ``param_groups``.
+
+        Global for sharded params. Updated in place by every step (clone it to keep it); a new tensor
+        after the params change. None before the first step or with ``param_norms=False``.
+        """
+        return self._health.param_norms
+
+    def param_norms_by_name(self) -> dict[str, float]:
+        """``{name: norm}`` of the last step, for logging; names from ``model_parts`` (else
+        ``param_groups[i][j]``). **Reads the device**: one copy of ``param_norms`` to the host (a sync
+        on an accelerator), so call it when you log, not every step."""
+        return self._health.param_norms_by_name()
+
+    @property
+    def spike_skipped_steps(self) -> torch.Tensor | None:
+        """int64 0-d tensor (``skip_spike_sigma``): steps skipped for a norm or loss spike, apart from
+        ``skipped_steps`` (non-finite norms). Updated in place."""
+        return self._health.spike_skipped_steps
+
+    @property
+    def clip_coef(self) -> torch.Tensor | None:
+        """float64 0-d tensor: the clip coefficient the last step's update applied to the scaled grads
+        (1 when not clipped; ZClip's with ``adaptive_clip``). Written by the step when any
+        training-health option is on, else None. Updated in place."""
+        return self._health.clip_coef
+
     @property
     def fp8_targets(self) -> list:
         """The torchao float8 FSDP2 weights (``Float8FSDPWeight``) whose scales ``step()`` stores."""
@@ -324,10 +356,8 @@ class FusedStep(TrainingHealthAPI):
         binder.install(previous)
         binder.bind_state(opts.items)
         fp8 = self._fp8.calls(plan, buffers) if self._fp8 else None
-        norm = self._health_norm_calls(plan, groups, buffers, param_lists, group_rules, self._kind, self._compiler,
-                                       self._fillers) if config.health else None
         prog = program.build(plan, groups, buffers, group_rules, group_variants, self._kind, self._compiler,
-                             self._fillers, fp8, norm)
+                             self._fillers, fp8, self._health.for_plan(plan, param_lists))
         capture = config.cuda_graphs and not self.offload_optimizer_state and plan.device.type == "cuda"
         self._built = _Built(plan, groups, buffers, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
         return self._built
@@ -422,9 +452,9 @@ class FusedStep(TrainingHealthAPI):
         """
         if self._outputs is None:
             return {"skipped_steps": torch.zeros((), dtype=torch.int64),
-                    "last_step_finite": torch.ones((), dtype=torch.bool), **self._health_state_dict()}
+                    "last_step_finite": torch.ones((), dtype=torch.bool), **self._health.state_dict()}
         return {"skipped_steps": self._outputs[2][0].clone(), "last_step_finite": self._outputs[1][0].clone(),
-                **self._health_state_dict()}
+                **self._health.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what ``state_dict()`` returned. Raises ``KeyError``/``TypeError`` before changing anything."""
@@ -441,12 +471,12 @@ class FusedStep(TrainingHealthAPI):
             else:
                 raise TypeError(f"FusedStep state_dict[{key!r}] must be a one-element tensor or a number, got "
                                 f"{type(value).__name__}")
-        self._check_health_state_dict(state_dict)
+        self._health.check_state_dict(state_dict)
         device = self._outputs[0].device if self._outputs is not None else torch.device("cpu")
         total, finite, skipped = self._outputs_on(device)
         skipped.copy_(values["skipped_steps"])
         finite.copy_(values["last_step_finite"])
-        self._load_health_state_dict(state_dict)
+        self._health.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
         c = self.config

@@ -1,52 +1,146 @@
-"""Training health: the persistent device state and the per-param norm layout (no math here).
+"""Training health at run time: FusedStep's health state, its per-plan layout, and what its attributes read.
 
-* ``HealthState``: FusedStep's health tensors (the spike windows, ZClip's statistics, the spike
-  counter, the clip coefficient, this step's loss). Made once on the params' device, kept across plan
-  rebuilds (moved if the device changes), in ``fused.state_dict()``. The compiled math that reads and
-  writes them is ``norm/health.py``.
+The options, their tensors, checkpoint keys and math are ``norm/health.py``'s; this module holds them
+for FusedStep:
+
+* ``TrainingHealth``: FusedStep's part for its training-health options (one object, made with the
+  config): the persistent ``HealthState``, the current plan's ``ParamNormRows``, the finish's health input
+  for a new plan (``for_plan``), ``step(loss=...)``, the checkpoint, and the values of FusedStep's
+  health attributes (``param_norms``, ``spike_skipped_steps``, ``clip_coef``).
+* ``HealthState``: the options' persistent device tensors (``norm.health.tensors_for``). Made once on the
+  params' device, kept across plan rebuilds (moved if the device changes), in ``fused.state_dict()``.
 * ``ParamNormRows``: per plan, where each param's partial norm lives, and the parts Phase A cuts each
   grad buffer into. Phase A writes one row per param (``norm/param_partials.py``); the collectives
-  reduce them with the groups' partials; the health finish turns them into ``param_norms``, in the
+  reduce them with the groups' partials; the finish turns them into ``param_norms``, in the
   optimizer's param order.
 """
 
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 
-from compiled_step.norm.health import HealthTensors, Window, ZClipState
+from compiled_step.norm import health as health_math
+from compiled_step.norm.health import HealthTensors, ParamNorms
 from compiled_step.norm.param_partials import PART_ROWS
 from compiled_step.planning import Plan, rows_for
 from compiled_step.storage import LEAD, PARTIAL_WIDTH
 
 
-def _window(size: int, device: torch.device) -> Window:
-    return Window(torch.zeros(size, dtype=torch.float64, device=device),
-                  torch.zeros(1, dtype=torch.int64, device=device))
+class PlanHealth(NamedTuple):
+    """What the norm half of one plan's program reads for the training-health options (``program.norm_calls``)."""
+
+    tensors: HealthTensors  # the finish's ``health`` input
+    rows: "ParamNormRows | None"  # param_norms: Phase A and the collectives write and reduce the per-param rows
+
+
+class TrainingHealth:
+    """FusedStep's training-health options at run time (see the module docstring)."""
+
+    def __init__(self, config):
+        self._config = config
+        self.state: HealthState | None = None  # made by the first plan (or a checkpoint load)
+        self.rows: ParamNormRows | None = None  # the current plan's, with param_norms
+        self._names: list[str] | None = None
+
+    def for_plan(self, plan: Plan, param_lists: list[list[torch.Tensor]]) -> PlanHealth | None:
+        """The health input of a new plan's program; None when every option is off."""
+        if not self._config.health:
+            return None
+        state = self._state_on(plan.device)
+        self.rows = ParamNormRows(plan, param_lists) if self._config.param_norms else None
+        self._names = names_in_order(plan, param_lists) if self.rows is not None else None
+        tensors = state.tensors
+        if self.rows is not None:
+            tensors = tensors._replace(param_norms=ParamNorms(self.rows.partials, self.rows.norm_rows, self.rows.norms))
+        return PlanHealth(tensors, self.rows)
+
+    def _state_on(self, device: torch.device) -> "HealthState":
+        """The persistent state on ``device``: made once, moved if the device changes."""
+        if self.state is None:
+            self.state = HealthState(self._config, device)
+        elif self.state.device != device:
+            self.state = self.state.moved_to(device, self._config)
+        return self.state
+
+    # ---------------------------------------------------------------- step(loss=...)
+
+    def check_loss(self, loss) -> float | torch.Tensor | None:
+        """``step(loss=...)`` validated before anything changes."""
+        if loss is None:
+            return None
+        if not health_math.reads_loss(self._config):
+            raise ValueError(f"step(loss=...) is read by {' and '.join(health_math.LOSS_OPTIONS)} only: pass it to "
+                             "FusedStep")
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1 or not loss.is_floating_point():
+                raise ValueError(f"loss must be a one-element floating-point tensor, got {loss.dtype} of shape "
+                                 f"{tuple(loss.shape)}")
+            return loss
+        if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+            raise TypeError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+        return float(loss)
+
+    def bind_loss(self, loss: float | torch.Tensor | None) -> None:
+        """Write this step's loss (``check_loss``'s) into the device state, where an option reads it."""
+        if self.state is not None and self.state.tensors.loss is not None:
+            self.state.set_loss(loss)
+
+    # ---------------------------------------------------------------- FusedStep's attributes
+
+    @property
+    def param_norms(self) -> torch.Tensor | None:
+        return self.rows.norms if self.rows is not None else None
+
+    def param_norms_by_name(self) -> dict[str, float]:
+        if not self._config.param_norms:
+            raise RuntimeError("param_norms_by_name() needs FusedStep(..., param_norms=True)")
+        if self.rows is None:
+            return {}
+        return dict(zip(self._names, self.rows.norms.tolist()))
+
+    @property
+    def spike_skipped_steps(self) -> torch.Tensor | None:
+        spiked = self.state.tensors.spike_skipped if self.state is not None else None
+        return spiked[0] if spiked is not None else None
+
+    @property
+    def clip_coef(self) -> torch.Tensor | None:
+        return self.state.tensors.clip_coef[0] if self.state is not None else None
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _state_or_blank(self) -> "HealthState | None":
+        """The state, or a zeroed one on the CPU before the first step; None when every option is off."""
+        if not self._config.health:
+            return None
+        return self.state or HealthState(self._config, torch.device("cpu"))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = self._state_or_blank()
+        return state.state_dict() if state is not None else {}
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """Raise ``KeyError``/``TypeError``/``ValueError`` for a bad state dict, before anything changes."""
+        state = self._state_or_blank()
+        if state is not None:
+            state.check_state_dict(state_dict)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = self._state_or_blank()
+        if state is None or not state.entries():
+            return
+        self.state = state  # a blank one is kept: the first plan moves it to the params' device
+        state.load_state_dict(state_dict)
 
 
 class HealthState:
     """FusedStep's persistent health tensors for one config (see the module docstring)."""
 
     def __init__(self, config, device: torch.device):
-        f64 = dict(dtype=torch.float64, device=device)
-        spikes = config.skip_spike_sigma is not None
-        zclip = config.adaptive_clip == "zclip"
-        hp = [config.skip_spike_sigma or 0.0, config.zclip_alpha, config.zclip_z, 0.0]
-        self.window_size = config.spike_window
-        self.tensors = HealthTensors(
-            hp=torch.tensor(hp, dtype=torch.float64).to(device),
-            clip_coef=torch.ones(1, **f64),
-            spike_skipped=torch.zeros(1, dtype=torch.int64, device=device) if spikes else None,
-            norm_window=_window(config.spike_window, device) if spikes else None,
-            loss_window=_window(config.spike_window, device) if spikes else None,
-            loss=torch.zeros(1, **f64) if spikes else None,
-            loss_given=torch.zeros(1, dtype=torch.bool, device=device) if spikes else None,
-            zclip=ZClipState(torch.zeros(config.zclip_warmup, **f64), torch.zeros(1, dtype=torch.int64, device=device),
-                             torch.zeros(1, **f64), torch.zeros(1, **f64)) if zclip else None,
-        )
+        self.tensors = health_math.tensors_for(config, device)
         self._loss_was_given = False
 
     @property
@@ -83,49 +177,38 @@ class HealthState:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _entries(self) -> dict[str, tuple[torch.Tensor, bool]]:
-        """state_dict key -> (the persistent tensor it saves, whether it is saved as a 0-d scalar)."""
-        t = self.tensors
-        entries: dict[str, tuple[torch.Tensor, bool]] = {}
-        if t.norm_window is not None:
-            entries.update(spike_skipped_steps=(t.spike_skipped, True),
-                           spike_norm_window=(t.norm_window.values, False),
-                           spike_norm_count=(t.norm_window.count, True),
-                           spike_loss_window=(t.loss_window.values, False),
-                           spike_loss_count=(t.loss_window.count, True))
-        if t.zclip is not None:
-            entries.update(zclip_warmup_norms=(t.zclip.warmup, False), zclip_count=(t.zclip.count, True),
-                           zclip_mean=(t.zclip.mean, True), zclip_var=(t.zclip.var, True))
-        return entries
+    def entries(self) -> dict[str, health_math.Entry]:
+        return health_math.checkpoint_entries(self.tensors)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies: 0-d tensors for counters and statistics, 1-D for the windows."""
-        return {k: v[0].clone() if scalar else v.clone() for k, (v, scalar) in self._entries().items()}
+        return {k: e.tensor[0].clone() if e.scalar else e.tensor.clone() for k, e in self.entries().items()}
 
     def check_state_dict(self, state_dict: dict) -> dict[str, torch.Tensor]:
         """The values to load, validated (``KeyError``/``TypeError``/``ValueError``); changes nothing."""
-        entries = self._entries()
+        entries = self.entries()
         missing = sorted(set(entries) - set(state_dict))
         if missing:
+            options = ", ".join(dict.fromkeys(entries[k].option for k in missing))
             raise KeyError(f"FusedStep state_dict lacks {missing}, the state of its training-health options "
-                           "(skip_spike_sigma, adaptive_clip): was it saved with other options?")
+                           f"({options}): was it saved with other options?")
         values = {}
-        for key, (dst, _) in entries.items():
-            value = state_dict[key]
+        for key, entry in entries.items():
+            dst, value = entry.tensor, state_dict[key]
             if isinstance(value, numbers.Real) and not isinstance(value, bool) and dst.numel() == 1:
                 value = torch.tensor([value])
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"FusedStep state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
             if value.numel() != dst.numel():
                 raise ValueError(f"FusedStep state_dict[{key!r}] has {value.numel()} elements, this FusedStep's "
-                                 f"has {dst.numel()} (spike_window or zclip_warmup differ from the saved run's)")
+                                 f"has {dst.numel()} ({entry.option} differs from the saved run's)")
             values[key] = value.detach().reshape(dst.shape).to(dst.dtype)
         return values
 
     def load_state_dict(self, state_dict: dict) -> None:
         values = self.check_state_dict(state_dict)
-        for key, (dst, _) in self._entries().items():
-            dst.copy_(values[key])
+        for key, entry in self.entries().items():
+            entry.tensor.copy_(values[key])
 
 
 class ParamNormRows:

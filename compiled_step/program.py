@@ -4,11 +4,13 @@ Every call's arguments are persistent tensors (``storage.py``), fixed when the p
 running the program is a plain loop over the calls. The list is, in order:
 
 1. Phase A: one compiled partial-norm call per sharding group (its flat grad buffer), and one per
-   bucket of grads read where another framework keeps them (external grads, ``planning.py``);
+   bucket of grads read where another framework keeps them (external grads, ``planning.py``); with
+   ``param_norms``, the same calls write every param's partial too;
 2. the collectives: one per process group (two for a norm order other than 1, 2 and inf), in place
-   on the partials; with PP, the groups are combined and reduced over the pipeline axis;
+   on the partials (and the per-param partials, stacked in the same tensor); with PP, the groups are
+   combined and reduced over the pipeline axis;
 3. the finish: one compiled call (total norm, clip coefficient, finite flag, skip counter, every
-   tensor's scalars);
+   tensor's scalars; the training-health options' state when any is on, ``norm/health.py``);
 4. Phase B: per group, the staged params copied in, one compiled flat update, copied out, and one
    compiled call per bucket of the bucketed params;
 5. FP8 weights: their amax gathered, one MAX all-reduce per process group, the scales.
@@ -27,6 +29,7 @@ import torch
 
 from compiled_step import buckets, collectives, compiling, matrices, storage
 from compiled_step.norm import finish as finish_module
+from compiled_step.norm import param_partials
 from compiled_step.norm import partials as partials_module
 from compiled_step.norm.kinds import NormKind, combine
 from compiled_step.rules import state_kwargs
@@ -105,25 +108,24 @@ def _function_name(fn: Callable) -> str:
 
 
 def norm_calls(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rules: list, kind: NormKind,
-               compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
-    """The norm half: Phase A, the collectives and the finish. ``rules[g]``: group g's update rule."""
+               compiler: compiling.Compiler, fillers: buckets.Fillers, health=None) -> list[Call]:
+    """The norm half: Phase A, the collectives and the finish. ``rules[g]``: group g's update rule;
+    ``health``: the training-health options' input (``health.PlanHealth``), None when they are all off."""
+    rows = health.rows if health is not None else None
     norm: list[Call] = []
     for g, gb in enumerate(groups):
-        norm += _partials(plan, g, gb, buffers, kind, compiler, fillers)
-    norm += _collectives(plan, buffers, kind)
-    norm.append(_finish(plan, buffers, rules, kind, compiler))
+        norm += _partials(plan, g, gb, buffers, kind, compiler, fillers, rows)
+    norm += _collectives(plan, buffers, kind, rows)
+    norm.append(_finish(plan, buffers, rules, kind, compiler, health))
     return norm
 
 
 def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rules: list, variants: list,
-          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None,
-          norm: list[Call] | None = None) -> Program:
+          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None, health=None) -> Program:
     """The program of one plan. ``rules[g]`` and ``variants[g]`` are group g's update rule and its
-    variant; ``fp8`` the FP8 weights' calls (``Fp8Weights.calls``), appended to the update; ``norm``
-    the norm half when the training-health options build it (``health_program.norm_calls``), else
-    ``norm_calls``'s."""
-    if norm is None:
-        norm = norm_calls(plan, groups, buffers, rules, kind, compiler, fillers)
+    variant; ``fp8`` the FP8 weights' calls (``Fp8Weights.calls``), appended to the update; ``health``
+    the training-health options' input to the norm half (``norm_calls``)."""
+    norm = norm_calls(plan, groups, buffers, rules, kind, compiler, fillers, health)
     update: list[Call] = []
     for g, gb in enumerate(groups):
         update += _updates(plan, g, gb, buffers, rules[g], variants[g], compiler, fillers)
@@ -133,8 +135,11 @@ def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers
 
 
 def _partials(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, kind: NormKind,
-              compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
-    """Phase A of one group: its grad buffer in one call, then its external grads bucket by bucket."""
+              compiler: compiling.Compiler, fillers: buckets.Fillers, rows=None) -> list[Call]:
+    """Phase A of one group: its grad buffer in one call, then its external grads bucket by bucket. With
+    ``rows`` (``param_norms``: ``health.ParamNormRows``), the same calls write every param's partial too."""
+    if rows is not None:
+        return _partials_by_param(plan, g, gb, buffers, kind, compiler, fillers, rows)
     if gb.group.grad_rows == 0:  # nothing in the grad buffer (e.g. an empty shard): its partial is zero,
         calls = [Call(f"zero the partial norm of group {g} (no local elements)", EAGER,  # every step, as the
                       buffers.partial_rows[g].zero_)]  # collectives reduce the row in place
@@ -154,6 +159,38 @@ def _partials(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffe
     return calls
 
 
+def _partials_by_param(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, kind: NormKind,
+                       compiler: compiling.Compiler, fillers: buckets.Fillers, rows) -> list[Call]:
+    """``_partials`` with ``param_norms``: the same one read of each group's grads also writes every
+    param's partial (``norm/param_partials.py``)."""
+    own_rows = rows.group_rows(plan, g)
+    if gb.group.grad_rows == 0:  # nothing in the grad buffer: zero partials, every step (reduced in place)
+        calls = [Call(f"zero the partial norms of group {g} (no local elements)", EAGER, _zero,
+                      (buffers.partial_rows[g], own_rows))]
+    else:
+        fn = param_partials.partials_of_buffer_by_param
+        calls = [Call(
+            f"Phase A partial norms, group {g} and its {len(gb.group.params)} params", COMPILED, compiler.get(fn),
+            (gb.grads, rows.part_rows[g], rows.part_param[g], buffers.scales[g], buffers.order,
+             buffers.partial_rows[g], own_rows),
+            dict(kind=kind.kind, p=kind.p), _function_name(fn),
+            ("norm_by_param", kind.kind, gb.grads.dtype, plan.device.type))]
+    if gb.group.external:
+        fn = param_partials.add_partials_of_list_by_param
+        calls += [Call(f"Phase A partial norms, group {g}, external grads {b}", COMPILED, compiler.get(fn),
+                       (grads, buffers.scales[g], buffers.order, buffers.partial_rows[g],
+                        rows.external_rows(plan, g, b)),
+                       dict(kind=kind.kind, p=kind.p), _function_name(fn),
+                       ("norm_external_by_param", kind.kind, gb.grads.dtype, plan.device.type))
+                  for b, grads in enumerate(external_grad_buckets(gb, plan.bucket_size, fillers))]
+    return calls
+
+
+def _zero(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        t.zero_()
+
+
 def rule_kwargs(rules: list, buffers: storage.StepBuffers) -> tuple[dict, tuple[str, ...]]:
     """A finish's rule arguments (the rule, or every distinct rule and each slot's) and the rules' names."""
     distinct = tuple(dict.fromkeys(rules))  # one rule: the graph of a one-optimizer step, unchanged
@@ -162,16 +199,23 @@ def rule_kwargs(rules: list, buffers: storage.StepBuffers) -> tuple[dict, tuple[
     return dict(rule=distinct, slot_rule=buffers.slot_rule), tuple(r.NAME for r in distinct)
 
 
-def _finish(plan, buffers: storage.StepBuffers, rules: list, kind: NormKind, compiler: compiling.Compiler) -> Call:
+def _finish(plan, buffers: storage.StepBuffers, rules: list, kind: NormKind, compiler: compiling.Compiler,
+            health=None) -> Call:
     rule_args, names = rule_kwargs(rules, buffers)
     kwargs = dict(kind=kind.kind, p=kind.p, **rule_args)
+    label = "finish: total norm, clip coefficient, finite flag, per-tensor scalars"
+    signature = ("finish", kind.kind, names, plan.device.type)
+    if health is not None:  # the options' tensors; with every option off, the call of the default step
+        kwargs["health"] = health.tensors
+        options = tuple(name for name, value in health.tensors._asdict().items() if value is not None)
+        label += f", training health ({', '.join(options)})"
+        signature += options
     partials = buffers.pp_partial if plan.pp is not None else buffers.partials
     return Call(
-        "finish: total norm, clip coefficient, finite flag, per-tensor scalars", COMPILED,
-        compiler.get(finish_module.finish),
+        label, COMPILED, compiler.get(finish_module.finish),
         (partials, buffers.order, buffers.max_norm, buffers.hp, buffers.slot_group, buffers.counts, buffers.active,
          buffers.total, buffers.finite, buffers.skipped, buffers.table), kwargs,
-        _function_name(finish_module.finish), ("finish", kind.kind, names, plan.device.type))
+        _function_name(finish_module.finish), signature)
 
 
 def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var,
@@ -332,15 +376,27 @@ def members_index(plan, reduction) -> torch.Tensor | None:
     return None if members == list(range(len(plan.groups))) else torch.tensor(members, device=plan.device)
 
 
-def _collectives(plan, buffers: storage.StepBuffers, kind: NormKind) -> list[Call]:
+def _collectives(plan, buffers: storage.StepBuffers, kind: NormKind, rows=None) -> list[Call]:
+    """One collective per process group over its member groups' partials, in place; with PP, the groups
+    combined and reduced over the pipeline axis. With ``rows`` (``param_norms``), each collective carries
+    the member groups' per-param rows too, in the same stacked tensor, where it reduces over shards of
+    those params (a mesh dim they are sharded over): no collective more. Over EP (different experts on
+    different ranks) and PP (different stages' params) a param's partial is already whole."""
     calls = []
     op = OP_NAMES[kind.kind]
     for reduction in plan.reductions:
         members, index = reduction.members, members_index(plan, reduction)
         shape = f"f64[{len(members)}, {storage.PARTIAL_WIDTH}]"
-        calls.append(Call(
-            f"all_reduce({op}) over {reduction.label!r}: {shape} (partial norms of groups {members})", COLLECTIVE,
-            collectives.reduce_partials_over, (reduction, kind, buffers.partials, index, buffers.order)))
+        what = f"partial norms of groups {members}"
+        args = (reduction, kind, buffers.partials, index, buffers.order)
+        if rows is not None:
+            param_rows = [r for m in members for r in rows.region(plan, m)] if reduction.over_shards else []
+            param_index = torch.tensor(param_rows, dtype=torch.int64, device=plan.device) if param_rows else None
+            shape = f"f64[{len(members)} + {len(param_rows)}, {storage.PARTIAL_WIDTH}]"
+            what += f" and of {len(param_rows)} param rows"
+            args += (rows.partials, param_index)
+        calls.append(Call(f"all_reduce({op}) over {reduction.label!r}: {shape} ({what})", COLLECTIVE,
+                          collectives.reduce_partials_over, args))
     if plan.pp is not None:
         calls.append(Call("combine the groups' partials", EAGER, _combine_into,
                           (kind, buffers.partials, buffers.pp_partial, buffers.order)))

@@ -67,6 +67,7 @@ PART_SHAPES = [(300, 256), (128, 256), (7,), (3, 100), (17, 256)]
 def test_param_norms_of_params_cut_into_parts_of_several_sizes(norm_type):
     """Phase A reduces each param's rows in parts of several sizes, then sums each param's parts
     (``norm/param_partials.py``): every size, and a group with empty tables, against vector_norm."""
+    from compiled_step.health import ParamNormRows
     from compiled_step.norm.param_partials import PART_ROWS
 
     params = make_params(shapes=PART_SHAPES)
@@ -85,7 +86,10 @@ def test_param_norms_of_params_cut_into_parts_of_several_sizes(norm_type):
         if step == 0:
             frames = counter.frame_count
     assert counter.frame_count == frames, "a step recompiled"
-    tables = sorted([t.shape[0] for t in part_rows] for part_rows in fused._param_norm_rows.part_rows)
+    # The layout of this plan's per-param rows, as the step builds it from the plan (public seams: the plan
+    # and health.ParamNormRows); the norms above show the step read the grads by it.
+    layout = ParamNormRows(fused.plan, [group["params"] for group in fused.optimizer.param_groups])
+    tables = sorted([t.shape[0] for t in part_rows] for part_rows in layout.part_rows)
     assert PART_ROWS == (128, 8, 1) and tables == [[1, 0, 0], [2, 5 + 2, 4 + 1 + 2 + 1]]  # the cuts meant here
 
 
@@ -194,3 +198,22 @@ def test_all_health_options_over_a_50_step_schedule_cause_zero_recompiles():
     assert counter.frame_count == frames_after_first_step, "a step recompiled"
     assert len(lrs) >= 45
     assert fused.spike_skipped_steps.item() == 2  # the schedule ran through the skip path too
+
+
+def test_the_health_options_are_inputs_of_the_one_finish_and_add_no_call():
+    """Issue 23: training health is optional inputs to the one norm path, not a second pipeline. With every
+    option off the finish gets no health input (its graph is the default step's, pinned by test_graphs.py);
+    with them on, the same finish function gets them and the program has the same calls, in the same order."""
+    described = {}
+    for name, options in (("off", {}), ("on", dict(param_norms=True, skip_spike_sigma=3.0, adaptive_clip="zclip"))):
+        params = make_params()
+        fused = FusedStep(torch.optim.SGD(params, lr=1e-2), compile=False, bucket_size=BUCKET, pack_threshold=PACK,
+                          **options)
+        set_grads(params, make_grads(params, 0))
+        fused.step()
+        finish = fused.program.norm[-1]
+        assert finish.function == "norm.finish.finish", name
+        assert ("health" in finish.kwargs) == (name == "on")
+        described[name] = [(c.kind, c.function) for c in fused.program.calls]
+    assert len(described["on"]) == len(described["off"])
+    assert [kind for kind, _ in described["on"]] == [kind for kind, _ in described["off"]]

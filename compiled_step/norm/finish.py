@@ -9,19 +9,17 @@ One call per step, between the collectives and Phase B. It writes, in place:
 Nothing is read on the host: a non-finite norm turns every ``apply`` to 0 and the updates keep every
 value bit-identical.
 
-``finish_with_health`` is the finish when a training-health option is on (``param_norms``,
-``skip_spike_sigma``, ``adaptive_clip``): the same outputs, plus the spike checks, ZClip's clip
-coefficient and statistics (``norm/health.py``) and the per-param norms; ``finish`` itself, the default
-step's, is left as it is.
+The training-health options (``norm/health.py``) are its optional ``health`` input. Off (None, a graph
+constant), the graph is the default step's, op for op; on, ``health.apply`` may skip a finite step (a
+spike), replace the clip coefficient (ZClip) and write the options' state and the per-param norms.
 """
 
 from __future__ import annotations
 
 import torch
 
-from compiled_step.norm.health import ALPHA, SIGMA, Z, HealthTensors, is_spike, push, zclip_coefficient, zclip_update
+from compiled_step.norm import health as health_math
 from compiled_step.norm.kinds import CLIP_EPS, combine, total_from
-from compiled_step.norm.param_partials import norms_of_rows
 
 
 def finish(
@@ -40,73 +38,22 @@ def finish(
     p: float,  # graph constant: NormKind.p
     rule,  # graph constant: the rule module (its slot_table), or a tuple of them (several optimizers)
     slot_rule: torch.Tensor | None = None,  # [S] int32: with several rules, which one each slot's is
+    health: health_math.HealthTensors | None = None,  # the training-health options' tensors; None: all off
 ) -> None:
     norm_order = order if kind == "scaled" else p
     t = total_from(kind, combine(kind, partials, norm_order), norm_order)
     ok = torch.isfinite(t)
     # min(1, max_norm / (total + eps)); with max_norm = inf this is exactly 1 for any finite total.
     coef = (max_norm / (t + CLIP_EPS)).clamp(max=1.0)
+    apply = ok
+    if health is not None:  # a graph constant: with every option off, not one op more
+        apply, coef = health_math.apply(health, t, ok, coef, max_norm, kind, norm_order)
     # [1] outputs, not 0-d: torch 2.13 drops in-place writes to 0-d graph inputs.
     total.copy_(t.reshape(1))
     finite.copy_(ok.reshape(1))
     skipped.copy_(skipped + (~ok).to(skipped.dtype))
     slot_hp = hp[slot_group.long()]  # [S, H]
-    _write_table(table, rule, slot_rule, slot_hp, counts, ok & active, coef)
-
-
-def finish_with_health(
-    partials: torch.Tensor,  # [P, 2] float64: reduced partial norms (one row per group, or one after PP)
-    order: torch.Tensor,  # [] float64: the norm order (read by the scaled kind)
-    max_norm: torch.Tensor,  # [] float64: the clipping threshold; inf disables clipping
-    hp: torch.Tensor,  # [G, H'] float64: each group's hyperparameters
-    slot_group: torch.Tensor,  # [S] int32: the group of each slot
-    counts: torch.Tensor,  # [S] float32: per-tensor counts
-    active: torch.Tensor,  # [S] bool: the tensor has a grad this step
-    total: torch.Tensor,  # [1] float64: written with the pre-clip total norm
-    finite: torch.Tensor,  # [1] bool: written with isfinite(total)
-    skipped: torch.Tensor,  # [1] int64: incremented when the total is not finite
-    table: torch.Tensor,  # [S, K'] float32 (float64 with float64 params): written with every slot's scalars
-    param_partials: torch.Tensor | None,  # [R, 2] float64: reduced per-param partials (param_norms), or None
-    norm_rows: torch.Tensor | None,  # [N] int64: each param's row of them, in the optimizer's order
-    param_norms: torch.Tensor | None,  # [N] float64: written with each param's pre-clip norm
-    health: HealthTensors,  # FusedStep's persistent health state (see norm/health.py)
-    kind: str,  # graph constant: NormKind.kind
-    p: float,  # graph constant: NormKind.p
-    rule,  # graph constant: the rule module (its slot_table), or a tuple of them (several optimizers)
-    slot_rule: torch.Tensor | None = None,  # [S] int32: with several rules, which one each slot's is
-) -> None:
-    """``finish`` with the training-health options: per-param norms, spike skips, ZClip.
-
-    A step is applied when its total norm is finite and neither the norm nor the loss is a spike; only
-    an applied step enters the windows and ZClip's statistics, and a skipped one leaves every param,
-    state and step count bit-identical through the apply flags, as a non-finite norm does.
-    """
-    norm_order = order if kind == "scaled" else p
-    t = total_from(kind, combine(kind, partials, norm_order), norm_order)
-    ok = torch.isfinite(t)
-    spike = torch.zeros_like(ok)
-    if health.norm_window is not None:
-        sigma = health.hp[SIGMA]
-        spike = spike | is_spike(t, health.norm_window, sigma)
-        spike = spike | (health.loss_given[0] & is_spike(health.loss[0], health.loss_window, sigma))
-    applied = ok & ~spike
-    if health.zclip is not None:
-        coef, ema_value = zclip_coefficient(t, health.zclip, health.hp[Z], max_norm)
-        zclip_update(t, ema_value, health.zclip, health.hp[ALPHA], applied)
-    else:
-        coef = (max_norm / (t + CLIP_EPS)).clamp(max=1.0)
-    if health.norm_window is not None:
-        push(health.norm_window, t, applied)
-        push(health.loss_window, health.loss[0], applied & health.loss_given[0])
-        health.spike_skipped.copy_(health.spike_skipped + (ok & spike).to(health.spike_skipped.dtype))
-    if param_norms is not None:
-        param_norms.copy_(norms_of_rows(kind, param_partials[norm_rows], norm_order))
-    total.copy_(t.reshape(1))
-    finite.copy_(ok.reshape(1))
-    skipped.copy_(skipped + (~ok).to(skipped.dtype))
-    health.clip_coef.copy_(coef.reshape(1))
-    slot_hp = hp[slot_group.long()]  # [S, H]
-    _write_table(table, rule, slot_rule, slot_hp, counts, applied & active, coef)
+    _write_table(table, rule, slot_rule, slot_hp, counts, apply & active, coef)
 
 
 def _write_table(table: torch.Tensor, rule, slot_rule: torch.Tensor | None, slot_hp: torch.Tensor,
