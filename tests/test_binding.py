@@ -59,6 +59,14 @@ def test_check_grad_accepts_a_grad_that_matches_its_param_in_any_layout():
     check_grad(torch.zeros(3, dtype=torch.bfloat16), torch.ones(3), "w")  # no buffer yet: any float dtype
 
 
+def test_grad_device_mismatch_is_rejected():
+    # On a CPU-only machine autograd and the grad setter refuse to build a param/grad pair on two
+    # devices, so the check itself is exercised directly; test_robustness.py's CUDA test goes end to end.
+    with pytest.raises(ValueError, match="grad is on cpu but the param is on meta"):
+        check_grad(torch.zeros(3, device="meta"), torch.zeros(3), "w")
+
+
+
 # ---------------------------------------------------------------------- views of the buffers
 
 
