@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from compiled_step.rules import adam, muon, sgd
+from compiled_step.rules import adafactor, adam, muon, sgd
 from compiled_step.rules.common import ELEMENTWISE, MATRIX, StateTensor
 
 
@@ -199,6 +199,7 @@ RULES: dict[type, UpdateRule] = {
     torch.optim.AdamW: adam,
     torch.optim.SGD: sgd,
     torch.optim.Muon: muon,
+    torch.optim.Adafactor: adafactor,
 }
 
 
@@ -222,4 +223,4 @@ def state_kwargs(rule, variant, by_key: dict) -> dict:
 
 
 __all__ = ["RULES", "UpdateRule", "ElementwiseRule", "MatrixRule", "ELEMENTWISE", "MATRIX", "StateTensor",
-           "conformance_errors", "declaration_errors", "rule_for", "state_kwargs", "adam", "muon", "sgd"]
+           "conformance_errors", "declaration_errors", "rule_for", "state_kwargs", "adafactor", "adam", "muon", "sgd"]
