@@ -30,7 +30,6 @@ from compiled_step import checks, collectives, grad_restore
 from compiled_step.grad_restore import GradRestoreHooks
 from compiled_step.lifecycle import ddp
 from compiled_step.planning import Plan, is_dtensor, local_tensor
-from compiled_step.rules.common import FIRST_STEP_FLAGS, STEPS
 from compiled_step.storage import GroupBuffers, StepBuffers, own_storage_alias
 
 _GRAD = operator.attrgetter("grad")
@@ -286,8 +285,9 @@ class Binder:
     def bind_state(self, optimizers) -> None:
         """Make every state tensor of an active param (or of one that has state) a view of the buffers.
 
-        Missing state is created as torch.optim would (zeros; and per the rule's ``COUNTS``: Adam's
-        step 0, SGD's first-step flag), state that is not a view is copied in. Params without a grad
+        Missing state is created as torch.optim would (zeros, in the shapes the rule declares; and the count:
+        torch's step tensor at 0 where the rule names one, ``STEP_KEY``, else ``rule.count_at_bind``: SGD's
+        first-step flag), state that is not a view is copied in. Params without a grad
         and without state keep none. The params whose state was created are added to ``created``.
 
         Key by key: a key's buffers are made (at a build) just before its tensors are adopted, and each
@@ -302,9 +302,10 @@ class Binder:
         for i, p in enumerate(self.params):
             index = self.where[i][0].group.key.param_group
             rule, state = self.rules[index], optimizers[self.owners[index]].state
-            keys = rule.state_keys(self.variants[index])
+            gb, j = self.where[i]
+            keys = gb.param_state_keys[j]  # the rule's declaration for this param (rule.state_layout)
             st = state.get(p)
-            if not keys and rule.COUNTS != STEPS:
+            if not keys and rule.STEP_KEY is None:
                 continue  # e.g. SGD without momentum: torch keeps no state, and neither do we
             if not st and not self.active[self.slots[i]]:
                 continue  # no grad and no state: torch.optim creates none either
@@ -348,21 +349,24 @@ class Binder:
         return created, adopted
 
     def _bind_count(self, rule, st: dict, slot: int, created: bool, adopted: bool, installed: dict) -> None:
-        """The param's count, as its rule's ``COUNTS`` says."""
-        if rule.COUNTS == STEPS:  # Adam: state["step"] is a view of the counts
+        """The param's count: torch's step tensor (``rule.STEP_KEY``) as a view of the counts where torch keeps
+        one, else what ``rule.count_at_bind`` says for state just created or adopted (None: nothing)."""
+        key = rule.STEP_KEY
+        if key is not None:  # Adam, Adafactor: state["step"] is a view of the counts
             view = self.buffers.count_views[slot]
-            current = st.get("step")
+            current = st.get(key)
             if current is not view:
                 self._count_slots.append(slot)
                 self._count_values.append(current)  # None: a new state starts at step 0
-                st["step"] = view
-            dicts, views = installed.setdefault("step", ([], []))
+                st[key] = view
+            dicts, views = installed.setdefault(key, ([], []))
             dicts.append(st)
             views.append(view)
-        elif rule.COUNTS == FIRST_STEP_FLAGS and (created or adopted):
-            # SGD: a new momentum buffer is on its first step (torch would clone the grad), an adopted one is not
-            self._count_slots.append(slot)
-            self._count_values.append(1.0 if created else 0.0)
+        elif created or adopted:
+            value = rule.count_at_bind(created)  # SGD: 1.0 for a buffer it creates (torch clones the grad), else 0.0
+            if value is not None:
+                self._count_slots.append(slot)
+                self._count_values.append(value)
 
     def forget(self, optimizers, params: list[torch.Tensor]) -> None:
         """Remove the state ``bind_state`` created for ``params`` (a step that raised changes nothing)."""

@@ -315,7 +315,7 @@ class FusedStep:
         opts, dist, config = self._optimizers, self.distributed, self.config
         param_lists = [group["params"] for group in opts.groups()]
         rules = opts.group_rules()
-        matrix_groups = frozenset(i for i, rule in enumerate(rules) if rule.KIND == MATRIX)
+        matrix_groups = {i: rule for i, rule in enumerate(rules) if rule.KIND == MATRIX}
         # DDP's bucket views are read in place by bucket updates; a matrix rule needs whole matrices in its
         # stacks, so Muon's params keep FusedStep's grads (and DDP's re-pointing costs a copy per step).
         in_matrix_groups = {id(p) for i in matrix_groups for p in param_lists[i]}
@@ -335,6 +335,10 @@ class FusedStep:
         plan = self._agree(plan)
         previous = [p.grad for p in plan.params]
         binding.check_grads(plan, previous)
+        # Each group's state layout, from its rule's declaration (raises for what cannot be placed, before
+        # anything changes).
+        state_layouts = [storage.lay_out_state(g, rules[g.key.param_group], variants[g.key.param_group])
+                         for g in plan.groups]
         if self._built is not None:
             self._built.binder.release()  # the old plan's grad hooks
         # Drop the old plan's buffers now: what still references them (the params' .data aliases, p.grad
@@ -344,11 +348,10 @@ class FusedStep:
         outputs = self._outputs_on(plan.device)
         group_rules = [rules[g.key.param_group] for g in plan.groups]  # per sharding group
         group_variants = [variants[g.key.param_group] for g in plan.groups]
-        groups = [storage.GroupBuffers(g, rule.state_keys(var), offload=self.offload_optimizer_state,
-                                       external_grads=external)
-                  for g, rule, var in zip(plan.groups, group_rules, group_variants)]
-        lr_ratios = [[rule.lr_ratio((st.global_rows or st.shape[0], st.shape[1]), var.adjust_lr_fn)
-                      for st in g.stacks] for g, rule, var in zip(plan.groups, group_rules, group_variants)]
+        groups = [storage.GroupBuffers(g, layout, offload=self.offload_optimizer_state, external_grads=external)
+                  for g, layout in zip(plan.groups, state_layouts)]
+        lr_ratios = [[rule.lr_ratio(st.whole_shape, var) for st in g.stacks]
+                     for g, rule, var in zip(plan.groups, group_rules, group_variants)]
         buffers = storage.StepBuffers(plan, group_rules, self._kind, config.max_grad_norm, outputs,
                                       offload=self.offload_optimizer_state, lr_ratios=lr_ratios)
         binder = binding.Binder(plan, groups, buffers, rules, owners, param_lists, variants, ddp_params,

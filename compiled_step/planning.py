@@ -23,8 +23,9 @@ A group's tensors live in flat buffers of ``ROW``-element rows (``storage.py`` a
     (DistributedDataParallel's bucket views, ``gradient_as_bucket_view=True``). External params
     come last, in buckets of their own, and take no rows of the grad buffer;
 
-* a group whose rule updates whole matrices (Muon, ``rules.MATRIX``) is laid out by ``matrices.py``:
-  every param in the flat regions, same-shape matrices in *stacks* that one compiled call updates;
+* a group whose rule updates whole params (Muon's matrices, Adafactor's tensors: ``rules.MATRIX``) is laid
+  out by ``_lay_out_stacks``: every param in the flat regions, same-shape params in *stacks*
+  (``matrices.Stack``) that one compiled call updates;
 * each param has a *slot*: an index into the per-tensor vectors (step counts, "has a grad", the
   per-tensor scalar table). The flat region's rows carry the slot of the param they belong to;
   each bucket owns ``bucket_size`` consecutive slots (the last one padded with scratch slots).
@@ -37,6 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from compiled_step.matrices import Exchange, Stack, numel
 
 # Elements per row of the flat buffers. Every param starts on a row boundary, so the flat update
 # reads a param's per-tensor scalars once per row (a 4-byte row index per ROW elements: 0.016 B/param
@@ -320,7 +323,7 @@ def build_plan(
     flat_params: bool = False,
     fp8_ids: frozenset[int] = frozenset(),
     external_grads: frozenset[int] = frozenset(),
-    matrix_groups: frozenset[int] = frozenset(),
+    matrix_groups: dict | None = None,
     group_labels: list[str] | None = None,
 ) -> Plan:
     """Group *all* params (not only those with grads) so every rank issues the same collectives.
@@ -340,13 +343,15 @@ def build_plan(
         flat_params: alias plain params into the flat param buffers.
         fp8_ids: ``id()`` of FP8 weights, whose amax the update computes.
         external_grads: ``id()`` of params whose grads are read where they are (``lifecycle/ddp.py``).
-        matrix_groups: indices of the param groups whose rule updates whole matrices (Muon).
+        matrix_groups: param group index -> its rule, for the groups whose rule updates whole params
+            (``rules.MATRIX``: Muon, Adafactor); its ``PARAM_NDIMS`` and ``ROW_SHARDED`` say which it takes.
         group_labels: how messages name each param group (default ``param_groups[i]``).
 
     Raises ``ValueError`` for a param listed twice, params on several devices and DTensor shards
     that are not stored densely.
     """
     names = names or {}
+    matrix_groups = matrix_groups or {}
     check_params(param_lists, names, group_labels)
     groups: dict[GroupKey, ShardingGroup] = {}
     for index, params in enumerate(param_lists):
@@ -363,9 +368,7 @@ def build_plan(
     slot = 0
     for group in ordered:
         if group.key.param_group in matrix_groups:
-            from compiled_step import matrices  # it builds on this module's helpers
-
-            slot = matrices.lay_out(group, slot, flat_params)
+            slot = _lay_out_stacks(group, slot, flat_params, matrix_groups[group.key.param_group])
         else:
             slot = _lay_out(group, slot, bucket_size, pack_threshold, flat_params, external_grads)
     device = ordered[0].key.device if ordered else torch.device("cpu")
@@ -451,3 +454,71 @@ def _reductions(groups: list[ShardingGroup], ep, ep_axis_name, pp):
             add(ep[0], ep[1], "ep", member, EP_DIM, over_shards=False)
     pp_reduction = Reduction(pp[0], pp[1], "pp") if pp is not None else None
     return list(reductions.values()), pp_reduction
+
+
+def _lay_out_stacks(group: ShardingGroup, first_slot: int, flat_params: bool, rule) -> int:
+    """A matrix group: every param in the flat regions, same shapes together (stacks); returns the next slot."""
+    sharding = _row_sharding(group, rule)
+    order = sorted(range(len(group.params)), key=lambda i: (tuple(group.params[i].shape),
+                                                             dense_strides(local_tensor(group.params[i])), i))
+    entries: dict[int, Entry] = {}
+    row, slot = 0, first_slot
+    runs: dict[tuple, list[int]] = {}
+    for i in order:
+        local = local_tensor(group.params[i])
+        runs.setdefault((tuple(group.params[i].shape), tuple(local.shape), dense_strides(local)), []).append(i)
+    for (global_shape, shape, strides), members in runs.items():
+        slot = align(slot)
+        # At least one padding element after each matrix, so no stack is contiguous: Dynamo would
+        # otherwise compile one graph for stacks whose matrices fill whole rows and one for the rest.
+        per = rows_for(numel(shape) + 1)
+        shard = {} if sharding is None else dict(global_rows=global_shape[0], world=sharding.world,
+                                                 chunk=-(-global_shape[0] // sharding.world))
+        group.stacks.append(Stack(shape, strides, row, per, tuple(members), slot, **shard))
+        for i in members:
+            p = group.params[i]
+            region = ALIASED if flat_params and type(p) in (torch.Tensor, torch.nn.Parameter) and \
+                _owns_storage(p) else STAGED
+            entries[i] = Entry(i, region, row, numel(shape), slot)
+            row += per
+            slot += 1
+    group.exchange = sharding
+    group.flat = [i for s in group.stacks for i in s.members]
+    group.flat_rows = group.rows = group.grad_rows = row
+    group.first_slot, group.flat_slots = first_slot, slot - first_slot
+    group.bucket_stride = align(1)
+    group.slots = align(group.flat_slots)
+    group.entries = [entries[i] for i in range(len(group.params))]
+    return first_slot + group.slots
+
+
+def _row_sharding(group: ShardingGroup, rule) -> Exchange | None:
+    """The all-to-all of a matrix group whose params are row-sharded (one Shard(0), the rest
+    Replicate); None for whole params. Raises ``ValueError`` for what the rule cannot update."""
+    exchange = None
+    for p, name in zip(group.params, group.names):
+        if rule.PARAM_NDIMS is not None and p.ndim not in rule.PARAM_NDIMS:
+            dims = " or ".join(f"{n}-D" for n in rule.PARAM_NDIMS)
+            raise ValueError(f"{name}: {rule.NAME} updates {dims} params only, got shape {tuple(p.shape)}")
+        if group.key.fp8:
+            raise ValueError(f"{name}: FP8 weights are not supported with {rule.NAME}")
+        if not is_dtensor(p) or not any(pl.is_shard() for pl in p.placements):
+            continue
+        if not rule.ROW_SHARDED:
+            raise ValueError(f"{name}: {rule.NAME} needs whole params and cannot gather sharded ones, but this "
+                             f"param has placements {p.placements}")
+        shards = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
+        if len(shards) != 1 or p.placements[shards[0]].dim != 0 or any(pl.is_partial() for pl in p.placements):
+            raise ValueError(f"{name}: {rule.NAME} needs whole matrices; it gathers row-sharded ones (one Shard(0) "
+                             f"mesh dim, as FSDP2 shards), but this param has placements {p.placements}")
+        mesh, dim = p.device_mesh, shards[0]
+        world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+        chunk = -(-p.shape[0] // world)
+        rows = max(0, min(chunk, p.shape[0] - rank * chunk))
+        if tuple(local_tensor(p).shape) != (rows, p.shape[1]):
+            raise ValueError(f"{name}: {rule.NAME} expects torch.chunk's row split ({rows} of {p.shape[0]} rows on "
+                             f"this rank), got a local shard of shape {tuple(local_tensor(p).shape)}")
+        names = mesh.mesh_dim_names
+        exchange = Exchange(mesh.get_group(mesh_dim=dim), mesh.device_type,
+                            names[dim] if names else f"mesh dim {dim}", world)
+    return exchange

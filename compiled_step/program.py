@@ -241,7 +241,8 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
                 calls.append(Call(
                     f"Phase B matrix update, group {g}, {count} matrices {shape}{which}", COMPILED, fn,
                     _matrix_args(gb, g, k, buffers, first, count),
-                    dict(variant=var, **state_kwargs(rule, var, state)), _function_name(rule.update_matrices),
+                    dict(counts=_stack_counts(gb, k, buffers, first, count), variant=var,
+                         **state_kwargs(rule, var, state)), _function_name(rule.update_matrices),
                     ("update_matrices", rule.NAME, var) + dtypes))
     elif group.flat_slots:
         calls.append(Call(
@@ -319,6 +320,13 @@ def _matrix_args(gb: storage.GroupBuffers, g: int, k: int, buffers: storage.Step
             buffers.hp_rows[g], buffers.table[slots].detach(), buffers.lr_ratios[g][k])
 
 
+def _stack_counts(gb: storage.GroupBuffers, k: int, buffers: storage.StepBuffers, first: int,
+                  count: int) -> torch.Tensor:
+    """The counts of matrices ``first .. first + count - 1`` of stack ``k`` (Adafactor's steps; Muon keeps none)."""
+    start = gb.group.stacks[k].first_slot + first
+    return buffers.counts[start:start + count].detach()
+
+
 def _bucket_args(gb: storage.GroupBuffers, rule, var, buffers: storage.StepBuffers,
                  fillers: buckets.Fillers) -> list[tuple[tuple, dict]]:
     """Prebuilt (args, kwargs) of every bucket call of the group: lists padded to ``bucket_size``."""
@@ -326,7 +334,7 @@ def _bucket_args(gb: storage.GroupBuffers, rule, var, buffers: storage.StepBuffe
     keys = rule.state_keys(var) if group.bucket_count else ()
     key = group.key
     dtypes = {"params": key.dtype, "grads": key.grad_dtype, "external_grads": key.grad_dtype,
-              **{k: key.dtype for k in keys}}
+              **{k: gb.state_layout[k].dtype for k in keys}}
     calls = []
     for b in range(group.bucket_count):
         members = [i for i in group.bucketed[b * size:(b + 1) * size] if i is not None]
@@ -335,7 +343,7 @@ def _bucket_args(gb: storage.GroupBuffers, rule, var, buffers: storage.StepBuffe
         params = [storage.flat_alias(gb.locals[i]) for i in members]
         grads = [gb.external_flat[i] if external else storage.flat_slice(gb.grads, e.row, e.numel)
                  for i, e in zip(members, entries)]
-        state = {k: [storage.flat_slice(gb.state[k], e.row, e.numel) for e in entries] for k in keys}
+        state = {k: [gb.state_slice(k, i) for i in members] for k in keys}
         if len(members) < size:
             filler = fillers.get(key.device, dtypes, size)
             params = buckets.padded(params, filler["params"], size)

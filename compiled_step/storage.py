@@ -7,15 +7,19 @@ For every sharding group (see ``planning.py`` for the layout):
 * ``grads``: ``[rows, ROW]`` in the grad dtype, every grad of the group. ``p.grad`` is a view of it
   (a DTensor over the view for DTensor params) with the param's shape and memory layout, so autograd
   and FSDP2 accumulate into it in place and Phase A reads one buffer.
-* ``state[key]``: ``[rows, ROW]`` per optimizer state key (``exp_avg``...), in the param dtype.
-  ``optimizer.state[p][key]`` are views of it, in torch's format (the param's shape, layout and
-  DTensor-ness), so ``optimizer.step()``, ``state_dict()`` and ``load_state_dict()`` see ordinary
-  tensors. A state tensor that is not such a view (a loaded checkpoint, a user's assignment, new
-  state torch.optim created) is *adopted*: copied into the buffer, and replaced by the view.
+* ``state[key]``: ``[rows, ROW]`` per optimizer state key (``exp_avg``...), laid out from the rule's
+  declaration (``lay_out_state``: each param's state tensors, their shapes and dtypes). A key whose
+  every tensor is shaped like its param shares the param's rows, layout and DTensor-ness; any other
+  key (Adafactor's factored ``row_var``/``col_var``) has rows of its own, each tensor contiguous.
+  ``optimizer.state[p][key]`` are views of it, in torch's format, so ``optimizer.step()``,
+  ``state_dict()`` and ``load_state_dict()`` see ordinary tensors. A state tensor that is not such a
+  view (a loaded checkpoint, a user's assignment, new state torch.optim created) is *adopted*: copied
+  into the buffer, and replaced by the view.
 
 For the whole plan (``StepBuffers``): the per-slot vectors (counts, active flags, the group of each
 slot, the table of per-tensor scalars), the group hyperparameters, the partial norms and the
-outputs of the finish. Adam's ``state[p]["step"]`` is a 0-d view of ``counts``.
+outputs of the finish. Where torch keeps the count (the rule's ``STEP_KEY``: Adam's and Adafactor's
+``state[p]["step"]``), it is a 0-d view of ``counts``.
 
 Every element pairs with the same logical element of its param: grads and state are laid out with
 the param's strides (channels_last and transposed params included), and copies between layouts
@@ -25,14 +29,15 @@ go through ``copy_``, which pairs elements by index, never by memory order.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from compiled_step.norm import NormKind
-from compiled_step.rules.common import STEPS, table_dtype
-from compiled_step.matrices import Stack
+from compiled_step.rules.common import table_dtype
+from compiled_step.matrices import Stack, numel
 from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, dense_strides, \
-    is_dtensor, local_tensor
+    is_dtensor, local_tensor, rows_for
 
 
 # Every persistent buffer starts ``LEAD`` elements (``ROW`` for row buffers) into its storage, so no view
@@ -78,6 +83,102 @@ def padded(n: int, to: int) -> int:
 def _view(buffer: torch.Tensor, row: int, local: torch.Tensor) -> torch.Tensor:
     """A view of ``buffer`` (``[rows, ROW]``) starting at ``row`` with ``local``'s shape and layout."""
     return buffer.as_strided(local.shape, dense_strides(local), buffer.storage_offset() + row * ROW)
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, running = [], 1
+    for size in reversed(shape):
+        strides.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where one tensor (or one stack of same-shape tensors) lives in a ``[rows, ROW]`` buffer."""
+
+    row: int  # first row
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    rows_each: int = 0  # a stack: rows from one tensor to the next
+
+    def view(self, buffer: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """The tensor, or with ``count``, the ``[count, *shape]`` stack, as a view of ``buffer``."""
+        shape, strides = self.shape, self.strides
+        if count is not None:
+            shape, strides = (count, *shape), (self.rows_each * ROW, *strides)
+        return buffer.as_strided(shape, strides, buffer.storage_offset() + self.row * ROW)
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """One state key's buffer in a sharding group, from the rule's ``state_layout`` declaration."""
+
+    rows: int
+    dtype: torch.dtype
+    tensors: tuple[Placed | None, ...]  # per param of the group; None: the param keeps no such tensor
+    stacks: tuple[Placed | None, ...]  # per matrix stack of the group (its ``[n, *shape]`` view); None: not kept
+    like_params: bool  # every tensor shaped like its param, in the param's rows (the flat update's layout)
+
+
+def lay_out_state(group: ShardingGroup, rule, variant) -> dict[str, KeyLayout]:
+    """Each state key's layout in ``group``'s buffers, from ``rule.state_layout`` (per param: its tensors'
+    shapes and dtypes), in ``rule.state_keys(variant)`` order. Pure: nothing is allocated.
+
+    A key whose every param keeps a tensor shaped like the param (Adam's, SGD's, Muon's) uses the param's
+    rows and memory layout, so a flat update reads it row for row with the params. Any other key (a
+    factored pair, a tensor some params keep and others not) is packed in rows of its own, in the group's
+    order (stack by stack, one padding element after each tensor of a stack, as ``planning`` pads the
+    params), so it costs its own size. Raises ``ValueError`` for what the engine cannot place: a key of
+    two dtypes, a packed key of a DTensor param or read by a flat update (which pairs rows with params).
+    """
+    locals_ = [local_tensor(p) for p in group.params]
+    declared = [rule.state_layout(variant, tuple(t.shape), group.key.dtype) for t in locals_]
+    layouts = {}
+    for key in rule.state_keys(variant):
+        tensors = [d.get(key) for d in declared]
+        dtypes = {t.dtype for t in tensors if t is not None}
+        if len(dtypes) > 1:
+            raise ValueError(f"{group.label}: {rule.NAME} declares state {key!r} in several dtypes "
+                             f"{sorted(map(str, dtypes))}; one key's tensors share one buffer and one dtype")
+        dtype = dtypes.pop() if dtypes else group.key.dtype
+        like = all(t is not None and tuple(t.shape) == tuple(x.shape) for t, x in zip(tensors, locals_))
+        if like:
+            placed = tuple(Placed(e.row, tuple(x.shape), dense_strides(x)) for e, x in zip(group.entries, locals_))
+            stacks = tuple(Placed(st.first_row, st.shape, st.strides, st.rows_per_matrix) for st in group.stacks)
+            layouts[key] = KeyLayout(group.rows, dtype, placed, stacks, True)
+            continue
+        for t, p, name in zip(tensors, group.params, group.names):
+            if t is not None and is_dtensor(p):
+                raise ValueError(f"{name}: {rule.NAME} keeps state {key!r} of shape {tuple(t.shape)}, not shaped like "
+                                 "this DTensor param; FusedStep cannot place it on the param's mesh")
+        stacked = {i for st in group.stacks for i in st.members}
+        if group.flat_slots and len(stacked) < len(group.flat):
+            raise ValueError(f"{group.label}: {rule.NAME} keeps state {key!r} not shaped like its params, which the "
+                             "flat update (row for row with the params) cannot read")
+        placed: list[Placed | None] = [None] * len(tensors)
+        stacks, row = [], 0
+        for st in group.stacks:
+            shapes = {None if tensors[i] is None else tuple(tensors[i].shape) for i in st.members}
+            if len(shapes) > 1:
+                raise ValueError(f"{group.label}: {rule.NAME} declares state {key!r} of shapes {shapes} for params "
+                                 f"of one shape {st.shape}; a stack's state must be one shape")
+            shape = shapes.pop()
+            if shape is None:  # no param of this stack keeps the key (Adafactor's variance for matrices)
+                stacks.append(None)
+                continue
+            each = rows_for(numel(shape) + 1)  # one padding element: no stack of them is contiguous
+            stacks.append(Placed(row, shape, contiguous_strides(shape), each))
+            for i in st.members:
+                placed[i] = Placed(row, shape, contiguous_strides(shape))
+                row += each
+        for i in group.bucketed:
+            if i is not None and tensors[i] is not None:
+                shape = tuple(tensors[i].shape)
+                placed[i] = Placed(row, shape, contiguous_strides(shape))
+                row += rows_for(numel(shape))
+        layouts[key] = KeyLayout(row, dtype, tuple(placed), tuple(stacks), False)
+    return layouts
 
 
 def flat_slice(buffer: torch.Tensor, row: int, numel: int) -> torch.Tensor:
@@ -164,11 +265,16 @@ class GroupBuffers:
     values are in the new buffer, instead of all old and all new copies being alive at once.
     """
 
-    def __init__(self, group: ShardingGroup, state_keys: tuple[str, ...], offload: bool = False,
+    def __init__(self, group: ShardingGroup, state_layout: dict[str, KeyLayout], offload: bool = False,
                  external_grads: dict[int, torch.Tensor] | None = None):
-        """``external_grads``: param id -> its grad, for the group's external params (``planning``)."""
+        """``state_layout``: ``lay_out_state``'s, for the group's rule and variant. ``external_grads``: param
+        id -> its grad, for the group's external params (``planning``)."""
         self.group = group
-        self.state_keys = tuple(state_keys)
+        self.state_layout = state_layout
+        self.state_keys = tuple(state_layout)
+        # The state keys each param keeps (Adafactor: row_var and col_var for a matrix, variance for a vector).
+        self.param_state_keys = [tuple(k for k, lay in state_layout.items() if lay.tensors[i] is not None)
+                                 for i in range(len(group.params))]
         # With offload_optimizer_state on an accelerator, the state users see (and that the binder
         # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
         # filled before each step and released after it.
@@ -236,14 +342,23 @@ class GroupBuffers:
         """State key ``name``'s buffer (and its pinned host home when offloading) and views, once."""
         if name in self.state:
             return
-        group, key = self.group, self.group.key
-        self.state[name] = _row_buffer(group.rows, key.dtype, key.device)
+        group, key, layout = self.group, self.group.key, self.state_layout[name]
+        self.state[name] = _row_buffer(layout.rows, layout.dtype, key.device)
         if self.offloaded:
-            self.state_home[name] = _row_buffer(group.rows, key.dtype, torch.device("cpu"), pin=_pins_home(key.device))
-        self.state_locals[name] = [_view(self.state_home[name], e.row, t) for e, t in zip(group.entries, self.locals)]
-        self.state_views[name] = [_wrap_like(p, v) for p, v in zip(group.params, self.state_locals[name])]
-        for stack, views in zip(group.stacks, self.stack_state):
-            views[name] = _stack_view(self.state[name], stack)
+            self.state_home[name] = _row_buffer(layout.rows, layout.dtype, torch.device("cpu"),
+                                                pin=_pins_home(key.device))
+        home = self.state_home[name]
+        self.state_locals[name] = [at.view(home) if at is not None else None for at in layout.tensors]
+        self.state_views[name] = [_wrap_like(p, v) if v is not None else None
+                                  for p, v in zip(group.params, self.state_locals[name])]
+        for stack, at, views in zip(group.stacks, layout.stacks, self.stack_state):
+            if at is not None:
+                views[name] = at.view(self.state[name], len(stack.members)).detach()
+
+    def state_slice(self, name: str, i: int) -> torch.Tensor:
+        """Param i's state tensor ``name`` in the (device) state buffer, as a 1-D alias (for the bucket calls)."""
+        at = self.state_layout[name].tensors[i]
+        return flat_slice(self.state[name], at.row, numel(at.shape))
 
     def make_all_state(self) -> None:
         """Every state key's buffer (those no param's state needed yet too), in the rule's key order."""
@@ -251,7 +366,7 @@ class GroupBuffers:
             self.make_state(name)
         # The binder makes them in the order it meets them: keep one order for the program's arguments.
         for d in (self.state, self.state_home, self.state_locals, self.state_views, *self.stack_state):
-            ordered = {name: d[name] for name in self.state_keys}
+            ordered = {name: d[name] for name in self.state_keys if name in d}  # a stack keeps some keys only
             d.clear()
             d.update(ordered)
 
@@ -306,9 +421,9 @@ class StepBuffers:
         for per_group in lr_ratios or []:
             self.lr_ratios.append([table[k + j, :1].detach() for j in range(len(per_group))])
             k += len(per_group)
-        # Adam's state["step"] are 0-d views of the counts (of their host copy when offloading).
+        # torch's step tensors (the rules' STEP_KEY) are 0-d views of the counts (of their host copy when offloading).
         self.offloaded = offload and offloads_state(device)
         self.counts_home = (_buffer((n_slots,), torch.float32, torch.device("cpu"), pin=_pins_home(device))
                             if self.offloaded else self.counts)
-        any_steps = any(r.COUNTS == STEPS for r in rules)
+        any_steps = any(r.STEP_KEY is not None for r in rules)
         self.count_views = [self.counts_home[s] for s in range(n_slots)] if any_steps else None

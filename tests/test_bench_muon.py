@@ -39,7 +39,7 @@ def muon_row_tolerance(n_params: int) -> float:
     assert layout.n_params == n_params  # the row ran on this layout
     sizes = bench_options._SIZES["quick"]
     steps = sizes["warmup"] + sizes["rounds"] + 2
-    ratio = max(muon_rule.lr_ratio(s.shape, None) for s in layout.specs if s.hidden_matrix)
+    ratio = max(muon_rule.adjust_lr_ratio(s.shape, None) for s in layout.specs if s.hidden_matrix)
     return steps * bench_methods.MUON_HP["lr"] * ratio * 2 ** -7
 
 

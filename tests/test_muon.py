@@ -43,7 +43,7 @@ def _matrices(seed=0, shapes=SHAPES):
 
 
 def _max_ratio(params, adjust_lr_fn):
-    return max(muon.lr_ratio(tuple(p.shape), adjust_lr_fn) for p in params)
+    return max(muon.adjust_lr_ratio(tuple(p.shape), adjust_lr_fn) for p in params)
 
 
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["unclipped", "clipped"])

@@ -6,22 +6,28 @@ that differs between rules is data or a function on the rule module, never a bra
 * ``HP_COLUMNS``/``TABLE_COLUMNS``: the group hyperparameters it reads (after SCALE and SIGN) and the
   per-tensor scalars its update reads (after APPLY and GRAD_COEF);
 * ``STATE_KEYS``: every state tensor it may keep, in torch's names (``state_keys(variant)``: those a
-  variant keeps); the update functions take them as keyword arguments of those names, None where
-  the variant keeps none;
-* ``COUNTS``: what the per-tensor counts are to it (``STEPS``: torch's ``state["step"]``, a 0-d view
-  of the count; ``FIRST_STEP_FLAGS``: 1.0 for state FusedStep creates, 0.0 for state it adopts;
-  ``NO_COUNTS``);
+  variant's group keeps); the update functions take them as keyword arguments of those names, None
+  where the variant keeps none;
+* ``state_layout(variant, shape, dtype)``: the state tensors one param of that (local) shape and dtype
+  keeps, each a ``StateTensor(shape, dtype)`` in torch's shape: param-shaped for Adam, SGD and Muon,
+  a factored ``row_var``/``col_var`` pair for Adafactor's matrices. ``storage.lay_out_state`` lays the
+  buffers out from it; nothing in the engine assumes a state tensor is shaped like its param;
+* the per-tensor counts: ``STEP_KEY`` names torch's 0-d step tensor (``"step"``), which FusedStep
+  makes a view of the count, or is None where torch keeps no step; then ``count_at_bind(created)``
+  says the count of state FusedStep just created (True) or adopted (False): SGD's first-step flag,
+  None for nothing (Muon);
 * ``KIND``: ``ELEMENTWISE`` rules update flat buffers and buckets of tensors (``update_flat``,
-  ``update_bucket``); ``MATRIX`` rules update stacks of whole same-shape matrices
-  (``update_matrices``);
+  ``update_bucket``); ``MATRIX`` rules update stacks of whole same-shape params (``update_matrices``,
+  ``call_bytes``, ``lr_ratio``, ``PARAM_NDIMS``; with ``ROW_SHARDED``, row-sharded stacks too:
+  ``prepare_matrices``, ``orthogonalize``, ``apply_matrices`` and the graph constant ``Whole``);
 * ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
   every step, before anything changes; ``variant(group)`` names the structural options that change
   the graphs; ``slot_table(hp, counts, apply, coef, table)`` computes every tensor's scalars inside
   the finish graph, in float64, rounded to the dtype of ``table`` (``common.table_dtype``: float64
   when the plan holds float64 params, whose update is float64 throughout; else float32).
 
-``conformance_errors(rule)`` checks a rule module against this contract (names, kinds and the update
-functions' signatures); tests run it over every registered rule.
+``conformance_errors(rule)`` checks a rule module against this contract (names, kinds, the update
+functions' signatures and the state declaration); tests run it over every registered rule.
 """
 
 from __future__ import annotations
@@ -32,14 +38,14 @@ from typing import Protocol
 
 import torch
 
-from compiled_step.rules import adam, muon, sgd
-from compiled_step.rules.common import ELEMENTWISE, FIRST_STEP_FLAGS, MATRIX, NO_COUNTS, STEPS
+from compiled_step.rules import adafactor, adam, muon, sgd
+from compiled_step.rules.common import ELEMENTWISE, MATRIX, StateTensor
 
 
 class UpdateRule(Protocol):
     NAME: str
     KIND: str  # ELEMENTWISE or MATRIX
-    COUNTS: str  # STEPS, FIRST_STEP_FLAGS or NO_COUNTS
+    STEP_KEY: str | None  # torch's step tensor, a view of the count; None: torch keeps none
     HP_COLUMNS: tuple[str, ...]
     TABLE_COLUMNS: tuple[str, ...]
     STATE_KEYS: tuple[str, ...]
@@ -47,6 +53,11 @@ class UpdateRule(Protocol):
     def variant(self, group: dict) -> Hashable: ...
 
     def state_keys(self, variant: Hashable) -> tuple[str, ...]: ...
+
+    def state_layout(self, variant: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateTensor]:
+        ...
+
+    def count_at_bind(self, created: bool) -> float | None: ...
 
     def group_values(self, optimizer: torch.optim.Optimizer, group: dict, where: str) -> list: ...
 
@@ -63,39 +74,56 @@ class ElementwiseRule(UpdateRule, Protocol):
 
 
 class MatrixRule(UpdateRule, Protocol):
-    """Whole matrices: ``update_matrices`` for stacks a rank holds whole; for row-sharded stacks,
+    """Whole same-shape params (Muon's matrices, Adafactor's tensors of any rank): ``update_matrices`` for
+    stacks a rank holds whole, ``[n, *shape]``, in calls of at most ``call_bytes``-sized temporaries
+    (``matrices.call_chunks``), with ``lr_ratio(shape, variant)`` (a float64 constant per stack) and
+    ``PARAM_NDIMS`` (the ranks it updates; None: any). With ``ROW_SHARDED``, row-sharded stacks too:
     ``prepare_matrices`` (this rank's rows of the orthogonalization input, into an all-to-all box),
-    ``orthogonalize`` (the matrices this rank owns, whole) and ``apply_matrices`` (this rank's rows of
-    the result), with the all-to-alls between them."""
+    ``orthogonalize`` (the matrices this rank owns, whole, their row count a ``Whole``) and
+    ``apply_matrices`` (this rank's rows of the result), with the all-to-alls between them."""
+
+    PARAM_NDIMS: tuple[int, ...] | None
+    ROW_SHARDED: bool
 
     def update_matrices(self, params: torch.Tensor, grads: torch.Tensor, hp: torch.Tensor, table: torch.Tensor,
-                        lr_ratio: torch.Tensor, variant: Hashable, **state: torch.Tensor) -> None: ...
+                        lr_ratio: torch.Tensor, counts: torch.Tensor, variant: Hashable,
+                        **state: torch.Tensor) -> None: ...
+
+    def call_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """The bytes one matrix's update holds while its call runs (sizes the calls: ``matrices.call_chunks``)."""
+
+    def lr_ratio(self, shape: tuple[int, ...], variant: Hashable) -> float:
+        """The stack constant the update gets as ``lr_ratio`` (Muon: torch's lr adjustment for the shape)."""
 
     def prepare_matrices(self, grads: torch.Tensor, table: torch.Tensor, box: torch.Tensor,
                          **state: torch.Tensor) -> None: ...
 
     def orthogonalize(self, box: torch.Tensor, hp: torch.Tensor, whole: Hashable, variant: Hashable) -> None: ...
 
-    def call_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
-        """The bytes one matrix's update holds while its call runs (sizes the calls: ``matrices.call_chunks``)."""
-
     def apply_matrices(self, params: torch.Tensor, hp: torch.Tensor, table: torch.Tensor, lr_ratio: torch.Tensor,
                        box: torch.Tensor) -> None: ...
 
 
-# Each kind's update functions, and whether each takes the state tensors (by their names).
+# Each kind's update functions, and whether each takes the state tensors (by their names); a matrix rule's
+# row-sharded ones are required where it sets ROW_SHARDED.
 _UPDATES = {ELEMENTWISE: {"update_flat": True, "update_bucket": True},
-            MATRIX: {"update_matrices": True, "prepare_matrices": True, "orthogonalize": False,
-                     "apply_matrices": False}}
+            MATRIX: {"update_matrices": True}}
+_ROW_SHARDED_UPDATES = {"prepare_matrices": True, "orthogonalize": False, "apply_matrices": False}
+_FUNCTIONS = ("variant", "state_keys", "state_layout", "count_at_bind", "group_values", "slot_table")
+_MATRIX_FUNCTIONS = ("call_bytes", "lr_ratio")
+# Sample params the declaration is checked on: a scalar, a vector, a matrix and a 3-D tensor, in two dtypes.
+_SAMPLE_SHAPES = ((), (5,), (4, 6), (2, 3, 4))
+_SAMPLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def conformance_errors(rule) -> list[str]:
-    """What in ``rule`` breaks the contract above (empty when it conforms)."""
+def conformance_errors(rule, variants=None) -> list[str]:
+    """What in ``rule`` breaks the contract above (empty when it conforms); ``variants``: those its state
+    declaration is checked in (``declaration_errors``)."""
     errors = []
-    for name, kind in UpdateRule.__annotations__.items():
+    for name in UpdateRule.__annotations__:
         if not hasattr(rule, name):
             errors.append(f"missing {name}")
-    for name in ("variant", "state_keys", "group_values", "slot_table"):
+    for name in _FUNCTIONS:
         if not callable(getattr(rule, name, None)):
             errors.append(f"missing function {name}")
     if errors:
@@ -103,14 +131,24 @@ def conformance_errors(rule) -> list[str]:
     if rule.KIND not in _UPDATES:
         errors.append(f"KIND {rule.KIND!r} is not one of {sorted(_UPDATES)}")
         return errors
-    if rule.COUNTS not in (STEPS, FIRST_STEP_FLAGS, NO_COUNTS):
-        errors.append(f"COUNTS {rule.COUNTS!r} is not one of steps, first_step_flags, none")
+    if rule.STEP_KEY is not None and (not isinstance(rule.STEP_KEY, str) or rule.STEP_KEY in rule.STATE_KEYS):
+        errors.append(f"STEP_KEY {rule.STEP_KEY!r} must be None or a key name outside STATE_KEYS")
     if rule.HP_COLUMNS[:2] != ("scale", "sign") or rule.TABLE_COLUMNS[:2] != ("apply", "grad_coef"):
         errors.append("HP_COLUMNS must start with scale, sign and TABLE_COLUMNS with apply, grad_coef")
     protocol = ElementwiseRule if rule.KIND == ELEMENTWISE else MatrixRule
-    if rule.KIND == MATRIX and not callable(getattr(rule, "call_bytes", None)):
-        errors.append("missing function call_bytes")
-    for name, takes_state in _UPDATES[rule.KIND].items():
+    updates = dict(_UPDATES[rule.KIND])
+    if rule.KIND == MATRIX:
+        for name in _MATRIX_FUNCTIONS:
+            if not callable(getattr(rule, name, None)):
+                errors.append(f"missing function {name}")
+        for name in MatrixRule.__annotations__:
+            if not hasattr(rule, name):
+                errors.append(f"missing {name}")
+        if getattr(rule, "ROW_SHARDED", False):
+            updates.update(_ROW_SHARDED_UPDATES)
+            if not isinstance(getattr(rule, "Whole", None), type):
+                errors.append("missing class Whole (ROW_SHARDED: the graph constant orthogonalize takes)")
+    for name, takes_state in updates.items():
         fn = getattr(rule, name, None)
         if not callable(fn):
             errors.append(f"missing function {name}")
@@ -123,6 +161,35 @@ def conformance_errors(rule) -> list[str]:
             state = f" and one per STATE_KEYS {rule.STATE_KEYS}" if takes_state else ""
             errors.append(f"{name}{tuple(p.name for p in params)}: expected the parameters {sorted(expected)}"
                           f"{state}, each named (no *args/**kwargs)")
+    return errors + declaration_errors(rule, variants)
+
+
+def declaration_errors(rule, variants=None) -> list[str]:
+    """What in ``rule``'s state declaration breaks the contract, checked on sample params of every rank the
+    rule takes (``PARAM_NDIMS``) and on ``variants`` (default: the variant of the default param group of each
+    torch optimizer ``RULES`` maps to the rule): each param's keys are among ``state_keys``, each a
+    ``StateTensor`` of a shape (a tuple of ints) and a floating dtype."""
+    errors = []
+    if variants is None:
+        sample = torch.zeros(2, 2, requires_grad=True)
+        variants = [rule.variant(t([sample]).param_groups[0]) for t, r in RULES.items() if r is rule]
+    ndims = getattr(rule, "PARAM_NDIMS", None)
+    for var in variants:
+        kept = rule.state_keys(var)
+        if not set(kept) <= set(rule.STATE_KEYS):
+            errors.append(f"state_keys({var}) = {kept}: not among STATE_KEYS {rule.STATE_KEYS}")
+        for shape in _SAMPLE_SHAPES:
+            if ndims is not None and len(shape) not in ndims:
+                continue
+            for dtype in _SAMPLE_DTYPES:
+                declared = rule.state_layout(var, shape, dtype)
+                for key, t in declared.items():
+                    if key not in kept:
+                        errors.append(f"state_layout({var}, {shape}, {dtype}) declares {key!r}, not in state_keys")
+                    elif not isinstance(t, StateTensor) or not all(isinstance(n, int) and n >= 0 for n in t.shape) \
+                            or not t.dtype.is_floating_point:
+                        errors.append(f"state_layout({var}, {shape}, {dtype})[{key!r}] = {t!r}: expected a "
+                                      "StateTensor(shape: tuple of ints >= 0, dtype: floating)")
     return errors
 
 
@@ -132,6 +199,7 @@ RULES: dict[type, UpdateRule] = {
     torch.optim.AdamW: adam,
     torch.optim.SGD: sgd,
     torch.optim.Muon: muon,
+    torch.optim.Adafactor: adafactor,
 }
 
 
@@ -148,10 +216,11 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
 
 
 def state_kwargs(rule, variant, by_key: dict) -> dict:
-    """The update's state keyword arguments: ``by_key[k]`` for the keys the variant keeps, else None."""
+    """The update's state keyword arguments: ``by_key[k]`` for the keys the variant keeps and ``by_key`` holds
+    (a stack of Adafactor's vectors holds no ``row_var``), else None."""
     kept = rule.state_keys(variant)
-    return {k: (by_key[k] if k in kept else None) for k in rule.STATE_KEYS}
+    return {k: (by_key.get(k) if k in kept else None) for k in rule.STATE_KEYS}
 
 
-__all__ = ["RULES", "UpdateRule", "ElementwiseRule", "MatrixRule", "ELEMENTWISE", "MATRIX", "STEPS",
-           "FIRST_STEP_FLAGS", "NO_COUNTS", "conformance_errors", "rule_for", "state_kwargs", "adam", "muon", "sgd"]
+__all__ = ["RULES", "UpdateRule", "ElementwiseRule", "MatrixRule", "ELEMENTWISE", "MATRIX", "StateTensor",
+           "conformance_errors", "declaration_errors", "rule_for", "state_kwargs", "adafactor", "adam", "muon", "sgd"]

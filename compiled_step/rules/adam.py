@@ -35,14 +35,15 @@ import torch
 from compiled_step.rules.common import (
     APPLY,
     ELEMENTWISE,
-    STEPS,
     GRAD_COEF,
     SCALE,
     SIGN,
+    StateTensor,
     as_compute,
     check_range,
     compute_dtype,
     hyperparameter,
+    like_param,
     reject_common_options,
     store_where,
     widening,
@@ -50,7 +51,7 @@ from compiled_step.rules.common import (
 
 NAME = "adam"
 KIND = ELEMENTWISE
-COUNTS = STEPS  # the per-tensor counts are torch's state["step"] (views into one vector)
+STEP_KEY = "step"  # the per-tensor counts are torch's state["step"] (0-d views into one vector)
 
 # Group hyperparameters (float64, one row per sharding group); SCALE and SIGN come first for every rule.
 HP_COLUMNS = ("scale", "sign", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled")
@@ -76,6 +77,16 @@ def variant(group: dict) -> Variant:
 
 def state_keys(var: Variant) -> tuple[str, ...]:
     return STATE_KEYS if var.amsgrad else STATE_KEYS[:2]
+
+
+def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateTensor]:
+    """Every state tensor is shaped and typed like its param (torch's ``zeros_like``)."""
+    return like_param(state_keys(var), shape, dtype)
+
+
+def count_at_bind(created: bool) -> float | None:
+    """The count is torch's ``state["step"]`` (``STEP_KEY``), read where it is: nothing to write."""
+    return None
 
 
 def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> list:

@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
-# A rule's KIND: how its update reads the params (see rules/__init__.py) ...
+# A rule's KIND: how its update reads the params (see rules/__init__.py): elementwise over flat buffers and
+# buckets, or over stacks of whole same-shape params (matrices for Muon, any shape for Adafactor).
 ELEMENTWISE, MATRIX = "elementwise", "matrix"
-# ... and its COUNTS: what the per-tensor counts are to it.
-STEPS, FIRST_STEP_FLAGS, NO_COUNTS = "steps", "first_step_flags", "none"
+
+
+class StateTensor(NamedTuple):
+    """One state tensor of one param, as a rule's ``state_layout`` declares it: torch's shape and dtype.
+
+    The engine (``storage.py``) lays the state out from these: a key whose every tensor is shaped like its
+    param shares the param's rows and memory layout (``zeros_like``); any other key (a factored row/column
+    pair, a per-block scale, a tensor for some params only) gets rows of its own, each tensor contiguous
+    (``new_zeros``), so it costs its own size, not the param's.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def like_param(keys, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateTensor]:
+    """The layout of a rule whose every state tensor is shaped and typed like its param (Adam, SGD, Muon)."""
+    return {key: StateTensor(tuple(shape), dtype) for key in keys}
 
 # Leading columns of every rule's group hyperparameter row (float64) ...
 SCALE, SIGN = 0, 1  # the group's grad scale (PP/EP/grad_scale) and -1 for ``maximize``

@@ -42,12 +42,13 @@ from compiled_step.rules.common import (
     APPLY,
     GRAD_COEF,
     MATRIX,
-    NO_COUNTS,
     SCALE,
+    StateTensor,
     as_compute,
     check_range,
     compute_dtype,
     hyperparameter,
+    like_param,
     reject_common_options,
     store_where,
     widening,
@@ -55,7 +56,11 @@ from compiled_step.rules.common import (
 
 NAME = "muon"
 KIND = MATRIX
-COUNTS = NO_COUNTS  # torch's Muon keeps no step; its momentum buffer starts at zero
+STEP_KEY = None  # torch's Muon keeps no step; its momentum buffer starts at zero (count_at_bind: no count)
+# The params it updates: 2-D matrices; row-sharded ones (FSDP2's Shard(0)) too, gathered whole to their owner by
+# prepare_matrices, orthogonalize and apply_matrices with the all-to-alls between them.
+PARAM_NDIMS = (2,)
+ROW_SHARDED = True
 
 HP_COLUMNS = ("scale", "sign", "lr", "weight_decay", "momentum", "nesterov", "eps")
 _LR, _WD, _MOMENTUM, _NESTEROV, _EPS = range(2, len(HP_COLUMNS))
@@ -84,6 +89,16 @@ def state_keys(var: Variant) -> tuple[str, ...]:
     return STATE_KEYS
 
 
+def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateTensor]:
+    """The momentum buffer is shaped and typed like its matrix."""
+    return like_param(STATE_KEYS, shape, dtype)
+
+
+def count_at_bind(created: bool) -> None:
+    """Muon keeps no count."""
+    return None
+
+
 def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> list:
     """The group's hyperparameters in ``HP_COLUMNS[2:]`` order; raises ``ValueError`` for what
     ``torch.optim.Muon`` refuses (at construction or in ``step``), before anything changes."""
@@ -108,7 +123,13 @@ def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> l
     return [lr, wd, momentum, 1.0 if group["nesterov"] else 0.0, eps]
 
 
-def lr_ratio(shape: tuple[int, int], adjust_lr_fn: str | None) -> float:
+def lr_ratio(shape: tuple[int, int], var: Variant) -> float:
+    """The stack constant ``update_matrices`` and ``apply_matrices`` get: torch's lr adjustment for whole
+    matrices of ``shape`` under the variant's ``adjust_lr_fn``."""
+    return adjust_lr_ratio(shape, var.adjust_lr_fn)
+
+
+def adjust_lr_ratio(shape: tuple[int, int], adjust_lr_fn: str | None) -> float:
     """torch's ``_adjust_lr`` ratio for a matrix of ``shape`` (computed on the host, in Python floats)."""
     rows, cols = shape
     if adjust_lr_fn is None or adjust_lr_fn == "original":
@@ -188,6 +209,7 @@ def update_matrices(
     hp: torch.Tensor,  # [H] float64: the group's hyperparameter row (lr and weight decay, as torch's floats)
     table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32 or float64: the matrices' slots' scalars
     lr_ratio: torch.Tensor,  # [1] float64: torch's lr adjustment for this shape
+    counts: torch.Tensor,  # [n] float32: the matrices' counts (unused: Muon keeps none)
     variant: Variant,  # graph constant
     momentum_buffer: torch.Tensor,  # [n, A, B] momentum buffers (param dtype); mutated
 ) -> None:

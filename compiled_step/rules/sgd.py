@@ -29,14 +29,15 @@ import torch
 from compiled_step.rules.common import (
     APPLY,
     ELEMENTWISE,
-    FIRST_STEP_FLAGS,
     GRAD_COEF,
     SCALE,
     SIGN,
+    StateTensor,
     as_compute,
     check_range,
     compute_dtype,
     hyperparameter,
+    like_param,
     reject_common_options,
     store_where,
     widening,
@@ -44,7 +45,7 @@ from compiled_step.rules.common import (
 
 NAME = "sgd"
 KIND = ELEMENTWISE
-COUNTS = FIRST_STEP_FLAGS  # the counts are FusedStep's own first-step flags; torch's SGD keeps no step
+STEP_KEY = None  # torch's SGD keeps no step: the counts are FusedStep's own first-step flags (count_at_bind)
 
 HP_COLUMNS = ("scale", "sign", "lr", "momentum", "dampening", "weight_decay", "nesterov")
 _LR, _MOMENTUM, _DAMPENING, _WD, _NESTEROV = range(2, len(HP_COLUMNS))
@@ -71,6 +72,17 @@ def variant(group: dict) -> Variant:
 def state_keys(var: Variant) -> tuple[str, ...]:
     """torch keeps SGD state only for the momentum buffer."""
     return STATE_KEYS if var.momentum else ()
+
+
+def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateTensor]:
+    """The momentum buffer is shaped and typed like its param."""
+    return like_param(state_keys(var), shape, dtype)
+
+
+def count_at_bind(created: bool) -> float:
+    """A momentum buffer FusedStep creates (zeros) is on its first step: 1.0, so the update takes the grad as
+    the buffer, as torch clones it; an adopted buffer (torch's, a checkpoint's) is not: 0.0."""
+    return 1.0 if created else 0.0
 
 
 def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> list:

@@ -91,7 +91,7 @@ def plan_lines(plan) -> list[str]:
 
 def _stacks_text(group, regions: dict[str, int]) -> str:
     """A matrix group's flat region: its stacks of same-shape matrices, one matrix update call each."""
-    stacks = "; ".join(f"{len(s.members)} x {s.shape[0]}x{s.shape[1]} from row {s.first_row}, {s.rows_per_matrix} "
+    stacks = "; ".join(f"{len(s.members)} x {'x'.join(map(str, s.shape))} from row {s.first_row}, {s.rows_per_matrix} "
                        f"rows each, slots {s.first_slot}..{s.first_slot + len(s.members) - 1}" for s in group.stacks)
     return (f"flat region: {len(group.flat)} matrices ({', '.join(f'{n} {r}' for r, n in regions.items() if n)}) in "
             f"{group.flat_rows} rows of {planning.ROW}, {len(group.stacks)} matrix stacks (one matrix update each): "

@@ -63,7 +63,7 @@ def _synthetic_matrices(sel: dict) -> Setup:
     shapes = [shape for shape, count in stacks for _ in range(count)]
     setup = plain_layout(sel["dtype"], sel["device"], shapes, grad_dtype=sel["grad_dtype"])
     setup.fused_kwargs = dict(flat_params=True)
-    described = ", ".join(f"{count} x {shape[0]}x{shape[1]}" for shape, count in stacks)
+    described = ", ".join(f"{count} x {'x'.join(map(str, shape))}" for shape, count in stacks)
     setup.notes = [
         f"synthetic plain matrices of the shapes of the stacks of the run's group {g} ({described}), selecting the "
         f"graphs of the run's groups {sel['groups']} (hyperparameters of param group {sel['param_groups'][0]})",
@@ -143,7 +143,7 @@ def _selections(fused) -> dict[tuple, dict]:
         sel["param_groups"].append(key.param_group)
         sel["groups"].append(g)
         if sel["stacks"] is None and group.stacks:
-            sel["stacks"] = (g, [((s.global_rows or s.shape[0], s.shape[1]), len(s.members)) for s in group.stacks])
+            sel["stacks"] = (g, [(s.whole_shape, len(s.members)) for s in group.stacks])
             sel["sharded"] = group.exchange is not None
         if sel["flat"] is None and group.flat:
             sel["flat"] = (g, [group.entries[i].numel for i in group.flat])
