@@ -27,7 +27,7 @@ from types import MappingProxyType
 import torch
 
 from compiled_step import agreement, binding, buckets, checks, collectives, compiling, cuda_graphs, experts, \
-    grad_scaling, planning, program, storage
+    grad_scaling, planning, program, state_dicts, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
 from compiled_step.health_api import TrainingHealthAPI
 from compiled_step.lifecycle import ddp, offload
@@ -49,10 +49,6 @@ class _Built:
     binder: binding.Binder
     program: program.Program
     runner: cuda_graphs.Runner
-
-
-FUSED_STATE_KEY = "fused_step"  # FusedStep's own state (counters, health) in state_dict()
-OPTIMIZERS_KEY = "optimizers"  # with several optimizers, their state dicts in state_dict(), in order
 
 
 class FusedStep(TrainingHealthAPI, torch.optim.Optimizer):
@@ -540,9 +536,9 @@ class FusedStep(TrainingHealthAPI, torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """The wrapped optimizer's ``state_dict()`` plus ``"fused_step"``: FusedStep's own state, the skip
         counter and the last step's finite flag (0-d tensors) and the training-health options' state (spike
-        windows and counter, ZClip's statistics). With several optimizers, their state dicts are a list
-        under ``"optimizers"``. Plain containers of tensors and numbers, so ``torch.load(weights_only=True)``
-        reads it and a plain ``torch.optim`` optimizer loads it (it ignores ``"fused_step"``); the tensors
+        windows and counter, ZClip's statistics); with several optimizers, their state dicts are a list under
+        ``"optimizers"`` (``state_dicts.py``). Plain containers of tensors and numbers, so
+        ``torch.load(weights_only=True)`` reads it and a plain ``torch.optim`` optimizer loads it; the tensors
         are the optimizer's own, as torch returns them (deep-copy to keep a snapshot while training on).
 
         FusedStep is a ``torch.distributed.checkpoint`` ``Stateful``: pass it to ``dcp.save``/``dcp.load``.
@@ -550,14 +546,9 @@ class FusedStep(TrainingHealthAPI, torch.optim.Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        optimizers = self._optimizers.items
-        if len(optimizers) == 1:
-            state_dict = dict(optimizers[0].state_dict())
-        else:
-            state_dict = {OPTIMIZERS_KEY: [o.state_dict() for o in optimizers]}
         _, finite, skipped = self._output_views
-        state_dict[FUSED_STATE_KEY] = {"skipped_steps": skipped.clone(), "last_step_finite": finite.clone(),
-                                       **self._health_state_dict()}
+        own = {"skipped_steps": skipped.clone(), "last_step_finite": finite.clone(), **self._health_state_dict()}
+        state_dict = state_dicts.combined(self._optimizers.items, own)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -565,27 +556,22 @@ class FusedStep(TrainingHealthAPI, torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load what ``state_dict()`` returned; also a plain ``torch.optim`` state dict (FusedStep's own state
-        is then left as it is) and, from earlier versions, ``FusedOptimizer.state_dict()`` (the same format)
-        and ``FusedStep.state_dict()``, which held FusedStep's own state only (the optimizer's is then left
-        as it is: load it into the optimizer, as before). Works before the first step. Raises
-        ``KeyError``/``TypeError``/``ValueError`` before changing anything."""
+        """Load what ``state_dict()`` returned, a plain ``torch.optim`` state dict (FusedStep's own state then
+        stays as it is), or what ``FusedOptimizer.state_dict()`` and ``FusedStep.state_dict()`` returned before
+        issue 23 (the latter held FusedStep's own state only: the optimizer's then stays as it is; load it into
+        the optimizer, as before). Works before the first step. Raises ``KeyError``/``TypeError``/``ValueError``
+        before changing anything."""
         state_dict = dict(state_dict)  # shallow copy, as torch's load_state_dict
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        own, parts = self._split_state_dict(state_dict)
-        counters = self._check_own_state_dict(own) if own is not None else None
-        optimizers = self._optimizers.items
-        before = [o.state_dict() for o in optimizers] if parts is not None and len(optimizers) > 1 else []
-        try:
-            for o, part in zip(optimizers, parts or ()):
-                o.load_state_dict(part)  # each raises before changing anything
-        except BaseException:
-            for o, part in zip(optimizers, before):
-                o.load_state_dict(part)  # the ones already loaded, back as they were
-            raise
+        own, parts = state_dicts.split(state_dict, len(self._optimizers))
+        counters = state_dicts.counters(own) if own is not None else None
+        if own is not None:
+            self._check_health_state_dict(own)
+        if parts is not None:
+            state_dicts.load_optimizers(self._optimizers.items, parts)
         if counters is not None:
             _, finite, skipped = self._outputs
             skipped.copy_(counters["skipped_steps"])
@@ -593,38 +579,6 @@ class FusedStep(TrainingHealthAPI, torch.optim.Optimizer):
             self._load_health_state_dict(own)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    def _split_state_dict(self, state_dict: dict) -> tuple[dict | None, list[dict] | None]:
-        """(FusedStep's own state or None, the optimizers' state dicts in order or None), by format."""
-        own = state_dict.pop(FUSED_STATE_KEY, None)
-        if own is None and not {"state", "param_groups", OPTIMIZERS_KEY} & set(state_dict):
-            return state_dict, None  # an earlier FusedStep.state_dict(): FusedStep's own state only
-        n = len(self._optimizers)
-        parts = [state_dict] if n == 1 and OPTIMIZERS_KEY not in state_dict else state_dict.get(OPTIMIZERS_KEY)
-        if not isinstance(parts, list) or len(parts) != n:
-            held = len(parts) if isinstance(parts, list) else "one optimizer's"
-            raise ValueError(f"this FusedStep steps {n} optimizer(s); the state dict holds {held} state")
-        if own is not None and not isinstance(own, dict):
-            raise TypeError(f"state_dict[{FUSED_STATE_KEY!r}] must be a dict, got {type(own).__name__}")
-        return own, parts
-
-    def _check_own_state_dict(self, own: dict) -> dict[str, torch.Tensor]:
-        """FusedStep's own state validated (the counters as ``[1]`` tensors); raises before anything changes."""
-        missing = {"skipped_steps", "last_step_finite"} - set(own)
-        if missing:
-            raise KeyError(f"FusedStep state_dict lacks {sorted(missing)}")
-        values = {}
-        for key, dtype in (("skipped_steps", torch.int64), ("last_step_finite", torch.bool)):
-            value = own[key]
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                values[key] = value.detach().reshape(1).to(dtype)
-            elif isinstance(value, (bool, int)) and not (key == "skipped_steps" and isinstance(value, bool)):
-                values[key] = torch.tensor([value], dtype=dtype)
-            else:
-                raise TypeError(f"FusedStep state_dict[{key!r}] must be a one-element tensor or a number, got "
-                                f"{type(value).__name__}")
-        self._check_health_state_dict(own)
-        return values
 
     def __getstate__(self):
         raise TypeError("FusedStep cannot be pickled or deep-copied (it holds compiled graphs and buffers); save "
