@@ -1,15 +1,14 @@
 """compiled_step: one torch.compile'd optimizer step (norm, clip, scaling and update fused).
 
-``FusedStep`` replaces ``clip_grad_norm_`` + ``optimizer.step()``; ``FusedOptimizer`` is the same step
-shaped as a ``torch.optim.Optimizer`` for trainers (adapters in ``compiled_step.integrations``, imported
+``FusedStep`` replaces ``clip_grad_norm_`` + ``optimizer.step()`` and is itself a ``torch.optim.Optimizer``
+for trainers (``FusedOptimizer`` is the same class; adapters in ``compiled_step.integrations``, imported
 only on demand); NeMo Automodel's functions (``components.training.utils``) are available under the
 same names.
 """
 
 from compiled_step.experts import _TE_EXPERT_PARAM_PATTERN, mark_experts
 from compiled_step.config import DistributedConfig, FusedStepConfig
-from compiled_step.fused_step import FusedStep
-from compiled_step.optimizer import FusedOptimizer
+from compiled_step.fused_step import FusedOptimizer, FusedStep
 from compiled_step.lifecycle import (
     FirstMicrobatchFlag,
     GradAccumulation,

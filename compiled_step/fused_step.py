@@ -10,6 +10,9 @@ The step is built in three parts (see the README's architecture section):
 3. **run**: the program's norm half (Phase A, collectives, finish) and update half (Phase B), or
    their CUDA graphs.
 
+``FusedStep`` is itself a ``torch.optim.Optimizer`` (and a ``torch.distributed.checkpoint`` ``Stateful``), for
+trainers that step optimizers themselves: ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizers'.
+
 This module orchestrates; it holds no per-element math and calls ``torch.distributed`` only
 through ``collectives.py``.
 """
@@ -19,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
-from compiled_step import agreement, binding, buckets, checks, collectives, compiling, cuda_graphs, experts, planning, \
-    program, storage
+from compiled_step import agreement, binding, buckets, checks, collectives, compiling, cuda_graphs, experts, \
+    grad_scaling, planning, program, state_dicts, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
 from compiled_step.health import TrainingHealth
 from compiled_step.lifecycle import ddp, offload
@@ -47,19 +51,31 @@ class _Built:
     runner: cuda_graphs.Runner
 
 
-class FusedStep:
+class FusedStep(torch.optim.Optimizer):
     """One compiled step replacing ``clip_grad_norm_(params, max_grad_norm, norm_type)`` + ``optimizer.step()``.
 
     The optimizer stays the source of truth: hyperparameters are read from ``param_groups`` every
     step and state lives in ``optimizer.state`` in torch's own format, so ``state_dict()``, LR
     schedulers and switching to ``optimizer.step()`` at any step keep working.
 
+    FusedStep is a ``torch.optim.Optimizer`` itself, for trainers (HF Trainer, Accelerate, Lightning, a DDP
+    loop) and LR schedulers: ``param_groups``, ``state`` and ``defaults`` *are* the wrapped optimizer's
+    (properties, so they stay the same objects after its ``load_state_dict`` replaces them); with several
+    optimizers ``param_groups`` lists all their groups in order (the same dicts) and ``state`` is a read-only
+    view of all of theirs. ``FusedOptimizer`` is the same class.
+
+    Lightning's ``LightningOptimizer`` subclasses the class of what it wraps and forwards missing attributes to
+    it, so the methods it does not define (``zero_grad``, ``state_dict``, ``load_state_dict``, the properties)
+    may run with a ``LightningOptimizer`` as ``self``: they assign nothing to ``self`` (what steps leave behind
+    is written in place into tensors made in ``__init__``).
+
     Args:
         optimizer: a ``torch.optim.AdamW``, ``Adam``, ``SGD`` or ``Muon`` (exact types), or a list or
             tuple of them (e.g. ``[muon, adamw]``): one total norm over all their params clips all of
             them, and each is updated by its own rule in the same prepared step. Trainers' wrappers
             (``AcceleratedOptimizer``, ``LightningOptimizer``, torchtitan's ``OptimizersContainer``) and
-            ``FusedOptimizer`` are refused with what to pass instead (``wrappers.py``).
+            another ``FusedStep`` are refused with what to pass instead (``wrappers.py``): wrap *before*
+            handing it to a trainer.
         config: a ``FusedStepConfig``, or pass its fields as keywords (``max_grad_norm=1.0``...).
         distributed: a ``DistributedConfig``, or pass its fields as keywords (``model_parts``,
             ``device_mesh``, ``pp_axis_name``, ``moe_mesh``, ``ep_axis_name``,
@@ -70,8 +86,15 @@ class FusedStep:
         first_microbatch_flag: TransformerEngine's ``is_first_microbatch`` flag to drive.
         offload_optimizer_state: keep optimizer state on the CPU between steps.
 
+    The trainer's own clipping must be off (FusedStep clips): ``compiled_step.integrations`` has the
+    adapters that move it (HF Trainer's ``max_grad_norm``, Lightning's ``gradient_clip_val``).
+
     Raises ``TypeError``/``ValueError`` for unsupported optimizers or options, before anything changes.
     """
+
+    # GradScaler hands itself to step() (step takes ``grad_scaler``) instead of unscaling and checking every
+    # grad in a pass of its own (see grad_scaling.py).
+    _step_supports_amp_scaling = True
 
     def __init__(self, optimizer, config: FusedStepConfig | None = None,
                  distributed: DistributedConfig | None = None, *, fp8_weights=None,
@@ -100,7 +123,15 @@ class FusedStep:
         self._warned_copy = False
         self._built: _Built | None = None
         self._health = TrainingHealth(self.config)  # the training-health options' state and attributes
-        self._outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # total, finite, skipped
+        self._steps = 0
+        # total, finite, skipped: made now (not by the first step) so that grad_norm is one tensor from the start
+        self._outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._outputs_on(_params_device(opts.groups()))
+        # torch.optim.Optimizer's own set-up of its hook tables and of the wrapper that runs the step hooks
+        # (global ones included) around step(), without the param groups and state Optimizer.__init__ would
+        # build: they are the wrapped optimizers' (the properties below). Like an unpickled torch optimizer,
+        # it adds differentiable=False to ``defaults`` when missing (Muon's lack it; FusedStep refuses True).
+        torch.optim.Optimizer.__setstate__(self, {})
 
     # ------------------------------------------------------------------ public API
 
@@ -121,13 +152,69 @@ class FusedStep:
             raise AttributeError(f"this FusedStep steps {len(self._optimizers)} optimizers: use .optimizers")
         return self._optimizers.items[0]
 
-    @torch.no_grad()
-    def step(self, *, grad_scale: float | torch.Tensor | None = None,
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's ``param_groups`` (with several, all their groups in order: the same dicts)."""
+        optimizers = self._optimizers.items
+        return optimizers[0].param_groups if len(optimizers) == 1 else self._optimizers.groups()
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self._single("param_groups are set").param_groups = value
+
+    @property
+    def state(self):
+        """The wrapped optimizer's ``state`` (with several, a read-only view of all of theirs)."""
+        optimizers = self._optimizers.items
+        if len(optimizers) == 1:
+            return optimizers[0].state
+        return MappingProxyType({p: st for o in optimizers for p, st in o.state.items()})
+
+    @state.setter
+    def state(self, value) -> None:
+        self._single("state is set").state = value
+
+    @property
+    def defaults(self) -> dict:
+        """The wrapped optimizer's ``defaults`` (with several, the first's)."""
+        return self._optimizers.items[0].defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self._single("defaults are set").defaults = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the wrapped optimizer; the next step rebuilds the plan around it."""
+        self._single("a param group is added").add_param_group(param_group)
+
+    def _single(self, what: str) -> torch.optim.Optimizer:
+        optimizers = self._optimizers.items
+        if len(optimizers) != 1:
+            raise TypeError(f"this FusedStep wraps {len(optimizers)} optimizers: the {what} on one of them "
+                            "(fused.optimizers[k])")
+        return optimizers[0]
+
+    @property
+    def grad_norm(self) -> torch.Tensor:
+        """The last step's total grad norm before clipping: a float64 0-d tensor on the params' device, NaN
+        before the first step. It is **one tensor updated in place** by every step (no host sync), so a
+        reference taken before ``step()`` reads that step's norm after it; ``clone()`` it to keep a value
+        (``step()`` returns such a copy). A new tensor only if the params move to another device."""
+        return self._output_views[0]
+
+    @property
+    def steps(self) -> int:
+        """How many times ``step()`` ran (applied or skipped for a non-finite norm or a spike)."""
+        return self._steps
+
+    def step(self, closure=None, *, grad_scale: float | torch.Tensor | None = None,
              num_label_tokens: int | torch.Tensor | None = None, dp_group_size: int | None = None,
-             loss: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Scale, norm, clip and update in one pass over memory; returns the pre-clip total norm.
+             loss: float | torch.Tensor | None = None, grad_scaler: torch.amp.GradScaler | None = None):
+        """Scale, norm, clip and update in one pass over memory.
 
         Args:
+            closure: as for any ``torch.optim`` optimizer: called first (under ``torch.enable_grad()``) to
+                compute the loss and the grads; its result is returned.
             grad_scale: multiply every grad by this factor before the norm and the update (a
                 number or a 0-d tensor; folded into the compiled math, no extra pass).
             num_label_tokens, dp_group_size: NeMo Automodel's PP/EP scaling. With PP on
@@ -138,19 +225,48 @@ class FusedStep:
             loss: with ``skip_spike_sigma``, this step's loss (a one-element tensor, read on the device,
                 or a number): the step is also skipped when it is a spike of the losses of the last
                 ``spike_window`` applied steps given one. Pass the same value on every rank.
+            grad_scaler: what ``GradScaler.step`` passes (torch's contract for optimizers that handle
+                scaling): its scale is undone inside the step, a step whose grads hold an inf or NaN is
+                skipped, as GradScaler skips it, and that found-inf is recorded (a device tensor) for
+                ``scaler.update()``; GradScaler reads no grad itself (``grad_scaling.py``).
 
         Returns:
-            The total norm of the (scaled) grads before clipping: a float64 0-d tensor on the
-            params' device. Nothing in this call reads a device value on the host, unless
-            ``error_if_nonfinite=True``. When the norm is NaN/inf the update is skipped with
-            params, state and step counters left bit-identical, and ``skipped_steps`` counts it.
+            Without a closure, the total norm of the (scaled) grads before clipping: a float64 0-d tensor
+            on the params' device, a new one each step (``grad_norm`` is the one updated in place); with a
+            closure, the closure's result, as ``torch.optim`` returns it. Nothing in this call reads a
+            device value on the host, unless ``error_if_nonfinite=True``. When the norm is NaN/inf the
+            update is skipped with params, state and step counters left bit-identical, and
+            ``skipped_steps`` counts it.
+
+        The step hooks registered on this object (and torch's global ones) run around it, through
+        ``torch.optim.Optimizer``'s own wrapper; those registered on the wrapped optimizers run inside it.
         """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__} (step's other arguments are "
+                            "keywords: step(grad_scale=...))")
+        amp_scale = grad_scaling.grad_scale_of(self, grad_scaler, self.config.error_if_nonfinite)  # validates
+        if amp_scale is not None and grad_scale is not None:
+            raise ValueError("step(grad_scale=...) under a GradScaler: the scaler's scale is undone by the step; "
+                             "pass grad_scale or use the GradScaler, not both")
         if num_label_tokens is None and self._accumulation is not None:
             num_label_tokens = self._accumulation.num_label_tokens  # counted by accumulate()
-        scales = self._scales(grad_scale, num_label_tokens, dp_group_size)  # validates, changes nothing
+        scales = self._scales(amp_scale if amp_scale is not None else grad_scale, num_label_tokens,
+                              dp_group_size)  # validates, changes nothing
         loss = self._health.check_loss(loss)
+        self._optimizers.hyperparameters()  # validates before the closure and the hooks run
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        norm = self._update(scales, loss)
+        if grad_scaling.scaling(grad_scaler):
+            grad_scaling.record_found_inf(self, grad_scaler, self.last_step_finite)
+        self._steps += 1
+        return norm if closure is None else result
+
+    @torch.no_grad()
+    def _update(self, scales: tuple, loss: float | torch.Tensor | None) -> torch.Tensor:
         opts = self._optimizers
-        opts.hyperparameters()  # validates before the hooks run
         self._accumulation = None
         opts.run_hooks("pre")
         built = self._bind(opts.hyperparameters(), scales)  # read again: a pre-hook may change them
@@ -182,10 +298,11 @@ class FusedStep:
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the grads in place (default), so autograd and FSDP2 accumulate into the same buffers.
 
-        ``set_to_none=True`` is ``optimizer.zero_grad()``: grads become None. In the next backward,
-        a hook on each param points the grad back at its zeroed view of the buffers before autograd
-        writes it (see ``grad_restore.py``), so nothing is copied; FSDP2's sharded grads, which
-        FSDP2 assigns itself, are copied in by the next ``step()``.
+        ``set_to_none=True`` is ``optimizer.zero_grad()`` (torch's default, which Accelerate passes): grads
+        become None, and a param that gets no grad in the next backward is skipped, as torch skips it. In
+        the next backward, a hook on each param points the grad back at its view of the buffers (see
+        ``grad_restore.py``), so the step copies nothing; FSDP2's sharded grads, which FSDP2 assigns
+        itself, are copied in by the next ``step()``.
         """
         built = self._built
         if set_to_none or built is None:
@@ -253,15 +370,15 @@ class FusedStep:
         return self._built is not None and self._built.runner.captured
 
     @property
-    def skipped_steps(self) -> torch.Tensor | None:
+    def skipped_steps(self) -> torch.Tensor:
         """int64 0-d tensor: steps skipped for a non-finite norm (updated in place)."""
-        return self._outputs[2][0] if self._outputs is not None else None
+        return self._output_views[2]
 
     @property
-    def last_step_finite(self) -> torch.Tensor | None:
-        """bool 0-d tensor: whether the last total norm was finite (updated in place); with
-        ``skip_spike_sigma`` a finite step may still be skipped (``spike_skipped_steps``)."""
-        return self._outputs[1][0] if self._outputs is not None else None
+    def last_step_finite(self) -> torch.Tensor:
+        """bool 0-d tensor: whether the last total norm was finite (updated in place; True before the first
+        step); with ``skip_spike_sigma`` a finite step may still be skipped (``spike_skipped_steps``)."""
+        return self._output_views[1]
 
     # ------------------------------------------------------------------ training health (``health.py``)
 
@@ -386,16 +503,18 @@ class FusedStep:
 
         ``[1]``, not 0-d: torch 2.13's AOTAutograd drops a compiled graph's in-place writes to 0-d
         inputs (``out.copy_(x.sum())`` leaves a 0-d ``out`` unchanged, eager backend included).
-        Users see 0-d views of them.
+        Users see 0-d views of them (``grad_norm``, ``last_step_finite``, ``skipped_steps``), made once
+        here so that each property returns the same tensor every time.
         """
         if self._outputs is None or self._outputs[0].device != device:
             old = self._outputs
-            self._outputs = (torch.zeros(1, dtype=torch.float64, device=device),
+            self._outputs = (torch.full((1,), float("nan"), dtype=torch.float64, device=device),
                              torch.ones(1, dtype=torch.bool, device=device),
                              torch.zeros(1, dtype=torch.int64, device=device))
             if old is not None:
                 for new, value in zip(self._outputs, old):
                     new.copy_(value)
+            self._output_views = tuple(t[0] for t in self._outputs)
         return self._outputs
 
     # ------------------------------------------------------------------ bind
@@ -445,41 +564,58 @@ class FusedStep:
         ratio = experts.ep_ratio(dist.moe_mesh, dp_group_size, dist.expert_tp_replication_factor)
         return base, base if ratio is None else base / ratio
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """FusedStep's own state: the skip counter and the last step's finite flag (0-d tensors), and the
-        training-health options' state (spike windows and counter, ZClip's statistics).
+    # ------------------------------------------------------------------ checkpoints
 
-        The optimizer's state is ``optimizer.state_dict()``; with both, a run resumes bit-identically.
-        FusedStep is a ``torch.distributed.checkpoint`` ``Stateful``: pass it to ``dcp.save``/``dcp.load``
-        next to the model's and optimizer's state dicts.
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's ``state_dict()`` plus ``"fused_step"``: FusedStep's own state, the skip
+        counter and the last step's finite flag (0-d tensors) and the training-health options' state (spike
+        windows and counter, ZClip's statistics); with several optimizers, their state dicts are a list under
+        ``"optimizers"`` (``state_dicts.py``). Plain containers of tensors and numbers, so
+        ``torch.load(weights_only=True)`` reads it and a plain ``torch.optim`` optimizer loads it; the tensors
+        are the optimizer's own, as torch returns them (deep-copy to keep a snapshot while training on).
+
+        FusedStep is a ``torch.distributed.checkpoint`` ``Stateful``: pass it to ``dcp.save``/``dcp.load``.
+        The state-dict hooks registered on it run around this (``register_state_dict_pre_hook``...).
         """
-        if self._outputs is None:
-            return {"skipped_steps": torch.zeros((), dtype=torch.int64),
-                    "last_step_finite": torch.ones((), dtype=torch.bool), **self._health.state_dict()}
-        return {"skipped_steps": self._outputs[2][0].clone(), "last_step_finite": self._outputs[1][0].clone(),
-                **self._health.state_dict()}
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        _, finite, skipped = self._output_views
+        own = {"skipped_steps": skipped.clone(), "last_step_finite": finite.clone(), **self._health.state_dict()}
+        state_dict = state_dicts.combined(self._optimizers.items, own)
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore what ``state_dict()`` returned. Raises ``KeyError``/``TypeError`` before changing anything."""
-        missing = {"skipped_steps", "last_step_finite"} - set(state_dict)
-        if missing:
-            raise KeyError(f"FusedStep state_dict lacks {sorted(missing)}")
-        values = {}
-        for key, dtype in (("skipped_steps", torch.int64), ("last_step_finite", torch.bool)):
-            value = state_dict[key]
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                values[key] = value.detach().reshape(1).to(dtype)
-            elif isinstance(value, (bool, int)) and not (key == "skipped_steps" and isinstance(value, bool)):
-                values[key] = torch.tensor([value], dtype=dtype)
-            else:
-                raise TypeError(f"FusedStep state_dict[{key!r}] must be a one-element tensor or a number, got "
-                                f"{type(value).__name__}")
-        self._health.check_state_dict(state_dict)
-        device = self._outputs[0].device if self._outputs is not None else torch.device("cpu")
-        total, finite, skipped = self._outputs_on(device)
-        skipped.copy_(values["skipped_steps"])
-        finite.copy_(values["last_step_finite"])
-        self._health.load_state_dict(state_dict)
+        """Load what ``state_dict()`` returned, a plain ``torch.optim`` state dict (FusedStep's own state then
+        stays as it is), or what ``FusedOptimizer.state_dict()`` and ``FusedStep.state_dict()`` returned before
+        issue 23 (the latter held FusedStep's own state only: the optimizer's then stays as it is; load it into
+        the optimizer, as before). Works before the first step. Raises ``KeyError``/``TypeError``/``ValueError``
+        before changing anything."""
+        state_dict = dict(state_dict)  # shallow copy, as torch's load_state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        own, parts = state_dicts.split(state_dict, len(self._optimizers))
+        counters = state_dicts.counters(own) if own is not None else None
+        if own is not None:
+            self._health.check_state_dict(own)
+        if parts is not None:
+            state_dicts.load_optimizers(self._optimizers.items, parts)
+        if counters is not None:
+            _, finite, skipped = self._outputs
+            skipped.copy_(counters["skipped_steps"])
+            finite.copy_(counters["last_step_finite"])
+            self._health.load_state_dict(own)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __getstate__(self):
+        raise TypeError("FusedStep cannot be pickled or deep-copied (it holds compiled graphs and buffers); save "
+                        "state_dict() and load it into a new FusedStep")
 
     def __repr__(self) -> str:
         c = self.config
@@ -493,3 +629,13 @@ class FusedStep:
             lines.append(f"  program: {len(self._built.program.calls)} calls"
                          f"{', captured as CUDA graphs' if self._built.runner.captured else ''}")
         return "\n".join(lines)
+
+
+FusedOptimizer = FusedStep  # the name the trainers' recipes use: one class
+
+
+def _params_device(param_groups: list[dict]) -> torch.device:
+    for group in param_groups:
+        for p in group["params"]:
+            return torch.device("cpu") if p.device.type == "meta" else p.device
+    return torch.device("cpu")

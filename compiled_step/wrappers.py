@@ -20,7 +20,7 @@ _LIGHTNING = (("pytorch_lightning.core.optimizer", "LightningOptimizer"),
               ("lightning.pytorch.core.optimizer", "LightningOptimizer"))
 _TORCHTITAN = (("torchtitan.components.optimizer.optimizer", "OptimizersContainer"),
                ("torchtitan.components.optimizer", "OptimizersContainer"))
-_FUSED = (("compiled_step.optimizer", "FusedOptimizer"),)
+_FUSED = (("compiled_step.fused_step", "FusedStep"),)
 
 
 def _is_instance(obj, places) -> bool:
@@ -34,15 +34,10 @@ def _is_instance(obj, places) -> bool:
 
 def refuse_wrapped(optimizer, who: str) -> None:
     """Raise ``TypeError`` naming what to pass when ``optimizer`` is a trainer's wrapper (or a
-    ``FusedOptimizer``); return for anything else, which ``rule_for`` then checks.
+    ``FusedStep``); return for anything else, which ``rule_for`` then checks.
 
-    ``who`` is the class being built (``"FusedStep"`` or ``"FusedOptimizer"``), for the message.
+    ``who`` is the class being built, for the message.
     """
-    if _is_instance(optimizer, _FUSED):
-        raise TypeError(
-            f"{who} got a FusedOptimizer, which already runs a FusedStep: use it as it is (its step() is the fused "
-            f"step), or reach that FusedStep as fused_optimizer.fused. To build another, pass "
-            f"fused_optimizer.optimizer (the {type(optimizer.optimizer).__name__} inside).")
     if _is_instance(optimizer, _LIGHTNING):
         inner = type(optimizer._optimizer).__name__
         raise TypeError(
@@ -70,3 +65,11 @@ def refuse_wrapped(optimizer, who: str) -> None:
                 "computes")
         raise TypeError(f"{who} got torchtitan's OptimizersContainer, which steps {len(inner)} optimizer(s) together; "
                         f"{who} wraps one torch.optim optimizer: {what}.")
+    # Last: a LightningOptimizer wrapping a FusedStep is an instance of FusedStep too (it subclasses its class).
+    if _is_instance(optimizer, _FUSED):
+        inner = [type(o).__name__ for o in optimizer.optimizers]
+        where = f"fused.optimizer (the {inner[0]} inside)" if len(inner) == 1 else \
+            f"fused.optimizers (the {', '.join(inner)} inside)"
+        raise TypeError(
+            f"{who} got a FusedStep (FusedOptimizer is the same class), which already steps its optimizer with the "
+            f"fused step: use it as it is. To build another, pass {where}.")

@@ -34,7 +34,7 @@ def test_fused_state_dict_round_trip_resumes_bit_identically():
         set_grads(params, grads)
         fused.step()
     saved = copy.deepcopy((fused.state_dict(), opt.state_dict(), [p.detach().clone() for p in params]))
-    assert int(saved[0]["skipped_steps"]) == 1 and bool(saved[0]["last_step_finite"])
+    assert int(saved[0]["fused_step"]["skipped_steps"]) == 1 and bool(saved[0]["fused_step"]["last_step_finite"])
 
     for step in range(4, 7):
         set_grads(params, make_grads(params, step))
@@ -59,7 +59,7 @@ def test_fused_load_state_dict_refuses_bad_input_before_changing_anything():
         fused.load_state_dict({"skipped_steps": 3})
     with pytest.raises(TypeError, match="must be a one-element tensor or a number"):
         fused.load_state_dict({"skipped_steps": "3", "last_step_finite": True})
-    assert int(fused.state_dict()["skipped_steps"]) == 0
+    assert int(fused.state_dict()["fused_step"]["skipped_steps"]) == 0
 
 
 def test_repr_shows_the_optimizer_options_and_the_plan_once_built():

@@ -96,7 +96,7 @@ def test_exactly_the_injected_norm_spikes_are_skipped_bit_identically():
             assert not same(before, snapshot(params, opt)), f"step {step} was applied but nothing changed"
             torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
             ref_opt.step()
-        assert window_in_order(fused.state_dict(), "norm") == list(window.values), f"step {step}"
+        assert window_in_order(fused.state_dict()["fused_step"], "norm") == list(window.values), f"step {step}"
     assert skipped == [14, 15, 27]
     assert fused.spike_skipped_steps.item() == 3 and fused.skipped_steps.item() == 0
     assert all(opt.state[p]["step"].item() == 37 for p in params)
@@ -117,7 +117,7 @@ def test_a_nonfinite_norm_is_skipped_as_nonfinite_and_stays_out_of_the_window():
         total = fused.step().item()
         if math.isfinite(total):
             window.values.append(total)
-    assert window_in_order(fused.state_dict(), "norm") == list(window.values)
+    assert window_in_order(fused.state_dict()["fused_step"], "norm") == list(window.values)
     assert fused.skipped_steps.item() == 1 and fused.spike_skipped_steps.item() == 0
 
 
@@ -135,7 +135,7 @@ def test_resume_from_state_dict_mid_window_continues_identically():
     params = make_params()
     opt, fused = _fused(params)
     _run(params, opt, fused, range(11), spikes, losses)  # 11 applied steps: the ring has wrapped to position 3
-    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), fused.state_dict())
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), fused.state_dict()["fused_step"])
     assert int(saved[2]["spike_norm_count"]) == 11
     _run(params, opt, fused, range(11, 30), spikes, losses)
 
@@ -146,7 +146,7 @@ def test_resume_from_state_dict_mid_window_continues_identically():
     _run(resumed, opt2, fused2, range(11, 30), spikes, losses)
     for a, b in zip(params, resumed):
         assert torch.equal(a, b)
-    end, end2 = fused.state_dict(), fused2.state_dict()
+    end, end2 = fused.state_dict()["fused_step"], fused2.state_dict()["fused_step"]
     assert end.keys() == end2.keys()
     for key in end:
         assert torch.equal(end[key], end2[key]), key
@@ -184,7 +184,7 @@ def test_the_loss_check_skips_exactly_the_loss_spikes():
             losses.values.append(loss32)
         torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
         ref_opt.step()
-        state = fused.state_dict()
+        state = fused.state_dict()["fused_step"]
         assert window_in_order(state, "loss") == list(losses.values), f"step {step}"
         assert window_in_order(state, "norm") == list(norms.values), f"step {step}"
     assert skipped == [12, 13, 21, nan_step]
@@ -204,13 +204,13 @@ def test_loss_and_state_dict_are_validated_before_anything_changes():
     plain = FusedStep(torch.optim.SGD(make_params(), lr=0.1), compile=False)
     with pytest.raises(ValueError, match="skip_spike_sigma"):
         plain.step(loss=1.0)
-    state = fused.state_dict()
+    state = fused.state_dict()["fused_step"]
     before = {k: v.clone() for k, v in state.items()}
     with pytest.raises(KeyError, match="spike_norm_window"):
         fused.load_state_dict({k: v for k, v in state.items() if k != "spike_norm_window"})
     with pytest.raises(ValueError, match="spike_window"):
         fused.load_state_dict({**state, "spike_loss_window": torch.zeros(WINDOW + 1)})
-    after = fused.state_dict()
+    after = fused.state_dict()["fused_step"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="spike_window must be >= 2"):
         FusedStep(torch.optim.SGD(make_params(), lr=0.1), skip_spike_sigma=3.0, spike_window=1)

@@ -108,7 +108,7 @@ def test_clip_coefficients_of_200_steps_equal_the_reference(max_grad_norm):
         if mean_before is not None and expected < 1:  # which threshold won (the sequence must show both)
             kinds.add("max_grad_norm" if max_grad_norm and expected == pytest.approx(
                 max_grad_norm / (total + 1e-6), rel=1e-14) else "zclip")
-    state = fused.state_dict()
+    state = fused.state_dict()["fused_step"]
     assert state["zclip_mean"].item() == pytest.approx(ref.mean, rel=COEF_RTOL)
     assert state["zclip_var"].item() == pytest.approx(ref.var, rel=COEF_RTOL)
     assert kinds == ({"zclip", "max_grad_norm"} if max_grad_norm else {"zclip"})
@@ -149,7 +149,7 @@ def test_resume_from_state_dict_continues_identically(stop):
             fused.step()
 
     run(params, fused, range(stop))
-    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), fused.state_dict())
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), fused.state_dict()["fused_step"])
     run(params, fused, range(stop, 60))
     resumed = [torch.nn.Parameter(t.clone()) for t in saved[0]]
     opt2, fused2 = _fused(resumed, None, zclip_warmup=10)
@@ -158,7 +158,7 @@ def test_resume_from_state_dict_continues_identically(stop):
     run(resumed, fused2, range(stop, 60))
     for a, b in zip(params, resumed):
         assert torch.equal(a, b)
-    end, end2 = fused.state_dict(), fused2.state_dict()
+    end, end2 = fused.state_dict()["fused_step"], fused2.state_dict()["fused_step"]
     for key in end:
         assert torch.equal(end[key], end2[key]), key
 
@@ -173,7 +173,7 @@ def test_spike_skips_stay_out_of_zclip_statistics():
     for step, norm in enumerate(norm_sequence(100)):
         for p, g in zip(params, grads_with_norm(params, step, norm)):
             p.grad = g
-        count = fused.state_dict()["spike_skipped_steps"].item()
+        count = fused.state_dict()["fused_step"]["spike_skipped_steps"].item()
         total = fused.step().item()
         if fused.spike_skipped_steps.item() > count:
             skipped.append(step)
@@ -181,7 +181,7 @@ def test_spike_skips_stay_out_of_zclip_statistics():
         assert fused.clip_coef.item() == pytest.approx(ref.step(total), rel=COEF_RTOL, abs=0), f"step {step}"
     # The big spikes, and noisy steps a window of 8 calls spikes: the point is that none reached ZClip.
     assert {30, 31, 90} <= set(skipped) and len(skipped) < 30
-    assert fused.state_dict()["zclip_mean"].item() == pytest.approx(ref.mean, rel=COEF_RTOL)
+    assert fused.state_dict()["fused_step"]["zclip_mean"].item() == pytest.approx(ref.mean, rel=COEF_RTOL)
 
 
 def test_training_matches_the_zclip_package():
@@ -205,7 +205,7 @@ def test_training_matches_the_zclip_package():
         ref_opt.step()
         fused.zero_grad()
         ref_opt.zero_grad()
-    state = fused.state_dict()
+    state = fused.state_dict()["fused_step"]
     assert state["zclip_mean"].item() == pytest.approx(ref.mean, rel=1e-5)
     assert state["zclip_var"].item() == pytest.approx(ref.var, rel=1e-4)
     for p, q in zip(model.parameters(), ref_model.parameters()):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from compiled_step.optimizer import FusedOptimizer
+from compiled_step.fused_step import FusedOptimizer
 
 TESTED_VERSION = "2.6.6"
 
@@ -69,7 +69,7 @@ class FusedStepCallback(pl.Callback):
         wrapped = []
         for index, optimizer in enumerate(trainer.strategy.optimizers):
             if isinstance(optimizer, FusedOptimizer):
-                ours = optimizer.fused.config.max_grad_norm
+                ours = optimizer.config.max_grad_norm
                 if self._max_grad_norm is not None and ours != self._max_grad_norm:
                     raise ValueError(f"optimizer {index} is a FusedOptimizer clipping at max_grad_norm={ours}, but "
                                      f"Trainer(gradient_clip_val={self._max_grad_norm}): set one of them")

@@ -29,7 +29,7 @@ import inspect
 import transformers
 from transformers import Trainer
 
-from compiled_step.optimizer import FusedOptimizer
+from compiled_step.fused_step import FusedOptimizer
 
 TESTED_VERSION = "5.25.0"
 # The private Trainer methods overridden below, with the parameters they had in TESTED_VERSION.
@@ -85,7 +85,7 @@ class FusedTrainer(Trainer):
         return self.optimizer
 
     def _check_max_grad_norm(self, fused: FusedOptimizer) -> None:
-        ours = fused.fused.config.max_grad_norm
+        ours = fused.config.max_grad_norm
         theirs = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
         if ours != theirs:
             raise ValueError(f"The FusedOptimizer passed to FusedTrainer clips at max_grad_norm={ours}, but "

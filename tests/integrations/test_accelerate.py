@@ -42,8 +42,9 @@ def test_no_second_norm_pass_and_no_grad_copies(runs):
     _, _, _, eager, fused = runs
     assert eager.norm_calls == 12, eager.norm_calls  # Accelerate's clip once a step: 6, 3, then 3 resumed
     assert fused.norm_calls == 0
-    # AcceleratedOptimizer.zero_grad passes set_to_none=True; FusedOptimizer zeroes in place. The first step
-    # of each run moves autograd's grads in (uncounted).
+    # AcceleratedOptimizer.zero_grad passes set_to_none=True: the grads become None, and the next backward puts
+    # them back into FusedStep's buffers (grad_restore.py). The first step of each run moves autograd's grads in
+    # (uncounted).
     assert fused.copies == [0] * 12, fused.copies
 
 

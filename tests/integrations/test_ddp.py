@@ -41,7 +41,7 @@ def _bucket_view_copies(config, batches, *, named: bool) -> list[int]:
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        copies.append(len(optimizer.fused.last_step_copied_grads))
+        copies.append(len(optimizer.last_step_copied_grads))
     return copies
 
 

@@ -13,6 +13,7 @@ import copy
 import io
 import math
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def _close(a, b, rtol=RTOL):
 def test_is_an_optimizer_sharing_the_wrapped_optimizers_objects():
     inner = torch.optim.AdamW(_model().parameters(), lr=1e-2)
     opt = FusedOptimizer(inner, max_grad_norm=1.0)
-    assert isinstance(opt, torch.optim.Optimizer) and opt.optimizer is inner and opt.fused.optimizer is inner
+    assert isinstance(opt, torch.optim.Optimizer) and opt.optimizer is inner
     assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
     inner.load_state_dict(inner.state_dict())  # torch replaces inner.state and inner.param_groups
     assert opt.param_groups is inner.param_groups and opt.state is inner.state
@@ -83,21 +84,29 @@ def test_closure_step_with_schedulers_matches_eager_clip_and_adamw():
     assert opt.steps == 6 and opt.param_groups[0]["lr"] == eager.param_groups[0]["lr"]
 
 
-def test_zero_grad_keeps_the_grads_whatever_set_to_none_says():
+def test_zero_grad_zeroes_in_place_or_frees_and_no_step_copies_a_grad():
+    """zero_grad() zeroes FusedStep's grad buffers in place; zero_grad(set_to_none=True), as Accelerate calls it,
+    frees the grads as torch does, and the next backward puts them back into the buffers: either way no step
+    copies a grad (before issue 23, FusedOptimizer zeroed in place whatever set_to_none said)."""
     model = _model()
     opt = FusedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), max_grad_norm=1.0)
     _loss(model, 0).backward()
     opt.step()
     grads = [p.grad for p in model.parameters()]
-    for set_to_none in (True, False):
+    storages = [g.untyped_storage().data_ptr() for g in grads]
+    for set_to_none in (False, True):
         opt.zero_grad(set_to_none=set_to_none)
-        assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+        if set_to_none:
+            assert all(p.grad is None for p in model.parameters())
+        else:
+            assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
         _loss(model, 1).backward()
+        assert [p.grad.untyped_storage().data_ptr() for p in model.parameters()] == storages  # the buffers
         opt.step()
-        assert len(opt.fused.last_step_copied_grads) == 0  # autograd accumulated into FusedStep's buffers
+        assert len(opt.last_step_copied_grads) == 0  # autograd's grads are in FusedStep's buffers
     model[0].weight.grad = torch.ones_like(model[0].weight)  # a grad that is not FusedStep's: copied in
     opt.step()
-    assert len(opt.fused.last_step_copied_grads) == 1
+    assert len(opt.last_step_copied_grads) == 1
 
 
 def test_step_hooks_on_the_wrapper_run_once_around_the_step():
@@ -138,7 +147,7 @@ def test_state_dict_round_trip_through_torch_save_into_a_fresh_wrapper():
     resumed_model.load_state_dict(saved["model"])
     resumed = FusedOptimizer(torch.optim.AdamW(resumed_model.parameters(), lr=1e-2), max_grad_norm=1.0)
     resumed.load_state_dict(saved["optim"])  # before any step
-    assert int(resumed.fused.skipped_steps) == 1
+    assert int(resumed.skipped_steps) == 1
     _train(resumed, resumed_model, range(4, 7))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
     for p, q in zip(model.parameters(), resumed_model.parameters()):
@@ -167,7 +176,7 @@ def test_failed_load_changes_nothing():
     bad["param_groups"] = bad["param_groups"] * 2  # two groups for an optimizer with one
     with pytest.raises(ValueError, match="different number of parameter groups"):
         opt.load_state_dict(bad)
-    assert int(opt.fused.skipped_steps) == 1 and len(opt.param_groups) == 1
+    assert int(opt.skipped_steps) == 1 and len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -192,7 +201,7 @@ def test_grad_scaler_unscales_and_skips_inside_the_step(device):
             s.update()
         assert scaler.get_scale() == eager_scaler.get_scale()
         assert _close(model, reference), step
-    assert int(opt.fused.skipped_steps) == 1 and opt.steps == 5
+    assert int(opt.skipped_steps) == 1 and opt.steps == 5
 
 
 
@@ -261,7 +270,7 @@ def test_grad_scaler_reads_no_grad_and_update_sees_the_steps_found_inf(user_unsc
         assert _close(model, reference), step
     assert scales == eager_scales
     assert len(set(scales)) > 2, scales  # the scale both backed off and grew
-    assert int(opt.fused.skipped_steps) == len(overflow) and opt.steps == 8
+    assert int(opt.skipped_steps) == len(overflow) and opt.steps == 8
     for counter in counted:
         assert "aten._amp_foreach_non_finite_check_and_unscale_.default" not in counter.ops, counter.ops
         assert not counter.grad_ops, counter.grad_ops  # no op of GradScaler's (or ours) on a grad
@@ -337,14 +346,17 @@ def test_a_grad_scaler_argument_is_checked_before_the_step():
         opt.step(grad_scaler=object())
     with pytest.raises(ValueError, match="GradScaler"):
         opt.step(grad_scaler=torch.amp.GradScaler("cpu"))  # as GradScaler.step passes itself
-    assert opt.steps == 0 and opt.fused.plan is None  # nothing ran
+    assert opt.steps == 0 and opt.plan is None  # nothing ran
 
 
 def test_fused_optimizer_and_fused_step_refuse_a_fused_optimizer():
     opt = FusedOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
     for cls in (FusedStep, FusedOptimizer):
-        with pytest.raises(TypeError, match=r"got a FusedOptimizer.*fused_optimizer\.optimizer \(the SGD inside\)"):
+        with pytest.raises(TypeError, match=r"got a FusedStep \(FusedOptimizer is the same class\).*"
+                                            r"fused\.optimizer \(the SGD inside\)"):
             cls(opt)
+        with pytest.raises(TypeError, match=r"got a FusedStep"):
+            cls([torch.optim.SGD(_model().parameters(), lr=0.1), opt])
 
 
 def test_accelerated_optimizer_is_refused_with_what_to_pass():
@@ -375,3 +387,199 @@ def test_other_subclasses_keep_the_exact_type_message():
 
     with pytest.raises(TypeError, match="exact types"):
         FusedOptimizer(MyAdamW(_model().parameters()))
+
+
+# ---------------------------------------------------------------------------------------- FusedStep is the optimizer
+
+
+def test_fused_step_is_the_torch_optimizer_and_a_dcp_stateful():
+    """One class: FusedOptimizer is FusedStep, a torch.optim.Optimizer and a torch.distributed.checkpoint Stateful,
+    whose step() still returns the norm (norm = fused.step()) and whose grad_norm is one tensor."""
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    model, reference = _model(), _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fused = FusedStep(inner, max_grad_norm=1.0, compile=False)
+    assert FusedOptimizer is FusedStep and isinstance(fused, torch.optim.Optimizer) and isinstance(fused, Stateful)
+    assert fused.param_groups is inner.param_groups and fused.state is inner.state and fused.defaults is inner.defaults
+    eager = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    live = fused.grad_norm
+    for step in range(2):
+        _loss(model, step).backward()
+        norm = fused.step()
+        _loss(reference, step).backward()
+        eager_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        eager.step()
+        fused.zero_grad()
+        eager.zero_grad()
+        assert norm is not live and float(norm) == float(live)  # a copy of this step's norm; live one in place
+        assert abs(float(norm) - float(eager_norm)) <= RTOL * float(eager_norm)
+    assert _close(model, reference) and fused.steps == 2
+
+
+def test_torch_hooks_run_through_torch_machinery_on_the_fused_step():
+    """Step hooks on the FusedStep run through torch.optim.Optimizer's own wrapper: a pre-hook's replaced kwargs
+    reach the step (here grad_scale=2: the returned norm is 2x eager clip_grad_norm_'s, to RTOL), global hooks
+    see the FusedStep and, inside its step, the wrapped optimizer (as torch's own wrapping optimizers, e.g.
+    ZeroRedundancyOptimizer, run them). State-dict hooks registered on it run around its state_dict and
+    load_state_dict."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    model, reference = _model(), _model()
+    fused = FusedStep(torch.optim.SGD(model.parameters(), lr=0.1), compile=False)
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(type(o).__name__)),
+               fused.register_step_pre_hook(lambda o, args, kwargs: (args, {**kwargs, "grad_scale": 2.0})),
+               fused.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": o is fused}),
+               fused.register_load_state_dict_pre_hook(
+                   lambda o, sd: {"state": sd["state"], "param_groups": sd["param_groups"],
+                                  "fused_step": {**sd["fused_step"], "skipped_steps": 2 + sd["extra"]}})]
+    try:
+        _loss(model, 0).backward()
+        norm = fused.step()
+        _loss(reference, 0).backward()
+        eager_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+        assert abs(float(norm) - 2 * float(eager_norm)) <= RTOL * 2 * float(eager_norm)
+        assert seen == ["FusedStep", "SGD"]
+        state = fused.state_dict()
+        assert state["extra"] is True and int(state["fused_step"]["skipped_steps"]) == 0
+        fused.load_state_dict(state)  # what the pre-hook returns is loaded: 2 + True
+        assert int(fused.skipped_steps) == 3
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _old_dicts():
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "main_db0f6e2_state_dicts.pt"
+    return torch.load(path, weights_only=True)  # written by main's code at db0f6e2: see make_main_state_dicts.py
+
+
+def _continue_from(saved_model, eager_state, stepper_for, steps=range(4, 7)):
+    """Resume the old run in ``stepper_for(model)`` and, as the reference, in eager AdamW (+ Muon) loaded by torch
+    from the same dicts, with clip_grad_norm_ over all params; return both models after ``steps``."""
+    model, reference = _model(seed=1), _model(seed=1)
+    model.load_state_dict(saved_model)
+    reference.load_state_dict(saved_model)
+    stepper = stepper_for(model)
+    eager = eager_state(reference)
+    for step in steps:
+        for net, o in ((model, stepper), (reference, None)):
+            _loss(net, step).backward()
+            if o is None:
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+                for e in eager:
+                    e.step()
+                    e.zero_grad()
+            else:
+                o.step()
+                o.zero_grad()
+    return model, reference, stepper
+
+
+def test_loads_main_fused_step_state_dict_holding_its_counters_only():
+    """main's FusedStep.state_dict() held {"skipped_steps", "last_step_finite"} only; the optimizer's state was
+    saved beside it. Loaded as before (optimizer.load_state_dict, then fused.load_state_dict), it restores the
+    counters and leaves the optimizer's state alone; the run continues as eager AdamW + clip_grad_norm_ (RTOL)."""
+    old = _old_dicts()["FusedStep"]
+    assert set(old["fused_step"]) == {"skipped_steps", "last_step_finite"}
+    assert int(old["fused_step"]["skipped_steps"]) == 1
+
+    def fused_for(model):
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        adamw.load_state_dict(old["optimizer"])
+        fused = FusedStep(adamw, max_grad_norm=1.0, compile=False)
+        moments = {p: st["exp_avg"].clone() for p, st in adamw.state.items()}
+        fused.load_state_dict(old["fused_step"])
+        assert int(fused.skipped_steps) == 1 and bool(fused.last_step_finite)
+        assert all(torch.equal(adamw.state[p]["exp_avg"], m) for p, m in moments.items())  # left alone
+        return fused
+
+    def eager_for(reference):
+        adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        adamw.load_state_dict(old["optimizer"])
+        return [adamw]
+
+    model, reference, fused = _continue_from(old["model"], eager_for, fused_for)
+    assert _close(model, reference) and int(fused.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("which", ["FusedOptimizer", "FusedOptimizer[muon, adamw]"])
+def test_loads_main_fused_optimizer_state_dict(which):
+    """main's FusedOptimizer.state_dict(): the optimizer's dict(s) plus "fused_step" (the counters). Loaded into
+    FusedStep, the counters and every optimizer's state come back; the run continues as eager torch.optim loaded
+    by torch from the same dict (which ignores "fused_step") + clip_grad_norm_ (RTOL; Muon's fp32 ulps included,
+    as in test_a_list_of_optimizers_is_one_optimizer_to_schedulers_and_checkpoints)."""
+    old = _old_dicts()[which]
+    several = "optimizers" in old["optim"]
+
+    def optimizers(model):
+        if not several:
+            return [torch.optim.AdamW(model.parameters(), lr=1e-2)]
+        matrices = [p for p in model.parameters() if p.ndim == 2]
+        others = [p for p in model.parameters() if p.ndim != 2]
+        return [torch.optim.Muon(matrices, lr=2e-2), torch.optim.AdamW(others, lr=1e-2)]
+
+    def fused_for(model):
+        fused = FusedStep(optimizers(model) if several else optimizers(model)[0], max_grad_norm=1.0, compile=False)
+        fused.load_state_dict(old["optim"])
+        assert int(fused.skipped_steps) == 1 and fused.state_dict().keys() == old["optim"].keys()
+        return fused
+
+    def eager_for(reference):
+        eager = optimizers(reference)
+        for o, part in zip(eager, old["optim"]["optimizers"] if several else [old["optim"]]):
+            o.load_state_dict(part)
+        return eager
+
+    model, reference, fused = _continue_from(old["model"], eager_for, fused_for)
+    assert _close(model, reference) and int(fused.skipped_steps) == 1
+
+
+def test_a_loss_spike_is_skipped_through_the_optimizer_call():
+    """step(loss=...) on the optimizer, called as trainers call one (zero_grad, backward, step), feeds the spike
+    check: a loss 1e4 above a window of two alternating losses (grads unchanged: a constant added to the loss)
+    is skipped, leaving the params bit-identical, and counted; every other step matches eager AdamW +
+    clip_grad_norm_ (RTOL). Before issue 23, FusedOptimizer.step took no loss."""
+    model, reference = _model(), _model()
+    opt = FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0, skip_spike_sigma=3.0,
+                         spike_window=4, compile=False)
+    eager = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    spike = 6
+    for step in range(8):
+        opt.zero_grad()
+        loss = _loss(model, step % 2) + (1e4 if step == spike else 0.0)  # two batches: flat norms and losses
+        loss.backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(loss=loss.detach())
+        if step == spike:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            continue
+        eager.zero_grad()
+        _loss(reference, step % 2).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        eager.step()
+        assert _close(model, reference), step
+    assert int(opt.spike_skipped_steps) == 1 and int(opt.skipped_steps) == 0 and opt.steps == 8
+
+
+def test_a_lightning_optimizer_runs_the_fused_steps_methods_as_self():
+    """LightningOptimizer subclasses the class it wraps and forwards missing attributes: FusedStep's zero_grad,
+    state_dict, load_state_dict and properties run with it as self, on the FusedStep's objects, and assign
+    nothing to it (an attribute it assigned would shadow the FusedStep's from then on)."""
+    pl = pytest.importorskip("pytorch_lightning")
+    model = _model()
+    fused = FusedStep(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0, compile=False)
+    wrapped = pl.core.optimizer.LightningOptimizer(fused)
+    own = set(vars(wrapped))
+    _train(fused, model, range(3), nan_at=1)
+    assert isinstance(wrapped, FusedStep) and wrapped.param_groups is fused.param_groups
+    assert wrapped.grad_norm is fused.grad_norm and wrapped.skipped_steps is fused.skipped_steps
+    grads = [p.grad for p in model.parameters()]
+    wrapped.zero_grad()
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+    state = copy.deepcopy(wrapped.state_dict())
+    assert int(state["fused_step"]["skipped_steps"]) == 1
+    state["fused_step"]["skipped_steps"] = torch.tensor(5)
+    wrapped.load_state_dict(state)
+    assert int(fused.skipped_steps) == 5 and set(vars(wrapped)) == own

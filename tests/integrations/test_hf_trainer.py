@@ -94,7 +94,7 @@ def _trainer(tmp_path, optimizer_for=None):
 def test_optimizer_passed_in_is_wrapped_and_a_conflicting_max_grad_norm_refused(tmp_path):
     trainer = _trainer(tmp_path, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3))
     optimizer = trainer.create_optimizer()
-    assert isinstance(optimizer, FusedOptimizer) and optimizer.fused.config.max_grad_norm == 1.0  # args' default
+    assert isinstance(optimizer, FusedOptimizer) and optimizer.config.max_grad_norm == 1.0  # args' default
     trainer = _trainer(tmp_path, lambda model: FusedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3)))
     with pytest.raises(ValueError, match=r"clips at max_grad_norm=None, but TrainingArguments\(max_grad_norm=1.0\)"):
         trainer.create_optimizer()
