@@ -30,7 +30,7 @@ from compiled_step import checks, collectives, grad_restore
 from compiled_step.grad_restore import GradRestoreHooks
 from compiled_step.lifecycle import ddp
 from compiled_step.planning import Plan, is_dtensor, local_tensor
-from compiled_step.storage import GroupBuffers, StepBuffers, own_storage_alias
+from compiled_step.storage import GroupBuffers, Storage, own_storage_alias
 
 _GRAD = operator.attrgetter("grad")
 _IS = operator.is_
@@ -76,14 +76,16 @@ def _why_foreign(p: torch.Tensor, g: torch.Tensor, binder, ddp_params: frozenset
 class Binder:
     """The per-step binding of one built plan."""
 
-    def __init__(self, plan: Plan, groups: list[GroupBuffers], buffers: StepBuffers, rules: list, owners: list[int],
-                 param_lists, variants: list, bucket_view_params: frozenset[int] = frozenset(),
-                 ddp_params: frozenset[int] = frozenset()):
-        """``rules``, ``owners`` (the optimizer's index), ``param_lists`` and ``variants``: one per param
-        group, the groups of all optimizers in order. ``ddp_params``: ``id()`` of all params of DDP modules
-        with gradient_as_bucket_view=True (the copy warning blames DDP for those only)."""
+    def __init__(self, store: Storage, rules: list, owners: list[int], param_lists, variants: list, *,
+                 bucket_view_params: frozenset[int] = frozenset(), ddp_params: frozenset[int] = frozenset()):
+        """``store``: the plan's buffers. ``rules``, ``owners`` (the optimizer's index), ``param_lists`` and
+        ``variants``: one per param group, the groups of all optimizers in order. ``bucket_view_params``:
+        ``id()`` of the params whose DDP bucket views are read in place (``lifecycle/ddp.py``);
+        ``ddp_params``: ``id()`` of all params of DDP modules with gradient_as_bucket_view=True (the copy
+        warning blames DDP for those only)."""
         self.ref = weakref.ref(self)  # how the grad ownership registry names this binder (grad_restore)
-        self.plan, self.groups, self.buffers = plan, groups, buffers
+        plan, groups = store.plan, store.groups
+        self.plan, self.groups, self.buffers = plan, groups, store.buffers
         self.rules, self.owners = rules, owners
         self.param_lists = [list(params) for params in param_lists]
         self.variants = variants

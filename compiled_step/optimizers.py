@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.optim import optimizer as optim_module  # torch's global step hooks
 
 from compiled_step import wrappers
 from compiled_step.rules import rule_for
@@ -67,12 +68,12 @@ class Optimizers:
             out.append((-1.0 if group.get("maximize", False) else 1.0, values))
         return out
 
-    def run_hooks(self, when: str) -> None:
+    def run_hooks(self, when: str) -> bool:
         """Run the step hooks each optimizer's ``step()`` would run (``register_step_pre_hook`` /
         ``register_step_post_hook``, global and per instance), with empty args since FusedStep's
-        step takes none of the optimizer's. A pre-hook's replacement args are therefore ignored."""
-        from torch.optim import optimizer as optim_module
-
+        step takes none of the optimizer's. A pre-hook's replacement args are therefore ignored.
+        Returns whether any hook ran."""
+        ran = False
         for o in self.items:
             if when == "pre":
                 hooks = [*optim_module._global_optimizer_pre_hooks.values(), *o._optimizer_step_pre_hooks.values()]
@@ -80,6 +81,8 @@ class Optimizers:
                 hooks = [*o._optimizer_step_post_hooks.values(), *optim_module._global_optimizer_post_hooks.values()]
             for hook in hooks:
                 hook(o, (), {})
+                ran = True
+        return ran
 
     def mark_stepped(self) -> None:
         """LR schedulers wrap ``optimizer.step`` to record that it ran and warn otherwise; FusedStep is

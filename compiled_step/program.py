@@ -120,15 +120,15 @@ def norm_calls(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBu
     return norm
 
 
-def build(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBuffers, rules: list, variants: list,
-          kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None, health=None) -> Program:
-    """The program of one plan. ``rules[g]`` and ``variants[g]`` are group g's update rule and its
-    variant; ``fp8`` the FP8 weights' calls (``Fp8Weights.calls``), appended to the update; ``health``
-    the training-health options' input to the norm half (``norm_calls``)."""
-    norm = norm_calls(plan, groups, buffers, rules, kind, compiler, fillers, health)
+def build(store: storage.Storage, kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None,
+          health=None) -> Program:
+    """The program of one plan's ``store``. ``fp8``: the FP8 weights' calls (``Fp8Weights.calls``), appended to
+    the update; ``health``: the training-health options' input to the norm half (``norm_calls``)."""
+    plan, groups, buffers = store.plan, store.groups, store.buffers
+    norm = norm_calls(plan, groups, buffers, store.group_rules, kind, compiler, fillers, health)
     update: list[Call] = []
     for g, gb in enumerate(groups):
-        update += _updates(plan, g, gb, buffers, rules[g], variants[g], compiler, fillers)
+        update += _updates(plan, g, gb, buffers, store.group_rules[g], store.group_variants[g], compiler, fillers)
     for kind_, label, fn, args in fp8 or ():
         update.append(Call(label, kind_, fn, args))
     return Program(norm, update, compiler)

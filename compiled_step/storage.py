@@ -371,6 +371,22 @@ class GroupBuffers:
             d.update(ordered)
 
 
+@dataclass
+class Storage:
+    """One plan's memory, the object the build hands to the binder, the program and the runner.
+
+    ``groups[g]`` holds sharding group g's flat params, grads and state and the views users see;
+    ``buffers`` the plan-wide vectors the compiled calls read and write (scales, hyperparameter rows,
+    partial norms, outputs); ``group_rules[g]`` and ``group_variants[g]`` are group g's update rule and its
+    variant (per sharding group, where the optimizers' lists are per param group)."""
+
+    plan: Plan
+    groups: list["GroupBuffers"]
+    buffers: "StepBuffers"
+    group_rules: list
+    group_variants: list
+
+
 class StepBuffers:
     """The plan-wide vectors and 0-d tensors the compiled calls read and write.
 

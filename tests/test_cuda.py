@@ -288,7 +288,7 @@ def test_params_off_the_current_device_get_their_own_storage_aliases_there(curre
             ref_opt.step()
             fused.zero_grad()
         assert torch.cuda.current_device() == current
-        flat = [(gb.params.data_ptr(), gb.params.data_ptr() + gb.params.nbytes) for gb in fused._built.groups]
+        flat = [(gb.params.data_ptr(), gb.params.data_ptr() + gb.params.nbytes) for gb in fused.engine.storage.groups]
         aliased = [p for p in ours if any(lo <= p.data_ptr() < hi for lo, hi in flat)]
         assert aliased and all(p.device == torch.device(where) for p in ours)  # the aliases were made, there
         for a, b in zip(ours, ref):

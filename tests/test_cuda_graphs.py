@@ -55,9 +55,9 @@ class FakeCapture:
 
 def _install(fused: FusedStep, capture: FakeCapture) -> cuda_graphs.Runner:
     """Give the built plan a Runner that captures with ``capture`` (FusedStep itself never tries on the CPU).
-    Reaches into FusedStep's built state: the Runner is what is under test, and this is its only seam."""
+    Through the engine's seam for it (``Engine.use_runner``): the Runner is what is under test."""
     runner = cuda_graphs.Runner(fused.program, fused.plan.device, True, capture)
-    fused._built.runner = runner
+    fused.engine.use_runner(runner)
     return runner
 
 

@@ -262,7 +262,7 @@ def _offload_vs_eager(monkeypatch, steps: int = 4):
         fused.step()
         torch.nn.utils.clip_grad_norm_(ref, 1.0)
         ref_opt.step()
-        groups = fused._built.groups
+        groups = fused.engine.storage.groups
         released.append([w.untyped_storage().nbytes() for gb in groups for w in gb.state.values()])
         assert all(gb.offloaded for gb in groups)  # the stand-in really took the offload path
     return ours, ref, opt, ref_opt, released

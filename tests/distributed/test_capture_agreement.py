@@ -98,8 +98,8 @@ def _capture_worker(rank: int, world_size: int, device_type: str, fail_rank: int
         if step == 1:  # after the plan is built: the plan's own agreement is not the one under test
             collectives.agree = logged_agree
             real = cuda_graphs.capture_cuda_graph if device_type == "cuda" else None
-            fused._built.runner = cuda_graphs.Runner(fused.program, fused.plan.device, True,
-                                                     LoggedCapture(log, fail=rank == fail_rank, real=real))
+            fused.engine.use_runner(cuda_graphs.Runner(fused.program, fused.plan.device, True,
+                                                       LoggedCapture(log, fail=rank == fail_rank, real=real)))
         for name, g in _full_tensors(100 + step, scale=3.0).items():
             grad = distribute_tensor(g.to(device_type), mesh, placement[SHAPES[name][1]])
             p = params[name]
@@ -114,7 +114,7 @@ def _capture_worker(rank: int, world_size: int, device_type: str, fail_rank: int
         fused.zero_grad()
     collectives.agree = original_agree
     norm_segments = cuda_graphs._segments(fused.program.norm, fused.program.compiler)
-    out.update(log=log, captured=fused.cuda_graph_captured, graphs=fused._built.runner.graphs,
+    out.update(log=log, captured=fused.cuda_graph_captured, graphs=fused.engine.built.runner.graphs,
                collective_segments=[s.capturable for s in norm_segments if s.calls[0].kind == "collective"],
                params={name: p.full_tensor().cpu() for name, p in params.items()})
     if device_type == "cpu":

@@ -99,7 +99,7 @@ def offload_check(compile: bool, steps: int = 4) -> dict:
             fused.step()
             torch.cuda.synchronize()
             if offload:
-                freed &= all(w.untyped_storage().nbytes() == 0 for gb in fused._built.groups
+                freed &= all(w.untyped_storage().nbytes() == 0 for gb in fused.engine.storage.groups
                              for w in gb.state.values())
                 resident.append(torch.cuda.memory_allocated())
         runs[offload] = (params, opt, resident, freed)
