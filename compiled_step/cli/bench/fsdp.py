@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from compiled_step.cli import layouts as L
-from compiled_step.cli.bench.methods import BenchError
+from compiled_step.cli.bench.errors import BenchError
 
 
 @contextlib.contextmanager

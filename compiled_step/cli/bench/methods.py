@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from compiled_step.cli import layouts as L
+from compiled_step.cli.bench.errors import BenchError  # noqa: F401 -- raised here; importers take it from here too
 from compiled_step.cli.bench.measure import local_shard
 
 ANCHORS = ("A", "B", "C", "D")
@@ -51,10 +52,6 @@ def describe_method(name: str, *, compiled: bool = True) -> str:
         bucket = re.fullmatch(r"fused\[b=(\d+)\]", name)
         return text + (f", bucket_size={bucket.group(1)}" if bucket else "")
     return name
-
-
-class BenchError(Exception):
-    """A bad option or an unavailable method: reported as one line, exit status 2."""
 
 
 @dataclass
