@@ -41,18 +41,18 @@ class Rebuild(Exception):
     """The plan no longer matches the params (raised by binding, handled by FusedStep)."""
 
 
-def check_grad(p: torch.Tensor, g: torch.Tensor, where: str, grad_dtype: torch.dtype | None = None) -> None:
+def check_grad(p: torch.Tensor, g: torch.Tensor, label: str, grad_dtype: torch.dtype | None = None) -> None:
     """Raise for a grad FusedStep cannot use; raise ``Rebuild`` for one of another dtype."""
     if g.is_sparse:
-        raise TypeError(f"{where}: sparse grads are not supported; FusedStep needs dense grads")
+        raise TypeError(f"{label}: sparse grads are not supported; FusedStep needs dense grads")
     if g.shape != p.shape:
-        raise ValueError(f"{where}: grad shape {tuple(g.shape)} differs from param shape {tuple(p.shape)}")
+        raise ValueError(f"{label}: grad shape {tuple(g.shape)} differs from param shape {tuple(p.shape)}")
     if g.device != p.device:
-        raise ValueError(f"{where}: grad is on {g.device} but the param is on {p.device}")
+        raise ValueError(f"{label}: grad is on {g.device} but the param is on {p.device}")
     if g.is_complex() or not g.is_floating_point():
-        raise TypeError(f"{where}: grads must be real floating point, got {g.dtype}")
+        raise TypeError(f"{label}: grads must be real floating point, got {g.dtype}")
     if grad_dtype is not None and g.dtype != grad_dtype:
-        raise Rebuild(f"{where}: grad dtype changed to {g.dtype}")
+        raise Rebuild(f"{label}: grad dtype changed to {g.dtype}")
 
 
 def check_grads(plan: Plan, grads: list[torch.Tensor | None]) -> None:
@@ -91,7 +91,7 @@ class Binder:
         self.variants = variants
         self.params = [p for gb in groups for p in gb.group.params]
         self.names = [n for gb in groups for n in gb.group.names]
-        self.where = [(gb, i) for gb in groups for i in range(len(gb.group.params))]
+        self.group_and_index = [(gb, i) for gb in groups for i in range(len(gb.group.params))]  # of each param
         self.grad_views: list[torch.Tensor] = []  # set by install, once the grad buffers exist
         # Plain params (aliased, staged or bucketed): a replaced ``.data`` shows as a new data_ptr.
         self.plain = [p for p in self.params if not is_dtensor(p)]
@@ -145,7 +145,7 @@ class Binder:
             with torch.no_grad():
                 for i in self.unseen_restores:
                     if grads[i] is None and self.expected_grads[i] is None:
-                        gb, j = self.where[i]
+                        gb, j = self.group_and_index[i]
                         gb.grad_locals[j].zero_()
             self.unseen_restores.clear()
         if all(map(_IS, grads, self.expected_grads)):
@@ -155,7 +155,7 @@ class Binder:
         for i, (g, expected) in enumerate(zip(grads, self.expected_grads)):
             if g is expected or g is None or g is self.grad_views[i]:
                 continue
-            gb, j = self.where[i]
+            gb, j = self.group_and_index[i]
             p = self.params[i]
             check_grad(p, g, self.names[i], gb.group.key.grad_dtype)
             if id(p) in self.bucket_view_params and ddp.is_bucket_view(g):
@@ -170,7 +170,7 @@ class Binder:
             for i, g in enumerate(grads):
                 if g is self.expected_grads[i]:
                     continue
-                gb, j = self.where[i]
+                gb, j = self.group_and_index[i]
                 if g is None:
                     gb.grad_locals[j].zero_()  # stale values must not reach the norm
                     self.expected_grads[i] = None
@@ -179,10 +179,10 @@ class Binder:
                     self.expected_grads[i] = g
                     changed |= self._set_active(i, True)
             if foreign:
-                torch._foreach_copy_([self.where[i][0].grad_locals[self.where[i][1]] for i, _ in foreign],
+                torch._foreach_copy_([self.group_and_index[i][0].grad_locals[self.group_and_index[i][1]] for i, _ in foreign],
                                      [local_tensor(g) for _, g in foreign])
                 for i, _ in foreign:
-                    gb, j = self.where[i]
+                    gb, j = self.group_and_index[i]
                     self.params[i].grad = gb.grad_views[j]
                     self.expected_grads[i] = gb.grad_views[j]
                     changed |= self._set_active(i, True)
@@ -195,7 +195,7 @@ class Binder:
     def adopt_grad(self, i: int) -> None:
         """Copy the grad that backward just gave param i (its grad was None) into its buffer view and point
         the param at the view (called by its post-accumulate-grad hook); the new grad is then freed."""
-        gb, j = self.where[i]
+        gb, j = self.group_and_index[i]
         p, g = self.params[i], self.params[i].grad
         if is_dtensor(g):
             g = collectives.match_grad_placement(p, g)
@@ -302,9 +302,9 @@ class Binder:
         fresh: list[torch.Tensor] = []
         bound = []  # (param index, its state dict, its rule, its state keys)
         for i, p in enumerate(self.params):
-            index = self.where[i][0].group.key.param_group
+            index = self.group_and_index[i][0].group.key.param_group
             rule, state = self.rules[index], optimizers[self.owners[index]].state
-            gb, j = self.where[i]
+            gb, j = self.group_and_index[i]
             keys = gb.param_state_keys[j]  # the rule's declaration for this param (rule.state_layout)
             st = state.get(p)
             if not keys and rule.STEP_KEY is None:
@@ -319,7 +319,7 @@ class Binder:
             for key in dict.fromkeys(k for *_, keys in bound for k in keys):
                 for n, (i, st, _, keys) in enumerate(bound):
                     if key in keys:
-                        c, a = self._bind_key(st, *self.where[i], key, installed)
+                        c, a = self._bind_key(st, *self.group_and_index[i], key, installed)
                         created[n] |= c
                         adopted[n] |= a
             for n, (i, st, rule, _) in enumerate(bound):

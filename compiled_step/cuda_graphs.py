@@ -86,11 +86,11 @@ def collective_capturable(device_type: str, cuda_backend: str | None) -> bool:
 
 
 def _capturable(call: Call, compiler) -> bool:
-    if call.kind == COLLECTIVE:
+    if call.runs_as == COLLECTIVE:
         reduction = call.args[0]
         return collective_capturable(reduction.device_type, cuda_backend_of(reduction.process_group))
     # A compiled call that was not recorded would go through Dynamo (and maybe compile) inside the capture.
-    return call.kind != COMPILED or not compiler.enabled or call.recorded
+    return call.runs_as != COMPILED or not compiler.enabled or call.recorded
 
 
 def _touches_elements(value) -> bool:
@@ -282,9 +282,9 @@ def _agree_on_capture(error: str | None, device: torch.device) -> list[tuple[int
     """``(rank, error)`` of every rank whose capture failed: this rank's alone outside a distributed run
     (no collective), else every rank's, from one ``all_gather_object`` over the default group (on the
     params' device, for NCCL)."""
-    where = collectives.world()
-    if where is None or where[1] == 1:
-        return [] if error is None else [(0 if where is None else where[0], error)]
+    rank_world = collectives.world()
+    if rank_world is None or rank_world[1] == 1:
+        return [] if error is None else [(0 if rank_world is None else rank_world[0], error)]
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:
         outcomes = collectives.agree(error)
@@ -292,8 +292,8 @@ def _agree_on_capture(error: str | None, device: torch.device) -> list[tuple[int
 
 
 def _warn_capture_failed(failures: list[tuple[int, str]]) -> None:
-    where = collectives.world()
-    if where is None or where[1] == 1:
+    rank_world = collectives.world()
+    if rank_world is None or rank_world[1] == 1:
         what, scope = failures[0][1], ""
     else:
         what = "; ".join(f"rank {rank}: {error}" for rank, error in failures)

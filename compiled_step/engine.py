@@ -264,8 +264,8 @@ class Engine:
     def _agree(self, plan: planning.Plan) -> planning.Plan:
         """In a distributed run, make every rank's collectives identical (one all_gather_object over
         the default group per plan build; see ``agreement.py``)."""
-        where = collectives.world()
-        if where is None or where[1] == 1:
+        rank_world = collectives.world()
+        if rank_world is None or rank_world[1] == 1:
             return plan
         reachable = [(r.process_group, r.device_type) for r in plan.reductions]
         reachable += [g for g in (self.ep_group, self.pp_group) if g is not None]
@@ -275,7 +275,7 @@ class Engine:
             reachable += collectives.mesh_process_groups(mesh)
         resolvable = {collectives.process_group_key(pg): (pg, device_type) for pg, device_type in reachable}
         payloads = collectives.agree(agreement.agreement_payload(plan, collectives.process_group_key, resolvable))
-        return agreement.reconcile(plan, payloads, where[0], resolvable)
+        return agreement.reconcile(plan, payloads, rank_world[0], resolvable)
 
 
 def _params_device(param_groups: list[dict]) -> torch.device:

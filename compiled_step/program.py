@@ -42,7 +42,7 @@ class Call:
     """One call of the program: what it is, for observers, and how to run it."""
 
     label: str  # what it does, e.g. "Phase B flat update, group 0"
-    kind: str  # COMPILED, EAGER or COLLECTIVE
+    runs_as: str  # how the call runs: COMPILED, EAGER or COLLECTIVE
     fn: Callable  # for COMPILED calls, the compiled wrapper (or the plain function with compile=False)
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
@@ -68,7 +68,7 @@ class Call:
         if self._replay is not None:
             self._replay(*self._replay_args)
             return
-        if self.kind == COMPILED and compiler.enabled:
+        if self.runs_as == COMPILED and compiler.enabled:
             with compiling.compile_settings(compiler.combo_kernels), compiling.recording() as rec, \
                     compiler.first_call(self.signature, self.label):
                 self.fn(*self.args, **self.kwargs)
@@ -99,7 +99,7 @@ class Program:
             call.run(self.compiler)
 
     def describe(self) -> list[str]:
-        return [f"{i + 1:2d}. {c.kind:<10} {c.label}" for i, c in enumerate(self.calls)]
+        return [f"{i + 1:2d}. {c.runs_as:<10} {c.label}" for i, c in enumerate(self.calls)]
 
 
 def _function_name(fn: Callable) -> str:
@@ -129,8 +129,8 @@ def build(store: storage.Storage, kind: NormKind, compiler: compiling.Compiler, 
     update: list[Call] = []
     for g, gb in enumerate(groups):
         update += _updates(plan, g, gb, buffers, store.group_rules[g], store.group_variants[g], compiler, fillers)
-    for kind_, label, fn, args in fp8 or ():
-        update.append(Call(label, kind_, fn, args))
+    for runs_as, label, fn, args in fp8 or ():
+        update.append(Call(label, runs_as, fn, args))
     return Program(norm, update, compiler)
 
 

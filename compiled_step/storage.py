@@ -76,7 +76,8 @@ def _row_buffer(rows: int, dtype: torch.dtype, device: torch.device, pin: bool =
     return _buffer((rows, ROW), dtype, device, lead=ROW, pin=pin)
 
 
-def padded(n: int, to: int) -> int:
+def round_up(n: int, to: int) -> int:
+    """``n`` rounded up to a multiple of ``to`` (``buckets.padded`` pads a list; this rounds a number)."""
     return -(-n // to) * to
 
 
@@ -304,7 +305,7 @@ class GroupBuffers:
         # stack's box in them (see ``rules.muon``): ``outbox`` what this rank sends, ``inbox`` receives.
         self.outboxes, self.inboxes = [], []
         if group.exchange is not None:
-            sizes = [padded(st.per_owner * st.chunk * st.shape[1], 8) for st in group.stacks]  # 16-byte blocks
+            sizes = [round_up(st.per_owner * st.chunk * st.shape[1], 8) for st in group.stacks]  # 16-byte blocks
             self.outbox = _buffer((group.exchange.world, max(sum(sizes), 8)), torch.bfloat16, device)
             self.inbox = _buffer((group.exchange.world, max(sum(sizes), 8)), torch.bfloat16, device)
             offset = 0
@@ -417,8 +418,8 @@ class StepBuffers:
         # table is float64 when a group's params are float64: their update is float64 throughout, as torch's.
         widest_table = max((len(r.TABLE_COLUMNS) for r in rules), default=2)
         widest_hp = max((len(r.HP_COLUMNS) for r in rules), default=2)
-        self.table = _buffer((n_slots, padded(widest_table, 4)), table_dtype(g.key.dtype for g in groups), device)
-        self.hp = _buffer((len(groups), padded(widest_hp, 2)), torch.float64, device)
+        self.table = _buffer((n_slots, round_up(widest_table, 4)), table_dtype(g.key.dtype for g in groups), device)
+        self.hp = _buffer((len(groups), round_up(widest_hp, 2)), torch.float64, device)
         self.scales = [self.hp[g, 0].detach() for g in range(len(groups))]  # the SCALE column
         self.hp_rows = [self.hp[g].detach() for g in range(len(groups))]
         self.partials = _buffer((len(groups), PARTIAL_WIDTH), torch.float64, device)

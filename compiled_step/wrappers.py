@@ -68,8 +68,8 @@ def refuse_wrapped(optimizer, who: str) -> None:
     # Last: a LightningOptimizer wrapping a FusedStep is an instance of FusedStep too (it subclasses its class).
     if _is_instance(optimizer, _FUSED):
         inner = [type(o).__name__ for o in optimizer.optimizers]
-        where = f"fused.optimizer (the {inner[0]} inside)" if len(inner) == 1 else \
+        pass_instead = f"fused.optimizer (the {inner[0]} inside)" if len(inner) == 1 else \
             f"fused.optimizers (the {', '.join(inner)} inside)"
         raise TypeError(
             f"{who} got a FusedStep (FusedOptimizer is the same class), which already steps its optimizer with the "
-            f"fused step: use it as it is. To build another, pass {where}.")
+            f"fused step: use it as it is. To build another, pass {pass_instead}.")

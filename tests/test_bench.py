@@ -333,7 +333,7 @@ def test_fsdp2_shards_are_staged_or_bucketed_and_counted_as_compiled_calls():
         regions = {e.region for g in fused.plan.groups for e in g.entries}
         assert regions == {STAGED, BUCKETED}
         expected = sum(1 + bool(g.flat_slots) + g.bucket_count for g in fused.plan.groups) + 1
-        assert sum(c.kind == "compiled" for c in fused.program.calls) == expected
+        assert sum(c.runs_as == "compiled" for c in fused.program.calls) == expected
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the row's process group is gone with the row

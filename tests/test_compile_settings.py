@@ -20,9 +20,9 @@ from torch._inductor.utils import run_and_get_code
 from compiled_step import FusedStep, compiling
 from compiled_step.planning import ROW
 from compiled_step.rules import adam
-from compiled_step.storage import padded
+from compiled_step.storage import round_up
 
-TABLE_WIDTH = padded(len(adam.TABLE_COLUMNS), 4)  # the table's row width, padded for alignment
+TABLE_WIDTH = round_up(len(adam.TABLE_COLUMNS), 4)  # the table's row width, padded for alignment
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

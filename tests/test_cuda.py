@@ -334,7 +334,7 @@ def _fp8_no_sync_worker(rank: int, world_size: int) -> dict:
     torch.cuda.set_sync_debug_mode("default")
     out = {}
     segments = cuda_graphs._segments(fused.program.calls, fused.program.compiler)
-    out["collectives_captured"] = [s.capturable for s in segments for c in s.calls if c.kind == "collective"]
+    out["collectives_captured"] = [s.capturable for s in segments for c in s.calls if c.runs_as == "collective"]
     out["captured"] = fused.cuda_graph_captured
     out["stored"] = [float(layer.weight._local_tensor._precomputed_scale) for layer in model]
     for layer in model:

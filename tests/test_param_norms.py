@@ -214,6 +214,6 @@ def test_the_health_options_are_inputs_of_the_one_finish_and_add_no_call():
         finish = fused.program.norm[-1]
         assert finish.function == "norm.finish.finish", name
         assert ("health" in finish.kwargs) == (name == "on")
-        described[name] = [(c.kind, c.function) for c in fused.program.calls]
+        described[name] = [(c.runs_as, c.function) for c in fused.program.calls]
     assert len(described["on"]) == len(described["off"])
     assert [kind for kind, _ in described["on"]] == [kind for kind, _ in described["off"]]

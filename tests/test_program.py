@@ -83,7 +83,7 @@ def _layout(name):
 
 
 def _described(calls):
-    return [(c.kind, c.label, c.function) for c in calls]
+    return [(c.runs_as, c.label, c.function) for c in calls]
 
 
 def _twin(param_groups):
@@ -165,10 +165,10 @@ def test_a_sharded_param_group_adds_one_collective_between_phase_a_and_the_finis
                 torch.testing.assert_close(mine.detach(), q.detach(), **FP32_TOL)
         sharded = [g for g, group in enumerate(fused.plan.groups) if group.key.mesh_key]
         labels = [c.label for c in fused.program.norm]
-        kinds = [c.kind for c in fused.program.norm]
+        kinds = [c.runs_as for c in fused.program.norm]
     assert len(fused.plan.groups) == 2 and len(sharded) == 1  # the 0-d param is a plain tensor: its own group
     assert kinds == ["compiled", "compiled", "collective", "compiled"], fused.program.describe()
     assert re.fullmatch(rf"all_reduce\(SUM\) over 'mesh dim 0': f64\[1, \d+\] \(partial norms of groups "
                         rf"\[{sharded[0]}\]\)", labels[2]), labels[2]
     assert labels[3] == FINISH[1]
-    assert all(c.kind != "collective" for c in fused.program.update)
+    assert all(c.runs_as != "collective" for c in fused.program.update)

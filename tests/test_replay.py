@@ -75,13 +75,13 @@ def test_every_compiled_call_is_recorded_after_the_first_step_and_replayed():
         norm = fused.step()
         torch.testing.assert_close(norm, _eager_step(ref, ref_opt).double(), rtol=1e-5, atol=0)
         if step == 0:
-            calls = [c for c in fused.program.calls if c.kind == "compiled"]
+            calls = [c for c in fused.program.calls if c.runs_as == "compiled"]
             assert calls and all(c.recorded for c in calls)
             recorded = [c.compiled for c in calls]
         fused.zero_grad()
         ref_opt.zero_grad()
     # The same program, the same recorded callables: nothing was rebuilt or re-recorded.
-    assert [c.compiled for c in fused.program.calls if c.kind == "compiled"] == recorded
+    assert [c.compiled for c in fused.program.calls if c.runs_as == "compiled"] == recorded
     _assert_models_close(model, ref)
 
 

@@ -115,7 +115,7 @@ def _capture_worker(rank: int, world_size: int, device_type: str, fail_rank: int
     collectives.agree = original_agree
     norm_segments = cuda_graphs._segments(fused.program.norm, fused.program.compiler)
     out.update(log=log, captured=fused.cuda_graph_captured, graphs=fused.engine.built.runner.graphs,
-               collective_segments=[s.capturable for s in norm_segments if s.calls[0].kind == "collective"],
+               collective_segments=[s.capturable for s in norm_segments if s.calls[0].runs_as == "collective"],
                params={name: p.full_tensor().cpu() for name, p in params.items()})
     if device_type == "cpu":
         out["backends"] = _backends(mesh)

@@ -326,7 +326,7 @@ def _measure_one_step(row: RowResult, methods: list[Method], ref_grads: list[tor
         if program is not None:
             kinds = {}
             for call in program.calls:
-                kinds[call.kind] = kinds.get(call.kind, 0) + 1
+                kinds[call.runs_as] = kinds.get(call.runs_as, 0) + 1
             res.compiled_calls = kinds.get("compiled", 0)  # every call of the program runs once per step
             row.notes.append(f"{m.name}: {len(program.calls)} calls per step ("
                              + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + "), each a whole sharding "

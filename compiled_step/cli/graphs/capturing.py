@@ -36,7 +36,7 @@ def _constant(value) -> str:
 class Event:
     """One call of ``fused.program.calls`` as step 1 ran it."""
 
-    kind: str  # "compiled", "eager", "collective" (Call.kind), or "break", "not run"
+    kind: str  # "compiled", "eager", "collective" (Call.runs_as), or "break", "not run"
     text: str  # the call's label (or what stopped the capture)
     graph: int | None = None  # compiled calls: index into Capture.graphs
 
@@ -128,7 +128,7 @@ _BPP_DEFINITION = (
 
 
 def _nth(calls, function_suffix: str, n: int):
-    matching = [c for c in calls if c.kind == "compiled" and c.function.endswith(function_suffix)]
+    matching = [c for c in calls if c.runs_as == "compiled" and c.function.endswith(function_suffix)]
     return matching[n] if n < len(matching) else None
 
 
@@ -280,8 +280,8 @@ def _events(program, steps: _Steps) -> tuple[list[Event], dict[int, int]]:
     local: dict[int, int] = {}
     events: list[Event] = []
     for call in program.calls if program is not None else []:
-        if call.kind != "compiled":
-            events.append(Event(call.kind, call.label))
+        if call.runs_as != "compiled":
+            events.append(Event(call.runs_as, call.label))
             continue
         ran = call.compiled
         if ran is None:
