@@ -63,7 +63,7 @@ class Engine:
         dist = distributed
         self.pp_group = collectives.process_group_of(dist.device_mesh, dist.pp_axis_name) if dist.pp_axis_name else None
         self.ep_group = collectives.process_group_of(dist.moe_mesh, dist.ep_axis_name) if dist.ep_axis_name else None
-        self.kind = NormKind.of(float(config.norm_type))
+        self.norm_kind = NormKind.of(float(config.norm_type))
         self.compiler = compiling.Compiler(config.backend, enabled=config.compile, verbose=config.verbose,
                                            notice=config.compile_notice,
                                            combo_kernels=compiling.resolve_combo_kernels(config.combo_kernels))
@@ -247,7 +247,7 @@ class Engine:
                   for g, layout in zip(plan.groups, state_layouts)]
         lr_ratios = [[rule.lr_ratio(st.whole_shape, var) for st in g.stacks]
                      for g, rule, var in zip(plan.groups, group_rules, group_variants)]
-        buffers = storage.StepBuffers(plan, group_rules, self.kind, config.max_grad_norm,
+        buffers = storage.StepBuffers(plan, group_rules, self.norm_kind, config.max_grad_norm,
                                       self.outputs_on(plan.device), offload=offload_state, lr_ratios=lr_ratios)
         store = storage.Storage(plan, groups, buffers, group_rules, group_variants)
         binder = binding.Binder(store, rules, owners, param_lists, variants, bucket_view_params=read_in_place,
@@ -255,7 +255,7 @@ class Engine:
         binder.install(previous)
         binder.bind_state(opts.items)
         fp8 = self.fp8.calls(plan, buffers) if self.fp8 else None
-        prog = program.build(store, self.kind, self.compiler, self.fillers, fp8,
+        prog = program.build(store, self.norm_kind, self.compiler, self.fillers, fp8,
                              self.health.for_plan(plan, param_lists))
         capture = config.cuda_graphs and not offload_state and plan.device.type == "cuda"
         self.built = Built(store, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
