@@ -26,6 +26,7 @@ from compiled_step.lifecycle import (
 )
 from compiled_step.nemo_compat import _clip_grad_norm_impl, clip_grad_norm, scale_grads_and_clip_grad_norm
 from compiled_step.padding import count_tail_padding, count_tail_padding_tensor
+from compiled_step.state_dtypes import bf16_moments
 
 __all__ = [
     "FusedStep",
@@ -46,6 +47,7 @@ __all__ = [
     "count_tail_padding",
     # beyond NeMo Automodel's API
     "count_tail_padding_tensor",
+    "bf16_moments",
     "GradAccumulation",
     "accumulate",
     "FirstMicrobatchFlag",

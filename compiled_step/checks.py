@@ -54,25 +54,6 @@ def copy_warning(copied: list[tuple[str, str]], named: bool) -> str:
             "don't assign p.grad. fused.last_step_copied_grads lists the copies of the last step. (Shown once.)")
 
 
-def refuse_state_of_another_dtype(plan: planning.Plan, states: list[dict]) -> None:
-    """Raise where a param's optimizer state has another floating dtype than the param.
-
-    That happens when ``model.to(dtype)`` runs after the state was created; ``torch.optim`` raises
-    at its next step too (``load_state_dict`` casts state to the param's dtype, so a loaded
-    checkpoint never gets here). Casting the state silently would change the run's numerics.
-    """
-    for group, state in zip(plan.groups, states):  # states[g]: the optimizer.state of group g's optimizer
-        for p, name in zip(group.params, group.names):
-            for key, value in state.get(p, {}).items():
-                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
-                        and value.dtype != p.dtype:
-                    raise ValueError(
-                        f"{name} is {p.dtype} but its optimizer state {key!r} is {value.dtype}: the param's dtype "
-                        "changed after its state was created (model.to(dtype)?). torch.optim raises at its next "
-                        "step too. Cast before creating the optimizer, or load the state again with "
-                        "optimizer.load_state_dict(), which casts it to the params' dtype. Nothing was changed.")
-
-
 def refuse_partial_params(plan: planning.Plan) -> None:
     """Raise where a DTensor param has a Partial placement (its value is a sum over ranks)."""
     for group in plan.groups:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from compiled_step import agreement, binding, buckets, checks, collectives, compiling, cuda_graphs, experts, \
-    planning, program, storage
+    planning, program, state_dtypes, storage
 from compiled_step.config import DistributedConfig, FusedStepConfig
 from compiled_step.health import TrainingHealth
 from compiled_step.lifecycle import ddp, offload
@@ -225,15 +225,17 @@ class Engine:
             group_labels=opts.labels())
         checks.refuse_partial_params(plan)
         owners = opts.owners()
-        checks.refuse_state_of_another_dtype(plan, [opts.items[owners[g.key.param_group]].state
-                                                    for g in plan.groups])
+        # The keys the user keeps in bfloat16 (raises for state of a dtype the rule does not allow)
+        kept_dtypes = state_dtypes.state_dtypes(plan, [opts.items[owners[g.key.param_group]].state
+                                                       for g in plan.groups],
+                                                [rules[g.key.param_group] for g in plan.groups])
         plan = self._agree(plan)
         previous = [p.grad for p in plan.params]
         binding.check_grads(plan, previous)
         # Each group's state layout, from its rule's declaration (raises for what cannot be placed, before
         # anything changes).
-        state_layouts = [storage.lay_out_state(g, rules[g.key.param_group], variants[g.key.param_group])
-                         for g in plan.groups]
+        state_layouts = [storage.lay_out_state(g, rules[g.key.param_group], variants[g.key.param_group], dtypes)
+                         for g, dtypes in zip(plan.groups, kept_dtypes)]
         if self.built is not None:
             self.built.binder.release()  # the old plan's grad hooks
         # Drop the old plan's buffers now: what still references them (the params' .data aliases, p.grad

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 import torch
 
-from compiled_step import grad_scaling, planning, program, state_dicts
+from compiled_step import grad_scaling, planning, program, state_dicts, state_dtypes
 from compiled_step.config import DistributedConfig, FusedStepConfig, split_options
 from compiled_step.engine import Engine
 from compiled_step.health import TrainingHealth
@@ -86,6 +86,8 @@ class FusedStep(torch.optim.Optimizer):
         self._accumulation: GradAccumulation | None = None
         self._health = TrainingHealth(self.config)  # the training-health options' state and attributes
         self._steps = 0
+        for o in opts.items:  # a resume keeps bfloat16 moments bfloat16 (torch's load casts them to the params')
+            state_dtypes.keep_saved_state_dtypes(o)
         self._engine = Engine(opts, self.config, self.distributed, fp8=self._fp8, health=self._health,
                               offload_optimizer_state=offload_optimizer_state)
         # torch.optim.Optimizer's own set-up of its hook tables and of the wrapper that runs the step hooks

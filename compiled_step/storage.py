@@ -122,9 +122,11 @@ class KeyLayout:
     like_params: bool  # every tensor shaped like its param, in the param's rows (the flat update's layout)
 
 
-def lay_out_state(group: ShardingGroup, rule, variant) -> dict[str, KeyLayout]:
+def lay_out_state(group: ShardingGroup, rule, variant, dtypes: dict[str, torch.dtype] | None = None
+                  ) -> dict[str, KeyLayout]:
     """Each state key's layout in ``group``'s buffers, from ``rule.state_layout`` (per param: its tensors'
-    shapes and dtypes), in ``rule.state_keys(variant)`` order. Pure: nothing is allocated.
+    shapes and dtypes), in ``rule.state_keys(variant)`` order. Pure: nothing is allocated. ``dtypes``: the keys
+    the user keeps in another dtype than the declared one (``state_dtypes.state_dtypes``: bfloat16 moments).
 
     A key whose every param keeps a tensor shaped like the param (Adam's, SGD's, Muon's) uses the param's
     rows and memory layout, so a flat update reads it row for row with the params. Any other key (a
@@ -138,11 +140,12 @@ def lay_out_state(group: ShardingGroup, rule, variant) -> dict[str, KeyLayout]:
     layouts = {}
     for key in rule.state_keys(variant):
         tensors = [d.get(key) for d in declared]
-        dtypes = {t.dtype for t in tensors if t is not None}
-        if len(dtypes) > 1:
+        declared_dtypes = {t.dtype for t in tensors if t is not None}
+        if len(declared_dtypes) > 1:
             raise ValueError(f"{group.label}: {rule.NAME} declares state {key!r} in several dtypes "
-                             f"{sorted(map(str, dtypes))}; one key's tensors share one buffer and one dtype")
-        dtype = dtypes.pop() if dtypes else group.key.dtype
+                             f"{sorted(map(str, declared_dtypes))}; one key's tensors share one buffer and one dtype")
+        dtype = declared_dtypes.pop() if declared_dtypes else group.key.dtype
+        dtype = (dtypes or {}).get(key, dtype)
         like = all(t is not None and tuple(t.shape) == tuple(x.shape) for t, x in zip(tensors, locals_))
         if like:
             placed = tuple(Placed(e.row, tuple(x.shape), dense_strides(x)) for e, x in zip(group.entries, locals_))

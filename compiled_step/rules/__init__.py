@@ -8,6 +8,8 @@ that differs between rules is data or a function on the rule module, never a bra
 * ``STATE_KEYS``: every state tensor it may keep, in torch's names (``state_keys(variant)``: those a
   variant's group keeps); the update functions take them as keyword arguments of those names, None
   where the variant keeps none;
+* ``LOW_PRECISION_KEYS``: the state keys a user may keep in bfloat16 for float32 params (Adam's moments:
+  ``state_dtypes.py``); the update reads them widened and rounds them on store;
 * ``state_layout(variant, shape, dtype)``: the state tensors one param of that (local) shape and dtype
   keeps, each a ``StateTensor(shape, dtype)`` in torch's shape: param-shaped for Adam, SGD and Muon,
   a factored ``row_var``/``col_var`` pair for Adafactor's matrices. ``storage.lay_out_state`` lays the
@@ -49,6 +51,7 @@ class UpdateRule(Protocol):
     HP_COLUMNS: tuple[str, ...]
     TABLE_COLUMNS: tuple[str, ...]
     STATE_KEYS: tuple[str, ...]
+    LOW_PRECISION_KEYS: tuple[str, ...]  # keys that may be kept in bfloat16 for float32 params
 
     def variant(self, group: dict) -> Hashable: ...
 
@@ -133,6 +136,8 @@ def conformance_errors(rule, variants=None) -> list[str]:
         return errors
     if rule.STEP_KEY is not None and (not isinstance(rule.STEP_KEY, str) or rule.STEP_KEY in rule.STATE_KEYS):
         errors.append(f"STEP_KEY {rule.STEP_KEY!r} must be None or a key name outside STATE_KEYS")
+    if not set(rule.LOW_PRECISION_KEYS) <= set(rule.STATE_KEYS):
+        errors.append(f"LOW_PRECISION_KEYS {rule.LOW_PRECISION_KEYS} must be among STATE_KEYS {rule.STATE_KEYS}")
     if rule.HP_COLUMNS[:2] != ("scale", "sign") or rule.TABLE_COLUMNS[:2] != ("apply", "grad_coef"):
         errors.append("HP_COLUMNS must start with scale, sign and TABLE_COLUMNS with apply, grad_coef")
     protocol = ElementwiseRule if rule.KIND == ELEMENTWISE else MatrixRule

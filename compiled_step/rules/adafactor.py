@@ -74,6 +74,7 @@ _DTYPE_EPS = -1.0
 TABLE_COLUMNS = ("apply", "grad_coef")
 
 STATE_KEYS = ("row_var", "col_var", "variance")
+LOW_PRECISION_KEYS: tuple[str, ...] = ()  # state kept in the params' dtype only (state_dtypes.py)
 
 
 class Variant(NamedTuple):

@@ -63,6 +63,8 @@ TABLE_COLUMNS = ("apply", "grad_coef", "one_minus_beta1", "beta2", "one_minus_be
 _ONE_MINUS_BETA1, _T_BETA2, _ONE_MINUS_BETA2, _T_EPS, _DECAY, _L2, _NEG_STEP_SIZE, _BC2_SQRT = range(2, 10)
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# The moments may be kept in bfloat16 for float32 params (``state_dtypes``): read widened, rounded on store.
+LOW_PRECISION_KEYS = STATE_KEYS
 
 
 class Variant(NamedTuple):

@@ -69,6 +69,7 @@ TABLE_COLUMNS = ("apply", "grad_coef", "decay", "momentum", "one_minus_momentum"
 _T_DECAY, _T_MOMENTUM, _ONE_MINUS_MOMENTUM, _T_NESTEROV, _T_EPS = range(2, len(TABLE_COLUMNS))
 
 STATE_KEYS = ("momentum_buffer",)
+LOW_PRECISION_KEYS: tuple[str, ...] = ()  # state kept in the params' dtype only (state_dtypes.py)
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 

@@ -1,0 +1,154 @@
+"""Optimizer state in a lower precision than its params: bfloat16 moments for float32 params.
+
+torchtitan's ``bf16_optimizer_states`` and DeepSeek-V3 keep Adam's moments in bfloat16 (4 bytes per param
+instead of 8). The user makes them bfloat16, with ``bf16_moments(optimizer)`` or by filling
+``optimizer.state`` themselves as torchtitan's step pre-hook does; FusedStep then keeps each state key in the
+dtype its tensors have (``state_dtypes``: the sharding group's buffer for that key is made in it), computes in
+float32 and rounds to nearest on store (``rules.common.store_where``), as CUDA's fused Adam kernel does with
+bfloat16 moments.
+
+Which keys may be kept lower: a rule's ``LOW_PRECISION_KEYS`` (Adam's moments). Any other state of another
+dtype than its param (``model.to(dtype)`` after the state was made) is refused, as torch refuses it.
+
+Loading: ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its param's dtype, so
+a resume would silently make bfloat16 moments float32 again (torchtitan #4615). ``keep_saved_state_dtypes``
+registers load hooks on the optimizer that put back the dtype the checkpoint holds, for those keys only.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from compiled_step import planning
+from compiled_step.rules import rule_for
+
+LOW_PRECISION = torch.bfloat16
+# The param dtypes whose low-precision keys may be bfloat16: float32 (bf16 moments), and bfloat16 itself, whose
+# state torch makes bfloat16 anyway. A float64 param computes in float64 (rules.common.compute_dtype): its
+# state stays float64.
+_PARAM_DTYPES = (torch.float32, torch.bfloat16)
+_HOOKED = "_compiled_step_keeps_saved_state_dtypes"
+
+
+def allowed(rule, key: str, param_dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
+    """Whether state ``key`` of a ``param_dtype`` param may be kept in ``state_dtype``."""
+    return state_dtype == param_dtype or (
+        key in rule.LOW_PRECISION_KEYS and state_dtype == LOW_PRECISION and param_dtype in _PARAM_DTYPES)
+
+
+def state_dtypes(plan: planning.Plan, states: list[dict], rules: list) -> list[dict[str, torch.dtype]]:
+    """Per sharding group, the state keys kept in another dtype than the params (``{key: dtype}``), read from
+    the state the optimizer holds; ``states[g]`` is group g's optimizer's ``state``, ``rules[g]`` its rule.
+
+    Raises ``ValueError`` before anything changes for state of a dtype the rule does not allow (the param's
+    dtype changed after its state was made: ``model.to(dtype)``; torch.optim raises at its next step too), and
+    for one key in two dtypes in one sharding group (one buffer per key holds one dtype).
+    """
+    out = []
+    for group, state, rule in zip(plan.groups, states, rules):
+        seen: dict[str, dict[torch.dtype, str]] = {}
+        for p, name in zip(group.params, group.names):
+            for key, value in state.get(p, {}).items():
+                if key == rule.STEP_KEY or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    continue
+                if not allowed(rule, key, p.dtype, value.dtype):
+                    raise ValueError(
+                        f"{name} is {p.dtype} but its optimizer state {key!r} is {value.dtype}: the param's dtype "
+                        "changed after its state was created (model.to(dtype)?). torch.optim raises at its next "
+                        "step too. Cast before creating the optimizer, or load the state again with "
+                        "optimizer.load_state_dict(), which casts it to the params' dtype. Nothing was changed.")
+                seen.setdefault(key, {}).setdefault(value.dtype, name)
+        lowered = {}
+        for key, dtypes in seen.items():
+            if len(dtypes) > 1:
+                (a, first), (b, second) = list(dtypes.items())[:2]
+                raise ValueError(
+                    f"{group.label}: optimizer state {key!r} in {str(a).removeprefix('torch.')} and "
+                    f"{str(b).removeprefix('torch.')} ({first}, {second}): FusedStep keeps one key of a param "
+                    "group in one buffer of one dtype. Make every param's state of the group the same dtype "
+                    "(compiled_step.bf16_moments does). Nothing was changed.")
+            dtype = next(iter(dtypes))
+            if dtype != group.key.dtype:
+                lowered[key] = dtype
+        out.append(lowered)
+    return out
+
+
+def keep_saved_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep the low-precision state a checkpoint holds (bfloat16 moments of
+    float32 params) instead of casting it to the params' dtype. Once per optimizer; other keys and dtypes are
+    loaded as torch loads them."""
+    if getattr(optimizer, _HOOKED, False):
+        return
+    rule = rule_for(optimizer)
+    if not rule.LOW_PRECISION_KEYS:
+        return
+    saved: list[dict[str, torch.dtype]] = []  # per param position in the checkpoint: its low-precision keys
+
+    def record(opt, state_dict):
+        saved.clear()
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        for pid in ids:
+            st = state_dict["state"].get(pid, {})
+            saved.append({k: v.dtype for k, v in st.items()
+                          if k in rule.LOW_PRECISION_KEYS and isinstance(v, torch.Tensor) and v.dtype == LOW_PRECISION})
+        return None
+
+    def put_back(opt):
+        params = chain.from_iterable(g["params"] for g in opt.param_groups)  # paired by position, as torch pairs
+        for p, dtypes in zip(params, saved):
+            st = opt.state.get(p)
+            for key, dtype in dtypes.items():
+                if st is not None and key in st and st[key].dtype != dtype and allowed(rule, key, p.dtype, dtype):
+                    st[key] = st[key].to(dtype)  # exact: the values were bfloat16 when saved
+        saved.clear()
+
+    optimizer.register_load_state_dict_pre_hook(record)
+    optimizer.register_load_state_dict_post_hook(put_back)
+    setattr(optimizer, _HOOKED, True)
+
+
+def bf16_moments(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Keep ``optimizer``'s moments (Adam/AdamW: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) in bfloat16.
+
+    Registers a step pre-hook that creates a param's state the first time it has a grad, as torch.optim's
+    ``_init_group`` would but with bfloat16 moments (so the state holds the same keys for the same params as
+    torch's), and the load hooks of ``keep_saved_state_dtypes``. State that already exists is cast once.
+    Returns ``optimizer``. Raises ``TypeError`` for optimizers other than Adam and AdamW and ``ValueError`` for
+    params other than float32 or bfloat16, before anything changes.
+
+    ``FusedStep`` steps such state; eager ``optimizer.step()`` does on CUDA with ``fused=True`` only.
+    """
+    rule = rule_for(optimizer)
+    if not rule.LOW_PRECISION_KEYS:
+        raise TypeError(f"bf16_moments covers torch.optim.Adam and AdamW (their moments); got "
+                        f"{type(optimizer).__name__}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    wrong = sorted({str(p.dtype) for p in params if p.dtype not in _PARAM_DTYPES})
+    if wrong:
+        raise ValueError(f"bf16_moments keeps the moments of float32 or bfloat16 params; got {', '.join(wrong)} "
+                         "params (float64 params compute and keep their state in float64)")
+
+    def make_state(opt, args, kwargs):
+        for group in opt.param_groups:
+            keys = rule.state_keys(rule.variant(group))
+            for p in group["params"]:
+                if p.grad is None or opt.state.get(p):
+                    continue
+                st = opt.state[p]
+                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                for key in keys:
+                    st[key] = torch.zeros_like(p, dtype=LOW_PRECISION, memory_format=torch.preserve_format)
+        return None
+
+    with torch.no_grad():
+        for st in optimizer.state.values():
+            for key in rule.LOW_PRECISION_KEYS:
+                if key in st:
+                    st[key] = st[key].to(LOW_PRECISION)
+    optimizer.register_step_pre_hook(make_state)
+    keep_saved_state_dtypes(optimizer)
+    return optimizer
