@@ -62,6 +62,14 @@ class FusedStepConfig:
     zclip_alpha: float = 0.97  # ZClip's EMA smoothing factor
     zclip_z: float = 2.5  # ZClip's z-score threshold
     zclip_warmup: int = 25  # norms collected before ZClip's EMA starts
+    # Stochastic rounding of the update's bfloat16 stores (torchao's bf16_stochastic_round): "params" rounds bfloat16
+    # params, "state" bfloat16 state (compiled_step.bf16_moments), ("params", "state") both; () rounds to nearest, as
+    # torch. Unbiased (E[stored] = the float32 result). The random bits are a hash of (stochastic_rounding_seed, the
+    # tensor's step count, the element's place, the store): no generator state, no host sync, replayable in a CUDA
+    # graph, the same on every rank for replicated params, and a resume continues the same sequence. Adam and AdamW
+    # (rules with STOCHASTIC_ROUNDING); raises at the first step where nothing it names is bfloat16.
+    stochastic_rounding: tuple[str, ...] | str = ()
+    stochastic_rounding_seed: int = 0  # in [0, 2**31)
 
     def __post_init__(self):
         mgn = self.max_grad_norm
@@ -86,11 +94,30 @@ class FusedStepConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         _check_health_options(self)
+        _check_stochastic_rounding(self)
 
     @property
     def health(self) -> bool:
         """Whether any training-health option is on (the step then runs the health finish)."""
         return self.param_norms or self.skip_spike_sigma is not None or self.adaptive_clip is not None
+
+
+ROUNDED_STORES = ("params", "state")  # what stochastic_rounding may name
+
+
+def _check_stochastic_rounding(config: "FusedStepConfig") -> None:
+    """``stochastic_rounding`` as a tuple of names from ``ROUNDED_STORES``; the seed an int in [0, 2**31)."""
+    value = config.stochastic_rounding
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"stochastic_rounding must be a str or a tuple of str from {ROUNDED_STORES}, got {value!r}")
+    wrong = [n for n in names if n not in ROUNDED_STORES]
+    if wrong:
+        raise ValueError(f"stochastic_rounding names {wrong}: expected some of {ROUNDED_STORES}")
+    object.__setattr__(config, "stochastic_rounding", tuple(dict.fromkeys(names)))
+    _int_at_least(config.stochastic_rounding_seed, "stochastic_rounding_seed", 0)
+    if config.stochastic_rounding_seed >= 2**31:
+        raise ValueError(f"stochastic_rounding_seed must be < 2**31, got {config.stochastic_rounding_seed}")
 
 
 def _real(value, name: str, low: float, high: float | None = None) -> None:

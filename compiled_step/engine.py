@@ -64,6 +64,9 @@ class Engine:
         self.pp_group = collectives.process_group_of(dist.device_mesh, dist.pp_axis_name) if dist.pp_axis_name else None
         self.ep_group = collectives.process_group_of(dist.moe_mesh, dist.ep_axis_name) if dist.ep_axis_name else None
         self.norm_kind = NormKind.of(float(config.norm_type))
+        names = config.stochastic_rounding
+        self.rounding = program.StochasticRounding("params" in names, "state" in names,
+                                                   config.stochastic_rounding_seed) if names else None
         self.compiler = compiling.Compiler(config.backend, enabled=config.compile, verbose=config.verbose,
                                            notice=config.compile_notice,
                                            combo_kernels=compiling.resolve_combo_kernels(config.combo_kernels))
@@ -236,6 +239,7 @@ class Engine:
         # anything changes).
         state_layouts = [storage.lay_out_state(g, rules[g.key.param_group], variants[g.key.param_group], dtypes)
                          for g, dtypes in zip(plan.groups, kept_dtypes)]
+        self._check_rounding(plan, rules, state_layouts)
         if self.built is not None:
             self.built.binder.release()  # the old plan's grad hooks
         # Drop the old plan's buffers now: what still references them (the params' .data aliases, p.grad
@@ -258,10 +262,28 @@ class Engine:
         binder.bind_state(opts.items)
         fp8 = self.fp8.calls(plan, buffers) if self.fp8 else None
         prog = program.build(store, self.norm_kind, self.compiler, self.fillers, fp8,
-                             self.health.for_plan(plan, param_lists))
+                             self.health.for_plan(plan, param_lists), self.rounding)
         capture = config.cuda_graphs and not offload_state and plan.device.type == "cuda"
         self.built = Built(store, binder, prog, cuda_graphs.Runner(prog, plan.device, capture))
         return self.built
+
+    def _check_rounding(self, plan: planning.Plan, rules: list, state_layouts: list) -> None:
+        """Raise, before anything changes, where stochastic rounding is asked for and a group that has bfloat16
+        stores to round has a rule that cannot (its updates take no ``rounding``), or where nothing it names is
+        bfloat16 (it would silently round nothing)."""
+        if self.rounding is None:
+            return
+        applies = False
+        for g, layout in zip(plan.groups, state_layouts):
+            rule = rules[g.key.param_group]
+            if self.rounding.applies(g.key.dtype, tuple(k.dtype for k in layout.values())):
+                applies = True
+                if not rule.STOCHASTIC_ROUNDING:
+                    raise ValueError(f"{g.label}: stochastic_rounding={self.config.stochastic_rounding} is not "
+                                     f"offered for {rule.NAME} (Adam and AdamW only). Nothing was changed.")
+        if not applies:
+            raise ValueError(f"stochastic_rounding={self.config.stochastic_rounding}, but no param (\"params\") or "
+                             "state (\"state\": compiled_step.bf16_moments) it names is bfloat16. Nothing was changed.")
 
     def _agree(self, plan: planning.Plan) -> planning.Plan:
         """In a distributed run, make every rank's collectives identical (one all_gather_object over

@@ -33,6 +33,7 @@ from compiled_step.norm import param_partials
 from compiled_step.norm import partials as partials_module
 from compiled_step.norm.kinds import NormKind, combine
 from compiled_step.rules import state_kwargs
+from compiled_step.rules.common import Rounding
 
 COMPILED, EAGER, COLLECTIVE = "compiled", "eager", "collective"
 
@@ -121,14 +122,16 @@ def norm_calls(plan, groups: list[storage.GroupBuffers], buffers: storage.StepBu
 
 
 def build(store: storage.Storage, kind: NormKind, compiler: compiling.Compiler, fillers: buckets.Fillers, fp8=None,
-          health=None) -> Program:
+          health=None, rounding: StochasticRounding | None = None) -> Program:
     """The program of one plan's ``store``. ``fp8``: the FP8 weights' calls (``Fp8Weights.calls``), appended to
-    the update; ``health``: the training-health options' input to the norm half (``norm_calls``)."""
+    the update; ``health``: the training-health options' input to the norm half (``norm_calls``); ``rounding``:
+    the stochastic rounding asked for (``FusedStepConfig.stochastic_rounding``), None for none."""
     plan, groups, buffers = store.plan, store.groups, store.buffers
     norm = norm_calls(plan, groups, buffers, store.group_rules, kind, compiler, fillers, health)
     update: list[Call] = []
     for g, gb in enumerate(groups):
-        update += _updates(plan, g, gb, buffers, store.group_rules[g], store.group_variants[g], compiler, fillers)
+        update += _updates(plan, g, gb, buffers, store.group_rules[g], store.group_variants[g], compiler, fillers,
+                           rounding)
     for runs_as, label, fn, args in fp8 or ():
         update.append(Call(label, runs_as, fn, args))
     return Program(norm, update, compiler)
@@ -219,11 +222,22 @@ def _finish(plan, buffers: storage.StepBuffers, rules: list, kind: NormKind, com
 
 
 def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var,
-             compiler: compiling.Compiler, fillers: buckets.Fillers) -> list[Call]:
+             compiler: compiling.Compiler, fillers: buckets.Fillers,
+             rounding: StochasticRounding | None = None) -> list[Call]:
     """Phase B of one group: staged params in, the flat update or the matrix stacks, staged params
     out, then the buckets."""
     group = gb.group
-    dtypes = (group.key.dtype, group.key.grad_dtype, plan.device.type)
+    state_dtypes = tuple(gb.state_layout[k].dtype for k in gb.state_keys)
+    dtypes = (group.key.dtype, group.key.grad_dtype, plan.device.type) + state_dtypes
+    rounds = rounding is not None and rounding.applies(group.key.dtype, state_dtypes)
+
+    def with_rounding(kwargs: dict, call: int) -> dict:
+        """The call's ``rounding`` argument, for the rules that take it: its own seed (``call``: its index in
+        the group), or None where nothing of the group rounds stochastically."""
+        if not rule.STOCHASTIC_ROUNDING:
+            return kwargs
+        return {**kwargs, "rounding": rounding.for_call(g, call, plan.device) if rounds else None}
+
     calls = []
     if gb.staged:
         calls.append(Call(f"copy {len(gb.staged)} staged params in, group {g}", EAGER, copy_staged_in, (gb,)))
@@ -248,15 +262,15 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
         calls.append(Call(
             f"Phase B flat update, group {g} ({len(group.flat)} params, {group.flat_rows} rows)", COMPILED,
             compiler.get(rule.update_flat), (gb.params, gb.grads[:group.flat_rows].detach()),
-            _flat_kwargs(gb, buffers, rule, var), _function_name(rule.update_flat),
-            ("update_flat", rule.NAME, var) + dtypes))
+            with_rounding(_flat_kwargs(gb, buffers, rule, var), 0), _function_name(rule.update_flat),
+            ("update_flat", rule.NAME, var, rounds) + dtypes))
     if gb.staged:
         calls.append(Call(f"copy {len(gb.staged)} staged params out, group {g}", EAGER, copy_staged_out, (gb,)))
     bucket_fn = compiler.get(rule.update_bucket) if group.bucket_count else None
     for b, (args, kwargs) in enumerate(_bucket_args(gb, rule, var, buffers, fillers)):
         calls.append(Call(
-            f"Phase B bucket update, group {g}, bucket {b}", COMPILED, bucket_fn, args, kwargs,
-            _function_name(rule.update_bucket), ("update_bucket", rule.NAME, var, group.key.fp8) + dtypes))
+            f"Phase B bucket update, group {g}, bucket {b}", COMPILED, bucket_fn, args, with_rounding(kwargs, b + 1),
+            _function_name(rule.update_bucket), ("update_bucket", rule.NAME, var, group.key.fp8, rounds) + dtypes))
     return calls
 
 
@@ -300,6 +314,25 @@ def _sharded_matrix_calls(plan, g: int, gb: storage.GroupBuffers, buffers: stora
 
 
 # ---------------------------------------------------------------------- the calls' arguments
+
+
+@dataclass(frozen=True)
+class StochasticRounding:
+    """What ``FusedStepConfig.stochastic_rounding`` asks for: which bfloat16 stores round stochastically, and the
+    run's seed. Each update call gets its own ``rules.common.Rounding``, whose seed mixes the run's with the
+    call's place in the program (the same on every rank of a replicated plan), so no two calls share a stream."""
+
+    params: bool
+    state: bool
+    seed: int
+
+    def applies(self, param_dtype: torch.dtype, state_dtypes: tuple) -> bool:
+        """Whether a group of these dtypes has a bfloat16 store to round stochastically."""
+        return (self.params and param_dtype == torch.bfloat16) or (self.state and torch.bfloat16 in state_dtypes)
+
+    def for_call(self, group: int, call: int, device: torch.device) -> Rounding:
+        mixed = (self.seed * 0x9E3779B1 + (group * 65536 + call) * 0x85EBCA77) & 0x7FFFFFFF
+        return Rounding(torch.tensor([mixed], dtype=torch.int64).to(device), self.params, self.state)
 
 
 def _flat_kwargs(gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var) -> dict:

@@ -10,6 +10,8 @@ that differs between rules is data or a function on the rule module, never a bra
   where the variant keeps none;
 * ``LOW_PRECISION_KEYS``: the state keys a user may keep in bfloat16 for float32 params (Adam's moments:
   ``state_dtypes.py``); the update reads them widened and rounds them on store;
+* ``STOCHASTIC_ROUNDING``: its elementwise updates take ``rounding`` (``common.Rounding`` or None) and round
+  their bfloat16 stores stochastically with it (``FusedStepConfig.stochastic_rounding``);
 * ``state_layout(variant, shape, dtype)``: the state tensors one param of that (local) shape and dtype
   keeps, each a ``StateTensor(shape, dtype)`` in torch's shape: param-shaped for Adam, SGD and Muon,
   a factored ``row_var``/``col_var`` pair for Adafactor's matrices. ``storage.lay_out_state`` lays the
@@ -52,6 +54,7 @@ class UpdateRule(Protocol):
     TABLE_COLUMNS: tuple[str, ...]
     STATE_KEYS: tuple[str, ...]
     LOW_PRECISION_KEYS: tuple[str, ...]  # keys that may be kept in bfloat16 for float32 params
+    STOCHASTIC_ROUNDING: bool  # its elementwise updates take ``rounding`` (common.Rounding or None)
 
     def variant(self, group: dict) -> Hashable: ...
 
@@ -159,6 +162,8 @@ def conformance_errors(rule, variants=None) -> list[str]:
             errors.append(f"missing function {name}")
             continue
         expected = {p for p in inspect.signature(getattr(protocol, name)).parameters if p not in ("self", "state")}
+        if rule.KIND == ELEMENTWISE and rule.STOCHASTIC_ROUNDING:
+            expected.add("rounding")
         params = inspect.signature(fn).parameters.values()
         got = {p.name for p in params}
         variadic = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

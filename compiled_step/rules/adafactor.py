@@ -75,6 +75,7 @@ TABLE_COLUMNS = ("apply", "grad_coef")
 
 STATE_KEYS = ("row_var", "col_var", "variance")
 LOW_PRECISION_KEYS: tuple[str, ...] = ()  # state kept in the params' dtype only (state_dtypes.py)
+STOCHASTIC_ROUNDING = False  # its updates round to nearest only (FusedStepConfig.stochastic_rounding)
 
 
 class Variant(NamedTuple):

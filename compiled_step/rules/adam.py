@@ -37,14 +37,17 @@ from compiled_step.rules.common import (
     ELEMENTWISE,
     GRAD_COEF,
     SCALE,
+    Rounding,
     SIGN,
     StateTensor,
     as_compute,
+    bf16_stochastic,
     check_range,
     compute_dtype,
     hyperparameter,
     like_param,
     reject_common_options,
+    rounding_bits,
     store_where,
     widening,
 )
@@ -65,6 +68,8 @@ _ONE_MINUS_BETA1, _T_BETA2, _ONE_MINUS_BETA2, _T_EPS, _DECAY, _L2, _NEG_STEP_SIZ
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # The moments may be kept in bfloat16 for float32 params (``state_dtypes``): read widened, rounded on store.
 LOW_PRECISION_KEYS = STATE_KEYS
+# The updates take ``rounding`` (stochastic rounding of bfloat16 stores), its random bits keyed by the step count.
+STOCHASTIC_ROUNDING = True
 
 
 class Variant(NamedTuple):
@@ -171,6 +176,7 @@ def update_flat(
     row_slot: torch.Tensor,  # [R] int32: which of the group's slots each row belongs to
     table: torch.Tensor,  # [Sf, len(TABLE_COLUMNS)] float32 or float64: the group's flat slots' scalars
     counts: torch.Tensor,  # [Sf] float32: their step counts; mutated (+1 where applied)
+    rounding: Rounding | None,  # stochastic rounding of bfloat16 stores, or None: to nearest
 ) -> None:
     rows = as_compute(table[row_slot.long()], compute_dtype(params.dtype))  # [R, K]: a row's scalars, read once
     widen = widening(params.dtype)
@@ -181,7 +187,12 @@ def update_flat(
     stores = [(params, p_new, p32), (exp_avg, m_new, m32), (exp_avg_sq, v_new, v32)]
     if max_exp_avg_sq is not None:
         stores.append((max_exp_avg_sq, vm_new, vm32))
-    store_where(keep, stores)
+    if rounding is not None:  # keyed by each row's step count and each element's place in the buffer
+        position = torch.arange(params.numel(), device=params.device).view(params.shape)
+        bits = rounding_bits(rounding, counts[row_slot.long()][:, None], position, [d.dtype for d, *_ in stores])
+    else:
+        bits = None
+    store_where(keep, stores, bits)
     # The step count advances in the same graph that writes the params: an interrupted step never
     # leaves a param updated with its count unchanged.
     counts.copy_(advance(counts, table[:, APPLY]))
@@ -196,6 +207,7 @@ def update_bucket(
     table: torch.Tensor,  # [B, len(TABLE_COLUMNS)] float32 or float64: the bucket's slots' scalars
     counts: torch.Tensor,  # [B] float32: their step counts; mutated
     amax: torch.Tensor | None,  # [B] float32: written with max|p| of the stored params (FP8), or None
+    rounding: Rounding | None,  # stochastic rounding of bfloat16 stores, or None: to nearest
 ) -> None:
     amaxes = []
     compute, widen = compute_dtype(params[0].dtype), widening(params[0].dtype)  # one sharding group: one dtype
@@ -206,9 +218,14 @@ def update_bucket(
         vm32 = widen(vm) if vm is not None else None
         p_new, m_new, v_new, vm_new = _math(p32, grads[j], m32, v32, vm32, lambda k: as_compute(table[j, k], compute))
         keep = table[j, APPLY] != 0
-        stores = [(m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else [])
-        store_where(keep, stores)
-        p_stored = torch.where(keep, p_new, p32).to(p.dtype)
+        stores = [(p, p_new, p32), (m, m_new, m32), (v, v_new, v32)] + ([(vm, vm_new, vm32)] if vm is not None else [])
+        bits = rounding_bits(rounding, counts[j], torch.arange(p.numel(), device=p.device),
+                             [d.dtype for d, *_ in stores], first_stream=4 * j) if rounding is not None else None
+        store_where(keep, stores[1:], bits[1:] if bits is not None else None)
+        if bits is not None and bits[0] is not None:
+            p_stored = bf16_stochastic(torch.where(keep, p_new, p32), bits[0])
+        else:
+            p_stored = torch.where(keep, p_new, p32).to(p.dtype)
         p.copy_(p_stored)
         if amax is not None:  # a reduction over the values being stored: same loop, no extra read
             amaxes.append(p_stored.abs().amax().float())

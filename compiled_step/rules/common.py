@@ -113,10 +113,76 @@ def reject_common_options(group: dict, kind: str) -> None:
         )
 
 
-def store_where(keep: torch.Tensor, stores) -> None:
+def store_where(keep: torch.Tensor, stores, bits: list | None = None) -> None:
     """Write ``new`` into each destination where ``keep``, else its old value (bit-identical on a skip).
 
     ``old32``: the destination's value in its compute dtype (float32, or float64 for float64 params).
+    ``bits``: None, or per store its random bits (``rounding_bits``): a bfloat16 destination with bits rounds
+    stochastically, every other one to nearest. A kept old value is a bfloat16 value, which both round exactly.
     """
-    for dst, new, old32 in stores:
-        dst.copy_(torch.where(keep, new, old32).to(dst.dtype))
+    for k, (dst, new, old32) in enumerate(stores):
+        if bits is not None and bits[k] is not None:
+            dst.copy_(bf16_stochastic(torch.where(keep, new, old32).float(), bits[k]))
+        else:
+            dst.copy_(torch.where(keep, new, old32).to(dst.dtype))
+
+
+def rounding_bits(rounding: "Rounding | None", step: torch.Tensor, position: torch.Tensor, dtypes,
+                  first_stream: int = 0) -> list | None:
+    """Per store (the params first, then the state keys, of ``dtypes``), the random bits of its stochastic
+    rounding, or None where it rounds to nearest (not asked for, or not a bfloat16 destination). None when
+    ``rounding`` is None. Streams are numbered from ``first_stream`` (a bucket's tensors take their own)."""
+    if rounding is None:
+        return None
+    out = []
+    for k, dtype in enumerate(dtypes):
+        wanted = rounding.params if k == 0 else rounding.state
+        out.append(random_bits16(rounding.seed, step, first_stream + k, position)
+                   if wanted and dtype == torch.bfloat16 else None)
+    return out
+
+
+class Rounding(NamedTuple):
+    """Stochastic rounding of an update's bfloat16 stores (``FusedStepConfig.stochastic_rounding``).
+
+    ``seed``: a ``[1]`` int64 graph input, the call's own seed (the run's seed mixed with the call's index in the
+    program, so two calls never share a stream); ``params``/``state``: graph constants, which stores round
+    stochastically (bfloat16 destinations only; others round to nearest as always).
+    """
+
+    seed: torch.Tensor
+    params: bool
+    state: bool
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32): int64 math whose products
+    stay below 2**63 (both multipliers < 2**31), so it is exact on every backend."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def random_bits16(seed: torch.Tensor, step: torch.Tensor, stream: int, position: torch.Tensor) -> torch.Tensor:
+    """16 random bits per element, a pure function of (seed, step, stream, position): counter-based, so no
+    generator state, no host sync, replayable in a CUDA graph, and the same wherever the inputs are the same
+    (every rank of a replicated param). ``step``: the tensor's step count (float, broadcast against
+    ``position``); ``stream``: which store (0 the params, 1.. the state keys); ``position``: the element's index
+    in its buffer (int64)."""
+    key = (seed + step.to(torch.int64) * 0x9E3779B1 + stream * 0x632BE5AB) & _MASK32
+    return _mix32((position & _MASK32) ^ _mix32(key)) & 0xFFFF
+
+
+def bf16_stochastic(x32: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``x32`` (float32) rounded to bfloat16 away from zero with probability (dropped fraction / 2**16), else
+    toward zero: unbiased, E[result] = x32. Non-finite values pass through unchanged."""
+    raw = x32.view(torch.int32)
+    toward_zero = raw & -65536  # the bfloat16 bits: sign, exponent and 7 mantissa bits
+    away = bits.to(torch.int32) < (raw & 0xFFFF)
+    rounded = torch.where(away, toward_zero + 65536, toward_zero).view(torch.float32)
+    return torch.where(torch.isfinite(x32), rounded, x32).to(torch.bfloat16)

@@ -70,6 +70,7 @@ _T_DECAY, _T_MOMENTUM, _ONE_MINUS_MOMENTUM, _T_NESTEROV, _T_EPS = range(2, len(T
 
 STATE_KEYS = ("momentum_buffer",)
 LOW_PRECISION_KEYS: tuple[str, ...] = ()  # state kept in the params' dtype only (state_dtypes.py)
+STOCHASTIC_ROUNDING = False  # its updates round to nearest only (FusedStepConfig.stochastic_rounding)
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 

@@ -57,6 +57,7 @@ _NEG_LR, _T_WD, _T_MOMENTUM, _ONE_MINUS_DAMPENING, _T_NESTEROV, _FIRST = range(2
 
 STATE_KEYS = ("momentum_buffer",)
 LOW_PRECISION_KEYS: tuple[str, ...] = ()  # state kept in the params' dtype only (state_dtypes.py)
+STOCHASTIC_ROUNDING = False  # its updates round to nearest only (FusedStepConfig.stochastic_rounding)
 
 
 class Variant(NamedTuple):
