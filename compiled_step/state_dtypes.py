@@ -114,11 +114,14 @@ def keep_saved_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
 def bf16_moments(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Keep ``optimizer``'s moments (Adam/AdamW: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) in bfloat16.
 
-    Registers a step pre-hook that creates a param's state the first time it has a grad, as torch.optim's
-    ``_init_group`` would but with bfloat16 moments (so the state holds the same keys for the same params as
-    torch's), and the load hooks of ``keep_saved_state_dtypes``. State that already exists is cast once.
-    Returns ``optimizer``. Raises ``TypeError`` for optimizers other than Adam and AdamW and ``ValueError`` for
-    params other than float32 or bfloat16, before anything changes.
+    Every param's state is made now, as torch.optim's ``_init_group`` makes it at a param's first grad but with
+    bfloat16 moments (state that already exists is cast once), so that a checkpoint loader that fills the
+    optimizer's existing state (DCP's ``get_state_dict``/``dcp.load``) loads into bfloat16 tensors instead of
+    first running an eager step to make float32 ones. A param that never gets a grad keeps zeros at step 0,
+    which the step skips as torch does. A step pre-hook does the same for params added later
+    (``add_param_group``) at their first grad, and the load hooks of ``keep_saved_state_dtypes`` keep a
+    checkpoint's bfloat16 moments bfloat16. Returns ``optimizer``. Raises ``TypeError`` for optimizers other
+    than Adam and AdamW and ``ValueError`` for params other than float32 or bfloat16, before anything changes.
 
     ``FusedStep`` steps such state; eager ``optimizer.step()`` does on CUDA with ``fused=True`` only.
     """
@@ -132,11 +135,11 @@ def bf16_moments(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         raise ValueError(f"bf16_moments keeps the moments of float32 or bfloat16 params; got {', '.join(wrong)} "
                          "params (float64 params compute and keep their state in float64)")
 
-    def make_state(opt, args, kwargs):
+    def make_state(opt, args=(), kwargs=None, everywhere=False):
         for group in opt.param_groups:
             keys = rule.state_keys(rule.variant(group))
             for p in group["params"]:
-                if p.grad is None or opt.state.get(p):
+                if (p.grad is None and not everywhere) or opt.state.get(p):
                     continue
                 st = opt.state[p]
                 st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
@@ -149,6 +152,7 @@ def bf16_moments(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             for key in rule.LOW_PRECISION_KEYS:
                 if key in st:
                     st[key] = st[key].to(LOW_PRECISION)
+    make_state(optimizer, everywhere=True)
     optimizer.register_step_pre_hook(make_state)
     keep_saved_state_dtypes(optimizer)
     return optimizer
