@@ -155,27 +155,25 @@ class Rounding(NamedTuple):
     state: bool
 
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32): int64 math whose products
-    stay below 2**63 (both multipliers < 2**31), so it is exact on every backend."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _MASK32
-    return x ^ (x >> 16)
-
-
 def random_bits16(seed: torch.Tensor, step: torch.Tensor, stream: int, position: torch.Tensor) -> torch.Tensor:
-    """16 random bits per element, a pure function of (seed, step, stream, position): counter-based, so no
-    generator state, no host sync, replayable in a CUDA graph, and the same wherever the inputs are the same
-    (every rank of a replicated param). ``step``: the tensor's step count (float, broadcast against
-    ``position``); ``stream``: which store (0 the params, 1.. the state keys); ``position``: the element's index
-    in its buffer (int64)."""
-    key = (seed + step.to(torch.int64) * 0x9E3779B1 + stream * 0x632BE5AB) & _MASK32
-    return _mix32((position & _MASK32) ^ _mix32(key)) & 0xFFFF
+    """16 random bits per element (int32 in [0, 2**16)), a pure function of (seed, step, stream, position):
+    counter-based, so no generator state, no host sync, replayable in a CUDA graph, and the same wherever the
+    inputs are the same (every rank of a replicated param). ``step``: the tensor's step count (float, broadcast
+    against ``position``); ``stream``: which store (0 the params, 1.. the state keys); ``position``: the
+    element's index in its buffer (int64).
+
+    All int32, with wrapping multiplies (logical shifts written as an arithmetic shift and a mask): int64
+    multiplies have no vector instruction on AVX2, and Inductor recomputes a per-row key inside the element
+    loop, so the key is a cheap linear combination and the per-element hash does the mixing: three rounds of
+    multiply-xorshift over (position xor key)."""
+    # seed[0], a scalar: broadcast as a [1] tensor against a dynamic [rows, 256] block, Inductor (2.13) indexed it
+    # by the column, reading past its one element.
+    key = seed[0].to(torch.int32) * 0x2545F491 + step.to(torch.int32) * 0x1E3779B1 + stream * 0x632BE5AB
+    x = position.to(torch.int32) ^ key
+    for multiplier in (0x7FEB352D, 0x5BD1E995, 0x2C1B3C6D):
+        x = x ^ ((x >> 16) & 0xFFFF)
+        x = x * multiplier
+    return (x ^ ((x >> 15) & 0x1FFFF)) & 0xFFFF
 
 
 def bf16_stochastic(x32: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -183,6 +181,6 @@ def bf16_stochastic(x32: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     toward zero: unbiased, E[result] = x32. Non-finite values pass through unchanged."""
     raw = x32.view(torch.int32)
     toward_zero = raw & -65536  # the bfloat16 bits: sign, exponent and 7 mantissa bits
-    away = bits.to(torch.int32) < (raw & 0xFFFF)
+    away = bits < (raw & 0xFFFF)
     rounded = torch.where(away, toward_zero + 65536, toward_zero).view(torch.float32)
     return torch.where(torch.isfinite(x32), rounded, x32).to(torch.bfloat16)

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.low_precision:
+            return _run_low_precision(args)
         resolve(args)
         # bench.png needs matplotlib (the cli extra): say so now, not after the whole run.
         require_cli_extra("the bench", ["matplotlib"])
@@ -50,6 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, MissingExtraError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_low_precision(args) -> int:
+    from compiled_step.cli.bench import low_precision  # noqa: PLC0415 -- this mode only
+
+    try:
+        threads = [int(t) for t in args.low_precision.split(",")]
+    except ValueError:
+        raise BenchError(f"--low-precision takes thread counts like 1,2; got {args.low_precision!r}") from None
+    if args.device != "cpu":
+        raise BenchError("--low-precision measures the CPU step (--device cpu)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(torch.device("cpu"))
+    _log(f"bench --low-precision: torch {machine['torch']}, threads {threads}")
+    table = low_precision.run(threads, args.rounds or 11, _log)
+    header = (f"_{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {machine['torch']}, "
+              f"{machine['device_name']}; command: {_command(sys.argv[1:])}_\n\n")
+    (out / "low_precision.md").write_text(header + table)
+    _log("\n" + table)
+    return 0
 
 
 def _log(msg: str) -> None:

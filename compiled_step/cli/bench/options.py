@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a torch.profiler op table for the fused method and B of each row to --out")
     p.add_argument("--write-benchmarks-md", nargs="?", const="BENCHMARKS.md", default=None, metavar="PATH",
                    help="also regenerate BENCHMARKS.md (or PATH) from this run")
+    p.add_argument("--low-precision", default=None, metavar="THREADS",
+                   help="run only the low-precision state rows (bf16 moments, stochastically rounded bf16 params, "
+                   "torchao's optimizers) at these thread counts, e.g. 1,2; writes low_precision.md to --out "
+                   "(CPU; --rounds, default 11)")
     return p
 
 
