@@ -185,3 +185,30 @@ def test_bf16_moments_refuses_what_it_does_not_cover():
         bf16_moments(torch.optim.SGD(make_params(), lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="float32 or bfloat16 params"):
         bf16_moments(torch.optim.AdamW(make_params(torch.float64), lr=0.1))
+
+
+def test_several_optimizers_and_health_options_with_bf16_moments():
+    """AdamW with bf16 moments beside SGD under one clip, with param_norms on: the same updates as the reference
+    (one clip_grad_norm_ over both, then each optimizer), and the per-param norms torch computes."""
+    ours, ref = make_params(), make_params()
+    half = len(ours) // 2
+    adamw = bf16_moments(torch.optim.AdamW(ours[:half], lr=1e-2))
+    sgd = torch.optim.SGD(ours[half:], lr=1e-2, momentum=0.9)
+    fused = FusedStep([adamw, sgd], max_grad_norm=1.0, param_norms=True, compile_notice=False)
+    ref_adamw = torch.optim.AdamW(ref[:half], lr=1e-2, foreach=False)
+    ref_sgd = torch.optim.SGD(ref[half:], lr=1e-2, momentum=0.9, foreach=False)
+    for step in range(STEPS):
+        grads = make_grads(ours, step)
+        write_grads(ours, grads)
+        write_grads(ref, grads)
+        fused.step()
+        expected_norms = torch.stack([g.double().norm() for g in grads])
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_adamw.step()
+        _round_moments_to_bf16(ref_adamw)
+        ref_sgd.step()
+        torch.testing.assert_close(fused.param_norms, expected_norms, rtol=1e-6, atol=0)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, **PARAM_TOL)
+    for p, q in zip(ours[:half], ref[:half]):
+        _assert_moments_close(adamw.state[p], ref_adamw.state[q])
