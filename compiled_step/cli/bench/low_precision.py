@@ -31,9 +31,9 @@ import torch
 from compiled_step.cli.bench.measure import CacheFlusher, Triad, num_threads, peak_extra_bytes, unique_graphs
 
 LR, MAX_NORM = 1e-3, 1.0
-# A transformer-like layout: d_model 1024, 4 blocks of 4 matrices (qkv/out/up/down shapes) with their biases and
-# norms, and an embedding: 19 M params in 36 tensors, every tensor a multiple of torchao's 256-element blocks.
-D = 1024
+# A transformer-like layout: d_model 512, 4 blocks of 4 matrices (qkv/out/up/down shapes) with their biases and
+# norms, and an embedding: 16.8 M params in 35 tensors, every tensor a multiple of torchao's 256-element blocks.
+D = 512
 
 
 def layout() -> list[tuple[int, ...]]:
