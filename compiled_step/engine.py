@@ -228,17 +228,19 @@ class Engine:
             group_labels=opts.labels())
         checks.refuse_partial_params(plan)
         owners = opts.owners()
-        # The keys the user keeps in bfloat16 (raises for state of a dtype the rule does not allow)
-        kept_dtypes = state_dtypes.state_dtypes(plan, [opts.items[owners[g.key.param_group]].state
-                                                       for g in plan.groups],
-                                                [rules[g.key.param_group] for g in plan.groups])
+        def kept_dtypes_of(plan):  # per group, the keys the user keeps in bfloat16 (raises for a dtype not allowed)
+            return state_dtypes.state_dtypes(plan, [opts.items[owners[g.key.param_group]].state for g in plan.groups],
+                                             [rules[g.key.param_group] for g in plan.groups])
+
+        kept_dtypes_of(plan)  # checked before the agreement, as every check of the local plan
         plan = self._agree(plan)
+        kept_dtypes = kept_dtypes_of(plan)  # the agreed plan's groups (an EP rank without experts gains some)
         previous = [p.grad for p in plan.params]
         binding.check_grads(plan, previous)
         # Each group's state layout, from its rule's declaration (raises for what cannot be placed, before
         # anything changes).
         state_layouts = [storage.lay_out_state(g, rules[g.key.param_group], variants[g.key.param_group], dtypes)
-                         for g, dtypes in zip(plan.groups, kept_dtypes)]
+                         for g, dtypes in zip(plan.groups, kept_dtypes, strict=True)]
         self._check_rounding(plan, rules, state_layouts)
         if self.built is not None:
             self.built.binder.release()  # the old plan's grad hooks
@@ -250,9 +252,9 @@ class Engine:
         group_variants = [variants[g.key.param_group] for g in plan.groups]
         offload_state = self.offload_optimizer_state
         groups = [storage.GroupBuffers(g, layout, offload=offload_state, external_grads=external)
-                  for g, layout in zip(plan.groups, state_layouts)]
+                  for g, layout in zip(plan.groups, state_layouts, strict=True)]
         lr_ratios = [[rule.lr_ratio(st.whole_shape, var) for st in g.stacks]
-                     for g, rule, var in zip(plan.groups, group_rules, group_variants)]
+                     for g, rule, var in zip(plan.groups, group_rules, group_variants, strict=True)]
         buffers = storage.StepBuffers(plan, group_rules, self.norm_kind, config.max_grad_norm,
                                       self.outputs_on(plan.device), offload=offload_state, lr_ratios=lr_ratios)
         store = storage.Storage(plan, groups, buffers, group_rules, group_variants)
@@ -274,7 +276,7 @@ class Engine:
         if self.rounding is None:
             return
         applies = False
-        for g, layout in zip(plan.groups, state_layouts):
+        for g, layout in zip(plan.groups, state_layouts, strict=True):
             rule = rules[g.key.param_group]
             if self.rounding.applies(g.key.dtype, tuple(k.dtype for k in layout.values())):
                 applies = True
