@@ -9,14 +9,13 @@ tensor, ``step`` torch's float32 step tensor, already incremented)::
     bc1 = 1 - beta1 ** step ; bc2 = 1 - beta2 ** step
     m   = deq(m).lerp(g, 1 - beta1)         # 1 - beta: a Python float, rounded once
     v   = deq(v).lerp(g.square(), 1 - beta2)
-    vm  = max(deq(vm), v) ; v_used = vm     # amsgrad
-    m, v (and vm) stored quantized; the param update reads the float32 values, not the stored ones
-    p   = p - lr * (m / bc1) / (sqrt(v_used) / sqrt(bc2) + eps)
+    m, v stored quantized; the param update reads the float32 values, not the stored ones
+    p   = p - lr * (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)
 
 Its state: a param of at least 4096 elements, a multiple of the block size (256), keeps each moment as an
 ``OptimState8bit``: uint8 ``codes`` shaped like the param, one float32 ``scale`` per block of 256 consecutive
 elements (the block's max |x|, at least 1e-12) and a 256-entry ``qmap`` (``create_dynamic_map``: signed for
-``exp_avg``, unsigned for the others). A code is the nearest map entry of x / scale: the largest entry <= x
+``exp_avg``, unsigned for ``exp_avg_sq``). A code is the nearest map entry of x / scale: the largest entry <= x
 found by an 8-step binary search, then one up when x is at least halfway to the next. Smaller params keep
 plain tensors of the param's dtype (``zeros_like``).
 
@@ -31,8 +30,9 @@ side by side, so this is a ``MATRIX`` rule (like Adafactor): same-shape params i
 stack, every dim symbolic. Within a stack every param is quantized or none is (it depends on the shape only).
 
 Not supported (``group_values`` raises ``ValueError`` before anything changes): DTensor params (torchao
-quantizes each rank's local shard), ``bf16_stochastic_round`` with bfloat16 params (random), a non-contiguous
-quantized param, and state in another form than torchao makes for the param (another block size, say).
+quantizes each rank's local shard), ``amsgrad=True`` (torchao 0.18's own step fails on quantized state:
+``OptimState8bit`` has no ``maximum``), ``bf16_stochastic_round`` with bfloat16 params (random), a block size
+other than 256, a non-contiguous quantized param, and state in another form than torchao makes for the param.
 
 torchao is imported by ``rules.rule_for`` only when it is handed a torchao optimizer, so ``compiled_step``
 imports and runs without torchao; this module needs it (its qmaps and state class).
@@ -78,7 +78,7 @@ BLOCK = 256  # torchao's default block_size; the only one accepted
 MIN_QUANTIZED = 4096  # torchao (after bitsandbytes) quantizes params of at least this many elements
 
 # torch's state keys, whether each is quantized with the signed map, and the buffer keys a quantized one is kept in.
-_MOMENTS = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+_MOMENTS = {"exp_avg": True, "exp_avg_sq": False}
 STATE_PARTS = {key: (f"{key}_codes", f"{key}_scale") for key in _MOMENTS}
 STATE_KEYS = (*_MOMENTS, *(part for parts in STATE_PARTS.values() for part in parts))
 
@@ -87,22 +87,15 @@ _QMAPS = {True: tuple(create_dynamic_map(signed=True)), False: tuple(create_dyna
 
 
 class Variant(NamedTuple):
-    """Structural options: amsgrad adds a state tensor."""
-
-    amsgrad: bool
+    """No structural option (amsgrad is refused): every hyperparameter is a tensor read each step."""
 
 
 def variant(group: dict) -> Variant:
-    return Variant(amsgrad=bool(group["amsgrad"]))
-
-
-def _moments(var: Variant) -> tuple[str, ...]:
-    return tuple(_MOMENTS) if var.amsgrad else tuple(_MOMENTS)[:2]
+    return Variant()
 
 
 def state_keys(var: Variant) -> tuple[str, ...]:
-    moments = _moments(var)
-    return (*moments, *(part for key in moments for part in STATE_PARTS[key]))
+    return STATE_KEYS
 
 
 def quantizes(shape: tuple[int, ...]) -> bool:
@@ -117,12 +110,12 @@ def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> di
     """A quantized param: each moment's codes (uint8, its shape) and scales (float32, one per block); any other
     param: each moment as a tensor of its shape and dtype."""
     if not quantizes(shape):
-        return {key: StateTensor(tuple(shape), dtype) for key in _moments(var)}
+        return {key: StateTensor(tuple(shape), dtype) for key in _MOMENTS}
     n = 1
     for size in shape:
         n *= size
     layout = {}
-    for key in _moments(var):
+    for key in _MOMENTS:
         codes, scale = STATE_PARTS[key]
         layout[codes] = StateTensor(tuple(shape), torch.uint8)
         layout[scale] = StateTensor((n // BLOCK,), torch.float32)
@@ -174,6 +167,9 @@ def count_at_bind(created: bool) -> None:
 
 def _refuse_unsupported(optimizer, group: dict, where: str) -> None:
     """``ValueError`` for params and state this rule does not update as torchao would."""
+    if group["amsgrad"]:
+        raise ValueError(f"{where}: amsgrad=True is not supported with {type(optimizer).__name__} (torchao 0.18's own "
+                         "step fails on its quantized state). Nothing was updated.")
     if getattr(optimizer, "block_size", BLOCK) != BLOCK:
         raise ValueError(f"{where}: FusedStep supports torchao's block_size={BLOCK} only, got "
                          f"{optimizer.block_size}. Nothing was updated.")
@@ -276,13 +272,10 @@ def update_matrices(
     variant: Variant,  # graph constant
     exp_avg: torch.Tensor | None,  # [n, *S] (small params), or None; mutated
     exp_avg_sq: torch.Tensor | None,  # [n, *S] (small params), or None; mutated
-    max_exp_avg_sq: torch.Tensor | None,  # [n, *S] (small params, amsgrad), or None; mutated
     exp_avg_codes: torch.Tensor | None,  # [n, *S] uint8 (quantized params), or None; mutated
     exp_avg_scale: torch.Tensor | None,  # [n, blocks] float32 (quantized params), or None; mutated
     exp_avg_sq_codes: torch.Tensor | None,  # as exp_avg_codes
     exp_avg_sq_scale: torch.Tensor | None,  # as exp_avg_scale
-    max_exp_avg_sq_codes: torch.Tensor | None,  # as exp_avg_codes (amsgrad)
-    max_exp_avg_sq_scale: torch.Tensor | None,  # as exp_avg_scale (amsgrad)
 ) -> None:
     n, shape = params.size(0), params.shape
     quantized = exp_avg_codes is not None  # a property of the stack's shape: a graph constant
@@ -318,16 +311,11 @@ def update_matrices(
             return _dequantize(blocks(moments[codes]), moments[scale], _MOMENTS[key])
         return moments[key].float()
 
-    moments = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq,
-                   exp_avg_codes=exp_avg_codes, exp_avg_scale=exp_avg_scale, exp_avg_sq_codes=exp_avg_sq_codes,
-                   exp_avg_sq_scale=exp_avg_sq_scale, max_exp_avg_sq_codes=max_exp_avg_sq_codes,
-                   max_exp_avg_sq_scale=max_exp_avg_sq_scale)
+    moments = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_codes=exp_avg_codes, exp_avg_scale=exp_avg_scale,
+                   exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_scale=exp_avg_sq_scale)
     new = {"exp_avg": torch.lerp(old("exp_avg"), g, one_minus_beta1),
            "exp_avg_sq": torch.lerp(old("exp_avg_sq"), g.square(), one_minus_beta2)}
-    v_used = new["exp_avg_sq"]
-    if variant.amsgrad:
-        new["max_exp_avg_sq"] = v_used = torch.maximum(old("max_exp_avg_sq"), new["exp_avg_sq"])
-    denom = v_used.sqrt() / bias_correction2_sqrt + eps
+    denom = new["exp_avg_sq"].sqrt() / bias_correction2_sqrt + eps
     p_new = p_decayed - lr * (new["exp_avg"] / bias_correction1) / denom  # the float32 moments, not the stored ones
 
     # Each store keeps its old value where the update is not applied (a skipped step is bit-identical).
