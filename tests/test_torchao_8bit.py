@@ -334,3 +334,21 @@ def test_dtensor_params_are_refused():
             FusedStep(torchao_optim.AdamW8bit([param]), compile_notice=False)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_8bit_state_is_laid_out_in_uint8_codes_and_float32_scales():
+    from compiled_step import planning
+    from compiled_step.storage import lay_out_state
+
+    rule = rule_for(torchao_optim.AdamW8bit(_params(shapes=[(8,)])))
+    params = [torch.zeros(64, 128), torch.zeros(64), torch.zeros(64, 128)]
+    (group,) = planning.build_plan([params], matrix_groups={0: rule}).groups
+    layout = lay_out_state(group, rule, rule.Variant())
+    codes, scale, plain = layout["exp_avg_codes"], layout["exp_avg_scale"], layout["exp_avg"]
+    assert codes.dtype == torch.uint8 and scale.dtype == torch.float32 and plain.dtype == torch.float32
+    assert [t is not None for t in codes.tensors] == [True, False, True]
+    assert [t.shape for t in scale.tensors if t is not None] == [(32,), (32,)]  # 8192 / 256 blocks each
+    assert [t is not None for t in plain.tensors] == [False, True, False]
+    # 1 byte per element for the codes (and a padding element per stacked tensor), 4 bytes per block of 256.
+    assert codes.rows * planning.ROW <= 2 * (8192 + planning.ROW)
+    assert scale.rows * planning.ROW <= 2 * 2 * planning.ROW

@@ -47,6 +47,7 @@ from torchao.optim import Adam8bit, AdamW8bit
 from torchao.optim.quant_utils import create_dynamic_map
 from torchao.optim.subclass_8bit import OptimState8bit
 
+from compiled_step.matrices import numel
 from compiled_step.planning import is_dtensor, local_tensor
 from compiled_step.rules.common import (
     APPLY,
@@ -100,10 +101,7 @@ def state_keys(var: Variant) -> tuple[str, ...]:
 
 def quantizes(shape: tuple[int, ...]) -> bool:
     """torchao's ``_new_buffer``: a param of at least 4096 elements, whole blocks, keeps quantized state."""
-    n = 1
-    for size in shape:
-        n *= size
-    return n >= MIN_QUANTIZED and n % BLOCK == 0
+    return numel(shape) >= MIN_QUANTIZED and numel(shape) % BLOCK == 0
 
 
 def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateTensor]:
@@ -111,14 +109,11 @@ def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> di
     param: each moment as a tensor of its shape and dtype."""
     if not quantizes(shape):
         return {key: StateTensor(tuple(shape), dtype) for key in _MOMENTS}
-    n = 1
-    for size in shape:
-        n *= size
     layout = {}
     for key in _MOMENTS:
         codes, scale = STATE_PARTS[key]
         layout[codes] = StateTensor(tuple(shape), torch.uint8)
-        layout[scale] = StateTensor((n // BLOCK,), torch.float32)
+        layout[scale] = StateTensor((numel(shape) // BLOCK,), torch.float32)
     return layout
 
 
@@ -233,10 +228,7 @@ def lr_ratio(shape: tuple[int, ...], var: Variant) -> float:
 def call_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """An upper estimate of the bytes one param's update holds while its call runs: about eight float32
     temporaries per element (the grad, the moments, the scaled moments and the new param)."""
-    n = 1
-    for size in shape:
-        n *= size
-    return n * 8 * 4
+    return numel(shape) * 8 * 4
 
 
 def _quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
