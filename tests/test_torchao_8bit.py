@@ -352,3 +352,23 @@ def test_the_8bit_state_is_laid_out_in_uint8_codes_and_float32_scales():
     # 1 byte per element for the codes (and a padding element per stacked tensor), 4 bytes per block of 256.
     assert codes.rows * planning.ROW <= 2 * (8192 + planning.ROW)
     assert scale.rows * planning.ROW <= 2 * 2 * planning.ROW
+
+
+def test_bfloat16_params_match_torchao_unclipped():
+    """bfloat16 params: torchao's plain state is bfloat16 (``zeros_like``) and its 8-bit state says bfloat16; the
+    math is float32 either way. Unclipped: ``clip_grad_norm_`` rounds a clipped bfloat16 grad to bfloat16 in place,
+    where FusedStep scales it in float32."""
+    shapes = [(64, 128), (64,), (7, 9)]
+    ours, ref = ([torch.nn.Parameter(p.detach().bfloat16()) for p in _params(shapes=shapes)] for _ in range(2))
+    opt, ref_opt = torchao_optim.AdamW8bit(_groups(ours)), torchao_optim.AdamW8bit(_groups(ref))
+    fused = FusedStep(opt, compile_notice=False)
+    for step in range(3):
+        grads = [g.bfloat16() for g in _grads(ours, step)]
+        _write(ours, grads)
+        _write(ref, grads)
+        ref_opt.step()
+        fused.step()
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
+    assert opt.state[ours[1]]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[ours[0]]["exp_avg"].dtype == torch.bfloat16  # OptimState8bit's appearance dtype
