@@ -372,3 +372,23 @@ def test_bfloat16_params_match_torchao_unclipped():
         _assert_state_close(opt, ref_opt, ours, ref)
     assert opt.state[ours[1]]["exp_avg"].dtype == torch.bfloat16
     assert opt.state[ours[0]]["exp_avg"].dtype == torch.bfloat16  # OptimState8bit's appearance dtype
+
+
+def test_offloaded_state_matches_torchao(monkeypatch):
+    """offload_optimizer_state: the 8-bit state users see lives in the host copy of the buffers (CPU buffers stand
+    in for the device's, as in test_offload.py); the codes and scales go in and out like any state key."""
+    from compiled_step import storage
+
+    monkeypatch.setattr(storage, "offloads_state", lambda device: True)
+    ours, ref = _params(), _params()
+    opt, ref_opt = torchao_optim.AdamW8bit(_groups(ours)), torchao_optim.AdamW8bit(_groups(ref))
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False, offload_optimizer_state=True)
+    for step in range(3):
+        grads = _grads(ours, step)
+        _write(ours, grads)
+        _write(ref, grads)
+        _torchao_step(ref, ref_opt)
+        fused.step()
+        assert all(gb.offloaded for gb in fused.engine.storage.groups)
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
