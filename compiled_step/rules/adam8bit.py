@@ -279,7 +279,7 @@ def update_matrices(
         return x.reshape(n, -1, BLOCK) if quantized else x
 
     rows = as_compute(table, torch.float32)
-    keep = per_param(table[:, APPLY] != 0)
+    applied = table[:, APPLY] != 0  # [n]
     # torchao's scalars: Python floats rounded to float32 where they meet a tensor; lr is a float32 tensor.
     lr, wd, eps = hp[_LR].float(), hp[_WD].float(), hp[_EPS].float()
     beta1, beta2 = hp[_BETA1].float(), hp[_BETA2].float()
@@ -297,30 +297,31 @@ def update_matrices(
     p_decayed = p32 - decay * p32
     g = g + l2 * p32
 
+    state = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_codes=exp_avg_codes, exp_avg_scale=exp_avg_scale,
+                 exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_scale=exp_avg_sq_scale)  # by buffer key
+
     def old(key: str) -> torch.Tensor:  # a moment's float32 value before the update
         if quantized:
             codes, scale = STATE_PARTS[key]
-            return _dequantize(blocks(moments[codes]), moments[scale], _MOMENTS[key])
-        return moments[key].float()
+            return _dequantize(blocks(state[codes]), state[scale], _MOMENTS[key])
+        return state[key].float()
 
-    moments = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_codes=exp_avg_codes, exp_avg_scale=exp_avg_scale,
-                   exp_avg_sq_codes=exp_avg_sq_codes, exp_avg_sq_scale=exp_avg_sq_scale)
     new = {"exp_avg": torch.lerp(old("exp_avg"), g, one_minus_beta1),
            "exp_avg_sq": torch.lerp(old("exp_avg_sq"), g.square(), one_minus_beta2)}
     denom = new["exp_avg_sq"].sqrt() / bias_correction2_sqrt + eps
     p_new = p_decayed - lr * (new["exp_avg"] / bias_correction1) / denom  # the float32 moments, not the stored ones
 
     # Each store keeps its old value where the update is not applied (a skipped step is bit-identical).
-    keep_elements = keep.reshape(n, *([1] * (params.dim() - 1)))  # against [n, *S]
-    store_where(keep_elements, [(params, p_new.reshape(shape), params)])
+    keep = applied.reshape(n, *([1] * (params.dim() - 1)))  # against [n, *S]
+    store_where(keep, [(params, p_new.reshape(shape), params)])
     for key, value in new.items():
         if quantized:
             codes_key, scale_key = STATE_PARTS[key]
             codes, scale = _quantize(value, _MOMENTS[key])
-            store_where(keep_elements, [(moments[codes_key], codes.reshape(shape), moments[codes_key])])
-            store_where(keep.reshape(n, 1), [(moments[scale_key], scale, moments[scale_key])])
+            store_where(keep, [(state[codes_key], codes.reshape(shape), state[codes_key])])
+            store_where(applied.reshape(n, 1), [(state[scale_key], scale, state[scale_key])])  # against [n, blocks]
         else:
-            store_where(keep_elements, [(moments[key], value, moments[key])])
+            store_where(keep, [(state[key], value, state[key])])
     # The step count advances in the graph that writes the params: an interrupted step never leaves a
     # param updated with its count unchanged.
     counts.copy_(counts + table[:, APPLY])
