@@ -305,7 +305,7 @@ class Binder:
             index = self.group_and_index[i][0].group.key.param_group
             rule, state = self.rules[index], optimizers[self.owners[index]].state
             gb, j = self.group_and_index[i]
-            keys = gb.param_state_keys[j]  # the rule's declaration for this param (rule.state_layout)
+            keys = gb.param_torch_keys[j]  # torch's keys of the rule's declaration for this param (state_layout)
             st = state.get(p)
             if not keys and rule.STEP_KEY is None:
                 continue  # e.g. SGD without momentum: torch keeps no state, and neither do we
@@ -334,15 +334,15 @@ class Binder:
 
     def _bind_key(self, st: dict, gb: GroupBuffers, j: int, key: str, installed: dict) -> tuple[bool, bool]:
         """The param's state tensor ``key`` as a view of the buffers: (whether it was created, adopted)."""
-        gb.make_state(key)
-        current, view = st.get(key), gb.state_views[key][j]
+        view = gb.torch_view(key, j)  # makes the key's buffers at a build
+        current = st.get(key)
         created = adopted = False
         if current is None:
-            gb.state_locals[key][j].zero_()
+            gb.zero_state(key, j)
             st[key] = view
             created = True
         elif current is not view:
-            gb.state_locals[key][j].copy_(local_tensor(current))
+            gb.adopt_state(key, j, current)
             st[key] = view  # the optimizer's reference to the old tensor goes: it is freed unless held elsewhere
             adopted = True
         dicts, views = installed.setdefault(key, ([], []))

@@ -251,8 +251,8 @@ class Engine:
         group_rules = [rules[g.key.param_group] for g in plan.groups]  # per sharding group
         group_variants = [variants[g.key.param_group] for g in plan.groups]
         offload_state = self.offload_optimizer_state
-        groups = [storage.GroupBuffers(g, layout, offload=offload_state, external_grads=external)
-                  for g, layout in zip(plan.groups, state_layouts, strict=True)]
+        groups = [storage.GroupBuffers(g, layout, offload=offload_state, external_grads=external, rule=rule)
+                  for g, layout, rule in zip(plan.groups, state_layouts, group_rules, strict=True)]
         lr_ratios = [[rule.lr_ratio(st.whole_shape, var) for st in g.stacks]
                      for g, rule, var in zip(plan.groups, group_rules, group_variants, strict=True)]
         buffers = storage.StepBuffers(plan, group_rules, self.norm_kind, config.max_grad_norm,

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from compiled_step.norm import NormKind
-from compiled_step.rules.common import table_dtype
+from compiled_step.rules import state_parts, torch_keys
+from compiled_step.rules.common import StateTensor, table_dtype
 from compiled_step.matrices import Stack, numel
 from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, ShardingGroup, dense_strides, \
     is_dtensor, local_tensor, rows_for
@@ -270,15 +271,22 @@ class GroupBuffers:
     """
 
     def __init__(self, group: ShardingGroup, state_layout: dict[str, KeyLayout], offload: bool = False,
-                 external_grads: dict[int, torch.Tensor] | None = None):
+                 external_grads: dict[int, torch.Tensor] | None = None, rule=None):
         """``state_layout``: ``lay_out_state``'s, for the group's rule and variant. ``external_grads``: param
-        id -> its grad, for the group's external params (``planning``)."""
+        id -> its grad, for the group's external params (``planning``). ``rule``: the group's rule, for its
+        ``STATE_PARTS`` (None: every torch state key is one buffer key)."""
         self.group = group
         self.state_layout = state_layout
         self.state_keys = tuple(state_layout)
-        # The state keys each param keeps (Adafactor: row_var and col_var for a matrix, variance for a vector).
+        self.rule = rule
+        self.state_parts = state_parts(rule) if rule is not None else {}
+        # The buffer keys each param keeps (Adafactor: row_var and col_var for a matrix, variance for a vector),
+        # and the torch state keys they make (the same, but for a rule's STATE_PARTS: one key for its parts).
         self.param_state_keys = [tuple(k for k, lay in state_layout.items() if lay.tensors[i] is not None)
                                  for i in range(len(group.params))]
+        self.param_torch_keys = [torch_keys(rule, keys) if rule is not None else keys
+                                 for keys in self.param_state_keys]
+        self._assembled: dict[tuple[str, int], torch.Tensor] = {}  # (torch key, param index) -> rule.assemble's
         # With offload_optimizer_state on an accelerator, the state users see (and that the binder
         # adopts into) lives in pinned host buffers; ``state`` is the device copy the program updates,
         # filled before each step and released after it.
@@ -358,6 +366,41 @@ class GroupBuffers:
         for stack, at, views in zip(group.stacks, layout.stacks, self.stack_state):
             if at is not None:
                 views[name] = at.view(self.state[name], len(stack.members)).detach()
+
+    def _buffer_keys(self, key: str, i: int) -> tuple[str, ...]:
+        """The buffer keys param i keeps torch state key ``key`` in: its ``STATE_PARTS`` parts, or ``key``."""
+        parts = self.state_parts.get(key, ())
+        return parts if parts and parts[0] in self.param_state_keys[i] else (key,)
+
+    def torch_view(self, key: str, i: int) -> torch.Tensor:
+        """What ``optimizer.state[p][key]`` holds for param i: the view of buffer key ``key``, or the rule's
+        ``assemble`` over its parts' views (made once per plan, so that the binder recognises it every step)."""
+        names = self._buffer_keys(key, i)
+        for name in names:
+            self.make_state(name)
+        if names == (key,):
+            return self.state_views[key][i]
+        if (key, i) not in self._assembled:
+            self._assembled[key, i] = self.rule.assemble(key, {name: self.state_views[name][i] for name in names},
+                                                         tuple(self.locals[i].shape), self.group.key.dtype)
+        return self._assembled[key, i]
+
+    def zero_state(self, key: str, i: int) -> None:
+        """Param i's torch state ``key`` created as torch.optim creates it: zeros in every buffer key it is kept in."""
+        for name in self._buffer_keys(key, i):
+            self.state_locals[name][i].zero_()
+
+    def adopt_state(self, key: str, i: int, value: torch.Tensor) -> None:
+        """Copy ``value`` (a state tensor that is not ``torch_view(key, i)``) into param i's buffer keys."""
+        names = self._buffer_keys(key, i)
+        if names == (key,):
+            self.state_locals[key][i].copy_(local_tensor(value))
+            return
+        declared = {name: StateTensor(self.state_layout[name].tensors[i].shape, self.state_layout[name].dtype)
+                    for name in names}
+        values = self.rule.disassemble(key, value, declared)
+        for name in names:
+            self.state_locals[name][i].copy_(values[name])
 
     def state_slice(self, name: str, i: int) -> torch.Tensor:
         """Param i's state tensor ``name`` in the (device) state buffer, as a 1-D alias (for the bucket calls)."""

@@ -8,7 +8,7 @@ import torch
 
 from compiled_step import planning
 from compiled_step.rules import (RULES, StateTensor, adafactor, adam, conformance_errors, declaration_errors, muon,
-                                  sgd)
+                                  parts_errors, sgd, torch_keys)
 from compiled_step.storage import lay_out_state
 
 
@@ -106,3 +106,55 @@ def test_a_matrix_rule_refuses_params_of_other_ranks_and_sharded_params_it_canno
     with pytest.raises(ValueError, match=r"muon updates 2-D params only, got shape \(3,\)"):
         _plan([torch.zeros(3)], muon)
     _plan([torch.zeros(3), torch.zeros(()), torch.zeros(2, 3, 4)], adafactor)  # any rank
+
+
+# A rule that keeps torch's exp_avg in two buffer keys (STATE_PARTS), as torchao's 8-bit state (rules/adam8bit.py):
+# uint8 codes shaped like the param and a float32 scale. Built on Adam, so that torchao is not needed here.
+_PARTS = {"exp_avg": ("exp_avg_codes", "exp_avg_scale")}
+_PART_KEYS = ("exp_avg_sq", "exp_avg_codes", "exp_avg_scale")
+
+
+def _parts_layout(var, shape, dtype):
+    return {"exp_avg_sq": StateTensor(shape, dtype), "exp_avg_codes": StateTensor(shape, torch.uint8),
+            "exp_avg_scale": StateTensor((1,), torch.float32)}
+
+
+def _rule_with_parts(**changes):
+    attrs = dict(STATE_PARTS=_PARTS, STATE_KEYS=_PART_KEYS, state_keys=lambda var: _PART_KEYS,
+                 state_layout=_parts_layout, assemble=lambda key, parts, shape, dtype: None,
+                 disassemble=lambda key, value, declared: {})
+    attrs.update(changes)
+    return _copy(adam, **attrs)
+
+
+def test_state_parts_may_be_of_any_dtype_and_other_keys_must_be_floating():
+    variants = [adam.Variant(amsgrad=False)]
+    assert declaration_errors(_rule_with_parts(), variants) == []
+    assert parts_errors(_rule_with_parts()) == []
+    errors = declaration_errors(_rule_with_parts(STATE_PARTS=DELETE), variants)  # codes not a part: not floating
+    assert any("'exp_avg_codes'" in e and "dtype: floating" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("change,error", [
+    (dict(assemble=DELETE), "missing function assemble"),
+    (dict(disassemble=DELETE), "missing function disassemble"),
+    (dict(STATE_PARTS={"exp_avg": ("exp_avg_codes", "codes_elsewhere")}), "each part must be one STATE_KEYS entry"),
+    (dict(STATE_PARTS={"exp_avg": ["exp_avg_codes"]}), "a tuple of buffer keys"),
+])
+def test_a_rule_whose_state_parts_break_the_contract_is_reported(change, error):
+    errors = parts_errors(_rule_with_parts(**change))
+    assert any(error in e for e in errors), errors
+
+
+def test_a_param_keeps_all_parts_of_a_key_or_none():
+    def layout(var, shape, dtype):  # codes without their scale
+        return {"exp_avg_sq": StateTensor(shape, dtype), "exp_avg_codes": StateTensor(shape, torch.uint8)}
+
+    errors = declaration_errors(_rule_with_parts(state_layout=layout), [adam.Variant(amsgrad=False)])
+    assert any("keeps all parts" in e for e in errors), errors
+
+
+def test_torch_keys_name_each_part_by_its_torch_key():
+    rule = _rule_with_parts()
+    assert torch_keys(rule, ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq")) == ("exp_avg", "exp_avg_sq")
+    assert torch_keys(adam, ("exp_avg", "exp_avg_sq")) == ("exp_avg", "exp_avg_sq")

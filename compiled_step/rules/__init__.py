@@ -20,6 +20,13 @@ that differs between rules is data or a function on the rule module, never a bra
   makes a view of the count, or is None where torch keeps no step; then ``count_at_bind(created)``
   says the count of state FusedStep just created (True) or adopted (False): SGD's first-step flag,
   None for nothing (Muon);
+* optionally ``STATE_PARTS``: torch state keys a rule keeps in several buffer keys (torchao's 8-bit
+  moments: uint8 ``codes`` and float32 ``scale`` views wrapped in its ``OptimState8bit``), each torch key
+  -> its buffer keys (among ``STATE_KEYS``); a param keeps all parts of such a key or none, and a key
+  not named a part is its own torch key. Parts may be of any dtype (every other state tensor is
+  floating). With it, ``assemble(key, parts, shape, dtype)`` makes torch's state tensor over the
+  parts' buffer views and ``disassemble(key, value, declared)`` returns the parts' values of a state
+  tensor torch holds (loaded, or made by the optimizer's own step), to be copied into the buffers;
 * ``KIND``: ``ELEMENTWISE`` rules update flat buffers and buckets of tensors (``update_flat``,
   ``update_bucket``); ``MATRIX`` rules update stacks of whole same-shape params (``update_matrices``,
   ``call_bytes``, ``lr_ratio``, ``PARAM_NDIMS``; with ``ROW_SHARDED``, row-sharded stacks too:
@@ -36,6 +43,7 @@ functions' signatures and the state declaration); tests run it over every regist
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Hashable
 from typing import Protocol
@@ -118,7 +126,8 @@ _ROW_SHARDED_UPDATES = {"prepare_matrices": True, "orthogonalize": False, "apply
 _FUNCTIONS = ("variant", "state_keys", "state_layout", "count_at_bind", "group_values", "slot_table")
 _MATRIX_FUNCTIONS = ("call_bytes", "lr_ratio")
 # Sample params the declaration is checked on: a scalar, a vector, a matrix and a 3-D tensor, in two dtypes.
-_SAMPLE_SHAPES = ((), (5,), (4, 6), (2, 3, 4))
+# (16, 256): large enough for torchao's quantized state (rules/adam8bit.py).
+_SAMPLE_SHAPES = ((), (5,), (4, 6), (2, 3, 4), (16, 256))
 _SAMPLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -171,19 +180,53 @@ def conformance_errors(rule, variants=None) -> list[str]:
             state = f" and one per STATE_KEYS {rule.STATE_KEYS}" if takes_state else ""
             errors.append(f"{name}{tuple(p.name for p in params)}: expected the parameters {sorted(expected)}"
                           f"{state}, each named (no *args/**kwargs)")
-    return errors + declaration_errors(rule, variants)
+    return errors + parts_errors(rule) + declaration_errors(rule, variants)
+
+
+def state_parts(rule) -> dict[str, tuple[str, ...]]:
+    """The rule's ``STATE_PARTS`` (torch key -> its buffer keys); empty for a rule whose every torch state
+    tensor is one buffer key (Adam, SGD, Muon, Adafactor)."""
+    return getattr(rule, "STATE_PARTS", {})
+
+
+def torch_keys(rule, buffer_keys) -> tuple[str, ...]:
+    """The torch state keys of a param that keeps ``buffer_keys`` (each part named by its torch key), in order."""
+    owner = {part: key for key, parts in state_parts(rule).items() for part in parts}
+    return tuple(dict.fromkeys(owner.get(k, k) for k in buffer_keys))
+
+
+def parts_errors(rule) -> list[str]:
+    """What in ``rule``'s ``STATE_PARTS`` breaks the contract: parts among ``STATE_KEYS``, each part of one torch
+    key, and ``assemble``/``disassemble`` functions to go with them."""
+    parts = state_parts(rule)
+    if not parts:
+        return []
+    errors = []
+    if not isinstance(parts, dict) or not all(isinstance(v, tuple) and v for v in parts.values()):
+        return [f"STATE_PARTS must map each torch key to a tuple of buffer keys, got {parts!r}"]
+    named = [part for ps in parts.values() for part in ps]
+    if len(set(named)) != len(named) or not set(named) <= set(rule.STATE_KEYS) or set(named) & set(parts):
+        errors.append(f"STATE_PARTS {parts}: each part must be one STATE_KEYS entry, of one torch key, not a "
+                      "torch key itself")
+    for name in ("assemble", "disassemble"):
+        if not callable(getattr(rule, name, None)):
+            errors.append(f"missing function {name} (the rule declares STATE_PARTS)")
+    return errors
 
 
 def declaration_errors(rule, variants=None) -> list[str]:
     """What in ``rule``'s state declaration breaks the contract, checked on sample params of every rank the
     rule takes (``PARAM_NDIMS``) and on ``variants`` (default: the variant of the default param group of each
     torch optimizer ``RULES`` maps to the rule): each param's keys are among ``state_keys``, each a
-    ``StateTensor`` of a shape (a tuple of ints) and a floating dtype."""
+    ``StateTensor`` of a shape (a tuple of ints) and a floating dtype (any dtype for a ``STATE_PARTS`` part);
+    a param keeps all parts of a torch key or none, and never the torch key beside its parts."""
     errors = []
     if variants is None:
         sample = torch.zeros(2, 2, requires_grad=True)
         variants = [rule.variant(t([sample]).param_groups[0]) for t, r in RULES.items() if r is rule]
     ndims = getattr(rule, "PARAM_NDIMS", None)
+    parts = state_parts(rule)
+    part_keys = {part for ps in parts.values() for part in ps}
     for var in variants:
         kept = rule.state_keys(var)
         if not set(kept) <= set(rule.STATE_KEYS):
@@ -193,13 +236,20 @@ def declaration_errors(rule, variants=None) -> list[str]:
                 continue
             for dtype in _SAMPLE_DTYPES:
                 declared = rule.state_layout(var, shape, dtype)
+                for key, ps in parts.items():
+                    kept_parts = [p for p in ps if p in declared]
+                    if kept_parts and (len(kept_parts) != len(ps) or key in declared):
+                        errors.append(f"state_layout({var}, {shape}, {dtype}) declares {sorted(declared)}: a param "
+                                      f"keeps all parts {ps} of {key!r} or none, and not {key!r} beside them")
                 for key, t in declared.items():
                     if key not in kept:
                         errors.append(f"state_layout({var}, {shape}, {dtype}) declares {key!r}, not in state_keys")
                     elif not isinstance(t, StateTensor) or not all(isinstance(n, int) and n >= 0 for n in t.shape) \
-                            or not t.dtype.is_floating_point:
+                            or not isinstance(t.dtype, torch.dtype) \
+                            or not (t.dtype.is_floating_point or key in part_keys):
                         errors.append(f"state_layout({var}, {shape}, {dtype})[{key!r}] = {t!r}: expected a "
-                                      "StateTensor(shape: tuple of ints >= 0, dtype: floating)")
+                                      "StateTensor(shape: tuple of ints >= 0, dtype: floating, or any dtype for a "
+                                      "STATE_PARTS part)")
     return errors
 
 
@@ -213,11 +263,29 @@ RULES: dict[type, UpdateRule] = {
 }
 
 
+_BUILT_IN = tuple(RULES)  # the torch.optim types (the message below stays the same once torchao's are registered)
+
+# Rules for optimizers of optional packages: the module that defines the optimizer types -> the rule module,
+# imported (its ``OPTIMIZERS`` then registered) the first time such an optimizer is met, so that
+# compiled_step imports and runs without those packages.
+_OPTIONAL_RULES = {"torchao.optim.adam": "compiled_step.rules.adam8bit"}
+
+
+def _register_optional(optimizer_type: type) -> None:
+    name = _OPTIONAL_RULES.get(optimizer_type.__module__)
+    if name is not None:
+        rule = importlib.import_module(name)
+        for t in rule.OPTIMIZERS:
+            RULES.setdefault(t, rule)
+
+
 def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
     """Return the rule module for ``optimizer`` or raise ``TypeError`` for unsupported types."""
+    if type(optimizer) not in RULES:
+        _register_optional(type(optimizer))
     rule = RULES.get(type(optimizer))
     if rule is None:
-        supported = ", ".join(f"torch.optim.{t.__name__}" for t in RULES)
+        supported = ", ".join(f"torch.optim.{t.__name__}" for t in _BUILT_IN)
         raise TypeError(
             f"FusedStep supports {supported} (exact types); got {type(optimizer).__module__}."
             f"{type(optimizer).__qualname__}. A subclass may change step(), which FusedStep replaces."
@@ -233,4 +301,4 @@ def state_kwargs(rule, variant, by_key: dict) -> dict:
 
 
 __all__ = ["RULES", "UpdateRule", "ElementwiseRule", "MatrixRule", "ELEMENTWISE", "MATRIX", "StateTensor",
-           "conformance_errors", "declaration_errors", "rule_for", "state_kwargs", "adafactor", "adam", "muon", "sgd"]
+           "conformance_errors", "declaration_errors", "parts_errors", "rule_for", "state_kwargs", "state_parts", "torch_keys", "adafactor", "adam", "muon", "sgd"]

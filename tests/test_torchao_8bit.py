@@ -1,0 +1,394 @@
+"""torchao's 8-bit Adam/AdamW (``rules/adam8bit.py``): FusedStep(torchao.optim.AdamW8bit) against torchao's own
+``step()`` after eager ``torch.nn.utils.clip_grad_norm_``, with torchao's state format kept.
+
+The reference is always torchao's step on a twin model with the same grads; our code is never the reference.
+
+Tolerances (float32). FusedStep computes torchao's float32 ops in torchao's order (its maps, its quantization,
+the float32 bias corrections), so on this CPU the runs below come out bit-identical. The one input computed
+differently is the clip coefficient: float64 rounded to float32 in FusedStep, float32 ops in
+``clip_grad_norm_``; its last bit may differ, which can move a value across a rounding boundary of the
+quantization map. So the checks allow:
+
+* codes: equal, except at most ``CODE_FLIPS`` (0.1%) of a state tensor's codes differing by 1;
+* scales (a block's max |x|), dequantized state, plain small-param state and params: ``rtol=1e-5,
+  atol=1e-6`` (``TOL``): a last-bit difference of the coefficient is 6e-8 relative, and the update's
+  ops add a few ulps; a code flip (never seen here) would move its one element by a map step, ~1% of its
+  block's scale, beyond this bound: such a flip fails the test, as it should be looked at.
+
+A round trip with no update in between (adoption into FusedStep's buffers, then ``state_dict()``) is exact.
+"""
+
+import copy
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+torchao_optim = pytest.importorskip("torchao.optim")
+
+from compiled_step import FusedStep  # noqa: E402
+from compiled_step.rules import RULES, conformance_errors, declaration_errors, rule_for  # noqa: E402
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+CODE_FLIPS = 1e-3
+STEPS = 6
+MAX_NORM = 1.0
+# Quantized state: 64x128 (two of them: one stack) and 32x256; plain state: a bias of 64 and a 7x9 matrix
+# (fewer than 4096 elements), and 4097 elements (not whole blocks of 256).
+SHAPES = [(64, 128), (64,), (32, 256), (64, 128), (7, 9), (4097,)]
+QUANTIZED = [0, 2, 3]
+
+
+def _params(seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def _grads(params, step):
+    """Large grads on even steps (clipping at MAX_NORM active), small ones on odd steps (no clipping)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    scale = 3.0 if step % 2 == 0 else 1e-3
+    return [torch.randn(p.shape, generator=gen) * scale for p in params]
+
+
+def _write(params, grads):
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
+def _groups(params, lrs=(1e-2, 3e-3), weight_decays=(0.1, 0.0)):
+    """Two param groups of different lr and weight decay."""
+    half = len(params) // 2
+    return [dict(params=params[:half], lr=lrs[0], weight_decay=weight_decays[0]),
+            dict(params=params[half:], lr=lrs[1], weight_decay=weight_decays[1])]
+
+
+def _torchao_step(params, opt):
+    norm = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+    opt.step()
+    return norm
+
+
+def _assert_codes_close(ours, ref, what):
+    diff = (ours.int() - ref.int()).abs()
+    flips = int((diff != 0).sum())
+    assert int(diff.max()) <= 1 and flips <= CODE_FLIPS * diff.numel(), f"{what}: {flips} codes differ"
+
+
+def _assert_state_close(opt, ref_opt, params, ref_params):
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        ours, ref = opt.state[p], ref_opt.state[q]
+        assert ours.keys() == ref.keys(), i
+        assert float(ours["step"]) == float(ref["step"]), i
+        for key in ours.keys() - {"step"}:
+            a, b = ours[key], ref[key]
+            assert type(a) is type(b), (i, key)
+            if isinstance(b, torchao_optim.subclass_8bit.OptimState8bit):
+                assert a.signed == b.signed and a.block_size == b.block_size and a.dtype == b.dtype
+                _assert_codes_close(a.codes, b.codes, f"param {i} {key}")
+                torch.testing.assert_close(a.scale, b.scale, **TOL)
+                torch.testing.assert_close(a.dequantize(), b.dequantize(), **TOL)
+            else:
+                torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"param {i} {key}: {m}")
+
+
+def _assert_params_close(params, ref_params):
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL, msg=lambda m: f"param {i}: {m}")
+
+
+def _state_snapshot(opt, params):
+    """Every state tensor's bits (codes, scales and plain tensors), and the params'."""
+    snap = [p.detach().clone() for p in params]
+    for p in params:
+        for key, value in sorted(opt.state[p].items()):
+            if isinstance(value, torchao_optim.subclass_8bit.OptimState8bit):
+                snap += [value.codes.clone(), value.scale.clone()]
+            else:
+                snap.append(value.detach().clone())
+    return snap
+
+
+def _assert_bit_identical(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def _saved_and_loaded(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_the_rule_conforms_and_is_registered_for_torchao_types():
+    opt = torchao_optim.AdamW8bit(_params(shapes=[(8,)]))
+    rule = rule_for(opt)
+    assert RULES[torchao_optim.AdamW8bit] is rule and RULES[torchao_optim.Adam8bit] is rule
+    assert conformance_errors(rule) == []
+    assert declaration_errors(rule, [rule.Variant()]) == []
+
+
+def test_compiled_step_imports_and_runs_without_torchao():
+    code = ("import sys; sys.modules['torchao'] = None\n"  # importing torchao now raises ImportError
+            "import torch, compiled_step\n"
+            "from compiled_step.rules import rule_for\n"
+            "rule_for(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]))\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("optimizer,options", [
+    ("AdamW8bit", dict()),
+    ("Adam8bit", dict()),
+], ids=["adamw", "adam_l2"])
+def test_fused_step_matches_torchao(optimizer, options):
+    cls = getattr(torchao_optim, optimizer)
+    ours, ref = _params(), _params()
+    opt, ref_opt = cls(_groups(ours), **options), cls(_groups(ref), **options)
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
+    for step in range(STEPS):
+        grads = _grads(ours, step)
+        _write(ours, grads)
+        _write(ref, grads)
+        ref_norm = _torchao_step(ref, ref_opt)
+        norm = fused.step()
+        assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
+    # torchao's format is kept: OptimState8bit over views of FusedStep's buffers for the quantized params.
+    for i, p in enumerate(ours):
+        kind = type(opt.state[p]["exp_avg"]).__name__
+        assert kind == ("OptimState8bit" if i in QUANTIZED else "Tensor"), (i, kind)
+    codes = opt.state[ours[0]]["exp_avg"].codes
+    assert codes._base is not None or codes.untyped_storage().nbytes() > codes.numel()  # a view of a buffer
+
+
+def test_switching_between_torchao_and_fused_steps_matches_torchao():
+    ours, ref = _params(), _params()
+    opt, ref_opt = torchao_optim.AdamW8bit(_groups(ours)), torchao_optim.AdamW8bit(_groups(ref))
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
+    for step in range(STEPS):
+        grads = _grads(ours, step)
+        _write(ours, grads)
+        _write(ref, grads)
+        _torchao_step(ref, ref_opt)
+        if step in (1, 2, 4):  # torchao's own step on FusedStep's state (its views), then the fused step again
+            _torchao_step(ours, opt)
+        else:
+            fused.step()
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
+
+
+def test_a_non_finite_grad_leaves_params_and_8bit_state_bit_identical():
+    params = _params()
+    opt = torchao_optim.AdamW8bit(_groups(params))
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
+    for step in range(2):
+        _write(params, _grads(params, step))
+        fused.step()
+    before = _state_snapshot(opt, params)
+    grads = _grads(params, 2)
+    grads[2][3, 5] = math.inf
+    _write(params, grads)
+    fused.step()
+    assert int(fused.skipped_steps) == 1
+    _assert_bit_identical(_state_snapshot(opt, params), before)
+
+
+def test_checkpoints_between_torchao_and_fused_step():
+    ref, ours = _params(), _params()
+    ref_opt = torchao_optim.AdamW8bit(_groups(ref))
+    for step in range(2):
+        _write(ref, _grads(ref, step))
+        _torchao_step(ref, ref_opt)
+    with torch.no_grad():
+        for p, q in zip(ours, ref):
+            p.copy_(q)
+    saved = _saved_and_loaded(ref_opt.state_dict())
+    opt = torchao_optim.AdamW8bit(_groups(ours))
+    opt.load_state_dict(saved)
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
+
+    # Zero updates: a skipped step adopts the loaded state into FusedStep's buffers; state_dict() then gives it
+    # back bit for bit, and a fresh torchao optimizer loads it.
+    grads = _grads(ours, 2)
+    grads[0][0, 0] = math.nan
+    _write(ours, grads)
+    fused.step()
+    codes = opt.state[ours[0]]["exp_avg"].codes
+    assert codes.untyped_storage().data_ptr() != saved["state"][0]["exp_avg"].codes.untyped_storage().data_ptr()
+    round_trip = _saved_and_loaded(fused.state_dict())
+    assert round_trip["state"].keys() == saved["state"].keys()
+    for index, st in saved["state"].items():
+        back = round_trip["state"][index]
+        assert back.keys() == st.keys()
+        for key, value in st.items():
+            if isinstance(value, torchao_optim.subclass_8bit.OptimState8bit):
+                assert torch.equal(back[key].codes, value.codes) and torch.equal(back[key].scale, value.scale)
+            else:
+                assert back[key].dtype == value.dtype and torch.equal(back[key], value), (index, key)
+    fresh_params = _params()
+    fresh = torchao_optim.AdamW8bit(_groups(fresh_params))
+    fresh.load_state_dict(round_trip)  # FusedStep's state dict (its "fused_step" entry is ignored)
+
+    # Fused steps from the loaded state match torchao's steps from its own.
+    for step in range(2, 5):
+        grads = _grads(ours, step)
+        _write(ours, grads)
+        _write(ref, grads)
+        _torchao_step(ref, ref_opt)
+        fused.step()
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
+
+    # FusedStep's state dict, saved and loaded, into a fresh torchao optimizer, which steps on as the reference.
+    saved = _saved_and_loaded(fused.state_dict())
+    again = _params()
+    with torch.no_grad():
+        for p, q in zip(again, ours):
+            p.copy_(q)
+    again_opt = torchao_optim.AdamW8bit(_groups(again))
+    again_opt.load_state_dict(saved)
+    _assert_state_close(again_opt, ref_opt, again, ref)
+    grads = _grads(ours, 5)
+    _write(again, grads)
+    _write(ref, grads)
+    _torchao_step(again, again_opt)
+    _torchao_step(ref, ref_opt)
+    _assert_params_close(again, ref)
+    _assert_state_close(again_opt, ref_opt, again, ref)
+
+
+def test_several_optimizers_with_torch_adamw_beside():
+    ours, ref = _params(shapes=[(64, 128), (64,)]), _params(shapes=[(64, 128), (64,)])
+    extra, ref_extra = _params(seed=1, shapes=[(8, 6), (6,)]), _params(seed=1, shapes=[(8, 6), (6,)])
+    opts = [torchao_optim.AdamW8bit(ours, lr=1e-2, weight_decay=0.1), torch.optim.AdamW(extra, lr=1e-3)]
+    ref_opts = [torchao_optim.AdamW8bit(ref, lr=1e-2, weight_decay=0.1), torch.optim.AdamW(ref_extra, lr=1e-3)]
+    fused = FusedStep(opts, max_grad_norm=MAX_NORM, compile_notice=False)
+    for step in range(3):
+        grads = _grads(ours + extra, step)
+        _write(ours + extra, grads)
+        _write(ref + ref_extra, grads)
+        torch.nn.utils.clip_grad_norm_(ref + ref_extra, MAX_NORM)
+        for o in ref_opts:
+            o.step()
+        fused.step()
+        _assert_params_close(ours + extra, ref + ref_extra)
+        _assert_state_close(opts[0], ref_opts[0], ours, ref)
+
+
+def _refused(opt, params, match):
+    """FusedStep refuses ``opt`` at construction, or else at its step, with ``match``, leaving everything as it was."""
+    before = _state_snapshot(opt, params)
+    with pytest.raises(ValueError, match=match):
+        fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
+        fused.step()
+    _assert_bit_identical(_state_snapshot(opt, params), before)
+
+
+def test_what_is_not_supported_is_refused_before_anything_changes():
+    params = _params(shapes=[(64, 128)])
+    _refused(torchao_optim.AdamW8bit(params, block_size=128), params, "block_size=256 only")
+    _refused(torchao_optim.Adam8bit(params, amsgrad=True), params, "amsgrad=True is not supported")
+
+    bf16 = [torch.nn.Parameter(torch.randn(64, 128).bfloat16())]
+    _refused(torchao_optim.AdamW8bit(bf16, bf16_stochastic_round=True), bf16, "bf16_stochastic_round")
+
+    transposed = [torch.nn.Parameter(torch.randn(128, 64).t())]
+    _refused(torchao_optim.AdamW8bit(transposed), transposed, "must be contiguous")
+
+    # State of another form than torchao makes for the param (a plain tensor where it quantizes), at the step.
+    params = _params(shapes=[(64, 128)])
+    opt = torchao_optim.AdamW8bit(params)
+    fused = FusedStep(opt, compile_notice=False)
+    opt.state[params[0]].update(step=torch.tensor(1.0), exp_avg=torch.zeros(64, 128), exp_avg_sq=torch.zeros(64, 128))
+    _write(params, _grads(params, 0))
+    before = _state_snapshot(opt, params)
+    with pytest.raises(ValueError, match="expects an OptimState8bit"):
+        fused.step()
+    _assert_bit_identical(_state_snapshot(opt, params), before)
+
+
+def test_dtensor_params_are_refused():
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        param = torch.nn.Parameter(DTensor.from_local(torch.randn(64, 128), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match="DTensor params are not supported"):
+            FusedStep(torchao_optim.AdamW8bit([param]), compile_notice=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_8bit_state_is_laid_out_in_uint8_codes_and_float32_scales():
+    from compiled_step import planning
+    from compiled_step.storage import lay_out_state
+
+    rule = rule_for(torchao_optim.AdamW8bit(_params(shapes=[(8,)])))
+    params = [torch.zeros(64, 128), torch.zeros(64), torch.zeros(64, 128)]
+    (group,) = planning.build_plan([params], matrix_groups={0: rule}).groups
+    layout = lay_out_state(group, rule, rule.Variant())
+    codes, scale, plain = layout["exp_avg_codes"], layout["exp_avg_scale"], layout["exp_avg"]
+    assert codes.dtype == torch.uint8 and scale.dtype == torch.float32 and plain.dtype == torch.float32
+    assert [t is not None for t in codes.tensors] == [True, False, True]
+    assert [t.shape for t in scale.tensors if t is not None] == [(32,), (32,)]  # 8192 / 256 blocks each
+    assert [t is not None for t in plain.tensors] == [False, True, False]
+    # 1 byte per element for the codes (and a padding element per stacked tensor), 4 bytes per block of 256.
+    assert codes.rows * planning.ROW <= 2 * (8192 + planning.ROW)
+    assert scale.rows * planning.ROW <= 2 * 2 * planning.ROW
+
+
+def test_bfloat16_params_match_torchao_unclipped():
+    """bfloat16 params: torchao's plain state is bfloat16 (``zeros_like``) and its 8-bit state says bfloat16; the
+    math is float32 either way. Unclipped: ``clip_grad_norm_`` rounds a clipped bfloat16 grad to bfloat16 in place,
+    where FusedStep scales it in float32."""
+    shapes = [(64, 128), (64,), (7, 9)]
+    ours, ref = ([torch.nn.Parameter(p.detach().bfloat16()) for p in _params(shapes=shapes)] for _ in range(2))
+    opt, ref_opt = torchao_optim.AdamW8bit(_groups(ours)), torchao_optim.AdamW8bit(_groups(ref))
+    fused = FusedStep(opt, compile_notice=False)
+    for step in range(3):
+        grads = [g.bfloat16() for g in _grads(ours, step)]
+        _write(ours, grads)
+        _write(ref, grads)
+        ref_opt.step()
+        fused.step()
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
+    assert opt.state[ours[1]]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[ours[0]]["exp_avg"].dtype == torch.bfloat16  # OptimState8bit's appearance dtype
+
+
+def test_offloaded_state_matches_torchao(monkeypatch):
+    """offload_optimizer_state: the 8-bit state users see lives in the host copy of the buffers (CPU buffers stand
+    in for the device's, as in test_offload.py); the codes and scales go in and out like any state key."""
+    from compiled_step import storage
+
+    monkeypatch.setattr(storage, "offloads_state", lambda device: True)
+    ours, ref = _params(), _params()
+    opt, ref_opt = torchao_optim.AdamW8bit(_groups(ours)), torchao_optim.AdamW8bit(_groups(ref))
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False, offload_optimizer_state=True)
+    for step in range(3):
+        grads = _grads(ours, step)
+        _write(ours, grads)
+        _write(ref, grads)
+        _torchao_step(ref, ref_opt)
+        fused.step()
+        assert all(gb.offloaded for gb in fused.engine.storage.groups)
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
