@@ -287,7 +287,8 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
     if rule is None:
         supported = ", ".join(f"torch.optim.{t.__name__}" for t in _BUILT_IN)
         raise TypeError(
-            f"FusedStep supports {supported} (exact types); got {type(optimizer).__module__}."
+            f"FusedStep supports {supported} and torchao.optim.AdamW8bit, Adam8bit (exact types); got "
+            f"{type(optimizer).__module__}."
             f"{type(optimizer).__qualname__}. A subclass may change step(), which FusedStep replaces."
         )
     return rule
