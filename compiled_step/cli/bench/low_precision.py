@@ -1,5 +1,5 @@
 """The low-precision state rows (``bench --low-precision``): FusedStep with bf16 moments, with bfloat16 params
-rounded stochastically, and (where torchao is installed) with torchao's optimizers, each next to the eager
+rounded stochastically, and (where torchao is installed) with torchao's AdamW8bit, each next to the eager
 step a user has today, on one layout, in one process.
 
 Each row times both methods interleaved (``rounds`` medians; grads restored and the cache flushed before every
@@ -16,7 +16,8 @@ The references, and why: with bf16 moments no eager torch path runs on the CPU (
 and fused AdamW all refuse bfloat16 state for float32 params; only CUDA's fused kernel has that path), so the
 reference is what the same user runs without them: ``clip_grad_norm_`` + ``AdamW(fused=True)`` with float32
 state. For stochastically rounded bfloat16 params, torchao's ``_AdamW(bf16_stochastic_round=True)`` after
-``clip_grad_norm_`` (torchao compiles its step per param shape).
+``clip_grad_norm_`` (torchao compiles its step per param shape). For AdamW8bit, torchao's own step after
+``clip_grad_norm_``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,32 @@ def formats() -> list[Format]:
     except ImportError:
         sr.reference_name = "(torchao not installed)"
     out.append(sr)
+
+    try:
+        from torchao.optim import AdamW8bit  # noqa: PLC0415 -- optional
+    except ImportError:
+        return out
+
+    def fused_8bit(params, fmt):
+        opt = AdamW8bit(params, lr=LR)
+        fmt.optimizers["fused"] = opt
+        return FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False).step
+
+    def reference_8bit(params, fmt):
+        opt = AdamW8bit(params, lr=LR)
+        fmt.optimizers["reference"] = opt
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+            opt.step()
+        return step
+
+    # two moments of 1 B per param, and one float32 scale per 256-element block each
+    eight = Format("torchao AdamW8bit (fp32 params)", torch.float32, None, None,
+                   "clip_grad_norm_ + torchao AdamW8bit's own step", 2 * (1 + 4 / 256))
+    eight.fused = lambda ps: fused_8bit(ps, eight)
+    eight.reference = lambda ps: reference_8bit(ps, eight)
+    out.append(eight)
     return out
 
 
