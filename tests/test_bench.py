@@ -527,3 +527,14 @@ def test_param_norms_cost_goal_is_the_ratio_of_medians():
     assert name in bench_options.build_parser().format_help()
     assert bench_methods.describe_method(name).endswith("from the same Phase A read)")
 
+
+
+def test_the_low_precision_section_survives_a_regeneration_and_is_replaced_by_the_next_run(tmp_path):
+    from compiled_step.cli.bench.report import kept_section, with_section
+
+    text = with_section("# Benchmarks\n\nmain tables\n", "## Low-precision\n\nfirst run")
+    assert "main tables" in text and "first run" in text
+    again = with_section(text, "## Low-precision\n\nsecond run")
+    assert "second run" in again and "first run" not in again and again.count("main tables") == 1
+    assert "second run" in kept_section(again) and "main tables" not in kept_section(again)
+    assert kept_section("# Benchmarks\n\nno section\n") == ""

@@ -29,7 +29,7 @@ from compiled_step.cli.bench.measure import (
 )
 from compiled_step.cli.bench.methods import BenchError, build_method, restore_grads
 from compiled_step.cli.bench.options import build_parser, resolve, row_specs
-from compiled_step.cli.bench.report import OUTPUT_FILES, fmt_load, markdown_tables, write_outputs
+from compiled_step.cli.bench.report import OUTPUT_FILES, fmt_load, markdown_tables, with_section, write_outputs
 from compiled_step.cli.bench.rows import RowResult, RowSpec, run_row
 from compiled_step.cli.extras import MissingExtraError, require_cli_extra
 
@@ -69,8 +69,14 @@ def _run_low_precision(args) -> int:
     _log(f"bench --low-precision: torch {machine['torch']}, threads {threads}")
     table = low_precision.run(threads, args.rounds or 11, _log)
     header = (f"_{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {machine['torch']}, "
-              f"{machine['device_name']}; command: {_command(sys.argv[1:])}_\n\n")
+              f"{machine['device_name']}, compiled_step {machine['source']}; 1-minute load average "
+              f"{fmt_load(machine['load_average_at_start'])} at the start; command: `{_command(sys.argv[1:])}`_\n\n")
     (out / "low_precision.md").write_text(header + table)
+    if args.write_benchmarks_md:
+        path = Path(args.write_benchmarks_md)
+        path.write_text(with_section(path.read_text() if path.exists() else "# Benchmarks\n",
+                                     "## Low-precision optimizer state\n\n" + header + table))
+        _log(f"bench: wrote the low-precision section of {path.resolve()}")
     _log("\n" + table)
     return 0
 

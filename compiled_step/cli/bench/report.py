@@ -271,4 +271,26 @@ def write_outputs(out: Path, *, command: str, machine: dict, started: str, durat
                                                    goals, step_memory))
     write_png(out / "bench.png", rows, compile_results, machine["device_name"], compiled=compiled)
     if benchmarks_md_path:
-        Path(benchmarks_md_path).write_text(benchmarks_md(command, machine, tables, goals, started, duration_s))
+        path = Path(benchmarks_md_path)
+        kept = kept_section(path.read_text()) if path.exists() else ""  # ``bench --low-precision``'s own run
+        path.write_text(benchmarks_md(command, machine, tables, goals, started, duration_s) + kept)
+
+
+# BENCHMARKS.md's section written by ``bench --low-precision --write-benchmarks-md``: a run of its own, kept when the
+# main bench regenerates the file, and replaced by the next low-precision run.
+SECTION_START, SECTION_END = "<!-- bench --low-precision: start -->", "<!-- bench --low-precision: end -->"
+
+
+def kept_section(text: str) -> str:
+    """The low-precision section of a BENCHMARKS.md text (with its markers), or ""."""
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    return "\n" + text[start:end + len(SECTION_END)] + "\n" if 0 <= start < end else ""
+
+
+def with_section(text: str, section: str) -> str:
+    """``text`` with its low-precision section replaced by ``section`` (appended when it has none)."""
+    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}"
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if 0 <= start < end:
+        return text[:start] + block + text[end + len(SECTION_END):]
+    return text.rstrip() + "\n\n" + block + "\n"
