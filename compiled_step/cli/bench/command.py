@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.low_precision:
-            return _run_low_precision(args)
+            return _run_low_precision(args, argv)
         resolve(args)
         # bench.png needs matplotlib (the cli extra): say so now, not after the whole run.
         require_cli_extra("the bench", ["matplotlib"])
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run_low_precision(args) -> int:
+def _run_low_precision(args, argv: list[str]) -> int:
     from compiled_step.cli.bench import low_precision  # noqa: PLC0415 -- this mode only
 
     try:
@@ -70,7 +70,7 @@ def _run_low_precision(args) -> int:
     table = low_precision.run(threads, args.rounds or 11, _log)
     header = (f"_{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {machine['torch']}, "
               f"{machine['device_name']}, compiled_step {machine['source']}; 1-minute load average "
-              f"{fmt_load(machine['load_average_at_start'])} at the start; command: `{_command(sys.argv[1:])}`_\n\n")
+              f"{fmt_load(machine['load_average_at_start'])} at the start; command: `{_command(argv)}`_\n\n")
     (out / "low_precision.md").write_text(header + table)
     if args.write_benchmarks_md:
         path = Path(args.write_benchmarks_md)
