@@ -46,13 +46,12 @@ from compiled_step.rules.common import (
     APPLY,
     GRAD_COEF,
     MATRIX,
-    SCALE,
-    SIGN,
     StateTensor,
     as_compute,
     check_range,
     compute_dtype,
     hyperparameter,
+    leading_columns,
     reject_common_options,
     store_where,
     widening,
@@ -136,8 +135,7 @@ def slot_table(
     coef: torch.Tensor,  # [] float64: the clip coefficient
     table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
 ) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
-    columns = [apply.double(), coef * hp[:, SCALE] * hp[:, SIGN]]
-    return torch.stack(columns, dim=1).to(table.dtype)
+    return leading_columns(hp, apply, coef, table)
 
 
 def lr_ratio(shape: tuple[int, ...], var: Variant) -> float:

@@ -103,21 +103,29 @@ def group_values(optimizer: torch.optim.Optimizer, group: dict, where: str) -> l
     can write them into ``param_groups`` later), before anything changes.
     """
     reject_common_options(group, type(optimizer).__name__)
+    lr, beta1, beta2, eps, wd = moment_values(group, where)
+    check_range(wd, "weight_decay", where, low=0.0)
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    return [lr, beta1, beta2, eps, wd, 1.0 if decoupled else 0.0]
+
+
+def moment_values(group: dict, where: str) -> list:
+    """``lr, beta1, beta2, eps, weight_decay`` of an Adam-family group (torch's and torchao's), read as
+    ``hyperparameter`` reads them, with the range checks both make at construction (lr, eps >= 0, betas in
+    [0, 1)); the weight decay's is the caller's (torch checks it, torchao does not)."""
     lr = hyperparameter(group["lr"], "lr", where)
     betas = group["betas"]
     if isinstance(betas, torch.Tensor) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}. Nothing was updated.")
-    beta1 = hyperparameter(group["betas"][0], "betas[0]", where)
-    beta2 = hyperparameter(group["betas"][1], "betas[1]", where)
+    beta1 = hyperparameter(betas[0], "betas[0]", where)
+    beta2 = hyperparameter(betas[1], "betas[1]", where)
     eps = hyperparameter(group["eps"], "eps", where)
     wd = hyperparameter(group["weight_decay"], "weight_decay", where)
     check_range(lr, "lr", where, low=0.0)
     check_range(eps, "eps", where, low=0.0)
     check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
     check_range(beta2, "betas[1]", where, low=0.0, high=1.0)
-    check_range(wd, "weight_decay", where, low=0.0)
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
-    return [lr, beta1, beta2, eps, wd, 1.0 if decoupled else 0.0]
+    return [lr, beta1, beta2, eps, wd]
 
 
 def slot_table(

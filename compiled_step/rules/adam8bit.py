@@ -49,16 +49,14 @@ from torchao.optim.subclass_8bit import OptimState8bit
 
 from compiled_step.matrices import numel
 from compiled_step.planning import is_dtensor, local_tensor
+from compiled_step.rules.adam import moment_values
 from compiled_step.rules.common import (
     APPLY,
     GRAD_COEF,
     MATRIX,
-    SCALE,
-    SIGN,
     StateTensor,
     as_compute,
-    check_range,
-    hyperparameter,
+    leading_columns,
     reject_common_options,
     store_where,
 )
@@ -196,19 +194,7 @@ def group_values(optimizer, group: dict, where: str) -> list:
     at construction and for what this rule does not support, before anything changes."""
     reject_common_options(group, type(optimizer).__name__)
     _refuse_unsupported(optimizer, group, where)
-    lr = hyperparameter(group["lr"], "lr", where)
-    betas = group["betas"]
-    if isinstance(betas, torch.Tensor) or not hasattr(betas, "__len__") or len(betas) != 2:
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}. Nothing was updated.")
-    beta1 = hyperparameter(betas[0], "betas[0]", where)
-    beta2 = hyperparameter(betas[1], "betas[1]", where)
-    eps = hyperparameter(group["eps"], "eps", where)
-    wd = hyperparameter(group["weight_decay"], "weight_decay", where)
-    check_range(lr, "lr", where, low=0.0)
-    check_range(eps, "eps", where, low=0.0)
-    check_range(beta1, "betas[0]", where, low=0.0, high=1.0)
-    check_range(beta2, "betas[1]", where, low=0.0, high=1.0)
-    return [lr, beta1, beta2, eps, wd, 1.0 if optimizer.is_adamw else 0.0]
+    return [*moment_values(group, where), 1.0 if optimizer.is_adamw else 0.0]
 
 
 def slot_table(
@@ -218,8 +204,7 @@ def slot_table(
     coef: torch.Tensor,  # [] float64: the clip coefficient
     table: torch.Tensor,  # [S, K'] the table the result goes to, read for its dtype only (see norm/finish.py)
 ) -> torch.Tensor:  # [S, len(TABLE_COLUMNS)] in the table's dtype
-    columns = [apply.double(), coef * hp[:, SCALE] * hp[:, SIGN]]
-    return torch.stack(columns, dim=1).to(table.dtype)
+    return leading_columns(hp, apply, coef, table)
 
 
 def lr_ratio(shape: tuple[int, ...], var: Variant) -> float:

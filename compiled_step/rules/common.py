@@ -36,6 +36,13 @@ SCALE, SIGN = 0, 1  # the group's grad scale (PP/EP/grad_scale) and -1 for ``max
 APPLY, GRAD_COEF = 0, 1  # 1.0 where the tensor is updated this step; scale * clip coefficient * sign
 
 
+def leading_columns(hp: torch.Tensor, apply: torch.Tensor, coef: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The per-tensor table of a rule whose update reads only the leading columns (APPLY, GRAD_COEF): Adafactor
+    and torchao's 8-bit Adam, which compute their other scalars from the counts inside the update."""
+    columns = [apply.double(), coef * hp[:, SCALE] * hp[:, SIGN]]
+    return torch.stack(columns, dim=1).to(table.dtype)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision a param of ``dtype`` is updated in: float64 for float64 params, float32 for every other.
 
