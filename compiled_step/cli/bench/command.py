@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.low_precision and args.cpu_adam:
+            raise BenchError("--low-precision and --cpu-adam are separate runs: pass one")
         if args.low_precision:
             return _run_low_precision(args, argv)
+        if args.cpu_adam:
+            return _run_cpu_adam(args, argv)
         resolve(args)
         # bench.png needs matplotlib (the cli extra): say so now, not after the whole run.
         require_cli_extra("the bench", ["matplotlib"])
@@ -57,26 +61,41 @@ def main(argv: list[str] | None = None) -> int:
 def _run_low_precision(args, argv: list[str]) -> int:
     from compiled_step.cli.bench import low_precision  # noqa: PLC0415 -- this mode only
 
+    return _run_mode(args, argv, "low-precision", "Low-precision optimizer state", "low_precision.md",
+                     lambda threads: low_precision.run(threads, args.rounds or 11, _log))
+
+
+def _run_cpu_adam(args, argv: list[str]) -> int:
+    from compiled_step.cli.bench import cpu_adam  # noqa: PLC0415 -- this mode only
+
+    return _run_mode(args, argv, "cpu-adam", "CPU AdamW against DeepSpeedCPUAdam", "cpu_adam.md",
+                     lambda threads: cpu_adam.run(threads, args.rounds or 15, _log))
+
+
+def _run_mode(args, argv: list[str], name: str, title: str, filename: str, run) -> int:
+    """One of the bench's own CPU modes (``--low-precision``, ``--cpu-adam``): its table to ``--out``/``filename``
+    and, with ``--write-benchmarks-md``, to its own section of BENCHMARKS.md (``report.SECTIONS``)."""
+    value = getattr(args, name.replace("-", "_"))
     try:
-        threads = [int(t) for t in args.low_precision.split(",")]
+        threads = [int(t) for t in value.split(",")]
     except ValueError:
-        raise BenchError(f"--low-precision takes thread counts like 1,2; got {args.low_precision!r}") from None
+        raise BenchError(f"--{name} takes thread counts like 1,2; got {value!r}") from None
     if args.device != "cpu":
-        raise BenchError("--low-precision measures the CPU step (--device cpu)")
+        raise BenchError(f"--{name} measures the CPU step (--device cpu)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(torch.device("cpu"))
-    _log(f"bench --low-precision: torch {machine['torch']}, threads {threads}")
-    table = low_precision.run(threads, args.rounds or 11, _log)
+    _log(f"bench --{name}: torch {machine['torch']}, threads {threads}")
+    table = run(threads)
     header = (f"_{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {machine['torch']}, "
               f"{machine['device_name']}, compiled_step {machine['source']}; 1-minute load average "
               f"{fmt_load(machine['load_average_at_start'])} at the start; command: `{_command(argv)}`_\n\n")
-    (out / "low_precision.md").write_text(header + table)
+    (out / filename).write_text(header + table)
     if args.write_benchmarks_md:
         path = Path(args.write_benchmarks_md)
         path.write_text(with_section(path.read_text() if path.exists() else "# Benchmarks\n",
-                                     "## Low-precision optimizer state\n\n" + header + table))
-        _log(f"bench: wrote the low-precision section of {path.resolve()}")
+                                     f"## {title}\n\n" + header + table, name))
+        _log(f"bench: wrote the {name} section of {path.resolve()}")
     _log("\n" + table)
     return 0
 

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only the low-precision state rows (bf16 moments, stochastically rounded bf16 params, "
                    "torchao's optimizers) at these thread counts, e.g. 1,2; writes low_precision.md to --out "
                    "(CPU; --rounds, default 11)")
+    p.add_argument("--cpu-adam", default=None, metavar="THREADS",
+                   help="run only the CPU AdamW rows: FusedStep against DeepSpeedCPUAdam (when deepspeed is "
+                   "installed: the deepspeed extra) and torch's fused AdamW, one subprocess per thread count, e.g. "
+                   "1,2; writes cpu_adam.md to --out (CPU; --rounds, default 15)")
     return p
 
 

@@ -272,25 +272,36 @@ def write_outputs(out: Path, *, command: str, machine: dict, started: str, durat
     write_png(out / "bench.png", rows, compile_results, machine["device_name"], compiled=compiled)
     if benchmarks_md_path:
         path = Path(benchmarks_md_path)
-        kept = kept_section(path.read_text()) if path.exists() else ""  # ``bench --low-precision``'s own run
+        kept = kept_section(path.read_text()) if path.exists() else ""  # the modes' own runs (SECTIONS)
         path.write_text(benchmarks_md(command, machine, tables, goals, started, duration_s) + kept)
 
 
-# BENCHMARKS.md's section written by ``bench --low-precision --write-benchmarks-md``: a run of its own, kept when the
-# main bench regenerates the file, and replaced by the next low-precision run.
-SECTION_START, SECTION_END = "<!-- bench --low-precision: start -->", "<!-- bench --low-precision: end -->"
+# BENCHMARKS.md's sections written by the bench's own modes (``bench --low-precision`` and ``bench --cpu-adam`` with
+# ``--write-benchmarks-md``): each a run of its own, kept when the main bench regenerates the file, and replaced by
+# the next run of its mode.
+SECTIONS = ("low-precision", "cpu-adam")
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench --{name}: start -->", f"<!-- bench --{name}: end -->"
 
 
 def kept_section(text: str) -> str:
-    """The low-precision section of a BENCHMARKS.md text (with its markers), or ""."""
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    return "\n" + text[start:end + len(SECTION_END)] + "\n" if 0 <= start < end else ""
+    """Every mode's section of a BENCHMARKS.md text (with their markers), in ``SECTIONS`` order, or ""."""
+    kept = ""
+    for name in SECTIONS:
+        start_marker, end_marker = _markers(name)
+        start, end = text.find(start_marker), text.find(end_marker)
+        if 0 <= start < end:
+            kept += "\n" + text[start:end + len(end_marker)] + "\n"
+    return kept
 
 
-def with_section(text: str, section: str) -> str:
-    """``text`` with its low-precision section replaced by ``section`` (appended when it has none)."""
-    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}"
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
+def with_section(text: str, section: str, name: str = "low-precision") -> str:
+    """``text`` with mode ``name``'s section replaced by ``section`` (appended when it has none)."""
+    start_marker, end_marker = _markers(name)
+    block = f"{start_marker}\n{section.rstrip()}\n{end_marker}"
+    start, end = text.find(start_marker), text.find(end_marker)
     if 0 <= start < end:
-        return text[:start] + block + text[end + len(SECTION_END):]
+        return text[:start] + block + text[end + len(end_marker):]
     return text.rstrip() + "\n\n" + block + "\n"
