@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -55,16 +56,24 @@ DESCRIPTIONS = {
     "DS+clip": "clip_grad_norm_ + DeepSpeedCPUAdam",
     "DS": "DeepSpeedCPUAdam alone (no clip)",
     "torch": "AdamW(fused=True) alone (no clip)",
+    "torch-flat": "torch._fused_adamw_ on four flat buffers placed apart (roofline probe)",
 }
+FLAT = "torch-flat"  # timed in the rounds beside the methods; its params are not the layout's
 CLIPPED = ("fused", "B", "DS+clip")  # read the grads once more, for the norm
 GOALS = dict(fused_vs_ds_bytes=0.95, fused_vs_ds_clip=1.3, fused_vs_b=1.3)
 DEEPSPEED_MISSING = "deepspeed is not installed (pip install -e '.[deepspeed]'; its CPU Adam JIT-builds on first use)"
 
 
-def layout() -> L.Layout:
-    """The blocks of gpt_layout(512, 12): 144 tensors, 37.8 M params."""
-    gpt = L.gpt_layout(512, 12)
-    return L.Layout("gpt blocks(d_model=512,n_layers=12)", tuple(s for s in gpt.specs if s.name.startswith("h")))
+BLOCKS = (512, 12)  # d_model, n_layers of the layout
+
+
+def layout(blocks: tuple[int, int] = BLOCKS) -> L.Layout:
+    """The blocks of gpt_layout(d_model, n_layers), embeddings and final norm left out: by default 144 tensors,
+    37.8 M params."""
+    d_model, n_layers = blocks
+    gpt = L.gpt_layout(d_model, n_layers)
+    return L.Layout(f"gpt blocks(d_model={d_model},n_layers={n_layers})",
+                    tuple(s for s in gpt.specs if s.name.startswith("h")))
 
 
 def deepspeed_available() -> bool:
@@ -102,10 +111,11 @@ def build(method: str, params: list[torch.Tensor], lay: L.Layout) -> Callable[[]
     return opt.step
 
 
-def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: list[str]) -> dict:
+def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: list[str],
+           blocks: tuple[int, int] = BLOCKS) -> dict:
     """One thread count, in this process: every method timed interleaved. Returns medians and checks."""
     torch.set_num_threads(threads)
-    lay = layout()
+    lay = layout(blocks)
     grads = L.make_grads(lay, dtype=dtype, seed=1)
     params = {m: L.make_params(lay, dtype=dtype, seed=0) for m in methods}
     steps, first_s = {}, {}
@@ -127,10 +137,16 @@ def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: 
         for _ in range(warmup - 1):
             give(m)
             steps[m]()
+    # torch's fused kernel keeps state in the param dtype: it probes the fp32 access pattern only
+    probe = _flat_probe(lay.n_params, dtype) if dtype == torch.float32 else None
+    if probe is not None:
+        first_s[FLAT] = math.nan
     triad = Triad(64 << 20 >> 2, torch.device("cpu"))
     flusher = CacheFlusher(torch.device("cpu"), 64 << 20)
     times = {m: [] for m in methods}
     triads = []
+    if probe is not None:
+        times[FLAT] = []
     for _ in range(rounds):
         triads.append(triad.measure(3))
         for m in methods:
@@ -139,6 +155,11 @@ def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: 
             t0 = time.perf_counter()
             steps[m]()
             times[m].append(time.perf_counter() - t0)
+        if probe is not None:
+            flusher()
+            t0 = time.perf_counter()
+            probe()
+            times[FLAT].append(time.perf_counter() - t0)
     ref = "B" if "B" in methods else methods[0]
     return {
         "threads": threads, "dtype": str(dtype).replace("torch.", ""), "n_params": lay.n_params,
@@ -149,10 +170,30 @@ def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: 
         "in_place_gbps": statistics.median(t[1] for t in triads),
         # Same init, grads and step count: every method should sit on B's trajectory (fp32 rounding apart).
         "max_abs_diff_vs": ref,
-        "max_abs_diff": {m: max_abs_diff(params[m], params[ref]) for m in methods},
+        "max_abs_diff": {m: max_abs_diff(params[m], params[ref]) for m in methods} | {m: math.nan for m in times if m not in params},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
     }
+
+
+def _flat_probe(n: int, dtype: torch.dtype) -> Callable[[], None]:
+    """torch's fused AdamW kernel on four flat buffers of ``n`` elements placed apart in their pages (FusedStep's
+    own placement, ``storage._row_buffer``): the AdamW access pattern with nothing else in the way."""
+    from compiled_step.storage import ROW, _row_buffer  # noqa: PLC0415
+
+    rows = -(-n // ROW)
+    p, g, m, v = (_row_buffer(rows, dtype, torch.device("cpu"), stream=k).view(-1)[:n] for k in range(4))
+    gen = torch.Generator().manual_seed(3)
+    for x in (p, g, m):
+        x.copy_(torch.randn(x.shape, generator=gen))
+    v.copy_(torch.rand(v.shape, generator=gen))
+    step = torch.ones(())
+
+    def run() -> None:
+        torch._fused_adamw_([p], [g], [m], [v], [], [step], lr=LR, beta1=BETAS[0], beta2=BETAS[1],
+                            weight_decay=WEIGHT_DECAY, eps=EPS, amsgrad=False, maximize=False)
+    run()  # warm: its pages are touched before it is timed
+    return run
 
 
 def gbps(result: dict, method: str) -> float:
@@ -163,18 +204,20 @@ def gbps(result: dict, method: str) -> float:
 def roofline(result: dict) -> tuple[float, str]:
     """The highest median bandwidth of the triads and the tuned AdamW kernels (DS, torch), and which set it."""
     candidates = {"STREAM triad": result["stream_gbps"], "in-place triad": result["in_place_gbps"]}
-    for m in ("DS", "torch"):
+    for m in ("DS", "torch", FLAT):
         if m in result["median_s"]:
             candidates[f"{m} ({DESCRIPTIONS[m]})"] = gbps(result, m)
     source = max(candidates, key=candidates.get)
     return candidates[source], source
 
 
-def run_subprocess(threads: int, rounds: int, warmup: int, dtype: str, methods: list[str], log) -> dict:
+def run_subprocess(threads: int, rounds: int, warmup: int, dtype: str, methods: list[str], log,
+                   blocks: tuple[int, int] = BLOCKS) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [sys.executable, "-m", "compiled_step.cli.bench.cpu_adam", "--threads", str(threads), "--rounds",
-           str(rounds), "--warmup", str(warmup), "--dtype", dtype, "--methods", ",".join(methods)]
+           str(rounds), "--warmup", str(warmup), "--dtype", dtype, "--methods", ",".join(methods),
+           "--blocks", ",".join(map(str, blocks))]
     log(f"bench --cpu-adam: {threads} thread(s), {dtype}: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -219,15 +262,21 @@ def table(results: list[dict], notes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("float32",), warmup: int = 3) -> str:
+def measure(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("float32",), warmup: int = 3,
+            blocks: tuple[int, int] = BLOCKS) -> tuple[list[dict], list[str]]:
+    """Every (dtype, thread count) in its own subprocess: their results, and the table's notes."""
     methods = ["fused", "B", "torch"]
     notes = []
     if deepspeed_available():
         methods[2:2] = ["DS+clip", "DS"]
     else:
         notes.append(DEEPSPEED_MISSING + ": the DS rows and goals are not run.")
-    results = [run_subprocess(t, rounds, warmup, d, methods, log) for d in dtypes for t in threads]
-    return table(results, notes)
+    results = [run_subprocess(t, rounds, warmup, d, methods, log, blocks) for d in dtypes for t in threads]
+    return results, notes
+
+
+def run(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("float32",), warmup: int = 3) -> str:
+    return table(*measure(threads, rounds, log, dtypes, warmup))
 
 
 def _main() -> None:
@@ -237,8 +286,10 @@ def _main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--methods", default="fused,B,DS+clip,DS,torch")
+    p.add_argument("--blocks", default=",".join(map(str, BLOCKS)), help="d_model,n_layers of the layout")
     a = p.parse_args()
-    result = worker(a.threads, a.rounds, a.warmup, getattr(torch, a.dtype), a.methods.split(","))
+    blocks = tuple(int(x) for x in a.blocks.split(","))
+    result = worker(a.threads, a.rounds, a.warmup, getattr(torch, a.dtype), a.methods.split(","), blocks)
     print(json.dumps(result))
 
 
