@@ -26,7 +26,7 @@ from compiled_step.lifecycle import (
 )
 from compiled_step.nemo_compat import _clip_grad_norm_impl, clip_grad_norm, scale_grads_and_clip_grad_norm
 from compiled_step.padding import count_tail_padding, count_tail_padding_tensor
-from compiled_step.state_dtypes import bf16_moments
+from compiled_step.state_dtypes import bf16_moments, fp32_moments
 
 __all__ = [
     "FusedStep",
@@ -48,6 +48,7 @@ __all__ = [
     # beyond NeMo Automodel's API
     "count_tail_padding_tensor",
     "bf16_moments",
+    "fp32_moments",
     "GradAccumulation",
     "accumulate",
     "FirstMicrobatchFlag",
