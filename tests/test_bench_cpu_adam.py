@@ -18,13 +18,14 @@ from compiled_step.cli.bench.report import kept_section, with_section
 
 @pytest.fixture(scope="module")
 def small_run():
-    results, notes = cpu_adam.measure([1], rounds=2, log=lambda msg: None, warmup=1, blocks=(64, 1))
+    results, notes = cpu_adam.measure([1], rounds=2, log=lambda msg: None, warmup=1, blocks=(64, 1),
+                                      dtypes=("float32", "bfloat16"))
     return results, notes
 
 
 def test_a_small_run_steps_every_method_alike_and_reports_them(small_run):
     results, notes = small_run
-    (result,) = results
+    result, bf16 = results
     methods = {"fused", "B", "torch", cpu_adam.FLAT}
     if cpu_adam.deepspeed_available():
         methods |= {"DS", "DS+clip"}
@@ -34,10 +35,16 @@ def test_a_small_run_steps_every_method_alike_and_reports_them(small_run):
     assert set(result["median_s"]) == methods
     assert result["threads"] == 1 and result["omp_num_threads"] == "1" and result["n_tensors"] == 12
     diffs = result["max_abs_diff"]
-    assert diffs["B"] == 0.0 and diffs["fused"] <= 1e-6, diffs
+    assert result["max_abs_diff_vs"] == "B" and diffs["B"] == 0.0 and diffs["fused"] <= 1e-6, diffs
     if "DS+clip" in diffs:  # DeepSpeed's AdamW, after the same clip: its own fp32 arithmetic order
         assert diffs["DS+clip"] <= 1e-6, diffs
     assert math.isnan(diffs[cpu_adam.FLAT])  # the probe's params are its own
+    # bfloat16 params: FusedStep with fp32_moments; the fp32 probe does not run
+    assert bf16["dtype"] == "bfloat16" and set(bf16["median_s"]) == methods - {cpu_adam.FLAT}
+    if cpu_adam.deepspeed_available():
+        # against DeepSpeed's clipped step, float32 moments both: params within a bfloat16 rounding flip (~2**-8
+        # relative of params of size ~0.1 at most)
+        assert bf16["max_abs_diff_vs"] == "DS+clip" and bf16["max_abs_diff"]["fused"] <= 1e-3, bf16["max_abs_diff"]
 
 
 def test_the_table_reports_every_method_the_roofline_and_the_goals(small_run):
@@ -46,6 +53,7 @@ def test_the_table_reports_every_method_the_roofline_and_the_goals(small_run):
     roof, source = cpu_adam.roofline(results[0])
     assert roof >= max(results[0]["stream_gbps"], results[0]["in_place_gbps"]) and roof > 0
     assert f"| float32 | 1 | {roof:.1f} | {source} |" in text
+    assert "| bfloat16 | 1 | FusedStep GB/s / DS GB/s (24 vs 22 B/param) |" in text
     for method in results[0]["median_s"]:
         assert f"| {cpu_adam.DESCRIPTIONS[method]} |" in text
     expected = "not run" if not cpu_adam.deepspeed_available() else None

@@ -60,6 +60,7 @@ DESCRIPTIONS = {
 }
 FLAT = "torch-flat"  # timed in the rounds beside the methods; its params are not the layout's
 CLIPPED = ("fused", "B", "DS+clip")  # read the grads once more, for the norm
+TORCH_STATE = ("B", "torch", "torch-flat")  # torch.optim's state: moments in the params' dtype
 GOALS = dict(fused_vs_ds_bytes=0.95, fused_vs_ds_clip=1.3, fused_vs_b=1.3)
 DEEPSPEED_MISSING = "deepspeed is not installed (pip install -e '.[deepspeed]'; its CPU Adam JIT-builds on first use)"
 
@@ -81,9 +82,12 @@ def deepspeed_available() -> bool:
 
 
 def bytes_per_param(method: str, param_dtype: torch.dtype) -> int:
-    """p, g and the two fp32 moments read, p and the moments written; the clipped methods read g once more."""
+    """p, g and the two moments read, p and the moments written; the clipped methods read g once more. FusedStep
+    (``fp32_moments`` for bfloat16 params) and DeepSpeed keep float32 moments; torch's AdamW keeps them in the
+    params' dtype."""
     p = torch.empty((), dtype=param_dtype).element_size()
-    return 2 * p + p + 2 * 2 * 4 + (p if method in CLIPPED else 0)
+    state = p if method in TORCH_STATE else 4
+    return 2 * p + p + 2 * 2 * state + (p if method in CLIPPED else 0)
 
 
 def _optimizer(method: str, params: list[torch.Tensor], lay: L.Layout) -> torch.optim.Optimizer:
@@ -93,7 +97,11 @@ def _optimizer(method: str, params: list[torch.Tensor], lay: L.Layout) -> torch.
 
         return DeepSpeedCPUAdam(groups, lr=LR, betas=BETAS, eps=EPS, adamw_mode=True)
     if method == "fused":
-        return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+        from compiled_step import fp32_moments  # noqa: PLC0415
+
+        opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+        # bfloat16 params: float32 moments, as DeepSpeed keeps them (a no-op for float32 params)
+        return fp32_moments(opt) if params[0].dtype == torch.bfloat16 else opt
     return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, fused=True)
 
 
@@ -160,7 +168,9 @@ def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: 
             t0 = time.perf_counter()
             probe()
             times[FLAT].append(time.perf_counter() - t0)
-    ref = "B" if "B" in methods else methods[0]
+    # the reference every method's params are compared with: B for float32 params; for bfloat16 params, whose B
+    # keeps bfloat16 moments, DeepSpeed's clipped step (float32 moments, as FusedStep's) where it runs
+    ref = "DS+clip" if dtype != torch.float32 and "DS+clip" in methods else ("B" if "B" in methods else methods[0])
     return {
         "threads": threads, "dtype": str(dtype).replace("torch.", ""), "n_params": lay.n_params,
         "n_tensors": lay.n_tensors, "rounds": rounds, "first_s": first_s,
@@ -228,17 +238,17 @@ def run_subprocess(threads: int, rounds: int, warmup: int, dtype: str, methods: 
 def table(results: list[dict], notes: list[str]) -> str:
     first = results[0]
     lines = [f"### CPU AdamW: FusedStep, DeepSpeedCPUAdam and torch ({first['n_params'] / 1e6:.1f} M params in "
-             f"{first['n_tensors']} tensors, fp32 moments; medians of {first['rounds']} interleaved rounds, one "
+             f"{first['n_tensors']} tensors; FusedStep and DeepSpeed keep float32 moments, torch's AdamW moments in the params' dtype; medians of {first['rounds']} interleaved rounds, one "
              "process per thread count)", "",
-             "| params | threads | method | median ms | B/param | GB/s | fraction of roofline | max abs diff vs "
-             "B | first step s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| params | threads | method | median ms | B/param | GB/s | fraction of roofline | max abs diff (vs) "
+             "| first step s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         roof, source = roofline(r)
         dtype = getattr(torch, r["dtype"])
         for m, t in r["median_s"].items():
             g = gbps(r, m)
             lines.append(f"| {r['dtype']} | {r['threads']} | {DESCRIPTIONS[m]} | {t * 1e3:.1f} | "
-                         f"{bytes_per_param(m, dtype)} | {g:.1f} | {g / roof:.2f} | {r['max_abs_diff'][m]:.1e} | "
+                         f"{bytes_per_param(m, dtype)} | {g:.1f} | {g / roof:.2f} | {r['max_abs_diff'][m]:.1e} ({r['max_abs_diff_vs']}) | "
                          f"{r['first_s'][m]:.1f} |")
     lines += ["", "| params | threads | roofline GB/s | set by | STREAM triad GB/s | in-place triad GB/s |",
               "|---|---:|---:|---|---:|---:|"]
@@ -249,7 +259,9 @@ def table(results: list[dict], notes: list[str]) -> str:
     lines += ["", "| params | threads | goal | target | measured | status |", "|---|---:|---|---:|---:|---|"]
     for r in results:
         med = r["median_s"]
-        checks = [("FusedStep GB/s / DS GB/s (32 vs 28 B/param)", "fused_vs_ds_bytes",
+        dtype = getattr(torch, r["dtype"])
+        bpp = f"{bytes_per_param('fused', dtype)} vs {bytes_per_param('DS', dtype)} B/param"
+        checks = [(f"FusedStep GB/s / DS GB/s ({bpp})", "fused_vs_ds_bytes",
                    gbps(r, "fused") / gbps(r, "DS") if "DS" in med else None),
                   ("speedup over DS+clip", "fused_vs_ds_clip", med["DS+clip"] / med["fused"] if "DS+clip" in med
                    else None),
@@ -275,7 +287,8 @@ def measure(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("fl
     return results, notes
 
 
-def run(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("float32",), warmup: int = 3) -> str:
+def run(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("float32", "bfloat16"), warmup: int = 3
+        ) -> str:
     return table(*measure(threads, rounds, log, dtypes, warmup))
 
 
