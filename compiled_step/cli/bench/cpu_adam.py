@@ -68,6 +68,24 @@ DEEPSPEED_MISSING = "deepspeed is not installed (pip install -e '.[deepspeed]'; 
 BLOCKS = (512, 12)  # d_model, n_layers of the layout
 
 
+# Printed under the tables: what the figures mean.
+DEFINITIONS = (
+    "**B/param** is the least each method must move: AdamW reads p, g and both moments and writes p and the moments "
+    "(28 B/param for float32 params and moments); a clipped method reads g once more for the norm (32). "
+    "`clip_grad_norm_` moves more than that (it writes the clipped grads back) and is counted at 32 all the same. "
+    "**GB/s** = n_params x B/param / median time.",
+    "**Roofline**: this machine's best streaming bandwidth, measured in the same process and rounds: the highest "
+    "median GB/s of STREAM's triad (`a = b + s*c`), the in-place triad (`a += s*c`; both 12 B/element) and the "
+    "tuned kernels with AdamW's own access pattern (4 streams read, 3 written; 28 B/param): DeepSpeedCPUAdam "
+    "alone, torch's `AdamW(fused=True)` alone, and torch's `_fused_adamw_` on four flat buffers placed apart in "
+    "their pages (float32 only). **Fraction of roofline** = GB/s / roofline GB/s.",
+    "**Goals** (issue 25): FusedStep's GB/s at >= 0.95 of DeepSpeedCPUAdam-alone's (FusedStep counted with its "
+    "norm read, DeepSpeed without one), and >= 1.3x the step time of clip + DeepSpeedCPUAdam and of B, at every "
+    "thread count. **max abs diff (vs)**: the largest param difference from the named method after the same "
+    "steps; the unclipped methods follow another trajectory by design.",
+)
+
+
 def layout(blocks: tuple[int, int] = BLOCKS) -> L.Layout:
     """The blocks of gpt_layout(d_model, n_layers), embeddings and final norm left out: by default 144 tensors,
     37.8 M params."""
@@ -270,7 +288,7 @@ def table(results: list[dict], notes: list[str]) -> str:
             status = "not run" if value is None else ("met" if value >= GOALS[key] else "gap")
             shown = "-" if value is None else f"{value:.2f}"
             lines.append(f"| {r['dtype']} | {r['threads']} | {name} | >= {GOALS[key]} | {shown} | {status} |")
-    lines += [""] + [f"_{n}_" for n in notes] + [""]
+    lines += ["", *DEFINITIONS, ""] + [f"_{n}_" for n in notes] + [""]
     return "\n".join(lines)
 
 
