@@ -19,13 +19,13 @@ from compiled_step.cli.bench.report import kept_section, with_section
 @pytest.fixture(scope="module")
 def small_run():
     results, notes = cpu_adam.measure([1], rounds=2, log=lambda msg: None, warmup=1, blocks=(64, 1),
-                                      dtypes=("float32", "bfloat16"))
+                                      dtypes=("float32", "bfloat16"), fsdp_offload=True)
     return results, notes
 
 
 def test_a_small_run_steps_every_method_alike_and_reports_them(small_run):
     results, notes = small_run
-    result, bf16 = results
+    result, bf16, sharded = results
     methods = {"fused", "B", "torch", cpu_adam.FLAT}
     if cpu_adam.deepspeed_available():
         methods |= {"DS", "DS+clip"}
@@ -41,6 +41,12 @@ def test_a_small_run_steps_every_method_alike_and_reports_them(small_run):
     assert math.isnan(diffs[cpu_adam.FLAT])  # the probe's params are its own
     # bfloat16 params: FusedStep with fp32_moments; the fp32 probe does not run
     assert bf16["dtype"] == "bfloat16" and set(bf16["median_s"]) == methods - {cpu_adam.FLAT}
+    # FSDP2 shards under CPUOffloadPolicy: every method steps DTensor params (DeepSpeed their local tensors) the
+    # same way as on plain tensors
+    assert sharded["fsdp_offload"] and set(sharded["median_s"]) == methods - {cpu_adam.FLAT}
+    assert sharded["max_abs_diff_vs"] == "B" and sharded["max_abs_diff"]["fused"] <= 1e-6, sharded["max_abs_diff"]
+    if "DS+clip" in sharded["max_abs_diff"]:
+        assert sharded["max_abs_diff"]["DS+clip"] <= 1e-6, sharded["max_abs_diff"]
     if cpu_adam.deepspeed_available():
         # against DeepSpeed's clipped step, float32 moments both: params within a bfloat16 rounding flip (~2**-8
         # relative of params of size ~0.1 at most)
@@ -54,6 +60,7 @@ def test_the_table_reports_every_method_the_roofline_and_the_goals(small_run):
     assert roof >= max(results[0]["stream_gbps"], results[0]["in_place_gbps"]) and roof > 0
     assert f"| float32 | 1 | {roof:.1f} | {source} |" in text
     assert "| bfloat16 | 1 | FusedStep GB/s / DS GB/s (24 vs 22 B/param) |" in text
+    assert "| float32, FSDP2 shards (CPUOffloadPolicy) | 1 | FusedStep (clip + AdamW) |" in text
     for method in results[0]["median_s"]:
         assert f"| {cpu_adam.DESCRIPTIONS[method]} |" in text
     expected = "not run" if not cpu_adam.deepspeed_available() else None

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from compiled_step.cli import layouts as L
-from compiled_step.cli.bench.measure import CacheFlusher, Triad, max_abs_diff
+from compiled_step.cli.bench.measure import CacheFlusher, Triad, local_shard, max_abs_diff
 
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
 DESCRIPTIONS = {
@@ -123,48 +123,103 @@ def _optimizer(method: str, params: list[torch.Tensor], lay: L.Layout) -> torch.
     return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, fused=True)
 
 
-def build(method: str, params: list[torch.Tensor], lay: L.Layout) -> Callable[[], object]:
+def build(method: str, params: list[torch.Tensor], lay: L.Layout, clip_params: list[torch.Tensor] | None = None
+          ) -> Callable[[], object]:
+    """Method ``method`` stepping ``params``; the clipped ones clip ``clip_params`` (default ``params``): FSDP2's
+    DTensor params, whose norm torch reduces across ranks, where DeepSpeed steps their local tensors."""
     opt = _optimizer(method, params, lay)
+    clip_params = params if clip_params is None else clip_params
     if method == "fused":
         from compiled_step import FusedStep  # noqa: PLC0415
 
         return FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False).step
     if method in CLIPPED:
         def step() -> None:
-            torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+            torch.nn.utils.clip_grad_norm_(clip_params, MAX_NORM, foreach=True)
             opt.step()
         return step
     return opt.step
 
 
 def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: list[str],
-           blocks: tuple[int, int] = BLOCKS) -> dict:
-    """One thread count, in this process: every method timed interleaved. Returns medians and checks."""
+           blocks: tuple[int, int] = BLOCKS, fsdp_offload: bool = False) -> dict:
+    """One thread count, in this process: every method timed interleaved. Returns medians and checks.
+    ``fsdp_offload``: the params are FSDP2 shards under ``CPUOffloadPolicy`` (one gloo rank, ``_offload_shards``)."""
+    if not fsdp_offload:
+        return _worker(threads, rounds, warmup, dtype, methods, blocks, None)
+    from compiled_step.cli.bench import fsdp  # noqa: PLC0415 -- torch.distributed only for this row
+
+    with fsdp.single_process_group(torch.device("cpu")) as mesh:
+        return _worker(threads, rounds, warmup, dtype, methods, blocks, mesh) | {"fsdp_offload": True}
+
+
+def _offload_shards(lay: L.Layout, params: list[torch.Tensor], mesh) -> list[torch.Tensor]:
+    """``params`` as FSDP2 shards kept on the CPU (``CPUOffloadPolicy``), one FSDP unit per block and the root. On
+    one rank each shard is the whole tensor, but they are DTensors: FusedStep stages the small ones and updates the
+    large ones in buckets, as on N ranks."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard  # noqa: PLC0415
+
+    root = torch.nn.Module()
+    blocks: dict[str, torch.nn.Module] = {}
+    where = []
+    for spec, p in zip(lay.specs, params):
+        head, _, rest = spec.name.partition(".")
+        block = blocks.get(head)
+        if block is None:
+            block = blocks[head] = torch.nn.Module()
+            root.add_module(head, block)
+        name = rest.replace(".", "_")
+        block.register_parameter(name, torch.nn.Parameter(p.detach()))
+        where.append((block, name))
+    policy = CPUOffloadPolicy(pin_memory=False)
+    for block in blocks.values():
+        fully_shard(block, mesh=mesh, offload_policy=policy)
+    fully_shard(root, mesh=mesh, offload_policy=policy)
+    return [getattr(block, name) for block, name in where]
+
+
+def _local_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """DeepSpeed's view of FSDP2 shards: plain params over the same local storage; ``give`` points their grads at
+    the shards' local grads."""
+    return [torch.nn.Parameter(p.to_local(), requires_grad=True) for p in params]
+
+
+def _worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: list[str],
+            blocks: tuple[int, int], mesh) -> dict:
     torch.set_num_threads(threads)
     lay = layout(blocks)
     grads = L.make_grads(lay, dtype=dtype, seed=1)
     params = {m: L.make_params(lay, dtype=dtype, seed=0) for m in methods}
+    stepped = dict(params)  # what each method's optimizer steps: DeepSpeed steps the shards' local tensors
+    if mesh is not None:
+        from compiled_step.cli.bench.fsdp import sharded_grad  # noqa: PLC0415
+
+        for m in methods:
+            params[m] = _offload_shards(lay, params[m], mesh)
+            stepped[m] = _local_params(params[m]) if m.startswith("DS") else params[m]
     steps, first_s = {}, {}
 
     def give(m: str) -> None:
         with torch.no_grad():
-            for p, g in zip(params[m], grads):
+            for p, q, g in zip(params[m], stepped[m], grads):
                 if p.grad is None:
-                    p.grad = g.clone()
+                    p.grad = sharded_grad(p, g.clone()) if mesh is not None else g.clone()
                 else:
-                    p.grad.copy_(g)
+                    local_shard(p.grad).copy_(g)
+                if q is not p:
+                    q.grad = local_shard(p.grad)
 
     for m in methods:
         give(m)
         t0 = time.perf_counter()
-        steps[m] = build(m, params[m], lay)
+        steps[m] = build(m, stepped[m], lay, clip_params=params[m])
         steps[m]()
         first_s[m] = time.perf_counter() - t0
         for _ in range(warmup - 1):
             give(m)
             steps[m]()
     # torch's fused kernel keeps state in the param dtype: it probes the fp32 access pattern only
-    probe = _flat_probe(lay.n_params, dtype) if dtype == torch.float32 else None
+    probe = _flat_probe(lay.n_params, dtype) if dtype == torch.float32 and mesh is None else None
     if probe is not None:
         first_s[FLAT] = math.nan
     triad = Triad(64 << 20 >> 2, torch.device("cpu"))
@@ -190,7 +245,7 @@ def worker(threads: int, rounds: int, warmup: int, dtype: torch.dtype, methods: 
     # keeps bfloat16 moments, DeepSpeed's clipped step (float32 moments, as FusedStep's) where it runs
     ref = "DS+clip" if dtype != torch.float32 and "DS+clip" in methods else ("B" if "B" in methods else methods[0])
     return {
-        "threads": threads, "dtype": str(dtype).replace("torch.", ""), "n_params": lay.n_params,
+        "threads": threads, "dtype": str(dtype).replace("torch.", ""), "n_params": lay.n_params, "fsdp_offload": False,
         "n_tensors": lay.n_tensors, "rounds": rounds, "first_s": first_s,
         "median_s": {m: statistics.median(t) for m, t in times.items()},
         "min_s": {m: min(t) for m, t in times.items()},
@@ -240,17 +295,21 @@ def roofline(result: dict) -> tuple[float, str]:
 
 
 def run_subprocess(threads: int, rounds: int, warmup: int, dtype: str, methods: list[str], log,
-                   blocks: tuple[int, int] = BLOCKS) -> dict:
+                   blocks: tuple[int, int] = BLOCKS, fsdp_offload: bool = False) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [sys.executable, "-m", "compiled_step.cli.bench.cpu_adam", "--threads", str(threads), "--rounds",
            str(rounds), "--warmup", str(warmup), "--dtype", dtype, "--methods", ",".join(methods),
-           "--blocks", ",".join(map(str, blocks))]
+           "--blocks", ",".join(map(str, blocks))] + (["--fsdp-offload"] if fsdp_offload else [])
     log(f"bench --cpu-adam: {threads} thread(s), {dtype}: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the {threads}-thread run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _label(result: dict) -> str:
+    return result["dtype"] + (", FSDP2 shards (CPUOffloadPolicy)" if result.get("fsdp_offload") else "")
 
 
 def table(results: list[dict], notes: list[str]) -> str:
@@ -265,14 +324,14 @@ def table(results: list[dict], notes: list[str]) -> str:
         dtype = getattr(torch, r["dtype"])
         for m, t in r["median_s"].items():
             g = gbps(r, m)
-            lines.append(f"| {r['dtype']} | {r['threads']} | {DESCRIPTIONS[m]} | {t * 1e3:.1f} | "
+            lines.append(f"| {_label(r)} | {r['threads']} | {DESCRIPTIONS[m]} | {t * 1e3:.1f} | "
                          f"{bytes_per_param(m, dtype)} | {g:.1f} | {g / roof:.2f} | {r['max_abs_diff'][m]:.1e} ({r['max_abs_diff_vs']}) | "
                          f"{r['first_s'][m]:.1f} |")
     lines += ["", "| params | threads | roofline GB/s | set by | STREAM triad GB/s | in-place triad GB/s |",
               "|---|---:|---:|---|---:|---:|"]
     for r in results:
         roof, source = roofline(r)
-        lines.append(f"| {r['dtype']} | {r['threads']} | {roof:.1f} | {source} | {r['stream_gbps']:.1f} | "
+        lines.append(f"| {_label(r)} | {r['threads']} | {roof:.1f} | {source} | {r['stream_gbps']:.1f} | "
                      f"{r['in_place_gbps']:.1f} |")
     lines += ["", "| params | threads | goal | target | measured | status |", "|---|---:|---|---:|---:|---|"]
     for r in results:
@@ -287,13 +346,13 @@ def table(results: list[dict], notes: list[str]) -> str:
         for name, key, value in checks:
             status = "not run" if value is None else ("met" if value >= GOALS[key] else "gap")
             shown = "-" if value is None else f"{value:.2f}"
-            lines.append(f"| {r['dtype']} | {r['threads']} | {name} | >= {GOALS[key]} | {shown} | {status} |")
+            lines.append(f"| {_label(r)} | {r['threads']} | {name} | >= {GOALS[key]} | {shown} | {status} |")
     lines += ["", *DEFINITIONS, ""] + [f"_{n}_" for n in notes] + [""]
     return "\n".join(lines)
 
 
 def measure(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("float32",), warmup: int = 3,
-            blocks: tuple[int, int] = BLOCKS) -> tuple[list[dict], list[str]]:
+            blocks: tuple[int, int] = BLOCKS, fsdp_offload: bool = False) -> tuple[list[dict], list[str]]:
     """Every (dtype, thread count) in its own subprocess: their results, and the table's notes."""
     methods = ["fused", "B", "torch"]
     notes = []
@@ -302,12 +361,14 @@ def measure(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("fl
     else:
         notes.append(DEEPSPEED_MISSING + ": the DS rows and goals are not run.")
     results = [run_subprocess(t, rounds, warmup, d, methods, log, blocks) for d in dtypes for t in threads]
+    if fsdp_offload:  # float32 params as FSDP2 shards under CPUOffloadPolicy; torch's fused AdamW on DTensors as B
+        results += [run_subprocess(t, rounds, warmup, "float32", methods, log, blocks, True) for t in threads]
     return results, notes
 
 
 def run(threads: list[int], rounds: int, log, dtypes: tuple[str, ...] = ("float32", "bfloat16"), warmup: int = 3
         ) -> str:
-    return table(*measure(threads, rounds, log, dtypes, warmup))
+    return table(*measure(threads, rounds, log, dtypes, warmup, fsdp_offload=True))
 
 
 def _main() -> None:
@@ -318,9 +379,11 @@ def _main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--methods", default="fused,B,DS+clip,DS,torch")
     p.add_argument("--blocks", default=",".join(map(str, BLOCKS)), help="d_model,n_layers of the layout")
+    p.add_argument("--fsdp-offload", action="store_true", help="the params as FSDP2 shards under CPUOffloadPolicy")
     a = p.parse_args()
     blocks = tuple(int(x) for x in a.blocks.split(","))
-    result = worker(a.threads, a.rounds, a.warmup, getattr(torch, a.dtype), a.methods.split(","), blocks)
+    result = worker(a.threads, a.rounds, a.warmup, getattr(torch, a.dtype), a.methods.split(","), blocks,
+                    a.fsdp_offload)
     print(json.dumps(result))
 
 
