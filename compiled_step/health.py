@@ -267,13 +267,22 @@ class ParamNormRows:
 
 def _parts(group) -> tuple[list[torch.Tensor], torch.Tensor]:
     """A group's grad rows cut into parts within one param, of each size of ``PART_ROWS``, largest first:
-    the first row of each part, ``[k_i]`` int32 per size, and the param of each, ``[sum k_i]`` int64."""
+    the first row of each part, ``[k_i]`` int32 per size, and the param of each, ``[sum k_i]`` int64.
+
+    A param owns the rows from its first to the next param's first (the last one: to ``grad_rows``): its own
+    ``rows_for(numel)``, and in a matrix group the padding rows its stack keeps after each matrix
+    (``planning._lay_out_stacks``), whose grads are zeros and add nothing to its norm."""
     tables: list[list[tuple[int, int]]] = [[] for _ in PART_ROWS]  # per size: (first row, param) of each part
     covered = 0
+    owned = [(e.row, i) for i, e in enumerate(group.entries) if not e.external]
+    owned.sort()
+    ends = {i: nxt for (_, i), (nxt, _) in zip(owned, owned[1:])}
     for i, e in enumerate(group.entries):
         if e.external:
             continue
-        rows, done = rows_for(e.numel), 0
+        rows, done = ends.get(i, group.grad_rows) - e.row, 0
+        if rows < rows_for(e.numel):  # planning's layout: a param's rows never overlap the next one's
+            raise RuntimeError(f"param {i} of a group has {rows} grad rows for {e.numel} elements")
         for table, size in zip(tables, PART_ROWS):
             end = rows - (rows - done) % size  # where this size's last whole part ends
             table += [(e.row + r, i) for r in range(done, end, size)]

@@ -217,3 +217,19 @@ def test_the_health_options_are_inputs_of_the_one_finish_and_add_no_call():
         described[name] = [(c.runs_as, c.function) for c in fused.program.calls]
     assert len(described["on"]) == len(described["off"])
     assert [kind for kind, _ in described["on"]] == [kind for kind, _ in described["off"]]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_param_norms_of_a_matrix_rule_whose_stacks_pad_after_each_matrix(norm_type):
+    """Muon's (and Adafactor's, and torchao's AdamW8bit's) groups keep a padding row after a matrix that fills whole
+    rows (``planning._lay_out_stacks``): 64 x 128 = 32 rows, laid out in 33. The per-param norms own those zero rows;
+    before, building the partition raised ("parts of params cover 65 rows of a group's 67 grad rows")."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 128, generator=gen)) for _ in range(2)]
+    params.append(torch.nn.Parameter(torch.randn(48, 80, generator=gen)))  # 3840 elements: 15 rows in 16
+    opt = torch.optim.Muon(params, lr=2e-2)
+    fused = FusedStep(opt, max_grad_norm=1.0, norm_type=norm_type, param_norms=True, compile_notice=False)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    set_grads(params, grads)
+    fused.step()
+    torch.testing.assert_close(fused.param_norms, reference_norms(grads, 1.0, norm_type), rtol=NORM_RTOL, atol=0)

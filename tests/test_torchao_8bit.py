@@ -392,3 +392,69 @@ def test_offloaded_state_matches_torchao(monkeypatch):
         assert all(gb.offloaded for gb in fused.engine.storage.groups)
         _assert_params_close(ours, ref)
         _assert_state_close(opt, ref_opt, ours, ref)
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_an_lr_and_weight_decay_schedule_compiles_no_graph_after_the_first_step():
+    """Hyperparameters are data in FusedStep's table: a scheduler changing lr every step and a weight decay changed
+    mid-run must not recompile. Only FusedStep's own steps are counted (torchao compiles its step per shape, and
+    recompiles on a new weight decay: it is a Python float there)."""
+    ours, ref = _params(), _params()
+    opt, ref_opt = torchao_optim.AdamW8bit(_groups(ours)), torchao_optim.AdamW8bit(_groups(ref))
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1.0 + s)) for o in (opt, ref_opt)]
+    by_fused = []
+    for step in range(STEPS):
+        if step == 3:
+            for o in (opt, ref_opt):
+                o.param_groups[0]["weight_decay"] = 0.05
+        grads = _grads(ours, step)
+        _write(ours, grads)
+        _write(ref, grads)
+        _torchao_step(ref, ref_opt)
+        before = _graphs_compiled()
+        fused.step()
+        by_fused.append(_graphs_compiled() - before)
+        for s in schedules:
+            s.step()
+        _assert_params_close(ours, ref)
+        _assert_state_close(opt, ref_opt, ours, ref)
+    assert by_fused[0] > 0 and by_fused[1:] == [0] * (STEPS - 1), by_fused
+    assert opt.param_groups[1]["lr"] < 3e-3 / 5  # the schedule did move the lr
+
+
+def test_health_options_run_with_the_8bit_state():
+    """param_norms and spike skipping with AdamW8bit: each param's pre-clip norm against torch's vector_norm of its
+    grad (float64 accumulation both: rtol 1e-6), and a skipped spike leaves the 8-bit state bit-identical while the
+    applied steps follow torchao's."""
+    ours, ref = _params(), _params()
+    opt, ref_opt = torchao_optim.AdamW8bit(_groups(ours)), torchao_optim.AdamW8bit(_groups(ref))
+    window = 4
+    fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False, param_norms=True, skip_spike_sigma=3.0,
+                      spike_window=window)
+    skipped = []
+    for step in range(window + 3):
+        spike = step == window + 1
+        gen = torch.Generator().manual_seed(2000 + step)
+        scale = (100.0 if spike else 1.0) * (1 + 0.05 * math.sin(step))
+        grads = [torch.randn(p.shape, generator=gen) * scale for p in ours]
+        _write(ours, grads)
+        before = _state_snapshot(opt, ours)
+        fused.step()
+        norms = fused.param_norms.tolist()
+        expected = [float(torch.linalg.vector_norm(g.double())) for g in grads]
+        assert norms == pytest.approx(expected, rel=1e-6)
+        if int(fused.spike_skipped_steps) > len(skipped):
+            skipped.append(step)
+            _assert_bit_identical(_state_snapshot(opt, ours), before)
+        else:
+            _write(ref, grads)
+            _torchao_step(ref, ref_opt)
+            _assert_params_close(ours, ref)
+            _assert_state_close(opt, ref_opt, ours, ref)
+    assert skipped == [window + 1]
