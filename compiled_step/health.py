@@ -274,13 +274,14 @@ def _parts(group) -> tuple[list[torch.Tensor], torch.Tensor]:
     (``planning._lay_out_stacks``), whose grads are zeros and add nothing to its norm."""
     tables: list[list[tuple[int, int]]] = [[] for _ in PART_ROWS]  # per size: (first row, param) of each part
     covered = 0
-    owned = [(e.row, i) for i, e in enumerate(group.entries) if not e.external]
-    owned.sort()
+    # params with elements, by first row (an empty local shard takes no row, and may share its first row with
+    # the next param)
+    owned = sorted((e.row, i) for i, e in enumerate(group.entries) if not e.external and e.numel)
     ends = {i: nxt for (_, i), (nxt, _) in zip(owned, owned[1:])}
     for i, e in enumerate(group.entries):
         if e.external:
             continue
-        rows, done = ends.get(i, group.grad_rows) - e.row, 0
+        rows, done = (ends.get(i, group.grad_rows) - e.row if e.numel else 0), 0
         if rows < rows_for(e.numel):  # planning's layout: a param's rows never overlap the next one's
             raise RuntimeError(f"param {i} of a group has {rows} grad rows for {e.numel} elements")
         for table, size in zip(tables, PART_ROWS):
