@@ -41,7 +41,8 @@ from compiled_step.planning import ALIASED, BUCKETED, ROW, STAGED, Plan, Shardin
     is_dtensor, local_tensor, rows_for
 
 
-# Every persistent buffer starts ``LEAD`` elements (``ROW`` for row buffers) into its storage, so no view
+# Every persistent buffer starts ``LEAD`` elements (row buffers: at least ``ROW``, placed in their page by
+# ``_row_buffer``) into its storage, so no view
 # handed to a compiled call has a storage offset of 0 or 1: Dynamo specialises offsets 0 and 1 and
 # would compile another graph for the one view that happens to start a buffer. 32 elements keep the
 # bodies 16-byte aligned for every dtype.

@@ -186,8 +186,9 @@ class ScopedModuleOffloading:
 
 def storage_bytes_spanned(view: torch.Tensor) -> int:
     """The bytes a storage must hold for ``view``: from the storage's byte 0, where ``resize_`` sizes it
-    from, to the view's last element. The state buffers start one row into their storage (``storage.LEAD``,
-    so that no compiled call sees a storage offset of 0 or 1), and that row counts too."""
+    from, to the view's last element. The state buffers start at least one row into their storage (``storage.LEAD``,
+    so that no compiled call sees a storage offset of 0 or 1; ``storage._row_buffer`` places them in their page),
+    and those leading elements count too. Any slack the first allocation left after the view is not made again."""
     if view.numel() == 0:
         return view.storage_offset() * view.element_size()
     last = view.storage_offset() + sum((n - 1) * s for n, s in zip(view.shape, view.stride()))
