@@ -229,7 +229,7 @@ class Engine:
         checks.refuse_partial_params(plan)
         owners = opts.owners()
         def kept_dtypes_of(plan):  # per group, the keys the user keeps in bfloat16 (raises for a dtype not allowed)
-            return state_dtypes.state_dtypes(plan, [opts.items[owners[g.key.param_group]].state for g in plan.groups],
+            return state_dtypes.state_dtypes(plan, [opts.items[owners[g.key.param_group]] for g in plan.groups],
                                              [rules[g.key.param_group] for g in plan.groups])
 
         kept_dtypes_of(plan)  # checked before the agreement, as every check of the local plan

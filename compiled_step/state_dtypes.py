@@ -12,14 +12,15 @@ step pre-hook does; FusedStep then keeps each state key in the dtype its tensors
 sharding group's buffer for that key is made in it), computes in float32 and rounds to nearest on store
 (``rules.common.store_where``), as CUDA's fused Adam kernel does with bfloat16 moments.
 
-Which keys may differ: a rule's ``LOW_PRECISION_KEYS`` (Adam's moments), in the pairs ``MOMENT_DTYPES`` lists. Any
-other state of another dtype than its param (``model.to(dtype)`` after the state was made) is refused, as torch
-refuses it.
+Which keys may differ: a rule's ``LOW_PRECISION_KEYS`` (Adam's moments), in the pairs ``MOMENT_DTYPES`` lists; float32
+moments of bfloat16 params only on an optimizer given ``fp32_moments`` (otherwise they are what ``model.to(bfloat16)``
+after the state was made leaves). Any other state of another dtype than its param is refused, as torch refuses it.
 
 Loading: ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its param's dtype, so
 a resume would silently make bfloat16 moments float32 again (torchtitan #4615), and round float32 moments of
 bfloat16 params to bfloat16. ``keep_saved_state_dtypes`` registers load hooks on the optimizer that put back the
-checkpoint's own tensors, for those keys only: nothing is rounded on the way.
+checkpoint's own tensors, for those keys and where allowed: nothing is rounded on the way. An optimizer not given
+``fp32_moments`` loads float32 moments of bfloat16 params as torch loads them, rounded to bfloat16.
 """
 
 from __future__ import annotations
@@ -41,32 +42,47 @@ _PARAM_DTYPES = (torch.float32, torch.bfloat16)  # the params whose moments may 
 _HOOKED = "_compiled_step_keeps_saved_state_dtypes"
 
 
-def allowed(rule, key: str, param_dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
-    """Whether state ``key`` of a ``param_dtype`` param may be kept in ``state_dtype``."""
-    return state_dtype == param_dtype or (key in rule.LOW_PRECISION_KEYS and (param_dtype, state_dtype) in MOMENT_DTYPES)
+# Set on an optimizer by ``fp32_moments``: float32 moments of its bfloat16 params are the user's choice. Without it
+# they are what ``model.to(torch.bfloat16)`` after the state was made leaves, which torch.optim refuses, and so do we.
+_WIDENED = "_compiled_step_fp32_moments"
 
 
-def state_dtypes(plan: planning.Plan, states: list[dict], rules: list) -> list[dict[str, torch.dtype]]:
+def allowed(rule, key: str, param_dtype: torch.dtype, state_dtype: torch.dtype, widened: bool = False) -> bool:
+    """Whether state ``key`` of a ``param_dtype`` param may be kept in ``state_dtype``; ``widened``: the optimizer
+    was given ``fp32_moments``."""
+    if state_dtype == param_dtype:
+        return True
+    if key not in rule.LOW_PRECISION_KEYS or (param_dtype, state_dtype) not in MOMENT_DTYPES:
+        return False
+    return state_dtype != torch.float32 or widened
+
+
+def state_dtypes(plan: planning.Plan, optimizers: list[torch.optim.Optimizer], rules: list
+                 ) -> list[dict[str, torch.dtype]]:
     """Per sharding group, the state keys kept in another dtype than the params (``{key: dtype}``), read from
-    the state the optimizer holds; ``states[g]`` is group g's optimizer's ``state``, ``rules[g]`` its rule.
+    the state the optimizer holds; ``optimizers[g]`` is group g's optimizer, ``rules[g]`` its rule.
 
     Raises ``ValueError`` before anything changes for state of a dtype the rule does not allow (the param's
     dtype changed after its state was made: ``model.to(dtype)``; torch.optim raises at its next step too), and
     for one key in two dtypes in one sharding group (one buffer per key holds one dtype).
     """
     out = []
-    for group, state, rule in zip(plan.groups, states, rules):
+    for group, optimizer, rule in zip(plan.groups, optimizers, rules):
         seen: dict[str, dict[torch.dtype, str]] = {}
+        widened = getattr(optimizer, _WIDENED, False)
         for p, name in zip(group.params, group.names):
-            for key, value in state.get(p, {}).items():
+            for key, value in optimizer.state.get(p, {}).items():
                 if key == rule.STEP_KEY or not isinstance(value, torch.Tensor) or not value.is_floating_point():
                     continue
-                if not allowed(rule, key, p.dtype, value.dtype):
+                if not allowed(rule, key, p.dtype, value.dtype, widened):
                     raise ValueError(
                         f"{name} is {p.dtype} but its optimizer state {key!r} is {value.dtype}: the param's dtype "
                         "changed after its state was created (model.to(dtype)?). torch.optim raises at its next "
                         "step too. Cast before creating the optimizer, or load the state again with "
-                        "optimizer.load_state_dict(), which casts it to the params' dtype. Nothing was changed.")
+                        "optimizer.load_state_dict(), which casts it to the params' dtype"
+                        + (" (float32 moments for bfloat16 params: compiled_step.fp32_moments(optimizer))"
+                           if key in rule.LOW_PRECISION_KEYS and (p.dtype, value.dtype) in MOMENT_DTYPES else "")
+                        + ". Nothing was changed.")
                 seen.setdefault(key, {}).setdefault(value.dtype, name)
         lowered = {}
         for key, dtypes in seen.items():
@@ -111,7 +127,7 @@ def keep_saved_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
             st = opt.state.get(p)
             for key, value in tensors.items():
                 if (st is not None and key in st and st[key].dtype != value.dtype
-                        and allowed(rule, key, p.dtype, value.dtype)):
+                        and allowed(rule, key, p.dtype, value.dtype, getattr(opt, _WIDENED, False))):
                     # the checkpoint's values, not torch's cast of them (a float32 moment cast to a bfloat16
                     # param's dtype and back would have lost its low bits)
                     st[key] = value.to(device=st[key].device)
@@ -146,7 +162,9 @@ def fp32_moments(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
     Made and kept like ``bf16_moments``'s: every param's state now, a step pre-hook for params added later, load
     hooks that keep a checkpoint's float32 moments float32 (torch's ``load_state_dict`` would round them to
-    bfloat16). Returns ``optimizer``. Raises ``TypeError`` for optimizers other than Adam and AdamW and
+    bfloat16). The optimizer is marked: FusedStep accepts float32 moments of bfloat16 params from it only (elsewhere
+    they are what ``model.to(torch.bfloat16)`` after the state was made leaves, refused as torch refuses it); a
+    resume recreates the optimizer with ``fp32_moments`` before loading. Returns ``optimizer``. Raises ``TypeError`` for optimizers other than Adam and AdamW and
     ``ValueError`` for params other than bfloat16 or float32, before anything changes.
 
     ``FusedStep`` steps such state: it computes in float32, stores the moments as they are and rounds the params to
@@ -185,5 +203,7 @@ def _keep_moments_in(optimizer: torch.optim.Optimizer, dtype: torch.dtype, name:
                     st[key] = st[key].to(dtype)
     make_state(optimizer, everywhere=True)
     optimizer.register_step_pre_hook(make_state)
+    if dtype == torch.float32:
+        setattr(optimizer, _WIDENED, True)
     keep_saved_state_dtypes(optimizer)
     return optimizer

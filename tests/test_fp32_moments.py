@@ -87,9 +87,9 @@ def test_a_checkpoint_keeps_the_float32_moments_unrounded(tmp_path):
     assert {v.dtype for st in saved["state"].values() for k, v in st.items() if k != "step"} == {torch.float32}
     torch.save(saved, tmp_path / "ckpt.pt")
 
-    # A fresh process: a new bfloat16 model, a plain AdamW (torch would make bfloat16 moments), the checkpoint loaded.
+    # A fresh process: a new bfloat16 model, its optimizer made as the first run made it, the checkpoint loaded.
     params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = torch.optim.AdamW(params2, lr=1e-2)
+    opt2 = fp32_moments(torch.optim.AdamW(params2, lr=1e-2))
     fused2 = FusedStep(opt2, max_grad_norm=1.0, compile_notice=False)
     fused2.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
     for p, q in zip(params, params2):
@@ -162,3 +162,35 @@ def test_unclipped_steps_match_deepspeeds_cpu_adam_with_its_float32_states(monke
         _assert_params_close(p, q.float())
         for key in MOMENTS:
             torch.testing.assert_close(opt.state[p][key], ds.state[q][key], rtol=3e-5, atol=1e-12)
+
+
+def test_an_optimizer_not_given_fp32_moments_loads_and_refuses_as_torch_does(tmp_path):
+    """float32 moments of bfloat16 params are the user's choice (``fp32_moments``). A plain optimizer loads them as
+    torch does, rounded to bfloat16, and float32 moments it was not given (``model.to(bfloat16)`` after its state
+    was made) are refused before anything changes, as torch's step refuses them."""
+    params, opt, fused = _stepped()
+    saved = fused.state_dict()
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = torch.optim.AdamW(params2, lr=1e-2)
+    fused2 = FusedStep(plain, max_grad_norm=1.0, compile_notice=False)
+    fused2.load_state_dict(saved)
+    for p, q in zip(params, params2):
+        for key in MOMENTS:
+            assert plain.state[q][key].dtype == torch.bfloat16
+            assert torch.equal(plain.state[q][key], opt.state[p][key].bfloat16())
+
+    floats = make_params()
+    opt3 = torch.optim.AdamW(floats, lr=1e-2)
+    fused3 = FusedStep(opt3, max_grad_norm=1.0, compile_notice=False)
+    write_grads(floats, make_grads(floats, 0))
+    fused3.step()
+    with torch.no_grad():
+        for p in floats:
+            p.data = p.data.bfloat16()
+            p.grad = None
+    write_grads(floats, make_grads(floats, 1))
+    before = [p.detach().clone() for p in floats]
+    with pytest.raises(ValueError, match="compiled_step.fp32_moments"):
+        fused3.step()
+    assert all(torch.equal(p, b) for p, b in zip(floats, before))
+    assert all(st[k].dtype == torch.float32 for st in opt3.state.values() for k in MOMENTS)
