@@ -126,7 +126,7 @@ _ROW_SHARDED_UPDATES = {"prepare_matrices": True, "orthogonalize": False, "apply
 _FUNCTIONS = ("variant", "state_keys", "state_layout", "count_at_bind", "group_values", "slot_table")
 _MATRIX_FUNCTIONS = ("call_bytes", "lr_ratio")
 # Sample params the declaration is checked on: a scalar, a vector, a matrix and a 3-D tensor, in two dtypes.
-# (16, 256): large enough for torchao's quantized state (rules/adam8bit.py).
+# (16, 256): large enough for torchao's quantized state (rules/quantized_adam.py).
 _SAMPLE_SHAPES = ((), (5,), (4, 6), (2, 3, 4), (16, 256))
 _SAMPLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -268,12 +268,12 @@ _BUILT_IN = tuple(RULES)  # the torch.optim types (the message below stays the s
 # Rules for optimizers of optional packages: the module that defines the optimizer types -> the rule module,
 # imported (its ``OPTIMIZERS`` then registered) the first time such an optimizer is met, so that
 # compiled_step imports and runs without those packages.
-_OPTIONAL_RULES = {"torchao.optim.adam": "compiled_step.rules.adam8bit"}
+_OPTIONAL_RULES = {"torchao.optim.adam": ("compiled_step.rules.adam8bit", "compiled_step.rules.adam4bit",
+                                          "compiled_step.rules.adamfp8")}
 
 
 def _register_optional(optimizer_type: type) -> None:
-    name = _OPTIONAL_RULES.get(optimizer_type.__module__)
-    if name is not None:
+    for name in _OPTIONAL_RULES.get(optimizer_type.__module__, ()):
         rule = importlib.import_module(name)
         for t in rule.OPTIMIZERS:
             RULES.setdefault(t, rule)
@@ -287,7 +287,8 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
     if rule is None:
         supported = ", ".join(f"torch.optim.{t.__name__}" for t in _BUILT_IN)
         raise TypeError(
-            f"FusedStep supports {supported} and torchao.optim.AdamW8bit, Adam8bit (exact types); got "
+            f"FusedStep supports {supported} and torchao.optim's AdamW8bit, Adam8bit, AdamW4bit, Adam4bit, "
+            f"AdamWFp8, AdamFp8 (exact types); got "
             f"{type(optimizer).__module__}."
             f"{type(optimizer).__qualname__}. A subclass may change step(), which FusedStep replaces."
         )

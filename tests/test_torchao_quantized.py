@@ -1,5 +1,8 @@
-"""torchao's 8-bit Adam/AdamW (``rules/adam8bit.py``): FusedStep(torchao.optim.AdamW8bit) against torchao's own
-``step()`` after eager ``torch.nn.utils.clip_grad_norm_``, with torchao's state format kept.
+"""torchao's quantized Adam/AdamW (``rules/quantized_adam.py``; 8-bit, 4-bit and FP8 state):
+FusedStep(torchao.optim.AdamW8bit / AdamW4bit / AdamWFp8) against torchao's own ``step()`` after eager
+``torch.nn.utils.clip_grad_norm_``, with torchao's state format kept. The tests of the shared math and lifecycle
+(switching, several optimizers, bfloat16, offload, schedules, health) run on the 8-bit format; parity,
+checkpoints, the non-finite skip, the layout and the refusals run on each format.
 
 The reference is always torchao's step on a twin model with the same grads; our code is never the reference.
 
@@ -9,7 +12,8 @@ differently is the clip coefficient: float64 rounded to float32 in FusedStep, fl
 ``clip_grad_norm_``; its last bit may differ, which can move a value across a rounding boundary of the
 quantization map. So the checks allow:
 
-* codes: equal, except at most ``CODE_FLIPS`` (0.1%) of a state tensor's codes differing by 1;
+* codes: equal, except at most ``CODE_FLIPS`` (0.1%) of a state tensor's codes differing by 1 (4-bit codes
+  unpacked; FP8 codes as their bits, where 1 apart is the next float8 value of the same sign);
 * scales (a block's max |x|), dequantized state, plain small-param state and params: ``rtol=1e-5,
   atol=1e-6`` (``TOL``): a last-bit difference of the coefficient is 6e-8 relative, and the update's
   ops add a few ulps; a code flip (never seen here) would move its one element by a map step, ~1% of its
@@ -37,9 +41,18 @@ CODE_FLIPS = 1e-3
 STEPS = 6
 MAX_NORM = 1.0
 # Quantized state: 64x128 (two of them: one stack) and 32x256; plain state: a bias of 64 and a 7x9 matrix
-# (fewer than 4096 elements), and 4097 elements (not whole blocks of 256).
+# (fewer than 4096 elements), and 4097 elements (not whole blocks of 256 or 128).
 SHAPES = [(64, 128), (64,), (32, 256), (64, 128), (7, 9), (4097,)]
 QUANTIZED = [0, 2, 3]
+# Each format's AdamW, its state class and its default block size.
+FORMATS = {"8bit": ("AdamW8bit", "OptimState8bit", 256), "4bit": ("AdamW4bit", "OptimState4bit", 128),
+           "fp8": ("AdamWFp8", "OptimStateFp8", 256)}
+_STATE_CLASSES = (torchao_optim.subclass_8bit.OptimState8bit, torchao_optim.subclass_4bit.OptimState4bit,
+                  torchao_optim.subclass_fp8.OptimStateFp8)
+
+
+def _adamw(fmt):
+    return getattr(torchao_optim, FORMATS[fmt][0])
 
 
 def _params(seed=0, shapes=SHAPES):
@@ -75,8 +88,18 @@ def _torchao_step(params, opt):
     return norm
 
 
+def _codes(state):
+    """A quantized state tensor's codes, one integer per element: 4-bit codes unpacked, FP8 codes as their bits."""
+    codes = state.codes
+    if codes.dtype == torch.float8_e4m3fn:
+        return codes.view(torch.uint8).int()
+    if isinstance(state, torchao_optim.subclass_4bit.OptimState4bit):
+        return torch.stack([codes >> 4, codes & 0b1111], dim=-1).int()
+    return codes.int()
+
+
 def _assert_codes_close(ours, ref, what):
-    diff = (ours.int() - ref.int()).abs()
+    diff = (_codes(ours) - _codes(ref)).abs()
     flips = int((diff != 0).sum())
     assert int(diff.max()) <= 1 and flips <= CODE_FLIPS * diff.numel(), f"{what}: {flips} codes differ"
 
@@ -89,9 +112,10 @@ def _assert_state_close(opt, ref_opt, params, ref_params):
         for key in ours.keys() - {"step"}:
             a, b = ours[key], ref[key]
             assert type(a) is type(b), (i, key)
-            if isinstance(b, torchao_optim.subclass_8bit.OptimState8bit):
-                assert a.signed == b.signed and a.block_size == b.block_size and a.dtype == b.dtype
-                _assert_codes_close(a.codes, b.codes, f"param {i} {key}")
+            if isinstance(b, _STATE_CLASSES):
+                assert getattr(a, "signed", None) == getattr(b, "signed", None) and a.block_size == b.block_size
+                assert a.dtype == b.dtype and a.shape == b.shape and a.codes.dtype == b.codes.dtype
+                _assert_codes_close(a, b, f"param {i} {key}")
                 torch.testing.assert_close(a.scale, b.scale, **TOL)
                 torch.testing.assert_close(a.dequantize(), b.dequantize(), **TOL)
             else:
@@ -108,7 +132,7 @@ def _state_snapshot(opt, params):
     snap = [p.detach().clone() for p in params]
     for p in params:
         for key, value in sorted(opt.state[p].items()):
-            if isinstance(value, torchao_optim.subclass_8bit.OptimState8bit):
+            if isinstance(value, _STATE_CLASSES):
                 snap += [value.codes.clone(), value.scale.clone()]
             else:
                 snap.append(value.detach().clone())
@@ -128,12 +152,14 @@ def _saved_and_loaded(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-def test_the_rule_conforms_and_is_registered_for_torchao_types():
-    opt = torchao_optim.AdamW8bit(_params(shapes=[(8,)]))
-    rule = rule_for(opt)
-    assert RULES[torchao_optim.AdamW8bit] is rule and RULES[torchao_optim.Adam8bit] is rule
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_rule_conforms_and_is_registered_for_torchao_types(fmt):
+    adamw = _adamw(fmt)
+    adam = getattr(torchao_optim, adamw.__name__.replace("AdamW", "Adam"))
+    rule = rule_for(adamw(_params(shapes=[(8,)])))
+    assert RULES[adamw] is rule and RULES[adam] is rule and rule.NAME == f"adam{fmt}"
     assert conformance_errors(rule) == []
-    assert declaration_errors(rule, [rule.Variant()]) == []
+    assert declaration_errors(rule, [rule.Variant(fmt)]) == []
 
 
 def test_compiled_step_imports_and_runs_without_torchao():
@@ -149,9 +175,12 @@ def test_compiled_step_imports_and_runs_without_torchao():
 @pytest.mark.parametrize("optimizer,options", [
     ("AdamW8bit", dict()),
     ("Adam8bit", dict()),
-], ids=["adamw", "adam_l2"])
+    ("AdamW4bit", dict()),
+    ("AdamWFp8", dict()),
+], ids=["adamw", "adam_l2", "adamw_4bit", "adamw_fp8"])
 def test_fused_step_matches_torchao(optimizer, options):
     cls = getattr(torchao_optim, optimizer)
+    state_class = next(c for adamw, c, _ in FORMATS.values() if adamw == optimizer.replace("Adam8", "AdamW8"))
     ours, ref = _params(), _params()
     opt, ref_opt = cls(_groups(ours), **options), cls(_groups(ref), **options)
     fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
@@ -164,10 +193,10 @@ def test_fused_step_matches_torchao(optimizer, options):
         assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
         _assert_params_close(ours, ref)
         _assert_state_close(opt, ref_opt, ours, ref)
-    # torchao's format is kept: OptimState8bit over views of FusedStep's buffers for the quantized params.
+    # torchao's format is kept: its state class over views of FusedStep's buffers for the quantized params.
     for i, p in enumerate(ours):
         kind = type(opt.state[p]["exp_avg"]).__name__
-        assert kind == ("OptimState8bit" if i in QUANTIZED else "Tensor"), (i, kind)
+        assert kind == (state_class if i in QUANTIZED else "Tensor"), (i, kind)
     codes = opt.state[ours[0]]["exp_avg"].codes
     assert codes._base is not None or codes.untyped_storage().nbytes() > codes.numel()  # a view of a buffer
 
@@ -189,9 +218,10 @@ def test_switching_between_torchao_and_fused_steps_matches_torchao():
         _assert_state_close(opt, ref_opt, ours, ref)
 
 
-def test_a_non_finite_grad_leaves_params_and_8bit_state_bit_identical():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_non_finite_grad_leaves_params_and_quantized_state_bit_identical(fmt):
     params = _params()
-    opt = torchao_optim.AdamW8bit(_groups(params))
+    opt = _adamw(fmt)(_groups(params))
     fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
     for step in range(2):
         _write(params, _grads(params, step))
@@ -205,9 +235,10 @@ def test_a_non_finite_grad_leaves_params_and_8bit_state_bit_identical():
     _assert_bit_identical(_state_snapshot(opt, params), before)
 
 
-def test_checkpoints_between_torchao_and_fused_step():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_checkpoints_between_torchao_and_fused_step(fmt):
     ref, ours = _params(), _params()
-    ref_opt = torchao_optim.AdamW8bit(_groups(ref))
+    ref_opt = _adamw(fmt)(_groups(ref))
     for step in range(2):
         _write(ref, _grads(ref, step))
         _torchao_step(ref, ref_opt)
@@ -215,7 +246,7 @@ def test_checkpoints_between_torchao_and_fused_step():
         for p, q in zip(ours, ref):
             p.copy_(q)
     saved = _saved_and_loaded(ref_opt.state_dict())
-    opt = torchao_optim.AdamW8bit(_groups(ours))
+    opt = _adamw(fmt)(_groups(ours))
     opt.load_state_dict(saved)
     fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False)
 
@@ -233,12 +264,12 @@ def test_checkpoints_between_torchao_and_fused_step():
         back = round_trip["state"][index]
         assert back.keys() == st.keys()
         for key, value in st.items():
-            if isinstance(value, torchao_optim.subclass_8bit.OptimState8bit):
+            if isinstance(value, _STATE_CLASSES):
                 assert torch.equal(back[key].codes, value.codes) and torch.equal(back[key].scale, value.scale)
             else:
                 assert back[key].dtype == value.dtype and torch.equal(back[key], value), (index, key)
     fresh_params = _params()
-    fresh = torchao_optim.AdamW8bit(_groups(fresh_params))
+    fresh = _adamw(fmt)(_groups(fresh_params))
     fresh.load_state_dict(round_trip)  # FusedStep's state dict (its "fused_step" entry is ignored)
 
     # Fused steps from the loaded state match torchao's steps from its own.
@@ -257,7 +288,7 @@ def test_checkpoints_between_torchao_and_fused_step():
     with torch.no_grad():
         for p, q in zip(again, ours):
             p.copy_(q)
-    again_opt = torchao_optim.AdamW8bit(_groups(again))
+    again_opt = _adamw(fmt)(_groups(again))
     again_opt.load_state_dict(saved)
     _assert_state_close(again_opt, ref_opt, again, ref)
     grads = _grads(ours, 5)
@@ -296,9 +327,15 @@ def _refused(opt, params, match):
     _assert_bit_identical(_state_snapshot(opt, params), before)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_block_size_other_than_the_default_is_refused(fmt):
+    params = _params(shapes=[(64, 128)])
+    block = FORMATS[fmt][2]
+    _refused(_adamw(fmt)(params, block_size=2 * block), params, f"default block_size={block} only")
+
+
 def test_what_is_not_supported_is_refused_before_anything_changes():
     params = _params(shapes=[(64, 128)])
-    _refused(torchao_optim.AdamW8bit(params, block_size=128), params, "block_size=256 only")
     _refused(torchao_optim.Adam8bit(params, amsgrad=True), params, "amsgrad=True is not supported")
 
     bf16 = [torch.nn.Parameter(torch.randn(64, 128).bfloat16())]
@@ -343,7 +380,7 @@ def test_the_8bit_state_is_laid_out_in_uint8_codes_and_float32_scales():
     rule = rule_for(torchao_optim.AdamW8bit(_params(shapes=[(8,)])))
     params = [torch.zeros(64, 128), torch.zeros(64), torch.zeros(64, 128)]
     (group,) = planning.build_plan([params], matrix_groups={0: rule}).groups
-    layout = lay_out_state(group, rule, rule.Variant())
+    layout = lay_out_state(group, rule, rule.Variant("8bit"))
     codes, scale, plain = layout["exp_avg_codes"], layout["exp_avg_scale"], layout["exp_avg"]
     assert codes.dtype == torch.uint8 and scale.dtype == torch.float32 and plain.dtype == torch.float32
     assert [t is not None for t in codes.tensors] == [True, False, True]
@@ -352,6 +389,24 @@ def test_the_8bit_state_is_laid_out_in_uint8_codes_and_float32_scales():
     # 1 byte per element for the codes (and a padding element per stacked tensor), 4 bytes per block of 256.
     assert codes.rows * planning.ROW <= 2 * (8192 + planning.ROW)
     assert scale.rows * planning.ROW <= 2 * 2 * planning.ROW
+
+
+@pytest.mark.parametrize("fmt,codes_shape,blocks", [("4bit", (4096,), 64), ("fp8", (64, 128), 32)])
+def test_the_4bit_and_fp8_state_is_laid_out_in_uint8_codes_and_float32_scales(fmt, codes_shape, blocks):
+    """4-bit: two codes per byte, flat (torchao's ``[numel / 2]`` codes), a scale per 128 elements. FP8: the
+    float8 codes' bits in uint8 buffers (the engine holds no float8 buffer), a scale per 256 elements (the state
+    torchao sees, float8_e4m3fn codes over those bytes, is checked in test_fused_step_matches_torchao)."""
+    from compiled_step import planning
+    from compiled_step.storage import lay_out_state
+
+    rule = rule_for(_adamw(fmt)(_params(shapes=[(8,)])))
+    params = [torch.zeros(64, 128), torch.zeros(64), torch.zeros(64, 128)]
+    (group,) = planning.build_plan([params], matrix_groups={0: rule}).groups
+    layout = lay_out_state(group, rule, rule.Variant(fmt))
+    codes, scale = layout["exp_avg_codes"], layout["exp_avg_scale"]
+    assert codes.dtype == torch.uint8 and scale.dtype == torch.float32
+    assert [t.shape for t in codes.tensors if t is not None] == [codes_shape, codes_shape]
+    assert [t.shape for t in scale.tensors if t is not None] == [(blocks,), (blocks,)]
 
 
 def test_bfloat16_params_match_torchao_unclipped():

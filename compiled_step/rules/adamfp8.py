@@ -1,0 +1,51 @@
+"""torchao's ``AdamFp8`` and ``AdamWFp8`` (FP8: float8_e4m3fn codes (kept as uint8 bits), blocks of 256): the rule for
+these optimizer types. The math, the state layout and what is refused are ``quantized_adam.py``'s, for this module's
+``FORMAT``."""
+
+from __future__ import annotations
+
+import torch
+from torchao.optim import AdamFp8, AdamWFp8
+
+from compiled_step.rules import quantized_adam
+from compiled_step.rules.common import StateTensor
+from compiled_step.rules.quantized_adam import (  # noqa: F401  (the rule contract's names, shared by the formats)
+    HP_COLUMNS,
+    KIND,
+    LOW_PRECISION_KEYS,
+    PARAM_NDIMS,
+    ROW_SHARDED,
+    STATE_KEYS,
+    STATE_PARTS,
+    STEP_KEY,
+    STOCHASTIC_ROUNDING,
+    TABLE_COLUMNS,
+    Variant,
+    call_bytes,
+    count_at_bind,
+    lr_ratio,
+    slot_table,
+    state_keys,
+    state_layout,
+    update_matrices,
+)
+
+NAME = "adamfp8"
+OPTIMIZERS = (AdamFp8, AdamWFp8)  # the exact types this rule serves (rules.rule_for registers them)
+FORMAT = quantized_adam.FORMATS["fp8"]
+
+
+def variant(group: dict) -> Variant:
+    return Variant(FORMAT.name)
+
+
+def group_values(optimizer, group: dict, where: str) -> list:
+    return quantized_adam.group_values(FORMAT, optimizer, group, where)
+
+
+def assemble(key: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return quantized_adam.assemble(FORMAT, key, parts, shape, dtype)
+
+
+def disassemble(key: str, value: torch.Tensor, declared: dict[str, StateTensor]) -> dict[str, torch.Tensor]:
+    return quantized_adam.disassemble(FORMAT, key, value, declared)
