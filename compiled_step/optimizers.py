@@ -57,7 +57,7 @@ class Optimizers:
                 for i in range(len(o.param_groups))]
 
     def variants(self) -> list:
-        return [rule.variant(group) for rule, group in zip(self.group_rules(), self.groups())]
+        return [self.rules[k].variant(self.items[k], group) for group, k in zip(self.groups(), self.owners())]
 
     def hyperparameters(self) -> list[tuple[float, list]]:
         """Per param group: (sign, the rule's validated values). Raises before anything changes."""

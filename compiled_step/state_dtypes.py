@@ -186,7 +186,7 @@ def _keep_moments_in(optimizer: torch.optim.Optimizer, dtype: torch.dtype, name:
 
     def make_state(opt, args=(), kwargs=None, everywhere=False):
         for group in opt.param_groups:
-            keys = rule.state_keys(rule.variant(group))
+            keys = rule.state_keys(rule.variant(opt, group))
             for p in group["params"]:
                 if (p.grad is None and not everywhere) or opt.state.get(p):
                     continue

@@ -139,7 +139,7 @@ def test_state_is_laid_out_at_its_own_size():
     write_grads(params, make_grads(params, 0))
     fused.step()
     (group,) = fused.plan.groups
-    layout = lay_out_state(group, adafactor, adafactor.variant(opt.param_groups[0]))
+    layout = lay_out_state(group, adafactor, adafactor.variant(opt, opt.param_groups[0]))
     assert layout["row_var"].rows == 3 and layout["col_var"].rows == 3  # one row each (64 and 96 elements)
     assert layout["variance"].rows == 1
     assert group.rows == 3 * -(-(64 * 96 + 1) // ROW) + 1  # the params' rows, against the state's 7

@@ -159,7 +159,7 @@ def test_the_rule_conforms_and_is_registered_for_torchao_types(fmt):
     rule = rule_for(adamw(_params(shapes=[(8,)])))
     assert RULES[adamw] is rule and RULES[adam] is rule and rule.NAME == f"adam{fmt}"
     assert conformance_errors(rule) == []
-    assert declaration_errors(rule, [rule.Variant(fmt)]) == []
+    assert declaration_errors(rule, [rule.Variant(fmt, FORMATS[fmt][2]), rule.Variant(fmt, 64)]) == []
 
 
 def test_compiled_step_imports_and_runs_without_torchao():
@@ -177,7 +177,9 @@ def test_compiled_step_imports_and_runs_without_torchao():
     ("Adam8bit", dict()),
     ("AdamW4bit", dict()),
     ("AdamWFp8", dict()),
-], ids=["adamw", "adam_l2", "adamw_4bit", "adamw_fp8"])
+    ("AdamW4bit", dict(block_size=256)),  # what transformers' optim="adamw_torch_4bit" builds
+    ("AdamW8bit", dict(block_size=128)),
+], ids=["adamw", "adam_l2", "adamw_4bit", "adamw_fp8", "adamw_4bit_block256", "adamw_block128"])
 def test_fused_step_matches_torchao(optimizer, options):
     cls = getattr(torchao_optim, optimizer)
     state_class = next(c for adamw, c, _ in FORMATS.values() if adamw == optimizer.replace("Adam8", "AdamW8"))
@@ -328,10 +330,11 @@ def _refused(opt, params, match):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_block_size_other_than_the_default_is_refused(fmt):
+def test_a_block_size_that_does_not_divide_into_codes_is_refused(fmt):
     params = _params(shapes=[(64, 128)])
-    block = FORMATS[fmt][2]
-    _refused(_adamw(fmt)(params, block_size=2 * block), params, f"default block_size={block} only")
+    _refused(_adamw(fmt)(params, block_size=0), params, "block_size must be a positive")
+    if fmt == "4bit":  # two codes per byte
+        _refused(_adamw(fmt)(params, block_size=127), params, "block_size must be a positive even int")
 
 
 def test_what_is_not_supported_is_refused_before_anything_changes():
@@ -380,7 +383,7 @@ def test_the_8bit_state_is_laid_out_in_uint8_codes_and_float32_scales():
     rule = rule_for(torchao_optim.AdamW8bit(_params(shapes=[(8,)])))
     params = [torch.zeros(64, 128), torch.zeros(64), torch.zeros(64, 128)]
     (group,) = planning.build_plan([params], matrix_groups={0: rule}).groups
-    layout = lay_out_state(group, rule, rule.Variant("8bit"))
+    layout = lay_out_state(group, rule, rule.Variant("8bit", 256))
     codes, scale, plain = layout["exp_avg_codes"], layout["exp_avg_scale"], layout["exp_avg"]
     assert codes.dtype == torch.uint8 and scale.dtype == torch.float32 and plain.dtype == torch.float32
     assert [t is not None for t in codes.tensors] == [True, False, True]
@@ -402,7 +405,7 @@ def test_the_4bit_and_fp8_state_is_laid_out_in_uint8_codes_and_float32_scales(fm
     rule = rule_for(_adamw(fmt)(_params(shapes=[(8,)])))
     params = [torch.zeros(64, 128), torch.zeros(64), torch.zeros(64, 128)]
     (group,) = planning.build_plan([params], matrix_groups={0: rule}).groups
-    layout = lay_out_state(group, rule, rule.Variant(fmt))
+    layout = lay_out_state(group, rule, rule.Variant(fmt, FORMATS[fmt][2]))
     codes, scale = layout["exp_avg_codes"], layout["exp_avg_scale"]
     assert codes.dtype == torch.uint8 and scale.dtype == torch.float32
     assert [t.shape for t in codes.tensors if t is not None] == [codes_shape, codes_shape]

@@ -32,8 +32,8 @@ that differs between rules is data or a function on the rule module, never a bra
   ``call_bytes``, ``lr_ratio``, ``PARAM_NDIMS``; with ``ROW_SHARDED``, row-sharded stacks too:
   ``prepare_matrices``, ``orthogonalize``, ``apply_matrices`` and the graph constant ``Whole``);
 * ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
-  every step, before anything changes; ``variant(group)`` names the structural options that change
-  the graphs; ``slot_table(hp, counts, apply, coef, table)`` computes every tensor's scalars inside
+  every step, before anything changes; ``variant(optimizer, group)`` names the structural options that
+  change the graphs (a group's, or the optimizer's: torchao's ``block_size``); ``slot_table(hp, counts, apply, coef, table)`` computes every tensor's scalars inside
   the finish graph, in float64, rounded to the dtype of ``table`` (``common.table_dtype``: float64
   when the plan holds float64 params, whose update is float64 throughout; else float32).
 
@@ -64,7 +64,7 @@ class UpdateRule(Protocol):
     LOW_PRECISION_KEYS: tuple[str, ...]  # keys that may be kept in bfloat16 for float32 params
     STOCHASTIC_ROUNDING: bool  # its elementwise updates take ``rounding`` (common.Rounding or None)
 
-    def variant(self, group: dict) -> Hashable: ...
+    def variant(self, optimizer: torch.optim.Optimizer, group: dict) -> Hashable: ...
 
     def state_keys(self, variant: Hashable) -> tuple[str, ...]: ...
 
@@ -223,7 +223,8 @@ def declaration_errors(rule, variants=None) -> list[str]:
     errors = []
     if variants is None:
         sample = torch.zeros(2, 2, requires_grad=True)
-        variants = [rule.variant(t([sample]).param_groups[0]) for t, r in RULES.items() if r is rule]
+        optimizers = [t([sample]) for t, r in RULES.items() if r is rule]
+        variants = [rule.variant(o, o.param_groups[0]) for o in optimizers]
     ndims = getattr(rule, "PARAM_NDIMS", None)
     parts = state_parts(rule)
     part_keys = {part for ps in parts.values() for part in ps}

@@ -81,7 +81,7 @@ class Variant(NamedTuple):
     """Adafactor has no structural option: every hyperparameter is a tensor read each step."""
 
 
-def variant(group: dict) -> Variant:
+def variant(optimizer, group: dict) -> Variant:
     return Variant()
 
 

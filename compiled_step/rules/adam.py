@@ -78,7 +78,7 @@ class Variant(NamedTuple):
     amsgrad: bool
 
 
-def variant(group: dict) -> Variant:
+def variant(optimizer, group: dict) -> Variant:
     return Variant(amsgrad=bool(group["amsgrad"]))
 
 

@@ -1,6 +1,6 @@
-"""torchao's ``Adam4bit`` and ``AdamW4bit`` (4-bit: two codes of a 16-entry map per byte, blocks of 128): the rule for
-these optimizer types. The math, the state layout and what is refused are ``quantized_adam.py``'s, for this module's
-``FORMAT``."""
+"""torchao's ``Adam4bit`` and ``AdamW4bit`` (4-bit: two codes of a 16-entry map per byte, blocks of 128 by default, or
+the optimizer's block_size): the rule for these optimizer types. The math, the state layout and what is refused are
+``quantized_adam.py``'s, for this module's ``FORMAT``."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ OPTIMIZERS = (Adam4bit, AdamW4bit)  # the exact types this rule serves (rules.ru
 FORMAT = quantized_adam.FORMATS["4bit"]
 
 
-def variant(group: dict) -> Variant:
-    return Variant(FORMAT.name)
+def variant(optimizer, group: dict) -> Variant:
+    return Variant(FORMAT.name, optimizer.block_size)
 
 
 def group_values(optimizer, group: dict, where: str) -> list:

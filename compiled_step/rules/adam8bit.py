@@ -1,6 +1,6 @@
-"""torchao's ``Adam8bit`` and ``AdamW8bit`` (8-bit: uint8 codes of a 256-entry map, blocks of 256): the rule for these
-optimizer types. The math, the state layout and what is refused are ``quantized_adam.py``'s, for this module's
-``FORMAT``."""
+"""torchao's ``Adam8bit`` and ``AdamW8bit`` (8-bit: uint8 codes of a 256-entry map, blocks of 256 by default, or the
+optimizer's block_size): the rule for these optimizer types. The math, the state layout and what is refused are
+``quantized_adam.py``'s, for this module's ``FORMAT``."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ OPTIMIZERS = (Adam8bit, AdamW8bit)  # the exact types this rule serves (rules.ru
 FORMAT = quantized_adam.FORMATS["8bit"]
 
 
-def variant(group: dict) -> Variant:
-    return Variant(FORMAT.name)
+def variant(optimizer, group: dict) -> Variant:
+    return Variant(FORMAT.name, optimizer.block_size)
 
 
 def group_values(optimizer, group: dict, where: str) -> list:

@@ -1,6 +1,6 @@
-"""torchao's ``AdamFp8`` and ``AdamWFp8`` (FP8: float8_e4m3fn codes (kept as uint8 bits), blocks of 256): the rule for
-these optimizer types. The math, the state layout and what is refused are ``quantized_adam.py``'s, for this module's
-``FORMAT``."""
+"""torchao's ``AdamFp8`` and ``AdamWFp8`` (FP8: float8_e4m3fn codes (kept as uint8 bits), blocks of 256 by default, or
+the optimizer's block_size): the rule for these optimizer types. The math, the state layout and what is refused are
+``quantized_adam.py``'s, for this module's ``FORMAT``."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ OPTIMIZERS = (AdamFp8, AdamWFp8)  # the exact types this rule serves (rules.rule
 FORMAT = quantized_adam.FORMATS["fp8"]
 
 
-def variant(group: dict) -> Variant:
-    return Variant(FORMAT.name)
+def variant(optimizer, group: dict) -> Variant:
+    return Variant(FORMAT.name, optimizer.block_size)
 
 
 def group_values(optimizer, group: dict, where: str) -> list:

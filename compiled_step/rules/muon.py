@@ -83,7 +83,7 @@ class Variant(NamedTuple):
     adjust_lr_fn: str | None
 
 
-def variant(group: dict) -> Variant:
+def variant(optimizer, group: dict) -> Variant:
     return Variant(int(group["ns_steps"]), tuple(float(c) for c in group["ns_coefficients"]), group["adjust_lr_fn"])
 
 

@@ -18,13 +18,13 @@ incremented)::
 The formats differ in how a moment is stored (``FORMATS``). A param of at least 4096 elements that is whole
 blocks keeps each moment quantized, in blocks of consecutive elements, each with one float32 scale:
 
-* ``8bit`` (``OptimState8bit``): blocks of 256; uint8 codes shaped like the param, each the index of the
+* ``8bit`` (``OptimState8bit``): blocks of 256 by default; uint8 codes shaped like the param, each the index of the
   nearest entry of a 256-entry map (``create_dynamic_map``: signed for ``exp_avg``, unsigned for
   ``exp_avg_sq``) to x / scale, where scale is the block's max |x| (at least 1e-12);
-* ``4bit`` (``OptimState4bit``): blocks of 128; 16-entry maps (signed: ``create_dynamic_map(True, 3, 4)``;
+* ``4bit`` (``OptimState4bit``): blocks of 128 by default; 16-entry maps (signed: ``create_dynamic_map(True, 3, 4)``;
   unsigned: ``linspace(0, 1, 17)[1:]``, no zero), two codes per byte (the even element in the high
   nibble), the codes a flat ``[numel / 2]`` tensor;
-* ``fp8`` (``OptimStateFp8``): blocks of 256; float8_e4m3fn codes shaped like the param, x / scale rounded
+* ``fp8`` (``OptimStateFp8``): blocks of 256 by default; float8_e4m3fn codes shaped like the param, x / scale rounded
   by the dtype conversion, where scale is the block's max |x| (at least 1e-12) / 448.
 
 A map code is found as torchao finds it: the largest entry <= x by a branchless binary search over the
@@ -40,13 +40,14 @@ parts. A small param's ``exp_avg`` is the buffer key ``exp_avg`` itself.
 
 Every block statistic needs its whole block, and a param of 4096 elements or more needs its codes and scales
 side by side, so these are ``MATRIX`` rules (like Adafactor): same-shape params in stacks, one compiled call
-per stack, every dim symbolic; the variant (the format's name) is a graph constant. Within a stack every
+per stack, every dim symbolic; the variant (the format's name and the optimizer's ``block_size``) is a graph
+constant. Within a stack every
 param is quantized or none is (it depends on the shape only).
 
 Not supported (``group_values`` raises ``ValueError`` before anything changes): DTensor params (torchao
 quantizes each rank's local shard), ``amsgrad=True`` (torchao 0.18's own step fails on quantized state:
 its state classes have no ``maximum``), ``bf16_stochastic_round`` with bfloat16 params (random), a block
-size other than the format's default, a non-contiguous quantized param, and state in another form than
+size that is not a positive int (even for 4-bit), a non-contiguous quantized param, and state in another form than
 torchao makes for the param.
 
 torchao is imported by ``rules.rule_for`` only when it is handed a torchao optimizer, so ``compiled_step``
@@ -106,7 +107,6 @@ class Format(NamedTuple):
     4-bit codes per byte in a flat tensor, else one code per element in the param's shape."""
 
     name: str
-    block: int  # torchao's default block_size; the only one accepted
     qmaps: dict[bool, tuple[float, ...]] | None
     packed: bool
     state_class: type
@@ -114,35 +114,37 @@ class Format(NamedTuple):
 
 
 FORMATS = {
-    "8bit": Format("8bit", 256, {True: tuple(create_dynamic_map(signed=True)),
+    "8bit": Format("8bit", {True: tuple(create_dynamic_map(signed=True)),
                                  False: tuple(create_dynamic_map(signed=False))}, False, OptimState8bit,
                    lambda codes, scale, qmap, signed, shape, dtype: OptimState8bit(codes, scale, qmap, signed,
                                                                                     dtype=dtype)),
     # torchao's subclass_4bit maps: a 3-exponent-bit dynamic map, and a linear one without zero.
-    "4bit": Format("4bit", 128, {True: tuple(create_dynamic_map(True, 3, 4)),
+    "4bit": Format("4bit", {True: tuple(create_dynamic_map(True, 3, 4)),
                                  False: tuple(torch.linspace(0, 1, 17)[1:].tolist())}, True, OptimState4bit,
                    lambda codes, scale, qmap, signed, shape, dtype: OptimState4bit(codes, scale, qmap, signed, shape,
                                                                                     dtype=dtype)),
-    "fp8": Format("fp8", 256, None, False, OptimStateFp8,
+    "fp8": Format("fp8", None, False, OptimStateFp8,
                   lambda codes, scale, qmap, signed, shape, dtype: OptimStateFp8(codes.view(_FP8), scale,
                                                                                   dtype=dtype)),
 }
 
 
 class Variant(NamedTuple):
-    """The format's name (a graph constant); amsgrad is refused, and every hyperparameter is a tensor read each
-    step."""
+    """The graphs' constants: the format's name and the optimizer's ``block_size`` (torchao's defaults: 256 for
+    8-bit and FP8, 128 for 4-bit; transformers' ``optim="adamw_torch_4bit"`` passes 256). amsgrad is refused,
+    and every hyperparameter is a tensor read each step."""
 
     format: str
+    block: int
 
 
 def state_keys(var: Variant) -> tuple[str, ...]:
     return STATE_KEYS
 
 
-def quantizes(fmt: Format, shape: tuple[int, ...]) -> bool:
+def quantizes(var: Variant, shape: tuple[int, ...]) -> bool:
     """torchao's ``_new_buffer``: a param of at least 4096 elements, whole blocks, keeps quantized state."""
-    return numel(shape) >= MIN_QUANTIZED and numel(shape) % fmt.block == 0
+    return numel(shape) >= MIN_QUANTIZED and numel(shape) % var.block == 0
 
 
 def _codes_shape(fmt: Format, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -154,13 +156,13 @@ def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> di
     4-bit codes share a byte) and scales (float32, one per block); any other param: each moment as a tensor of
     its shape and dtype."""
     fmt = FORMATS[var.format]
-    if not quantizes(fmt, shape):
+    if not quantizes(var, shape):
         return {key: StateTensor(tuple(shape), dtype) for key in _MOMENTS}
     layout = {}
     for key in _MOMENTS:
         codes, scale = STATE_PARTS[key]
         layout[codes] = StateTensor(_codes_shape(fmt, shape), torch.uint8)
-        layout[scale] = StateTensor((numel(shape) // fmt.block,), torch.float32)
+        layout[scale] = StateTensor((numel(shape) // var.block,), torch.float32)
     return layout
 
 
@@ -189,7 +191,7 @@ def _form_error(fmt: Format, key: str, value, declared: dict[str, StateTensor]) 
         return None
     codes, scale = (declared[name] for name in STATE_PARTS[key])
     sign = "" if fmt.qmaps is None else (", signed" if _MOMENTS[key] else ", unsigned")
-    want = f"an {fmt.state_class.__name__} of codes {tuple(codes.shape)}, block size {fmt.block}{sign}"
+    want = f"an {fmt.state_class.__name__} of codes {tuple(codes.shape)}, {tuple(scale.shape)} blocks{sign}"
     if not isinstance(value, fmt.state_class) or tuple(value.codes.shape) != tuple(codes.shape) or \
             tuple(value.scale.shape) != tuple(scale.shape) or value.codes.dtype != (_FP8 if fmt.qmaps is None
                                                                                   else torch.uint8):
@@ -223,9 +225,11 @@ def _refuse_unsupported(fmt: Format, optimizer, group: dict, where: str) -> None
     if group["amsgrad"]:
         raise ValueError(f"{where}: amsgrad=True is not supported with {name} (torchao 0.18's own "
                          "step fails on its quantized state). Nothing was updated.")
-    if getattr(optimizer, "block_size", fmt.block) != fmt.block:
-        raise ValueError(f"{where}: FusedStep supports {name}'s default block_size={fmt.block} only, got "
-                         f"{optimizer.block_size}. Nothing was updated.")
+    block = optimizer.block_size
+    if not isinstance(block, int) or block < 1 or (fmt.packed and block % 2):
+        raise ValueError(f"{where}: {name}'s block_size must be a positive{' even' if fmt.packed else ''} int (its "
+                         f"codes are packed two per byte), got {block!r}. Nothing was updated.")
+    var = Variant(fmt.name, block)
     for p in group["params"]:
         if is_dtensor(p):
             raise ValueError(f"{where}: DTensor params are not supported with {name} "
@@ -234,10 +238,10 @@ def _refuse_unsupported(fmt: Format, optimizer, group: dict, where: str) -> None
             raise ValueError(f"{where}: bf16_stochastic_round=True rounds bfloat16 params at random; FusedStep "
                              "does not reproduce it. Nothing was updated.")
         shape = tuple(local_tensor(p).shape)
-        if quantizes(fmt, shape) and not p.is_contiguous():
+        if quantizes(var, shape) and not p.is_contiguous():
             raise ValueError(f"{where}: a param of shape {shape} with quantized state must be contiguous (torchao's "
-                             f"blocks are runs of {fmt.block} elements in memory). Nothing was updated.")
-        declared = state_layout(Variant(fmt.name), shape, p.dtype)
+                             f"blocks are runs of {block} elements in memory). Nothing was updated.")
+        declared = state_layout(var, shape, p.dtype)
         for key, value in optimizer.state.get(p, {}).items():
             if key in _MOMENTS:
                 parts = {k: t for k, t in declared.items() if k == key or k in STATE_PARTS[key]}
@@ -334,7 +338,7 @@ def update_matrices(
     table: torch.Tensor,  # [n, len(TABLE_COLUMNS)] float32 or float64: apply flags and grad coefficients
     lr_ratio: torch.Tensor,  # [1] float64: unused
     counts: torch.Tensor,  # [n] float32: torchao's steps before this update; mutated (+1 where applied)
-    variant: Variant,  # graph constant: the format
+    variant: Variant,  # graph constant: the format and block size
     exp_avg: torch.Tensor | None,  # [n, *S] (small params), or None; mutated
     exp_avg_sq: torch.Tensor | None,  # [n, *S] (small params), or None; mutated
     exp_avg_codes: torch.Tensor | None,  # [n, *codes shape] uint8 (quantized params), or None; mutated
@@ -350,7 +354,7 @@ def update_matrices(
         return x.reshape(n, *([1] * (2 if quantized else params.dim() - 1)))
 
     def blocks(x: torch.Tensor) -> torch.Tensor:  # [n, *S] -> [n, blocks, block] for a quantized stack
-        return x.reshape(n, -1, fmt.block) if quantized else x
+        return x.reshape(n, -1, variant.block) if quantized else x
 
     rows = as_compute(table, torch.float32)
     applied = table[:, APPLY] != 0  # [n]

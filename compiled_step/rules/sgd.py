@@ -66,7 +66,7 @@ class Variant(NamedTuple):
     momentum: bool
 
 
-def variant(group: dict) -> Variant:
+def variant(optimizer, group: dict) -> Variant:
     momentum = group["momentum"]
     return Variant(momentum=bool(momentum != 0) if not isinstance(momentum, torch.Tensor) else True)
 

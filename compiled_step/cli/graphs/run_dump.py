@@ -136,8 +136,8 @@ def _selections(fused) -> dict[tuple, dict]:
         key = group.key
         pg, rule, optimizer = param_groups[key.param_group], fused.rules[key.param_group], owners[key.param_group]
         sel = selections.setdefault(
-            (type(optimizer), rule.variant(pg), key.dtype, key.grad_dtype, str(key.device), key.fp8),
-            dict(optimizer=optimizer, pg=pg, variant=rule.variant(pg), dtype=key.dtype, grad_dtype=key.grad_dtype,
+            (type(optimizer), rule.variant(optimizer, pg), key.dtype, key.grad_dtype, str(key.device), key.fp8),
+            dict(optimizer=optimizer, pg=pg, variant=rule.variant(optimizer, pg), dtype=key.dtype, grad_dtype=key.grad_dtype,
                  device=key.device, fp8=key.fp8, param_groups=[], groups=[], flat=None, bucket=None, stacks=None,
                  sharded=False))
         sel["param_groups"].append(key.param_group)
