@@ -318,7 +318,7 @@ class TestErrorMessages(expecttest.TestCase):
     """The text users see for the main mistakes (our messages: no torch-version skip)."""
 
     def test_unsupported_optimizer(self):
-        self.assertExpectedInline(_message(lambda: FusedStep(torch.optim.RMSprop(_params(), lr=1e-2))), """TypeError: FusedStep supports torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Muon, torch.optim.Adafactor and torchao.optim.AdamW8bit, Adam8bit (exact types); got torch.optim.rmsprop.RMSprop. A subclass may change step(), which FusedStep replaces.""")
+        self.assertExpectedInline(_message(lambda: FusedStep(torch.optim.RMSprop(_params(), lr=1e-2))), """TypeError: FusedStep supports torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Muon, torch.optim.Adafactor and torchao.optim's AdamW8bit, Adam8bit, AdamW4bit, Adam4bit, AdamWFp8, AdamFp8 (exact types); got torch.optim.rmsprop.RMSprop. A subclass may change step(), which FusedStep replaces.""")
 
     def test_max_grad_norm_zero(self):
         opt = torch.optim.AdamW(_params())
