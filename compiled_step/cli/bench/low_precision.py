@@ -1,6 +1,6 @@
 """The low-precision state rows (``bench --low-precision``): FusedStep with bf16 moments, with bfloat16 params
-rounded stochastically, and (where torchao is installed) with torchao's AdamW8bit, each next to the eager
-step a user has today, on one layout, in one process.
+rounded stochastically, and (where torchao is installed) with torchao's AdamW8bit, AdamW4bit and AdamWFp8, each
+next to the eager step a user has today, on one layout, in one process.
 
 Each row times both methods interleaved (``rounds`` medians; grads restored and the cache flushed before every
 step), at each thread count asked for, and reports:
@@ -16,8 +16,8 @@ The references, and why: with bf16 moments no eager torch path runs on the CPU (
 and fused AdamW all refuse bfloat16 state for float32 params; only CUDA's fused kernel has that path), so the
 reference is what the same user runs without them: ``clip_grad_norm_`` + ``AdamW(fused=True)`` with float32
 state. For stochastically rounded bfloat16 params, torchao's ``_AdamW(bf16_stochastic_round=True)`` after
-``clip_grad_norm_`` (torchao compiles its step per param shape). For AdamW8bit, torchao's own step after
-``clip_grad_norm_``.
+``clip_grad_norm_`` (torchao compiles its step per param shape). For AdamW8bit, AdamW4bit and AdamWFp8,
+torchao's own step after ``clip_grad_norm_``.
 """
 
 from __future__ import annotations
@@ -116,17 +116,17 @@ def formats() -> list[Format]:
     out.append(sr)
 
     try:
-        from torchao.optim import AdamW8bit  # noqa: PLC0415 -- optional
+        from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8  # noqa: PLC0415 -- optional
     except ImportError:
         return out
 
-    def fused_8bit(params, fmt):
-        opt = AdamW8bit(params, lr=LR)
+    def fused_quantized(params, fmt, cls):
+        opt = cls(params, lr=LR)
         fmt.optimizers["fused"] = opt
         return FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False).step
 
-    def reference_8bit(params, fmt):
-        opt = AdamW8bit(params, lr=LR)
+    def reference_quantized(params, fmt, cls):
+        opt = cls(params, lr=LR)
         fmt.optimizers["reference"] = opt
 
         def step():
@@ -134,12 +134,13 @@ def formats() -> list[Format]:
             opt.step()
         return step
 
-    # two moments of 1 B per param, and one float32 scale per 256-element block each
-    eight = Format("torchao AdamW8bit (fp32 params)", torch.float32, None, None,
-                   "clip_grad_norm_ + torchao AdamW8bit's own step", 2 * (1 + 4 / 256))
-    eight.fused = lambda ps: fused_8bit(ps, eight)
-    eight.reference = lambda ps: reference_8bit(ps, eight)
-    out.append(eight)
+    # torchao's formats: two moments of (code bytes per param) each, and one float32 scale per block each.
+    for cls, code_bytes, block in ((AdamW8bit, 1, 256), (AdamW4bit, 0.5, 128), (AdamWFp8, 1, 256)):
+        fmt = Format(f"torchao {cls.__name__} (fp32 params)", torch.float32, None, None,
+                     f"clip_grad_norm_ + torchao {cls.__name__}'s own step", 2 * (code_bytes + 4 / block))
+        fmt.fused = lambda ps, fmt=fmt, cls=cls: fused_quantized(ps, fmt, cls)
+        fmt.reference = lambda ps, fmt=fmt, cls=cls: reference_quantized(ps, fmt, cls)
+        out.append(fmt)
     return out
 
 
