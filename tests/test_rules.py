@@ -108,7 +108,8 @@ def test_a_matrix_rule_refuses_params_of_other_ranks_and_sharded_params_it_canno
     _plan([torch.zeros(3), torch.zeros(()), torch.zeros(2, 3, 4)], adafactor)  # any rank
 
 
-# A rule that keeps torch's exp_avg in two buffer keys (STATE_PARTS), as torchao's quantized state (rules/quantized_adam.py):
+# A rule that keeps torch's exp_avg in two buffer keys (STATE_PARTS), as torchao's quantized state
+# (rules/quantized_adam.py):
 # uint8 codes shaped like the param and a float32 scale. Built on Adam, so that torchao is not needed here.
 _PARTS = {"exp_avg": ("exp_avg_codes", "exp_avg_scale")}
 _PART_KEYS = ("exp_avg_sq", "exp_avg_codes", "exp_avg_scale")

@@ -201,7 +201,8 @@ def _form_error(fmt: Format, key: str, value, declared: dict[str, StateTensor]) 
     return None
 
 
-def disassemble(fmt: Format, key: str, value: torch.Tensor, declared: dict[str, StateTensor]) -> dict[str, torch.Tensor]:
+def disassemble(fmt: Format, key: str, value: torch.Tensor,
+                declared: dict[str, StateTensor]) -> dict[str, torch.Tensor]:
     """The buffer keys' values of a state tensor torchao holds (loaded, or made by its own step): its codes (as
     uint8) and scales for a quantized one, else itself. Raises ``ValueError`` for one of another form
     (``group_values`` raises first, before anything changes)."""

@@ -1,6 +1,7 @@
 """HF Trainer with ``TrainingArguments(optim="adamw_torch_8bit")`` or ``"adamw_torch_4bit"``: transformers builds
-torchao's ``AdamW8bit`` or ``AdamW4bit``, ``FusedTrainer`` wraps it in FusedStep. Reference: plain ``Trainer`` with the same arguments (accelerate's
-``clip_grad_norm_``, then torchao's own step), and Trainer's own checkpoint loader for the resume.
+torchao's ``AdamW8bit`` or ``AdamW4bit``, ``FusedTrainer`` wraps it in FusedStep. Reference: plain ``Trainer`` with
+the same arguments (accelerate's ``clip_grad_norm_``, then torchao's own step), and Trainer's own checkpoint loader
+for the resume.
 
 Tolerance. Per step the fused update is bit-identical to torchao's on the same grads (tests/test_torchao_quantized.py),
 but the clip coefficient (float64 in FusedStep, float32 in ``clip_grad_norm_``) and the norm's summation order
