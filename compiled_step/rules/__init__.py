@@ -34,8 +34,9 @@ that differs between rules is data or a function on the rule module, never a bra
 * ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
   every step, before anything changes; ``variant(optimizer, group)`` names the structural options that
   change the graphs (a group's, or the optimizer's: torchao's ``block_size``);
-  ``slot_table(hp, counts, apply, coef, table)`` computes every tensor's scalars inside the finish graph, in float64, rounded to the dtype of ``table`` (``common.table_dtype``: float64
-  when the plan holds float64 params, whose update is float64 throughout; else float32).
+  ``slot_table(hp, counts, apply, coef, table)`` computes every tensor's scalars inside the finish graph, in
+  float64, rounded to the dtype of ``table`` (``common.table_dtype``: float64 when the plan holds float64
+  params, whose update is float64 throughout; else float32).
 
 ``conformance_errors(rule)`` checks a rule module against this contract (names, kinds, the update
 functions' signatures and the state declaration); tests run it over every registered rule.
