@@ -172,6 +172,48 @@ def test_compiled_step_imports_and_runs_without_torchao():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+def _hard_values(qmap, signed):
+    """Every map entry and midpoint, their float neighbours two steps each way, powers of ten (the 8-bit maps'
+    band edges) and their neighbours, zero, 1 and tiny values; both signs for a signed map."""
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    points = torch.cat([qmap, (qmap[1:] + qmap[:-1]) / 2, torch.tensor([10.0 ** k for k in range(-9, 1)])])
+    near = [points]
+    for direction in (up, down):
+        once = torch.nextafter(points, direction)
+        near += [once, torch.nextafter(once, direction)]
+    values = torch.cat(near + [torch.tensor([0.0, 1.0, 1e-30, 1e-45])])
+    values = torch.cat([values, -values]) if signed else values[~(values < 0)]
+    return values.clamp(-1.0, 1.0)
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_map_codes_are_torchaos_on_every_entry_midpoint_and_neighbour(fmt, signed):
+    """``_quantize``'s codes for a map format (the 8-bit maps' computed floor code included) against torchao's
+    own ``quantize_8bit_with_qmap``/``quantize_4bit_with_qmap``: exact on the hard values and 2 M log-uniform and
+    uniform ones. Each set is one block holding 1.0, so its scale is 1 and the values are the map's inputs."""
+    from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap
+
+    from compiled_step.rules import quantized_adam
+
+    form = quantized_adam.FORMATS[fmt]
+    qmap = torch.tensor(form.qmaps[signed], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    magnitudes = torch.exp(torch.empty(1_000_000).uniform_(-25, 0, generator=gen))
+    uniform = torch.rand(1_000_000, generator=gen)
+    if signed:
+        magnitudes = magnitudes * (torch.randint(0, 2, magnitudes.shape, generator=gen) * 2 - 1)
+        uniform = uniform * 2 - 1
+    reference = quantize_8bit_with_qmap if fmt == "8bit" else quantize_4bit_with_qmap
+    for values in (_hard_values(qmap, signed), magnitudes, uniform):
+        values = torch.cat([values, torch.ones(1)])
+        codes, scale = quantized_adam._quantize(form, values.reshape(1, 1, -1), signed)
+        assert float(scale) == 1.0
+        ours, theirs = codes.flatten(), reference(values, qmap)
+        wrong = (ours != theirs).nonzero().flatten()
+        assert wrong.numel() == 0, [(float(values[i]), int(ours[i]), int(theirs[i])) for i in wrong[:5]]
+
+
 @pytest.mark.parametrize("optimizer,options", [
     ("AdamW8bit", dict()),
     ("Adam8bit", dict()),
