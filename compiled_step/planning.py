@@ -494,7 +494,8 @@ def _lay_out_stacks(group: ShardingGroup, first_slot: int, flat_params: bool, ru
 
 def _row_sharding(group: ShardingGroup, rule) -> Exchange | None:
     """The all-to-all of a matrix group whose params are row-sharded (one Shard(0), the rest
-    Replicate); None for whole params. Raises ``ValueError`` for what the rule cannot update."""
+    Replicate); None for whole params, and for a rule whose math is per local shard (``LOCAL_SHARDS``).
+    Raises ``ValueError`` for what the rule cannot update."""
     exchange = None
     for p, name in zip(group.params, group.names):
         if rule.PARAM_NDIMS is not None and p.ndim not in rule.PARAM_NDIMS:
@@ -504,6 +505,8 @@ def _row_sharding(group: ShardingGroup, rule) -> Exchange | None:
             raise ValueError(f"{name}: FP8 weights are not supported with {rule.NAME}")
         if not is_dtensor(p) or not any(pl.is_shard() for pl in p.placements):
             continue
+        if getattr(rule, "LOCAL_SHARDS", False):
+            continue  # the rule updates each local shard as a param of its own shape (torchao's optimizers)
         if not rule.ROW_SHARDED:
             raise ValueError(f"{name}: {rule.NAME} needs whole params and cannot gather sharded ones, but this "
                              f"param has placements {p.placements}")

@@ -162,6 +162,7 @@ def lay_out_state(group: ShardingGroup, rule, variant, dtypes: dict[str, torch.d
     """
     locals_ = [local_tensor(p) for p in group.params]
     declared = [rule.state_layout(variant, tuple(t.shape), group.key.dtype) for t in locals_]
+    per_shard = getattr(rule, "LOCAL_SHARDS", False)  # a DTensor param's state is its shard's (torchao's)
     layouts = {}
     for key in rule.state_keys(variant):
         tensors = [d.get(key) for d in declared]
@@ -178,7 +179,7 @@ def lay_out_state(group: ShardingGroup, rule, variant, dtypes: dict[str, torch.d
             layouts[key] = KeyLayout(group.rows, dtype, placed, stacks, True)
             continue
         for t, p, name in zip(tensors, group.params, group.names):
-            if t is not None and is_dtensor(p):
+            if t is not None and is_dtensor(p) and not per_shard:
                 raise ValueError(f"{name}: {rule.NAME} keeps state {key!r} of shape {tuple(t.shape)}, not shaped like "
                                  "this DTensor param; FusedStep cannot place it on the param's mesh")
         stacked = {i for st in group.stacks for i in st.members}
@@ -386,11 +387,17 @@ class GroupBuffers:
                                                 pin=_pins_home(key.device), stream=stream)
         home = self.state_home[name]
         self.state_locals[name] = [at.view(home) if at is not None else None for at in layout.tensors]
-        self.state_views[name] = [_wrap_like(p, v) if v is not None else None
+        # A part of a STATE_PARTS key is not shaped like the param: it stays local, and torch_view wraps the
+        # state tensor ``assemble`` makes of the parts instead.
+        self.state_views[name] = [v if v is None or self._is_part(name) else _wrap_like(p, v)
                                   for p, v in zip(group.params, self.state_locals[name])]
         for stack, at, views in zip(group.stacks, layout.stacks, self.stack_state):
             if at is not None:
                 views[name] = at.view(self.state[name], len(stack.members)).detach()
+
+    def _is_part(self, name: str) -> bool:
+        """Buffer key ``name`` is one part of a torch state key (``STATE_PARTS``), not a torch key itself."""
+        return any(name in parts for parts in self.state_parts.values())
 
     def _buffer_keys(self, key: str, i: int) -> tuple[str, ...]:
         """The buffer keys param i keeps torch state key ``key`` in: its ``STATE_PARTS`` parts, or ``key``."""
@@ -406,8 +413,9 @@ class GroupBuffers:
         if names == (key,):
             return self.state_views[key][i]
         if (key, i) not in self._assembled:
-            self._assembled[key, i] = self.rule.assemble(key, {name: self.state_views[name][i] for name in names},
-                                                         tuple(self.locals[i].shape), self.group.key.dtype)
+            local = self.rule.assemble(key, {name: self.state_locals[name][i] for name in names},
+                                       tuple(self.locals[i].shape), self.group.key.dtype)
+            self._assembled[key, i] = _wrap_like(self.group.params[i], local)  # a DTensor like a DTensor param
         return self._assembled[key, i]
 
     def zero_state(self, key: str, i: int) -> None:
@@ -423,7 +431,7 @@ class GroupBuffers:
             return
         declared = {name: StateTensor(self.state_layout[name].tensors[i].shape, self.state_layout[name].dtype)
                     for name in names}
-        values = self.rule.disassemble(key, value, declared)
+        values = self.rule.disassemble(key, local_tensor(value), declared)
         for name in names:
             self.state_locals[name][i].copy_(values[name])
 

@@ -400,19 +400,24 @@ def test_what_is_not_supported_is_refused_before_anything_changes():
     _assert_bit_identical(_state_snapshot(opt, params), before)
 
 
-def test_dtensor_params_are_refused():
+def test_partial_dtensor_params_are_refused():
+    """DTensor shards are updated per local shard, as torchao does (``tests/distributed/test_torchao_fsdp2.py``);
+    a param of partial values is not a shard, and is refused before any state exists."""
     dist = pytest.importorskip("torch.distributed")
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Partial
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = DeviceMesh("cpu", [0])
-        param = torch.nn.Parameter(DTensor.from_local(torch.randn(64, 128), mesh, [Replicate()]))
-        with pytest.raises(ValueError, match="DTensor params are not supported"):
-            FusedStep(torchao_optim.AdamW8bit([param]), compile_notice=False)
+        param = torch.nn.Parameter(DTensor.from_local(torch.randn(64, 128), mesh, [Partial()]))
+        param.grad = torch.ones_like(param)
+        opt = torchao_optim.AdamW8bit([param])
+        with pytest.raises(ValueError, match="holds partial values"):
+            FusedStep(opt, compile_notice=False).step()
+        assert not opt.state
     finally:
         dist.destroy_process_group()
 

@@ -30,7 +30,10 @@ that differs between rules is data or a function on the rule module, never a bra
 * ``KIND``: ``ELEMENTWISE`` rules update flat buffers and buckets of tensors (``update_flat``,
   ``update_bucket``); ``MATRIX`` rules update stacks of whole same-shape params (``update_matrices``,
   ``call_bytes``, ``lr_ratio``, ``PARAM_NDIMS``; with ``ROW_SHARDED``, row-sharded stacks too:
-  ``prepare_matrices``, ``orthogonalize``, ``apply_matrices`` and the graph constant ``Whole``);
+  ``prepare_matrices``, ``orthogonalize``, ``apply_matrices`` and the graph constant ``Whole``; with
+  ``LOCAL_SHARDS``, its math is per local tensor, as torchao's optimizers are on FSDP2: each rank updates
+  a DTensor param's shard as a param of the shard's shape (``state_layout`` gets the shard's shape), no
+  gather, and the engine wraps ``assemble``'s state tensor of the shard in a DTensor like the param);
 * ``group_values(optimizer, group, where)`` reads and validates a param group's hyperparameters
   every step, before anything changes; ``variant(optimizer, group)`` names the structural options that
   change the graphs (a group's, or the optimizer's: torchao's ``block_size``);

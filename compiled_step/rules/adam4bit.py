@@ -12,6 +12,7 @@ from compiled_step.rules.common import StateTensor
 from compiled_step.rules.quantized_adam import (  # noqa: F401  (the rule contract's names, shared by the formats)
     HP_COLUMNS,
     KIND,
+    LOCAL_SHARDS,
     LOW_PRECISION_KEYS,
     PARAM_NDIMS,
     ROW_SHARDED,

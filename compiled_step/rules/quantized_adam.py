@@ -45,8 +45,15 @@ per stack, every dim symbolic; the variant (the format's name and the optimizer'
 constant. Within a stack every
 param is quantized or none is (it depends on the shape only).
 
-Not supported (``group_values`` raises ``ValueError`` before anything changes): DTensor params (torchao
-quantizes each rank's local shard), ``amsgrad=True`` (torchao 0.18's own step fails on quantized state:
+DTensor params (FSDP2) are updated as torchao updates them (``LOCAL_SHARDS``): each rank's local shard as a
+param of its own shape, its state torchao's state class over the shard's codes and scales inside a DTensor
+like the param. torchao decides by the shard whether to quantize (``_new_buffer`` on ``p.to_local()``), so
+a shard of under 4096 elements, or not whole blocks, keeps plain state, even where the whole param would be
+quantized: blocks never straddle a shard edge, and a sharded run's state may differ in form from an
+unsharded one's, as torchao's own does.
+
+Not supported (``group_values`` raises ``ValueError`` before anything changes): DTensor params with partial
+placements, ``amsgrad=True`` (torchao 0.18's own step fails on quantized state:
 its state classes have no ``maximum``), ``bf16_stochastic_round`` with bfloat16 params (random), a block
 size that is not a positive int (even for 4-bit), a non-contiguous quantized param, and state in another form than
 torchao makes for the param.
@@ -83,6 +90,9 @@ KIND = MATRIX
 STEP_KEY = "step"  # torchao's state["step"] (float32, 0-d): a view of the count
 PARAM_NDIMS = None  # any rank
 ROW_SHARDED = False
+# torchao's math is per local tensor: on FSDP2 each rank quantizes its own shard (``_new_buffer`` on
+# ``p.to_local()``, wrapped back in a DTensor), so a shard is updated as a param of its local shape, no gather.
+LOCAL_SHARDS = True
 
 HP_COLUMNS = ("scale", "sign", "lr", "beta1", "beta2", "eps", "weight_decay", "decoupled")
 _LR, _BETA1, _BETA2, _EPS, _WD, _DECOUPLED = range(2, len(HP_COLUMNS))
@@ -206,7 +216,8 @@ def _codes_shape(fmt: Format, shape: tuple[int, ...]) -> tuple[int, ...]:
 def state_layout(var: Variant, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, StateTensor]:
     """A quantized param: each moment's codes (uint8: the param's shape, or half its elements flat where two
     4-bit codes share a byte) and scales (float32, one per block); any other param: each moment as a tensor of
-    its shape and dtype."""
+    its shape and dtype. For a DTensor param ``shape`` is its local shard's: torchao decides by the shard
+    (``_new_buffer`` on ``p.to_local()``), so a shard's blocks never straddle its edge."""
     fmt = FORMATS[var.format]
     if not quantizes(var, shape):
         return {key: StateTensor(tuple(shape), dtype) for key in _MOMENTS}
@@ -284,21 +295,22 @@ def _refuse_unsupported(fmt: Format, optimizer, group: dict, where: str) -> None
                          f"codes are packed two per byte), got {block!r}. Nothing was updated.")
     var = Variant(fmt.name, block)
     for p in group["params"]:
-        if is_dtensor(p):
-            raise ValueError(f"{where}: DTensor params are not supported with {name} "
-                             "(torchao quantizes each local shard). Nothing was updated.")
+        if is_dtensor(p) and any(placement.is_partial() for placement in p.placements):
+            raise ValueError(f"{where}: a DTensor param with placements {p.placements} holds partial values; "
+                             f"{name} updates each rank's shard (Shard or Replicate placements). Nothing was updated.")
         if optimizer.bf16_stochastic_round and p.dtype == torch.bfloat16:
             raise ValueError(f"{where}: bf16_stochastic_round=True rounds bfloat16 params at random; FusedStep "
                              "does not reproduce it. Nothing was updated.")
-        shape = tuple(local_tensor(p).shape)
-        if quantizes(var, shape) and not p.is_contiguous():
+        local = local_tensor(p)
+        shape = tuple(local.shape)
+        if quantizes(var, shape) and not local.is_contiguous():
             raise ValueError(f"{where}: a param of shape {shape} with quantized state must be contiguous (torchao's "
                              f"blocks are runs of {block} elements in memory). Nothing was updated.")
         declared = state_layout(var, shape, p.dtype)
         for key, value in optimizer.state.get(p, {}).items():
             if key in _MOMENTS:
                 parts = {k: t for k, t in declared.items() if k == key or k in STATE_PARTS[key]}
-                error = _form_error(fmt, key, value, parts)
+                error = _form_error(fmt, key, local_tensor(value), parts)  # a DTensor's: its shard's
                 if error is not None:
                     raise ValueError(f"{where}: a param of shape {shape} keeps state {key!r} as {value!r}; FusedStep "
                                      f"expects {error}, as torchao makes it. Nothing was updated.")
