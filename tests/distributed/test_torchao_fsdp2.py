@@ -1,6 +1,6 @@
-"""torchao's AdamW8bit on FSDP2 shards, on 2 gloo ranks: FusedStep(AdamW8bit) keeps torchao's state on each rank's
-local shard (a DTensor over an ``OptimState8bit``, as torchao's own ``_new_buffer`` makes it), clips by the global
-norm and checkpoints through DCP.
+"""torchao's quantized AdamW (8-bit, 4-bit and FP8 state) on FSDP2 shards, on 2 gloo ranks: FusedStep keeps
+torchao's state on each rank's local shard (a DTensor over an ``OptimState8bit``/``OptimState4bit``/
+``OptimStateFp8``, as torchao's own ``_new_buffer`` makes it), clips by the global norm and checkpoints through DCP.
 
 torchao decides per local shard whether to quantize: a shard of at least 4096 elements in whole blocks of 256.
 The model's weights cover both cases: 128x64 and 64x128 (4096 elements per rank: quantized) and 64x64 (2048 per
@@ -9,7 +9,7 @@ Every rank sees the same data, so FSDP2's averaged grads are the unsharded model
 
 References (never our code), 6 steps, clipping active on the even ones:
 
-* **torchao's own step on the same FSDP2 shards**: torch's clip and ``AdamW8bit.step()`` on a twin sharded
+* **torchao's own step on the same FSDP2 shards**: torch's clip and torchao's ``step()`` on a twin sharded
   model, every param and state tensor of every rank;
 * **the unsharded torchao run**: the same on a twin unsharded model, for a model whose every weight shard keeps
   the state form the whole weight keeps (its last layer 128x64, not 64x64). Each rank's codes and scales are
@@ -32,7 +32,7 @@ elements (a flipped code's), and all within ``lr / 10``; scales and plain state 
 
 * **DCP**: save after 3 steps (``get_state_dict`` and FusedStep as a ``Stateful``), train 3 more, resume a
   fresh model from the checkpoint and train the same 3: params and every state tensor bit-identical
-  (tolerance 0: the same computation on the same values), each quantized moment still an ``OptimState8bit``
+  (tolerance 0: the same computation on the same values), each quantized moment still torchao's state class
   inside a DTensor.
 
 FusedStep runs eagerly here (``compile=False``), and torchao's steps with ``torch.compile`` replaced by the
@@ -90,20 +90,40 @@ def _train(model, fused, steps) -> list[float]:
     return norms
 
 
+def _codes(state) -> torch.Tensor:
+    """A quantized state tensor's codes, one integer per element: 4-bit codes unpacked (the even element's in
+    the high nibble), FP8 codes as their bits; a flat ``[numel / 2]`` 4-bit tensor unpacks to the elements'
+    order, so a shard's codes are the whole param's rows either way."""
+    codes = state.codes
+    if codes.dtype == torch.float8_e4m3fn:
+        return codes.view(torch.uint8).int()
+    if type(state).__name__ == "OptimState4bit":
+        return torch.stack([codes >> 4, codes & 0b1111], dim=-1).reshape(-1).int()
+    return codes.int()
+
+
 def _local_state(opt, model) -> dict:
     """Each param's state on this rank: the codes and scales of a quantized moment, else the local tensor."""
-    from torchao.optim.subclass_8bit import OptimState8bit
-
     out = {}
     for name, p in model.named_parameters():
         for key, value in opt.state[p].items():
             local = value.to_local() if hasattr(value, "to_local") else value
-            if isinstance(local, OptimState8bit):
-                out[f"{name}/{key}/codes"] = local.codes.clone()
+            if hasattr(local, "codes"):  # torchao's state class
+                out[f"{name}/{key}/codes"] = _codes(local)
                 out[f"{name}/{key}/scale"] = local.scale.clone()
             else:
                 out[f"{name}/{key}"] = local.detach().clone()
     return out
+
+
+FORMATS = {"8bit": ("AdamW8bit", "OptimState8bit"), "4bit": ("AdamW4bit", "OptimState4bit"),
+           "fp8": ("AdamWFp8", "OptimStateFp8")}
+
+
+def _adamw(fmt: str):
+    import torchao.optim
+
+    return getattr(torchao.optim, FORMATS[fmt][0])
 
 
 def _eager_torchao():
@@ -132,18 +152,18 @@ def _torchao_train(model, opt, steps, fused_norms: list[float]) -> list[float]:
     return norms
 
 
-def _worker(rank: int, world_size: int, checkpoint: str) -> dict:
+def _worker(rank: int, world_size: int, checkpoint: str, fmt: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
-    from torchao.optim import AdamW8bit
-
     from compiled_step import FusedStep
+
+    AdamW = _adamw(fmt)
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp",))
     model = _sharded(mesh)
-    opt = AdamW8bit(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    opt = AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     fused = FusedStep(opt, max_grad_norm=MAX_NORM, compile=False, model_parts=[model], compile_notice=False)
     norms = _train(model, fused, range(0, 3))
     state_types = {name: {key: (type(v).__name__, type(v.to_local()).__name__ if isinstance(v, DTensor) else None)
@@ -155,7 +175,7 @@ def _worker(rank: int, world_size: int, checkpoint: str) -> dict:
                 "state": _local_state(opt, model)}
 
     twin = _sharded(mesh)
-    twin_opt = AdamW8bit(twin.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    twin_opt = AdamW(twin.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     twin_norms = _torchao_train(twin, twin_opt, range(6), norms)
     torchao_sharded = {"norms": twin_norms, "state": _local_state(twin_opt, twin),
                        "params": {n: p.full_tensor().detach().clone() for n, p in twin.named_parameters()}}
@@ -164,9 +184,14 @@ def _worker(rank: int, world_size: int, checkpoint: str) -> dict:
     with torch.no_grad():  # a different starting point: everything must come from the checkpoint
         for p in model2.parameters():
             p.add_(1.0)
-    opt2 = AdamW8bit(model2.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    opt2 = AdamW(model2.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     fused2 = FusedStep(opt2, max_grad_norm=MAX_NORM, compile=False, model_parts=[model2], compile_notice=False)
-    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    # get_state_dict fills a fresh optimizer's state with its own step at lr 0 (``_init_optim_state``):
+    # torchao 0.18's compiled step fails there on the CPU with 4-bit DTensor state ("wrong number of
+    # dimensions") and FP8 ("'OptimStateFp8' object has no attribute 'qmap'"), so it runs eagerly; FusedStep
+    # never calls torchao's step.
+    with _eager_torchao():
+        model_sd2, optim_sd2 = get_state_dict(model2, opt2)
     state = {"model": model_sd2, "optim": optim_sd2, "fused": fused2}
     dcp.load(state, checkpoint_id=checkpoint)
     set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -178,7 +203,7 @@ def _worker(rank: int, world_size: int, checkpoint: str) -> dict:
                                for name, p in model2.named_parameters()}}
     # A model whose every weight shard is whole blocks of 4096 elements: its state has the unsharded run's form.
     aligned = _sharded(mesh, last=128)
-    aligned_opt = AdamW8bit(aligned.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    aligned_opt = AdamW(aligned.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     aligned_fused = FusedStep(aligned_opt, max_grad_norm=MAX_NORM, compile=False, model_parts=[aligned],
                               compile_notice=False)
     aligned_run = {"norms": _train(aligned, aligned_fused, range(6)), "state": _local_state(aligned_opt, aligned),
@@ -187,12 +212,10 @@ def _worker(rank: int, world_size: int, checkpoint: str) -> dict:
             "torchao_sharded": torchao_sharded, "aligned": aligned_run}
 
 
-def _reference(last: int, fused_norms: list[float]):
-    """torchao's own AdamW8bit step after torch's clip on the unsharded model."""
-    from torchao.optim import AdamW8bit
-
+def _reference(fmt: str, last: int, fused_norms: list[float]):
+    """torchao's own step after torch's clip on the unsharded model."""
     model = _model(last)
-    opt = AdamW8bit(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    opt = _adamw(fmt)(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     norms = _torchao_train(model, opt, range(6), fused_norms)
     return model, opt, norms
 
@@ -233,16 +256,17 @@ def _assert_state_close(ours: dict, ref: dict, what):
 QUANTIZED_SHARDS = ("0.weight", "2.weight")  # 4096 elements per rank; 4.weight's 2048 keep plain state
 
 
-def test_fsdp2_adamw8bit_matches_torchao_sharded_and_unsharded_and_resumes_from_dcp(tmp_path):
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_fsdp2_torchao_state_matches_torchao_sharded_and_unsharded_and_resumes_from_dcp(tmp_path, fmt):
     world = 2
-    results = run_distributed(_worker, world_size=world, args=(str(tmp_path / "ckpt"),), timeout=300)
+    results = run_distributed(_worker, world_size=world, args=(str(tmp_path / "ckpt"), fmt), timeout=300)
     for rank, r in enumerate(results):
-        ref_model, ref_opt, ref_norms = _reference(128, r["aligned"]["norms"])
+        ref_model, ref_opt, ref_norms = _reference(fmt, 128, r["aligned"]["norms"])
         assert ref_norms[0] > MAX_NORM and ref_norms[1] < MAX_NORM  # clipping active on some steps only
         # torchao's state form on every rank, decided by the shard: quantized moments in DTensors for the
         # shards of 4096 elements, plain ones for the rest (torchao's own sharded run agrees below).
         for name, types in r["state_types"].items():
-            local = "OptimState8bit" if name in QUANTIZED_SHARDS else "Tensor"
+            local = FORMATS[fmt][1] if name in QUANTIZED_SHARDS else "Tensor"
             assert types["exp_avg"] == types["exp_avg_sq"] == ("DTensor", local), (rank, name, types)
         expected, sharded = r["expected"], r["torchao_sharded"]
         # Against torchao's own step on the same shards: everything.
@@ -261,7 +285,8 @@ def test_fsdp2_adamw8bit_matches_torchao_sharded_and_unsharded_and_resumes_from_
                 if key == "step":
                     assert float(aligned["state"][f"{name}/step"]) == float(ref) == 6.0, what
                 elif hasattr(ref, "codes"):
-                    _assert_codes_close(aligned["state"][f"{name}/{key}/codes"], _rows(ref.codes, rank, world), what)
+                    _assert_codes_close(aligned["state"][f"{name}/{key}/codes"], _rows(_codes(ref), rank, world),
+                                        what)
                     _assert_values_close(aligned["state"][f"{name}/{key}/scale"], _rows(ref.scale, rank, world), what)
                 else:
                     _assert_values_close(aligned["state"][f"{name}/{key}"], _rows(ref, rank, world), what)
