@@ -65,8 +65,9 @@ class Engine:
         self.ep_group = collectives.process_group_of(dist.moe_mesh, dist.ep_axis_name) if dist.ep_axis_name else None
         self.norm_kind = NormKind.of(float(config.norm_type))
         names = config.stochastic_rounding
-        self.rounding = program.StochasticRounding("params" in names, "state" in names,
-                                                   config.stochastic_rounding_seed) if names else None
+        # Made whatever the config asks: an optimizer may round its params itself (torchao's bf16_stochastic_round),
+        # with the config's seed.
+        self.rounding = program.StochasticRounding("params" in names, "state" in names, config.stochastic_rounding_seed)
         self.compiler = compiling.Compiler(config.backend, enabled=config.compile, verbose=config.verbose,
                                            notice=config.compile_notice,
                                            combo_kernels=compiling.resolve_combo_kernels(config.combo_kernels))
@@ -273,7 +274,7 @@ class Engine:
         """Raise, before anything changes, where stochastic rounding is asked for and a group that has bfloat16
         stores to round has a rule that cannot (its updates take no ``rounding``), or where nothing it names is
         bfloat16 (it would silently round nothing)."""
-        if self.rounding is None:
+        if not self.config.stochastic_rounding:
             return
         applies = False
         for g, layout in zip(plan.groups, state_layouts, strict=True):
@@ -282,7 +283,8 @@ class Engine:
                 applies = True
                 if not rule.STOCHASTIC_ROUNDING:
                     raise ValueError(f"{g.label}: stochastic_rounding={self.config.stochastic_rounding} is not "
-                                     f"offered for {rule.NAME} (Adam and AdamW only). Nothing was changed.")
+                                     f"offered for {rule.NAME} (Adam, AdamW and torchao's AdamW types only). Nothing "
+                                     "was changed.")
         if not applies:
             raise ValueError(f"stochastic_rounding={self.config.stochastic_rounding}, but no param (\"params\") or "
                              "state (\"state\": compiled_step.bf16_moments) it names is bfloat16. Nothing was changed.")

@@ -229,14 +229,16 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
     group = gb.group
     state_dtypes = tuple(gb.state_layout[k].dtype for k in gb.state_keys)
     dtypes = (group.key.dtype, group.key.grad_dtype, plan.device.type) + state_dtypes
-    rounds = rounding is not None and rounding.applies(group.key.dtype, state_dtypes)
+    # The optimizer may ask for its bfloat16 params to round stochastically itself (torchao's bf16_stochastic_round).
+    own = getattr(rule, "rounds_itself", lambda v: False)(var) and group.key.dtype == torch.bfloat16
+    rounds = own or (rounding is not None and rounding.applies(group.key.dtype, state_dtypes))
 
     def with_rounding(kwargs: dict, call: int) -> dict:
         """The call's ``rounding`` argument, for the rules that take it: its own seed (``call``: its index in
         the group), or None where nothing of the group rounds stochastically."""
         if not rule.STOCHASTIC_ROUNDING:
             return kwargs
-        return {**kwargs, "rounding": rounding.for_call(g, call, plan.device) if rounds else None}
+        return {**kwargs, "rounding": rounding.for_call(g, call, plan.device, own) if rounds else None}
 
     calls = []
     if gb.staged:
@@ -246,6 +248,7 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
     elif group.stacks:
         fn = compiler.get(rule.update_matrices, static_widths=False)  # a graph for every shape, not one each
         group_bytes = matrices.group_param_bytes(group)
+        call = 0  # the group's matrix calls in order: each its own rounding seed
         for k, stack in enumerate(group.stacks):
             shape, n = "x".join(map(str, stack.shape)), len(stack.members)
             chunks = matrices.call_chunks(n, rule.call_bytes(stack.shape, group.key.dtype), group_bytes)
@@ -255,9 +258,10 @@ def _updates(plan, g: int, gb: storage.GroupBuffers, buffers: storage.StepBuffer
                 calls.append(Call(
                     f"Phase B matrix update, group {g}, {count} matrices {shape}{which}", COMPILED, fn,
                     _matrix_args(gb, g, k, buffers, first, count),
-                    dict(counts=_stack_counts(gb, k, buffers, first, count), variant=var,
-                         **state_kwargs(rule, var, state)), _function_name(rule.update_matrices),
-                    ("update_matrices", rule.NAME, var) + dtypes))
+                    with_rounding(dict(counts=_stack_counts(gb, k, buffers, first, count), variant=var,
+                                       **state_kwargs(rule, var, state)), call),
+                    _function_name(rule.update_matrices), ("update_matrices", rule.NAME, var, rounds) + dtypes))
+                call += 1
     elif group.flat_slots:
         calls.append(Call(
             f"Phase B flat update, group {g} ({len(group.flat)} params, {group.flat_rows} rows)", COMPILED,
@@ -330,9 +334,10 @@ class StochasticRounding:
         """Whether a group of these dtypes has a bfloat16 store to round stochastically."""
         return (self.params and param_dtype == torch.bfloat16) or (self.state and torch.bfloat16 in state_dtypes)
 
-    def for_call(self, group: int, call: int, device: torch.device) -> Rounding:
+    def for_call(self, group: int, call: int, device: torch.device, own: bool = False) -> Rounding:
+        """Call ``call`` of group ``group``'s rounding; ``own``: its optimizer rounds its params itself."""
         mixed = (self.seed * 0x9E3779B1 + (group * 65536 + call) * 0x85EBCA77) & 0x7FFFFFFF
-        return Rounding(torch.tensor([mixed], dtype=torch.int64).to(device), self.params, self.state)
+        return Rounding(torch.tensor([mixed], dtype=torch.int64).to(device), self.params or own, self.state)
 
 
 def _flat_kwargs(gb: storage.GroupBuffers, buffers: storage.StepBuffers, rule, var) -> dict:

@@ -10,8 +10,11 @@ that differs between rules is data or a function on the rule module, never a bra
   where the variant keeps none;
 * ``LOW_PRECISION_KEYS``: the state keys a user may keep in bfloat16 for float32 params (Adam's moments:
   ``state_dtypes.py``); the update reads them widened and rounds them on store;
-* ``STOCHASTIC_ROUNDING``: its elementwise updates take ``rounding`` (``common.Rounding`` or None) and round
-  their bfloat16 stores stochastically with it (``FusedStepConfig.stochastic_rounding``);
+* ``STOCHASTIC_ROUNDING``: its updates (``update_flat``/``update_bucket``, or ``update_matrices``) take
+  ``rounding`` (``common.Rounding`` or None) and round their bfloat16 stores stochastically with it
+  (``FusedStepConfig.stochastic_rounding``); optionally ``rounds_itself(variant)``: the optimizer itself asks
+  for its bfloat16 params to round stochastically (torchao's ``bf16_stochastic_round``), and the engine passes
+  ``rounding`` with params set for such a group whatever the config says;
 * ``state_layout(variant, shape, dtype)``: the state tensors one param of that (local) shape and dtype
   keeps, each a ``StateTensor(shape, dtype)`` in torch's shape: param-shaped for Adam, SGD and Muon,
   a factored ``row_var``/``col_var`` pair for Adafactor's matrices. ``storage.lay_out_state`` lays the
@@ -175,7 +178,7 @@ def conformance_errors(rule, variants=None) -> list[str]:
             errors.append(f"missing function {name}")
             continue
         expected = {p for p in inspect.signature(getattr(protocol, name)).parameters if p not in ("self", "state")}
-        if rule.KIND == ELEMENTWISE and rule.STOCHASTIC_ROUNDING:
+        if rule.STOCHASTIC_ROUNDING and name in ("update_flat", "update_bucket", "update_matrices"):
             expected.add("rounding")
         params = inspect.signature(fn).parameters.values()
         got = {p.name for p in params}
@@ -274,7 +277,7 @@ _BUILT_IN = tuple(RULES)  # the torch.optim types (the message below stays the s
 # imported (its ``OPTIMIZERS`` then registered) the first time such an optimizer is met, so that
 # compiled_step imports and runs without those packages.
 _OPTIONAL_RULES = {"torchao.optim.adam": ("compiled_step.rules.adam8bit", "compiled_step.rules.adam4bit",
-                                          "compiled_step.rules.adamfp8")}
+                                          "compiled_step.rules.adamfp8", "compiled_step.rules.torchao_adamw")}
 
 
 def _register_optional(optimizer_type: type) -> None:

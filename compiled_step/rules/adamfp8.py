@@ -25,6 +25,7 @@ from compiled_step.rules.quantized_adam import (  # noqa: F401  (the rule contra
     call_bytes,
     count_at_bind,
     lr_ratio,
+    rounds_itself,
     slot_table,
     state_keys,
     state_layout,
@@ -37,7 +38,7 @@ FORMAT = quantized_adam.FORMATS["fp8"]
 
 
 def variant(optimizer, group: dict) -> Variant:
-    return Variant(FORMAT.name, optimizer.block_size)
+    return quantized_adam.variant(FORMAT, optimizer)
 
 
 def group_values(optimizer, group: dict, where: str) -> list:

@@ -52,11 +52,16 @@ a shard of under 4096 elements, or not whole blocks, keeps plain state, even whe
 quantized: blocks never straddle a shard edge, and a sharded run's state may differ in form from an
 unsharded one's, as torchao's own does.
 
+``bf16_stochastic_round=True`` (any format, and torchao's ``_AdamW``: the ``plain`` format, no state quantized)
+rounds bfloat16 params stochastically, unbiased like torchao's, with FusedStep's counter-based random bits
+(``rounds_itself``; ``common.random_bits16``, seeded by ``FusedStepConfig.stochastic_rounding_seed``), not
+torchao's ``torch.randint``: so the same seed gives the same bits, on every rank, with no generator state, and
+the rounded values differ from torchao's own run's draw by draw.
+
 Not supported (``group_values`` raises ``ValueError`` before anything changes): DTensor params with partial
 placements, ``amsgrad=True`` (torchao 0.18's own step fails on quantized state:
-its state classes have no ``maximum``), ``bf16_stochastic_round`` with bfloat16 params (random), a block
-size that is not a positive int (even for 4-bit), a non-contiguous quantized param, and state in another form than
-torchao makes for the param.
+its state classes have no ``maximum``), a block size that is not a positive int (even for 4-bit), a
+non-contiguous quantized param, and state in another form than torchao makes for the param.
 
 torchao is imported by ``rules.rule_for`` only when it is handed a torchao optimizer, so ``compiled_step``
 imports and runs without torchao; this module needs it (its maps and state classes).
@@ -79,10 +84,12 @@ from compiled_step.rules.common import (
     APPLY,
     GRAD_COEF,
     MATRIX,
+    Rounding,
     StateTensor,
     as_compute,
     leading_columns,
     reject_common_options,
+    rounding_bits,
     store_where,
 )
 
@@ -106,7 +113,10 @@ _MOMENTS = {"exp_avg": True, "exp_avg_sq": False}
 STATE_PARTS = {key: (f"{key}_codes", f"{key}_scale") for key in _MOMENTS}
 STATE_KEYS = (*_MOMENTS, *(part for parts in STATE_PARTS.values() for part in parts))
 LOW_PRECISION_KEYS: tuple[str, ...] = ()  # torchao decides its state's dtypes (state_dtypes.py)
-STOCHASTIC_ROUNDING = False  # a matrix rule: FusedStepConfig.stochastic_rounding is refused for it
+# update_matrices takes ``rounding``: bfloat16 params round stochastically where the optimizer asks
+# (``bf16_stochastic_round``: ``rounds_itself``) or FusedStepConfig.stochastic_rounding does, and a small
+# param's plain bfloat16 moments where the config's "state" does.
+STOCHASTIC_ROUNDING = True
 
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = float(torch.finfo(_FP8).max)  # 448: torchao divides each block's max |x| by it
@@ -188,6 +198,8 @@ FORMATS = {
                   lambda codes, scale, qmap, signed, shape, dtype: OptimStateFp8(codes.view(_FP8), scale,
                                                                                   dtype=dtype),
                   None),
+    # torchao's _AdamW (block_size inf): every param keeps plain state (``zeros_like``: the param's dtype).
+    "plain": Format("plain", None, False, None, None, None),
 }
 
 
@@ -197,7 +209,14 @@ class Variant(NamedTuple):
     and every hyperparameter is a tensor read each step."""
 
     format: str
-    block: int
+    block: int  # 0 for the plain format
+    stochastic_round: bool = False  # the optimizer's bf16_stochastic_round: its bfloat16 params round at random
+
+
+def variant(fmt: Format, optimizer) -> Variant:
+    """The graphs' constants for ``optimizer``'s groups."""
+    block = 0 if fmt.name == "plain" else optimizer.block_size
+    return Variant(fmt.name, block, bool(optimizer.bf16_stochastic_round))
 
 
 def state_keys(var: Variant) -> tuple[str, ...]:
@@ -205,8 +224,15 @@ def state_keys(var: Variant) -> tuple[str, ...]:
 
 
 def quantizes(var: Variant, shape: tuple[int, ...]) -> bool:
-    """torchao's ``_new_buffer``: a param of at least 4096 elements, whole blocks, keeps quantized state."""
-    return numel(shape) >= MIN_QUANTIZED and numel(shape) % var.block == 0
+    """torchao's ``_new_buffer``: a param of at least 4096 elements, whole blocks, keeps quantized state (never
+    with the plain format: ``_AdamW``'s block size is infinite)."""
+    return var.format != "plain" and numel(shape) >= MIN_QUANTIZED and numel(shape) % var.block == 0
+
+
+def rounds_itself(var: Variant) -> bool:
+    """The optimizer asks for stochastic rounding of its bfloat16 params (torchao's ``bf16_stochastic_round``):
+    the engine passes ``rounding`` with params set, seeded by ``FusedStepConfig.stochastic_rounding_seed``."""
+    return var.stochastic_round
 
 
 def _codes_shape(fmt: Format, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -248,8 +274,8 @@ def _form_error(fmt: Format, key: str, value, declared: dict[str, StateTensor]) 
     """Why ``value`` is not torchao's state tensor ``key`` in the form ``declared`` (None: it is)."""
     if declared.keys() == {key}:  # a plain tensor of the param's shape
         want = declared[key]
-        if isinstance(value, fmt.state_class) or not isinstance(value, torch.Tensor) or \
-                tuple(value.shape) != tuple(want.shape):
+        quantized = fmt.state_class is not None and isinstance(value, fmt.state_class)
+        if quantized or not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(want.shape):
             return f"a plain tensor of shape {tuple(want.shape)}"
         return None
     codes, scale = (declared[name] for name in STATE_PARTS[key])
@@ -290,17 +316,14 @@ def _refuse_unsupported(fmt: Format, optimizer, group: dict, where: str) -> None
         raise ValueError(f"{where}: amsgrad=True is not supported with {name} (torchao 0.18's own "
                          "step fails on its quantized state). Nothing was updated.")
     block = optimizer.block_size
-    if not isinstance(block, int) or block < 1 or (fmt.packed and block % 2):
+    if fmt.name != "plain" and (not isinstance(block, int) or block < 1 or (fmt.packed and block % 2)):
         raise ValueError(f"{where}: {name}'s block_size must be a positive{' even' if fmt.packed else ''} int (its "
                          f"codes are packed two per byte), got {block!r}. Nothing was updated.")
-    var = Variant(fmt.name, block)
+    var = variant(fmt, optimizer)
     for p in group["params"]:
         if is_dtensor(p) and any(placement.is_partial() for placement in p.placements):
             raise ValueError(f"{where}: a DTensor param with placements {p.placements} holds partial values; "
                              f"{name} updates each rank's shard (Shard or Replicate placements). Nothing was updated.")
-        if optimizer.bf16_stochastic_round and p.dtype == torch.bfloat16:
-            raise ValueError(f"{where}: bf16_stochastic_round=True rounds bfloat16 params at random; FusedStep "
-                             "does not reproduce it. Nothing was updated.")
         local = local_tensor(p)
         shape = tuple(local.shape)
         if quantizes(var, shape) and not local.is_contiguous():
@@ -404,6 +427,7 @@ def update_matrices(
     exp_avg_scale: torch.Tensor | None,  # [n, blocks] float32 (quantized params), or None; mutated
     exp_avg_sq_codes: torch.Tensor | None,  # as exp_avg_codes
     exp_avg_sq_scale: torch.Tensor | None,  # as exp_avg_scale
+    rounding: Rounding | None,  # stochastic rounding of bfloat16 params and plain moments, or None: to nearest
 ) -> None:
     fmt = FORMATS[variant.format]
     n, shape = params.size(0), params.shape
@@ -450,8 +474,14 @@ def update_matrices(
 
     # Each store keeps its old value where the update is not applied (a skipped step is bit-identical).
     keep = applied.reshape(n, *([1] * (params.dim() - 1)))  # against [n, *S]
-    store_where(keep, [(params, p_new.reshape(shape), params)])
-    for key, value in new.items():
+    plain = [] if quantized else list(new)
+    bits = None
+    if rounding is not None:  # keyed by each param's new step count and each element's place in the call
+        position = torch.arange(params.numel(), device=params.device).reshape(shape)
+        bits = rounding_bits(rounding, step.reshape(keep.shape), position,
+                             [params.dtype] + [state[key].dtype for key in plain])
+    store_where(keep, [(params, p_new.reshape(shape), params)], bits[:1] if bits is not None else None)
+    for k, (key, value) in enumerate(new.items()):
         if quantized:
             codes_key, scale_key = STATE_PARTS[key]
             codes, scale = _quantize(fmt, value, _MOMENTS[key])
@@ -460,7 +490,7 @@ def update_matrices(
             store_where(keep_codes, [(stored, _pack(fmt, codes, stored.shape), stored)])
             store_where(applied.reshape(n, 1), [(state[scale_key], scale, state[scale_key])])  # against [n, blocks]
         else:
-            store_where(keep, [(state[key], value, state[key])])
+            store_where(keep, [(state[key], value, state[key])], bits[1 + k:2 + k] if bits is not None else None)
     # The step count advances in the graph that writes the params: an interrupted step never leaves a
     # param updated with its count unchanged.
     counts.copy_(counts + table[:, APPLY])

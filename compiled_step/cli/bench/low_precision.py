@@ -1,5 +1,7 @@
 """The low-precision state rows (``bench --low-precision``): FusedStep with bf16 moments, with bfloat16 params
-rounded stochastically, and (where torchao is installed) with torchao's AdamW8bit, AdamW4bit and AdamWFp8, each
+rounded stochastically (torch's AdamW with ``stochastic_rounding="params"``, and torchao's
+``_AdamW(bf16_stochastic_round=True)`` as it is), and (where torchao is installed) with torchao's AdamW8bit,
+AdamW4bit and AdamWFp8, each
 next to the eager step a user has today, on one layout, in one process.
 
 Each row times both methods interleaved (``rounds`` medians; grads restored and the cache flushed before every
@@ -111,9 +113,21 @@ def formats() -> list[Format]:
             return step
         sr.reference = lambda ps: reference_ao(ps, sr)
         sr.reference_name = "clip_grad_norm_ + torchao _AdamW(bf16_stochastic_round=True)"
+
+        def fused_ao(params, fmt):  # the one-line swap: FusedStep takes torchao's optimizer as it is
+            opt = _AdamW(params, lr=LR, bf16_stochastic_round=True)
+            fmt.optimizers["fused"] = opt
+            return FusedStep(opt, max_grad_norm=MAX_NORM, compile_notice=False).step
+
+        sr_ao = Format("bf16 params, torchao _AdamW(bf16_stochastic_round=True)", torch.bfloat16, None, None,
+                       sr.reference_name, 4.0)
+        sr_ao.fused = lambda ps: fused_ao(ps, sr_ao)
+        sr_ao.reference = lambda ps: reference_ao(ps, sr_ao)
     except ImportError:
-        sr.reference_name = "(torchao not installed)"
+        sr.reference_name, sr_ao = "(torchao not installed)", None
     out.append(sr)
+    if sr_ao is not None:
+        out.append(sr_ao)
 
     try:
         from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8  # noqa: PLC0415 -- optional
