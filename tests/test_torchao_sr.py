@@ -1,4 +1,4 @@
-"""torchao's ``_AdamW`` and ``bf16_stochastic_round`` in the fused step (``rules/torchao_adamw.py``,
+"""torchao's ``_AdamW`` and ``bf16_stochastic_round`` in the fused step (``rules/torchao.py``,
 ``rules/quantized_adam.py``).
 
 References are torchao's own steps (never our code), run with ``torch.compile`` replaced by the identity: its

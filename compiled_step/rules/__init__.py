@@ -273,16 +273,17 @@ RULES: dict[type, UpdateRule] = {
 
 _BUILT_IN = tuple(RULES)  # the torch.optim types (the message below stays the same once torchao's are registered)
 
-# Rules for optimizers of optional packages: the module that defines the optimizer types -> the rule module,
-# imported (its ``OPTIMIZERS`` then registered) the first time such an optimizer is met, so that
-# compiled_step imports and runs without those packages.
-_OPTIONAL_RULES = {"torchao.optim.adam": ("compiled_step.rules.adam8bit", "compiled_step.rules.adam4bit",
-                                          "compiled_step.rules.adamfp8", "compiled_step.rules.torchao_adamw")}
+# Rules for optimizers of optional packages: the module that defines the optimizer types -> the module whose
+# ``RULES`` serve them, imported (each rule's ``OPTIMIZERS`` then registered) the first time such an optimizer is
+# met, so that compiled_step imports and runs without those packages.
+_OPTIONAL_RULES = {"torchao.optim.adam": "compiled_step.rules.torchao"}
 
 
 def _register_optional(optimizer_type: type) -> None:
-    for name in _OPTIONAL_RULES.get(optimizer_type.__module__, ()):
-        rule = importlib.import_module(name)
+    name = _OPTIONAL_RULES.get(optimizer_type.__module__)
+    if name is None:
+        return
+    for rule in importlib.import_module(name).RULES:
         for t in rule.OPTIMIZERS:
             RULES.setdefault(t, rule)
 

@@ -1,6 +1,6 @@
 """torchao's quantized Adam and AdamW (``torchao.optim``: ``Adam8bit``/``AdamW8bit``, ``Adam4bit``/``AdamW4bit``,
-``AdamFp8``/``AdamWFp8``), matching its numerics. ``adam8bit.py``, ``adam4bit.py`` and ``adamfp8.py`` are the
-rules; each names its optimizer types and its ``Format`` and takes everything else from here.
+``AdamFp8``/``AdamWFp8``, and ``_AdamW``), matching its numerics. ``rules/torchao.py`` makes one rule per
+format (``format_rule``): its optimizer types and its ``Format``, everything else from here.
 
 torchao's reference math per param is the same for every format (``torchao/optim/adam.py``,
 ``single_param_adam``, compiled per param; every op in float32, the Python-float hyperparameters rounded to
@@ -69,6 +69,7 @@ imports and runs without torchao; this module needs it (its maps and state class
 
 from __future__ import annotations
 
+import types
 from typing import Callable, NamedTuple
 
 import torch
@@ -494,3 +495,37 @@ def update_matrices(
     # The step count advances in the graph that writes the params: an interrupted step never leaves a
     # param updated with its count unchanged.
     counts.copy_(counts + table[:, APPLY])
+
+
+# The rule contract's names every format shares (``rules/__init__.py``), copied into each format's rule.
+_SHARED = ("KIND", "STEP_KEY", "PARAM_NDIMS", "ROW_SHARDED", "LOCAL_SHARDS", "HP_COLUMNS", "TABLE_COLUMNS",
+           "STATE_KEYS", "STATE_PARTS", "LOW_PRECISION_KEYS", "STOCHASTIC_ROUNDING", "Variant", "state_keys",
+           "state_layout", "count_at_bind", "slot_table", "lr_ratio", "call_bytes", "rounds_itself", "update_matrices")
+
+
+def format_rule(name: str, optimizers: tuple[type, ...], fmt: Format) -> types.ModuleType:
+    """The rule (a module object, as every rule is) for torchao's ``optimizers`` keeping their state in ``fmt``:
+    this module's shared names, and ``variant``, ``group_values``, ``assemble``, ``disassemble`` bound to ``fmt``.
+    ``rules/torchao.py`` makes one per format."""
+    rule = types.ModuleType(f"compiled_step.rules.torchao.{name}", f"torchao's {', '.join(t.__name__ for t in optimizers)}"
+                            f" ({fmt.name} state): quantized_adam's rule for this format.")
+    for shared in _SHARED:
+        setattr(rule, shared, globals()[shared])
+    rule.NAME, rule.OPTIMIZERS, rule.FORMAT = name, optimizers, fmt
+
+    def variant_of(optimizer, group: dict) -> Variant:
+        return variant(fmt, optimizer)
+
+    def group_values_of(optimizer, group: dict, where: str) -> list:
+        return group_values(fmt, optimizer, group, where)
+
+    def assemble_of(key: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...],
+                    dtype: torch.dtype) -> torch.Tensor:
+        return assemble(fmt, key, parts, shape, dtype)
+
+    def disassemble_of(key: str, value: torch.Tensor, declared: dict[str, StateTensor]) -> dict[str, torch.Tensor]:
+        return disassemble(fmt, key, value, declared)
+
+    rule.variant, rule.group_values = variant_of, group_values_of
+    rule.assemble, rule.disassemble = assemble_of, disassemble_of
+    return rule
